@@ -1,0 +1,3 @@
+from flashcard_pipeline.cli.app import main
+
+main()

@@ -1,0 +1,294 @@
+"""The pipeline: pending items flow through stage 1 and stage 2 on a bounded pool of tasks.
+
+Each stage answer is looked up in the content-addressed cache first; a miss becomes one
+provider call wrapped by the :class:`~flashcard_pipeline.llm.policy.CallPolicy` (where retry,
+circuit breaker and rate limiter plug in). Every attempt is recorded in the ledger, and an item
+is done only when its cards are committed, so a killed run resumes without paying twice for
+anything it had finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from flashcard_pipeline.errors import (
+    APIError,
+    BudgetExceededError,
+    InvalidResponseError,
+    StructuredError,
+)
+from flashcard_pipeline.llm.client import estimate_request_tokens
+from flashcard_pipeline.llm.policy import CallContext, CallPolicy, DirectPolicy
+from flashcard_pipeline.llm.types import ChatRequest, ChatResponse
+from flashcard_pipeline.models import FlashcardSet, TermAnalysis
+from flashcard_pipeline.stages import (
+    CARDS,
+    NUANCE,
+    StageRequest,
+    StageSettings,
+    build_cards_request,
+    build_nuance_request,
+    parse_cards,
+    parse_nuance,
+)
+from flashcard_pipeline.storage.ledger import (
+    CacheHit,
+    CachePut,
+    CallRecorded,
+    FailedItem,
+    Ledger,
+    LedgerWriter,
+    PendingItem,
+    RunRecord,
+    StageCompleted,
+    StageFailed,
+    StageStarted,
+)
+from flashcard_pipeline.storage.schema import RunStatus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", bound=BaseModel)
+
+
+class ChatClient(Protocol):
+    async def complete(self, request: ChatRequest) -> ChatResponse: ...
+
+
+@dataclass
+class RunStats:
+    """Live counters that the progress display reads; only the event loop writes them."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    requests: int = 0
+    api_errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    cache_hits: int = 0
+    already_done: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    pause_reason: str | None = None
+
+    def requests_per_minute(self, now: float | None = None) -> float:
+        elapsed = (time.monotonic() if now is None else now) - self.started_at
+        return self.requests * 60.0 / elapsed if elapsed > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: int
+    status: RunStatus
+    stats: RunStats
+    failures: list[FailedItem]
+    abort_reason: str | None = None
+
+
+class _Abort(Exception):
+    def __init__(self, error: StructuredError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Pipeline:
+    def __init__(self, *, ledger: Ledger, client: ChatClient, settings: StageSettings,
+                 policy: CallPolicy | None = None, concurrency: int = 8, force: bool = False,
+                 max_cost: float | None = None, flush_interval: float = 0.1,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.ledger = ledger
+        self.client = client
+        self.settings = settings
+        self.policy = policy or DirectPolicy()
+        self.concurrency = concurrency
+        self.force = force
+        self.max_cost = max_cost
+        self.flush_interval = flush_interval
+        self.clock = clock
+        self.stats = RunStats()
+        self._writer: LedgerWriter | None = None
+        self._run_id = 0
+
+    async def run(self, run: RunRecord) -> RunOutcome:
+        self._run_id = run.id
+        summary = await asyncio.to_thread(self.ledger.summary, run.id)
+        self.stats.total = summary.total
+        self.stats.already_done = summary.done
+        self.stats.done = summary.done
+        abort: StructuredError | None = None
+        async with LedgerWriter(self.ledger, flush_interval=self.flush_interval) as writer:
+            self._writer = writer
+            queue: asyncio.Queue[PendingItem | None] = asyncio.Queue(maxsize=self.concurrency * 2)
+            workers = [asyncio.create_task(self._worker(queue), name=f"worker-{i}") for i in range(self.concurrency)]
+            producer = asyncio.create_task(self._produce(queue), name="producer")
+            try:
+                await asyncio.gather(producer, *workers)
+            except _Abort as exc:
+                abort = exc.error
+                for task in (producer, *workers):
+                    task.cancel()
+                for task in (producer, *workers):
+                    with contextlib.suppress(asyncio.CancelledError, _Abort):
+                        await task
+            finally:
+                self.stats.in_flight = 0
+        failures = await asyncio.to_thread(self.ledger.failures, run.id)
+        final = await asyncio.to_thread(self.ledger.summary, run.id)
+        if abort is not None:
+            status = RunStatus.ABORTED
+        elif final.pending == 0 and final.failed == 0:
+            status = RunStatus.COMPLETED
+        else:
+            status = RunStatus.FAILED
+        await asyncio.to_thread(self.ledger.set_run_status, run.id, status)
+        return RunOutcome(run_id=run.id, status=status, stats=self.stats, failures=failures,
+                          abort_reason=None if abort is None else str(abort))
+
+    async def _produce(self, queue: asyncio.Queue[PendingItem | None]) -> None:
+        after = 0
+        while True:
+            page = await asyncio.to_thread(self.ledger.pending_items, self._run_id, after_position=after, limit=200)
+            if not page:
+                break
+            for pending in page:
+                await queue.put(pending)
+            after = page[-1].item.position
+        for _ in range(self.concurrency):
+            await queue.put(None)
+
+    async def _worker(self, queue: asyncio.Queue[PendingItem | None]) -> None:
+        while (pending := await queue.get()) is not None:
+            self.stats.in_flight += 1
+            try:
+                await self._process(pending)
+            finally:
+                self.stats.in_flight -= 1
+
+    async def _process(self, pending: PendingItem) -> None:
+        item = pending.item
+        stage = NUANCE
+        try:
+            analysis: TermAnalysis | None = None
+            if pending.nuance_done:
+                payload = await asyncio.to_thread(self.ledger.stage_payload, pending.id, NUANCE)
+                if payload is not None:
+                    analysis = TermAnalysis.model_validate_json(payload)
+            if analysis is None:
+                analysis = await self._stage(pending, build_nuance_request(item, self.settings),
+                                             lambda content: parse_nuance(content, item))
+            stage = CARDS
+            final_analysis = analysis
+            await self._stage(pending, build_cards_request(item, analysis, self.settings),
+                              lambda content: parse_cards(content, final_analysis))
+            self.stats.done += 1
+        except _Abort:
+            raise
+        except StructuredError as error:
+            if error.aborts_run:
+                raise _Abort(error) from error
+            self._fail(pending, stage, error)
+        except Exception as error:  # a bug must cost one item, not the run
+            log.exception("unexpected error on %r (%s)", item.term, stage)
+            self._fail(pending, stage, StructuredError(f"internal error: {type(error).__name__}: {error}"))
+
+    def _fail(self, pending: PendingItem, stage: str, error: StructuredError) -> None:
+        assert self._writer is not None
+        self.stats.failed += 1
+        self._writer.submit(StageFailed(pending.id, stage, error.category.value, error.code, error.message))
+
+    async def _stage(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T]) -> T:
+        writer = self._writer
+        assert writer is not None
+        writer.submit(StageStarted(pending.id, staged.stage))
+        if not self.force:
+            entry = await asyncio.to_thread(self.ledger.cache_get, staged.cache_key)
+            if entry is not None:
+                try:
+                    result = parse(entry.value.decode("utf-8"))
+                except (InvalidResponseError, UnicodeDecodeError):
+                    log.warning("ignoring an unusable cache entry %s", staged.cache_key[:12])
+                else:
+                    self.stats.cache_hits += 1
+                    writer.submit(CacheHit(staged.cache_key), self._completed(pending, staged, result, True))
+                    return result
+
+        self._check_budget()
+        context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
+                              model=self.settings.model,
+                              estimated_tokens=estimate_request_tokens(staged.request))
+
+        async def attempt() -> tuple[T, ChatResponse]:
+            return await self._call(pending, staged, parse)
+
+        result, response = await self.policy.execute(attempt, context)
+        writer.submit(
+            CachePut(key=staged.cache_key, stage=staged.stage, provider=self.settings.provider,
+                     model=self.settings.model, prompt_version=staged.prompt_version,
+                     value=result.model_dump_json().encode("utf-8"), tokens_in=response.usage.prompt_tokens,
+                     tokens_out=response.usage.completion_tokens, cost_usd=response.usage.cost_usd),
+            self._completed(pending, staged, result, False),
+        )
+        return result
+
+    def _completed(self, pending: PendingItem, staged: StageRequest, result: BaseModel,
+                   from_cache: bool) -> StageCompleted:
+        cards = tuple(result.cards) if isinstance(result, FlashcardSet) else ()
+        return StageCompleted(item_id=pending.id, stage=staged.stage, cache_key=staged.cache_key,
+                              payload=result.model_dump_json(), from_cache=from_cache, run_id=self._run_id,
+                              cards=cards)
+
+    async def _call(self, pending: PendingItem, staged: StageRequest,
+                    parse: Callable[[str], T]) -> tuple[T, ChatResponse]:
+        """One provider call: send, record, validate. Raises the structured error of a failed attempt."""
+        assert self._writer is not None
+        self.stats.requests += 1
+        started = self.clock()
+        response: ChatResponse | None = None
+        try:
+            response = await self.client.complete(staged.request)
+            result = parse(response.content)
+        except StructuredError as error:
+            self.stats.api_errors += 1
+            self._record(pending, staged, response, started, error)
+            raise
+        self._record(pending, staged, response, started, None)
+        return result, response
+
+    def _record(self, pending: PendingItem, staged: StageRequest, response: ChatResponse | None,
+                started: float, error: StructuredError | None) -> None:
+        assert self._writer is not None
+        tokens_in = response.usage.prompt_tokens if response else 0
+        tokens_out = response.usage.completion_tokens if response else 0
+        cost = response.usage.cost_usd if response else None
+        self.stats.tokens_in += tokens_in
+        self.stats.tokens_out += tokens_out
+        self.stats.cost_usd += cost or 0.0
+        http_status = response.status_code if response else (error.status_code if isinstance(error, APIError)
+                                                               else None)
+        self._writer.submit(CallRecorded(
+            run_id=self._run_id, item_id=pending.id, stage=staged.stage, provider=self.settings.provider,
+            model=self.settings.model, cache_key=staged.cache_key, status="ok" if error is None else "error",
+            http_status=http_status, error_category=None if error is None else error.category.value,
+            error_code=None if error is None else error.code,
+            error_message=None if error is None else error.message[:500],
+            tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=cost,
+            latency_ms=(self.clock() - started) * 1000.0,
+            response_id=response.response_id if response else None))
+
+    def _check_budget(self) -> None:
+        """Stop before a call that would start beyond the budget; answers already paid for are kept."""
+        if self.max_cost is not None and self.stats.cost_usd >= self.max_cost:
+            raise _Abort(BudgetExceededError(
+                f"budget of ${self.max_cost:.4f} reached (spent ${self.stats.cost_usd:.4f}); "
+                "run the same command again with a higher --max-cost to continue"))

@@ -1,0 +1,169 @@
+"""The two stages as pure functions: build the request (and its cache key), parse the answer.
+
+Nothing here does I/O, so the same code serves the pipeline, ``--dry-run`` estimates and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+
+from flashcard_pipeline.errors import ConfigurationError, MalformedJSONError, SchemaViolationError
+from flashcard_pipeline.llm.types import ChatMessage, ChatRequest
+from flashcard_pipeline.models import (
+    FlashcardSet,
+    TermAnalysis,
+    VocabularyItem,
+    strict_json_schema,
+    validate_cards_against_analysis,
+)
+from flashcard_pipeline.prompts import DEFAULT_PROMPTS, PromptTemplate, load_prompt
+
+NUANCE = "nuance"
+CARDS = "cards"
+SCHEMA_NAMES = {NUANCE: "term_analysis", CARDS: "flashcard_set"}
+
+LANGUAGE_NAMES = {
+    "ko": "Korean", "en": "English", "ja": "Japanese", "zh": "Chinese", "es": "Spanish", "fr": "French",
+    "de": "German", "it": "Italian", "pt": "Portuguese", "ru": "Russian", "vi": "Vietnamese", "th": "Thai",
+    "ar": "Arabic", "hi": "Hindi", "id": "Indonesian", "tr": "Turkish", "nl": "Dutch", "pl": "Polish",
+}
+
+
+def language_name(value: str) -> str:
+    """'ko' -> 'Korean'; a full name passes through (title-cased), so any language works."""
+    value = value.strip()
+    if not value:
+        raise ConfigurationError("a language must not be empty")
+    return LANGUAGE_NAMES.get(value.lower(), value[:1].upper() + value[1:])
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Everything that shapes a stage request apart from the item itself."""
+
+    provider: str
+    model: str
+    language: str = "Korean"
+    learner_language: str = "English"
+    nuance_prompt: PromptTemplate = field(default_factory=lambda: load_prompt(DEFAULT_PROMPTS[NUANCE]))
+    cards_prompt: PromptTemplate = field(default_factory=lambda: load_prompt(DEFAULT_PROMPTS[CARDS]))
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_versions(self) -> dict[str, str]:
+        return {NUANCE: self.nuance_prompt.version, CARDS: self.cards_prompt.version}
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    stage: str
+    request: ChatRequest
+    cache_key: str
+    prompt_version: str
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _response_format(stage: str, model: type[BaseModel]) -> dict[str, Any]:
+    return {"type": "json_schema",
+            "json_schema": {"name": SCHEMA_NAMES[stage], "strict": True, "schema": strict_json_schema(model)}}
+
+
+def cache_key_for(provider: str, request: ChatRequest, prompt_version: str, upstream: str | None = None) -> str:
+    """Hash of provider, model, every generation parameter, prompt version, messages and schema.
+
+    The item's position is deliberately absent: the same term at another place in another list
+    is the same question and gets the same (already paid) answer.
+    """
+    material = {
+        "provider": provider,
+        "prompt_version": prompt_version,
+        "body": {k: v for k, v in request.to_body().items() if k not in ("usage", "stream")},
+        "upstream": upstream,
+    }
+    return sha256_text(_canonical(material))
+
+
+def _build(stage: str, template: PromptTemplate, settings: StageSettings, payload: dict[str, Any],
+           output: type[BaseModel], upstream: str | None = None) -> StageRequest:
+    system, user = template.render(language=settings.language, learner_language=settings.learner_language,
+                                   input_json=json.dumps(payload, ensure_ascii=False, sort_keys=True, indent=1))
+    request = ChatRequest(
+        model=settings.model,
+        messages=(ChatMessage("system", system), ChatMessage("user", user)),
+        response_format=_response_format(stage, output),
+        temperature=template.temperature,
+        max_tokens=template.max_tokens,
+        extra_body=settings.extra_body,
+    )
+    return StageRequest(stage=stage, request=request, prompt_version=template.version,
+                        cache_key=cache_key_for(settings.provider, request, template.version, upstream))
+
+
+def build_nuance_request(item: VocabularyItem, settings: StageSettings) -> StageRequest:
+    payload = {"term": item.term, "type": item.type, "language": settings.language,
+               "learner_language": settings.learner_language, "hints": item.hints}
+    return _build(NUANCE, settings.nuance_prompt, settings, payload, TermAnalysis)
+
+
+def build_cards_request(item: VocabularyItem, analysis: TermAnalysis, settings: StageSettings) -> StageRequest:
+    analysis_json = analysis.model_dump(mode="json")
+    payload = {"term": item.term, "language": settings.language, "learner_language": settings.learner_language,
+               "analysis": analysis_json, "hints": item.hints}
+    return _build(CARDS, settings.cards_prompt, settings, payload, FlashcardSet,
+                  upstream=sha256_text(_canonical(analysis_json)))
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+
+
+def _load_json(content: str, stage: str) -> Any:
+    fenced = _FENCE.match(content)
+    text = fenced.group(1) if fenced else content
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MalformedJSONError(f"{stage}: the answer is not valid JSON ({exc.msg} at char {exc.pos})",
+                                 details={"stage": stage, "length": len(content)}) from exc
+
+
+def _schema_error(stage: str, exc: PydanticValidationError) -> SchemaViolationError:
+    problems = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:3]]
+    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    return SchemaViolationError(f"{stage}: the answer does not match the schema: {'; '.join(problems)}{more}",
+                                details={"stage": stage, "errors": problems})
+
+
+def parse_nuance(content: str, item: VocabularyItem) -> TermAnalysis:
+    data = _load_json(content, NUANCE)
+    try:
+        analysis = TermAnalysis.model_validate(data)
+    except PydanticValidationError as exc:
+        raise _schema_error(NUANCE, exc) from exc
+    if analysis.term != item.term:
+        analysis = analysis.model_copy(update={"term": item.term})
+    return analysis
+
+
+def parse_cards(content: str, analysis: TermAnalysis) -> FlashcardSet:
+    data = _load_json(content, CARDS)
+    try:
+        cards = FlashcardSet.model_validate(data)
+        return validate_cards_against_analysis(cards, analysis)
+    except PydanticValidationError as exc:
+        raise _schema_error(CARDS, exc) from exc
+    except ValueError as exc:
+        raise SchemaViolationError(f"{CARDS}: {exc}", details={"stage": CARDS}) from exc

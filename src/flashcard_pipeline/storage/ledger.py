@@ -1,0 +1,473 @@
+"""The ledger: runs, items and their per-stage state, stage results, cards and every API call.
+
+Reads are plain synchronous queries (the pipeline runs them in a worker thread). Writes go
+through :class:`LedgerWriter`, which batches them into one transaction per flush so that the
+database never limits throughput; a stage counts as done only once its batch has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from flashcard_pipeline.models import Flashcard, TermAnalysis, TermResult, VocabularyItem
+from flashcard_pipeline.storage.schema import (
+    ApiCall,
+    CacheEntry,
+    Card,
+    Item,
+    Run,
+    RunStatus,
+    StageResult,
+    StageState,
+    utcnow,
+)
+
+NUANCE = "nuance"
+CARDS = "cards"
+STAGES = (NUANCE, CARDS)
+_INGEST_BATCH = 500
+
+
+# --- write operations -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    item_id: int
+    stage: str
+
+
+@dataclass(frozen=True)
+class StageCompleted:
+    item_id: int
+    stage: str
+    cache_key: str
+    payload: str
+    from_cache: bool
+    run_id: int | None = None
+    cards: tuple[Flashcard, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageFailed:
+    item_id: int
+    stage: str
+    category: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CallRecorded:
+    run_id: int | None
+    item_id: int | None
+    stage: str
+    provider: str
+    model: str
+    cache_key: str | None
+    status: str
+    http_status: int | None = None
+    error_category: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float | None = None
+    latency_ms: float = 0.0
+    response_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CachePut:
+    key: str
+    stage: str
+    provider: str
+    model: str
+    prompt_version: str
+    value: bytes
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    key: str
+
+
+LedgerOp = StageStarted | StageCompleted | StageFailed | CallRecorded | CachePut | CacheHit
+
+
+# --- read models ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    run_key: str
+    status: str
+    total_items: int
+    simulated: bool
+    provider: str
+    model: str
+    target_language: str
+    learner_language: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PendingItem:
+    id: int
+    item: VocabularyItem
+    nuance_done: bool
+
+
+@dataclass(frozen=True)
+class FailedItem:
+    position: int
+    term: str
+    stage: str | None
+    category: str | None
+    code: str | None
+    message: str | None
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    pending: int = 0
+    api_calls: int = 0
+    api_errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    cached_stages: int = 0
+    by_error: dict[str, int] = field(default_factory=dict)
+
+
+def _upsert(dialect: str, table: Any, values: dict[str, Any], keys: Sequence[str]) -> Any:
+    """INSERT .. ON CONFLICT DO UPDATE for the dialects we support."""
+    module = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(table).values(**values)
+    return stmt.on_conflict_do_update(index_elements=list(keys),
+                                      set_={k: v for k, v in values.items() if k not in keys})
+
+
+def _item_to_model(row: Item) -> VocabularyItem:
+    return VocabularyItem(position=row.position, term=row.term, type=row.type,
+                          hints=json.loads(row.hints_json or "{}"), source_row=row.source_row)
+
+
+class Ledger:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # runs -------------------------------------------------------------------------------------
+
+    def find_run(self, run_key: str) -> RunRecord | None:
+        with Session(self.engine) as session:
+            row = session.scalars(select(Run).where(Run.run_key == run_key).order_by(Run.id.desc())).first()
+            return None if row is None else self._run_record(row)
+
+    def get_run(self, run_id: int | None = None) -> RunRecord | None:
+        """The run with ``run_id``, or the newest run when ``run_id`` is None."""
+        with Session(self.engine) as session:
+            query = select(Run).order_by(Run.id.desc())
+            if run_id is not None:
+                query = query.where(Run.id == run_id)
+            row = session.scalars(query).first()
+            return None if row is None else self._run_record(row)
+
+    def create_run(self, *, run_key: str, input_path: str, input_sha256: str, provider: str, model: str,
+                   settings: dict[str, Any], target_language: str, learner_language: str,
+                   simulated: bool, items: Iterable[VocabularyItem]) -> RunRecord:
+        """Create a run and its items in one transaction, so a run never exists half-ingested."""
+        with Session(self.engine) as session, session.begin():
+            run = Run(run_key=run_key, input_path=input_path, input_sha256=input_sha256, provider=provider,
+                      model=model, settings_json=json.dumps(settings, sort_keys=True),
+                      target_language=target_language, learner_language=learner_language,
+                      simulated=simulated, status=RunStatus.RUNNING)
+            session.add(run)
+            session.flush()
+            total = 0
+            batch: list[dict[str, Any]] = []
+            for item in items:
+                batch.append({"run_id": run.id, "position": item.position, "term": item.term, "type": item.type,
+                              "hints_json": json.dumps(item.hints, ensure_ascii=False),
+                              "source_row": item.source_row})
+                if len(batch) >= _INGEST_BATCH:
+                    session.execute(insert(Item), batch)
+                    total += len(batch)
+                    batch = []
+            if batch:
+                session.execute(insert(Item), batch)
+                total += len(batch)
+            run.total_items = total
+            session.flush()
+            return self._run_record(run)
+
+    def set_run_status(self, run_id: int, status: RunStatus) -> None:
+        finished = None if status == RunStatus.RUNNING else utcnow()
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(Run).where(Run.id == run_id).values(status=status, finished_at=finished,
+                                                                       updated_at=utcnow()))
+
+    def prepare_resume(self, run_id: int) -> int:
+        """Return interrupted and failed stages to pending; answers already stored are kept.
+
+        Returns how many items will be processed again.
+        """
+        with Session(self.engine) as session, session.begin():
+            for state_col in (Item.nuance_state, Item.cards_state):
+                session.execute(update(Item).where(Item.run_id == run_id,
+                                                   state_col.in_([StageState.IN_FLIGHT, StageState.FAILED]))
+                                .values({state_col: StageState.PENDING}))
+            session.execute(update(Item).where(Item.run_id == run_id, Item.cards_state != StageState.DONE)
+                            .values(error_stage=None, error_category=None, error_code=None, error_message=None))
+            return session.scalar(select(func.count()).select_from(Item).where(
+                Item.run_id == run_id, Item.cards_state != StageState.DONE)) or 0
+
+    # items ------------------------------------------------------------------------------------
+
+    def pending_items(self, run_id: int, *, after_position: int = 0, limit: int = 200) -> list[PendingItem]:
+        with Session(self.engine) as session:
+            rows = session.scalars(
+                select(Item).where(Item.run_id == run_id, Item.position > after_position,
+                                   Item.cards_state != StageState.DONE)
+                .order_by(Item.position).limit(limit)).all()
+            return [PendingItem(id=r.id, item=_item_to_model(r), nuance_done=r.nuance_state == StageState.DONE)
+                    for r in rows]
+
+    def stage_payload(self, item_id: int, stage: str) -> str | None:
+        with Session(self.engine) as session:
+            return session.scalar(select(StageResult.payload).where(StageResult.item_id == item_id,
+                                                                    StageResult.stage == stage))
+
+    def results(self, run_id: int, *, page: int = 500) -> Iterator[TermResult]:
+        """Every completed item of the run, in input order, streamed page by page."""
+        after = 0
+        while True:
+            with Session(self.engine) as session:
+                rows = session.execute(
+                    select(Item, StageResult.payload)
+                    .join(StageResult, (StageResult.item_id == Item.id) & (StageResult.stage == NUANCE))
+                    .where(Item.run_id == run_id, Item.cards_state == StageState.DONE, Item.position > after)
+                    .order_by(Item.position).limit(page)).all()
+                if not rows:
+                    return
+                ids = [item.id for item, _ in rows]
+                cards: dict[int, list[Flashcard]] = {}
+                for card in session.scalars(select(Card).where(Card.item_id.in_(ids))
+                                            .order_by(Card.item_id, Card.ordinal)):
+                    cards.setdefault(card.item_id, []).append(Flashcard(
+                        card_type=card.card_type, front=card.front, back=card.back,
+                        tags=json.loads(card.tags_json), honorific_level=card.honorific_level))
+                for item, payload in rows:
+                    yield TermResult(item=_item_to_model(item), analysis=TermAnalysis.model_validate_json(payload),
+                                     cards=cards.get(item.id, []))
+                after = rows[-1][0].position
+
+    def failures(self, run_id: int) -> list[FailedItem]:
+        with Session(self.engine) as session:
+            rows = session.scalars(select(Item).where(
+                Item.run_id == run_id,
+                (Item.nuance_state == StageState.FAILED) | (Item.cards_state == StageState.FAILED))
+                .order_by(Item.position)).all()
+            return [FailedItem(r.position, r.term, r.error_stage, r.error_category, r.error_code, r.error_message)
+                    for r in rows]
+
+    def summary(self, run_id: int) -> RunSummary:
+        with Session(self.engine) as session:
+            s = RunSummary()
+            states = session.execute(select(Item.nuance_state, Item.cards_state, func.count())
+                                     .where(Item.run_id == run_id)
+                                     .group_by(Item.nuance_state, Item.cards_state)).all()
+            for nuance, cards, count in states:
+                s.total += count
+                if cards == StageState.DONE:
+                    s.done += count
+                elif StageState.FAILED in (nuance, cards):
+                    s.failed += count
+                else:
+                    s.pending += count
+            calls = session.execute(select(ApiCall.status, ApiCall.error_category, func.count(),
+                                           func.coalesce(func.sum(ApiCall.tokens_in), 0),
+                                           func.coalesce(func.sum(ApiCall.tokens_out), 0),
+                                           func.coalesce(func.sum(ApiCall.cost_usd), 0.0))
+                                    .where(ApiCall.run_id == run_id)
+                                    .group_by(ApiCall.status, ApiCall.error_category)).all()
+            for status, category, count, tin, tout, cost in calls:
+                s.api_calls += count
+                s.tokens_in += int(tin)
+                s.tokens_out += int(tout)
+                s.cost_usd += float(cost)
+                if status != "ok":
+                    s.api_errors += count
+                    s.by_error[category or "unknown"] = s.by_error.get(category or "unknown", 0) + count
+            s.cached_stages = session.scalar(
+                select(func.count()).select_from(StageResult).join(Item, Item.id == StageResult.item_id)
+                .where(Item.run_id == run_id, StageResult.from_cache.is_(True))) or 0
+            return s
+
+    def api_calls(self, run_id: int) -> list[ApiCall]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(select(ApiCall).where(ApiCall.run_id == run_id).order_by(ApiCall.id)))
+
+    # cache ------------------------------------------------------------------------------------
+
+    def cache_get(self, key: str) -> CacheEntry | None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            entry = session.get(CacheEntry, key)
+            if entry is not None and entry.expires_at is not None:
+                expires = entry.expires_at if entry.expires_at.tzinfo else entry.expires_at.replace(
+                    tzinfo=utcnow().tzinfo)
+                if expires <= utcnow():
+                    return None
+            return entry
+
+    # writes -----------------------------------------------------------------------------------
+
+    def write_batch(self, ops: Sequence[LedgerOp]) -> None:
+        """Apply ``ops`` in order in one transaction."""
+        if not ops:
+            return
+        dialect = self.engine.dialect.name
+        now = utcnow()
+        with Session(self.engine) as session, session.begin():
+            calls: list[dict[str, Any]] = []
+            for op in ops:
+                if isinstance(op, CallRecorded):
+                    calls.append({**op.__dict__, "created_at": now})
+                    continue
+                if isinstance(op, StageStarted):
+                    state, attempts = _stage_columns(op.stage)
+                    session.execute(update(Item).where(Item.id == op.item_id)
+                                    .values({state: StageState.IN_FLIGHT, attempts: attempts + 1,
+                                             "updated_at": now}))
+                elif isinstance(op, StageCompleted):
+                    self._complete_stage(session, dialect, op, now)
+                elif isinstance(op, StageFailed):
+                    state, _ = _stage_columns(op.stage)
+                    session.execute(update(Item).where(Item.id == op.item_id).values(
+                        {state: StageState.FAILED, "error_stage": op.stage, "error_category": op.category,
+                         "error_code": op.code, "error_message": op.message[:2000], "updated_at": now}))
+                elif isinstance(op, CachePut):
+                    values = {**op.__dict__, "codec": "identity", "created_at": now, "hit_count": 0}
+                    session.execute(_upsert(dialect, CacheEntry.__table__, values, ["key"]))
+                elif isinstance(op, CacheHit):
+                    session.execute(update(CacheEntry).where(CacheEntry.key == op.key)
+                                    .values(hit_count=CacheEntry.hit_count + 1, last_hit_at=now))
+            if calls:
+                session.execute(insert(ApiCall), calls)
+
+    @staticmethod
+    def _complete_stage(session: Session, dialect: str, op: StageCompleted, now: datetime) -> None:
+        session.execute(_upsert(dialect, StageResult.__table__,
+                                {"item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key,
+                                 "payload": op.payload, "from_cache": op.from_cache, "created_at": now},
+                                ["item_id", "stage"]))
+        if op.stage == CARDS:
+            session.execute(Card.__table__.delete().where(Card.item_id == op.item_id))
+            session.execute(insert(Card), [
+                {"run_id": op.run_id, "item_id": op.item_id, "ordinal": i, "card_type": card.card_type.value,
+                 "front": card.front, "back": card.back, "tags_json": json.dumps(card.tags, ensure_ascii=False),
+                 "honorific_level": card.honorific_level.value}
+                for i, card in enumerate(op.cards, start=1)])
+        state, _ = _stage_columns(op.stage)
+        values: dict[Any, Any] = {state: StageState.DONE, "updated_at": now}
+        if op.stage == CARDS:
+            values.update(error_stage=None, error_category=None, error_code=None, error_message=None)
+        session.execute(update(Item).where(Item.id == op.item_id).values(values))
+
+    @staticmethod
+    def _run_record(row: Run) -> RunRecord:
+        return RunRecord(id=row.id, run_key=row.run_key, status=row.status, total_items=row.total_items,
+                         simulated=row.simulated, provider=row.provider, model=row.model,
+                         target_language=row.target_language, learner_language=row.learner_language,
+                         created_at=row.created_at)
+
+
+def _stage_columns(stage: str) -> tuple[Any, Any]:
+    if stage == NUANCE:
+        return Item.nuance_state, Item.nuance_attempts
+    if stage == CARDS:
+        return Item.cards_state, Item.cards_attempts
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+class LedgerWriter:
+    """Collects ledger writes and commits them in batches from a worker thread.
+
+    ``submit`` never blocks the event loop. A batch is committed every ``flush_interval``
+    seconds or as soon as ``max_batch`` operations wait, whichever comes first; ``flush``
+    waits until everything submitted so far is durable. A failed commit is re-raised to the
+    next caller of ``submit`` or ``flush`` rather than lost.
+    """
+
+    def __init__(self, ledger: Ledger, *, flush_interval: float = 0.1, max_batch: int = 512) -> None:
+        self.ledger = ledger
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self._pending: list[LedgerOp] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._lock = asyncio.Lock()
+        self._closing = False
+        self.batches_written = 0
+
+    async def __aenter__(self) -> LedgerWriter:
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self.flush()
+
+    def submit(self, *ops: LedgerOp) -> None:
+        self._raise_if_failed()
+        self._pending.extend(ops)
+        if len(self._pending) >= self.max_batch:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            self._raise_if_failed()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await asyncio.to_thread(self.ledger.write_batch, batch)
+                except Exception as exc:
+                    self._error = exc
+                    raise
+                self.batches_written += 1
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"ledger write failed: {self._error}") from self._error
+
+    async def _run(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                return
