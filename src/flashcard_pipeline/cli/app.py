@@ -1,0 +1,181 @@
+"""The ``flashcard-pipeline`` command line (Typer + Rich).
+
+Exit codes: 0 every item done; 1 finished with failed items; 2 bad usage or bad input;
+3 aborted (the provider refused the key, or the budget ran out); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flashcard_pipeline.cli.progress import ConsoleReporter
+from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
+from flashcard_pipeline.llm.providers import ProviderName
+from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
+from flashcard_pipeline.simulator import SimulatorConfig, serve
+from flashcard_pipeline.storage.schema import RunStatus
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED_ITEMS = 1
+    USAGE = 2
+    ABORTED = 3
+    INTERRUPTED = 130
+
+
+app = typer.Typer(
+    name="flashcard-pipeline",
+    help="Turn vocabulary lists into rich, AI-generated flashcards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: ExitCode) -> typer.Exit:
+    _stderr().print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(int(code))
+
+
+def parse_sim_options(pairs: list[str]) -> SimulatorConfig:
+    """``--sim latency=0.05 --sim server_error_rate=0.2`` -> a validated SimulatorConfig."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"--sim expects KEY=VALUE, got {pair!r}")
+        key = key.strip().replace("-", "_")
+        values[key] = [float(v) for v in value.split(",")] if "," in value else value.strip()
+    try:
+        return SimulatorConfig.model_validate(values)
+    except Exception as exc:
+        first = str(exc).splitlines()
+        detail = "; ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(exc)
+        raise ConfigurationError(f"invalid --sim option: {detail}") from exc
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        raise _fail("interrupted; run the same command again to resume where it stopped",
+                    ExitCode.INTERRUPTED) from None
+
+
+@app.command("process")
+def process_command(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Vocabulary list: CSV, TSV or plain text.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the cards.")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="jsonl (default: from the -o extension).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Process at most N items.", min=1)] = None,
+    start_from: Annotated[int | None, typer.Option(help="Skip items before position N.", min=1)] = None,
+    concurrency: Annotated[int, typer.Option(help="Calls in flight at once.", min=1, max=256)] = 8,
+    model: Annotated[str | None, typer.Option(help="Model name (default depends on the provider).")] = None,
+    provider: Annotated[ProviderName, typer.Option(help="Where requests go.")] = ProviderName.OPENROUTER,
+    base_url: Annotated[str | None, typer.Option(help="API base URL for openai-compatible servers.")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key (default: OPENROUTER_API_KEY / OPENAI_API_KEY).",
+                                                show_default=False)] = None,
+    db: Annotated[str | None, typer.Option(help="Database URL or SQLite file (default: FLASHCARD_DATABASE_URL, "
+                                                "else ~/.local/share/flashcard-pipeline/flashcards.db).")] = None,
+    force: Annotated[bool, typer.Option(help="Ignore cached answers and ask again.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Estimate requests, tokens and cost; call nothing.")] = False,
+    language: Annotated[str, typer.Option(help="Language of the terms (code or name).")] = "ko",
+    learner_language: Annotated[str, typer.Option(help="Language of explanations (code or name).")] = "en",
+    max_cost: Annotated[float | None, typer.Option(help="Stop (exit 3) once this many US dollars are spent.")] = None,
+    sim: Annotated[list[str] | None, typer.Option("--sim", metavar="KEY=VALUE",
+                                                   help="Simulator setting for --provider simulated "
+                                                        "(e.g. latency=0.05, server_error_rate=0.1).")] = None,
+) -> None:
+    """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
+    err = _stderr()
+    try:
+        options = ProcessOptions(
+            input_path=input_path, output=output, format=format, limit=limit, start_from=start_from,
+            concurrency=concurrency, model=model, provider=provider.value, base_url=base_url, api_key=api_key,
+            db_url=db, force=force, dry_run=dry_run, language=language, learner_language=learner_language,
+            max_cost=max_cost, simulator=parse_sim_options(sim or []))
+        result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
+    except (InputError, ConfigurationError) as exc:
+        raise _fail(str(exc), ExitCode.USAGE) from None
+    except StructuredError as exc:
+        raise _fail(str(exc), ExitCode.ABORTED if exc.aborts_run else ExitCode.FAILED_ITEMS) from None
+    raise typer.Exit(int(_report(result, err)))
+
+
+def _report(result: ProcessResult, err: Console) -> ExitCode:
+    out = Console(soft_wrap=True)
+    if result.estimate is not None:
+        e = result.estimate
+        table = Table(title="dry run: nothing was sent", show_header=False)
+        table.add_row("items", f"{e.items:,}")
+        table.add_row("requests", f"{e.requests:,} ({e.cached_stages:,} stage answers already cached)")
+        table.add_row("prompt tokens (est.)", f"{e.prompt_tokens:,}")
+        table.add_row("completion tokens (est.)", f"{e.completion_tokens:,} (at most {e.max_completion_tokens:,})")
+        table.add_row("cost (est.)", "unknown for this model" if e.cost_usd is None else f"${e.cost_usd:.4f}")
+        out.print(table)
+        return ExitCode.OK
+    outcome = result.outcome
+    assert outcome is not None
+    stats = outcome.stats
+    out.print(f"run {outcome.run_id}: {outcome.status} · {stats.done}/{stats.total} items done "
+              f"({stats.already_done} before this run) · {stats.requests} API calls · "
+              f"{stats.cache_hits} cache hits · ${stats.cost_usd:.4f}", highlight=False)
+    if result.output is not None:
+        out.print(f"wrote {result.cards_written} cards to {result.output}", highlight=False)
+    if outcome.failures:
+        err.print(f"[red]{len(outcome.failures)} items failed:[/]")
+        for f in outcome.failures:
+            err.print(f"  #{f.position} {f.term}: {f.stage or '?'} {f.category}/{f.code}: {f.message}",
+                      highlight=False, markup=False)
+    if outcome.status is RunStatus.ABORTED:
+        err.print(f"[red]aborted:[/] {outcome.abort_reason}", highlight=False)
+        return ExitCode.ABORTED
+    return ExitCode.FAILED_ITEMS if outcome.failures or outcome.status is not RunStatus.COMPLETED else ExitCode.OK
+
+
+@app.command("simulate")
+def simulate_command(
+    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).", min=0, max=65535)] = 8787,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    sim: Annotated[list[str] | None, typer.Option("--sim", metavar="KEY=VALUE",
+                                                   help="Simulator setting (latency=0.05, requests_per_minute=600, "
+                                                        "server_error_rate=0.1, seed=1, ...).")] = None,
+) -> None:
+    """Serve an OpenAI-compatible simulated provider with fault injection (Ctrl-C stops it)."""
+    try:
+        config = parse_sim_options(sim or [])
+    except ConfigurationError as exc:
+        raise _fail(str(exc), ExitCode.USAGE) from None
+    _stderr().print(f"simulated provider on http://{host}:{port}/v1 (Ctrl-C to stop)", highlight=False)
+    try:
+        asyncio.run(serve(config, host, port))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.USAGE) from None
+
+
+def main() -> None:
+    """Console-script entry point: one line on stderr for unexpected errors unless FLASHCARD_DEBUG is set."""
+    try:
+        app()
+    except Exception as exc:  # pragma: no cover - last resort
+        if os.environ.get("FLASHCARD_DEBUG"):
+            raise
+        _stderr().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (set FLASHCARD_DEBUG=1 for details)",
+                        highlight=False)
+        sys.exit(1)

@@ -1,0 +1,98 @@
+"""What ``process`` shows while it works: a live Rich panel on a terminal, periodic plain lines
+when the output is a pipe or a log file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from flashcard_pipeline.ingest import RowProblem
+from flashcard_pipeline.pipeline import RunStats
+from flashcard_pipeline.storage.ledger import RunRecord
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+def describe(stats: RunStats) -> str:
+    text = (f"done {stats.done}/{stats.total} · failed {stats.failed} · in flight {stats.in_flight} · "
+            f"{stats.requests_per_minute():.0f} req/min · tokens {stats.tokens_in + stats.tokens_out:,} · "
+            f"${stats.cost_usd:.4f} · cache hits {stats.cache_hits}")
+    if stats.pause_reason:
+        text += f" · paused: {stats.pause_reason}"
+    return text
+
+
+class ConsoleReporter:
+    """Problems and run headers go to stderr; the live display too, so stdout stays clean."""
+
+    def __init__(self, console: Console, *, plain_interval: float = 5.0) -> None:
+        self.console = console
+        self.plain_interval = plain_interval
+
+    def problems(self, problems: list[RowProblem]) -> None:
+        for problem in problems[:MAX_PROBLEMS_SHOWN]:
+            term = f" ({problem.term})" if problem.term else ""
+            self.console.print(f"[yellow]skipped row {problem.row}{term}: {problem.reason}[/]", highlight=False)
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            self.console.print(f"[yellow]… and {len(problems) - MAX_PROBLEMS_SHOWN} more skipped rows[/]")
+
+    def started(self, run: RunRecord, *, resumed: bool, to_process: int) -> None:
+        verb = "resuming" if resumed else "starting"
+        self.console.print(f"{verb} run {run.id}: {run.total_items} items, {to_process} to process "
+                           f"({run.provider}, {run.model})", highlight=False)
+
+    @contextlib.asynccontextmanager
+    async def live(self, stats: RunStats) -> AsyncIterator[None]:
+        if self.console.is_terminal:
+            async with self._rich(stats):
+                yield
+        else:
+            async with self._plain(stats):
+                yield
+
+    @contextlib.asynccontextmanager
+    async def _rich(self, stats: RunStats) -> AsyncIterator[None]:
+        progress = Progress(TextColumn("[bold]cards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.description}"), console=self.console,
+                            refresh_per_second=4, transient=False)
+        task = progress.add_task(describe(stats), total=stats.total or None)
+
+        async def refresh() -> None:
+            while True:
+                progress.update(task, completed=stats.done + stats.failed, total=stats.total or None,
+                                description=describe(stats))
+                await asyncio.sleep(0.25)
+
+        with progress:
+            ticker = asyncio.create_task(refresh())
+            try:
+                yield
+            finally:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+                progress.update(task, completed=stats.done + stats.failed, description=describe(stats))
+
+    @contextlib.asynccontextmanager
+    async def _plain(self, stats: RunStats) -> AsyncIterator[None]:
+        async def tick() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.5)
+                if time.monotonic() - last >= self.plain_interval:
+                    last = time.monotonic()
+                    self.console.print(describe(stats), highlight=False)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            self.console.print(describe(stats), highlight=False)

@@ -1,0 +1,57 @@
+"""JSONL export: one object per card, carrying its term's item and analysis, so it loads back
+into the models without the database."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from flashcard_pipeline.models import Flashcard, TermAnalysis, TermResult, VocabularyItem
+
+SIMULATED_TAG = "source:simulated"
+
+
+class CardRecord(BaseModel):
+    """One line of the JSONL file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    position: int
+    term: str
+    card_index: int
+    card: Flashcard
+    analysis: TermAnalysis
+    item: VocabularyItem
+    simulated: bool = False
+
+
+def card_records(results: Iterable[TermResult], *, simulated: bool = False) -> Iterator[CardRecord]:
+    for result in results:
+        for index, card in enumerate(result.cards, start=1):
+            if simulated and SIMULATED_TAG not in card.tags:
+                card = card.model_copy(update={"tags": [*card.tags, SIMULATED_TAG]})
+            yield CardRecord(position=result.item.position, term=result.item.term, card_index=index, card=card,
+                             analysis=result.analysis, item=result.item, simulated=simulated)
+
+
+def write_jsonl(results: Iterable[TermResult], path: Path, *, simulated: bool = False) -> int:
+    """Write the cards atomically (a temporary file renamed into place); returns the card count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
+        for record in card_records(results, simulated=simulated):
+            handle.write(json.dumps(record.model_dump(mode="json"), ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
+
+
+def read_jsonl(path: Path) -> Iterator[CardRecord]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield CardRecord.model_validate_json(line)

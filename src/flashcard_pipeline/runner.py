@@ -1,0 +1,269 @@
+"""``process`` as a function: input file -> run in the ledger -> pipeline -> export.
+
+The CLI is a thin shell around :func:`process`, which tests also call directly. A run is
+identified by the input's content and every setting that changes the answers, so running the
+same command again resumes the same run (and a finished run costs nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from flashcard_pipeline.errors import ConfigurationError
+from flashcard_pipeline.export.jsonl import write_jsonl
+from flashcard_pipeline.ingest import RowProblem, VocabularyReader
+from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
+from flashcard_pipeline.llm.policy import CallPolicy
+from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
+from flashcard_pipeline.models import VocabularyItem
+from flashcard_pipeline.pipeline import Pipeline, RunOutcome, RunStats
+from flashcard_pipeline.pricing import TYPICAL_COMPLETION_TOKENS, price_for
+from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
+from flashcard_pipeline.stages import (
+    CARDS,
+    NUANCE,
+    StageSettings,
+    build_cards_request,
+    build_nuance_request,
+    language_name,
+    parse_nuance,
+)
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger, RunRecord
+
+DEFAULT_MODELS = {
+    ProviderName.OPENROUTER: "openai/gpt-4o-mini",
+    ProviderName.OPENAI_COMPATIBLE: "gpt-4o-mini",
+    ProviderName.SIMULATED: "simulated/flashcard-sim",
+}
+EXPORT_FORMATS = ("jsonl",)
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    input_path: Path
+    output: Path | None = None
+    format: str | None = None
+    limit: int | None = None
+    start_from: int | None = None
+    concurrency: int = 8
+    model: str | None = None
+    provider: str = ProviderName.OPENROUTER.value
+    base_url: str | None = None
+    api_key: str | None = None
+    db_url: str | None = None
+    force: bool = False
+    dry_run: bool = False
+    language: str = "ko"
+    learner_language: str = "en"
+    max_cost: float | None = None
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    env: dict[str, str] | None = None
+
+    @property
+    def export_format(self) -> str:
+        chosen = (self.format or (self.output.suffix.lstrip(".") if self.output else "") or "jsonl").lower()
+        if chosen not in EXPORT_FORMATS:
+            raise ConfigurationError(f"unknown export format {chosen!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+        return chosen
+
+    @property
+    def output_path(self) -> Path:
+        return self.output or Path.cwd() / f"{self.input_path.stem}.{self.export_format}"
+
+
+class Reporter(Protocol):
+    """What the CLI shows; tests pass a silent one."""
+
+    def problems(self, problems: list[RowProblem]) -> None: ...
+    def started(self, run: RunRecord, *, resumed: bool, to_process: int) -> None: ...
+    def live(self, stats: RunStats) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+
+class SilentReporter:
+    def problems(self, problems: list[RowProblem]) -> None:
+        pass
+
+    def started(self, run: RunRecord, *, resumed: bool, to_process: int) -> None:
+        pass
+
+    @contextlib.asynccontextmanager
+    async def live(self, stats: RunStats) -> AsyncIterator[None]:
+        yield
+
+
+@dataclass(frozen=True)
+class DryRunEstimate:
+    items: int
+    requests: int
+    cached_stages: int
+    prompt_tokens: int
+    completion_tokens: int
+    max_completion_tokens: int
+    cost_usd: float | None
+    problems: list[RowProblem]
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    outcome: RunOutcome | None
+    output: Path | None
+    cards_written: int
+    problems: list[RowProblem]
+    resumed: bool = False
+    estimate: DryRunEstimate | None = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _selected(reader: VocabularyReader, options: ProcessOptions) -> Iterator[VocabularyItem]:
+    items: Iterator[VocabularyItem] = iter(reader)
+    if options.start_from is not None:
+        items = (item for item in items if item.position >= options.start_from)
+    if options.limit is not None:
+        items = itertools.islice(items, options.limit)
+    return items
+
+
+def _validate(options: ProcessOptions) -> None:
+    if options.concurrency < 1:
+        raise ConfigurationError("--concurrency must be at least 1")
+    if options.limit is not None and options.limit < 1:
+        raise ConfigurationError("--limit must be at least 1")
+    if options.start_from is not None and options.start_from < 1:
+        raise ConfigurationError("--start-from must be at least 1")
+    if options.max_cost is not None and options.max_cost <= 0:
+        raise ConfigurationError("--max-cost must be a positive amount of US dollars")
+    options.export_format  # noqa: B018 - validates the format early
+
+
+def _provider(options: ProcessOptions, simulator_url: str | None) -> ProviderConfig:
+    env = options.env
+    kwargs = {} if env is None else {"env": env}
+    if options.provider == ProviderName.SIMULATED:
+        return resolve_provider(ProviderName.SIMULATED, base_url=simulator_url or "http://127.0.0.1:9/v1", **kwargs)
+    return resolve_provider(options.provider, base_url=options.base_url, api_key=options.api_key, **kwargs)
+
+
+def _settings(options: ProcessOptions, provider: ProviderConfig) -> StageSettings:
+    model = options.model or DEFAULT_MODELS[provider.name]
+    return StageSettings(provider=provider.name.value, model=model, language=language_name(options.language),
+                         learner_language=language_name(options.learner_language),
+                         extra_body=dict(provider.extra_body))
+
+
+def _run_key(options: ProcessOptions, settings: StageSettings, input_sha: str, provider: ProviderConfig) -> str:
+    material = {
+        "input": input_sha, "provider": settings.provider, "model": settings.model,
+        "base_url": provider.base_url if provider.name is ProviderName.OPENAI_COMPATIBLE else None,
+        "language": settings.language, "learner": settings.learner_language, "prompts": settings.prompt_versions,
+        "limit": options.limit, "start_from": options.start_from,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+async def process(options: ProcessOptions, reporter: Reporter | None = None,
+                  policy: CallPolicy | None = None) -> ProcessResult:
+    """Run (or resume) the pipeline for ``options`` and export what is done."""
+    reporter = reporter or SilentReporter()
+    _validate(options)
+    reader = VocabularyReader(options.input_path)
+    reader.detect()
+    provider = _provider(options, None)
+    settings = _settings(options, provider)
+
+    engine = await asyncio.to_thread(open_database, options.db_url)
+    try:
+        ledger = Ledger(engine)
+        if options.dry_run:
+            estimate = await asyncio.to_thread(_estimate, options, reader, settings, ledger)
+            reporter.problems(estimate.problems)
+            return ProcessResult(outcome=None, output=None, cards_written=0, problems=estimate.problems,
+                                 estimate=estimate)
+
+        input_sha = await asyncio.to_thread(file_sha256, options.input_path)
+        run_key = _run_key(options, settings, input_sha, provider)
+        run = None if options.force else await asyncio.to_thread(ledger.find_run, run_key)
+        resumed = run is not None
+        problems: list[RowProblem] = []
+        if run is None:
+            run = await asyncio.to_thread(
+                ledger.create_run, run_key=run_key, input_path=str(options.input_path.resolve()),
+                input_sha256=input_sha, provider=settings.provider, model=settings.model,
+                settings={"prompts": settings.prompt_versions, "limit": options.limit,
+                          "start_from": options.start_from},
+                target_language=settings.language, learner_language=settings.learner_language,
+                simulated=provider.name is ProviderName.SIMULATED, items=_selected(reader, options))
+            problems = list(reader.problems)
+            reporter.problems(problems)
+        to_process = await asyncio.to_thread(ledger.prepare_resume, run.id)
+        reporter.started(run, resumed=resumed, to_process=to_process)
+
+        outcome = await _execute(options, provider, settings, ledger, run, reporter, policy, to_process)
+        output = options.output_path
+        results = ledger.results(run.id)
+        written = await asyncio.to_thread(write_jsonl, results, output, simulated=run.simulated)
+        return ProcessResult(outcome=outcome, output=output, cards_written=written, problems=problems,
+                             resumed=resumed)
+    finally:
+        engine.dispose()
+
+
+async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: StageSettings, ledger: Ledger,
+                   run: RunRecord, reporter: Reporter, policy: CallPolicy | None, to_process: int) -> RunOutcome:
+    async with contextlib.AsyncExitStack() as stack:
+        if provider.name is ProviderName.SIMULATED and to_process:
+            simulator = await stack.enter_async_context(run_simulator(options.simulator))
+            provider = _provider(options, simulator.base_url)
+        client = await stack.enter_async_context(LLMClient(provider, max_connections=max(options.concurrency, 10)))
+        pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy,
+                            concurrency=options.concurrency, force=options.force, max_cost=options.max_cost)
+        async with reporter.live(pipeline.stats):
+            return await pipeline.run(run)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _estimate(options: ProcessOptions, reader: VocabularyReader, settings: StageSettings,
+              ledger: Ledger) -> DryRunEstimate:
+    items = requests = cached = prompt_tokens = completion_tokens = max_completion = 0
+    for item in _selected(reader, options):
+        items += 1
+        staged = build_nuance_request(item, settings)
+        prompt = estimate_request_tokens(staged.request) - staged.request.max_tokens
+        entry = None if options.force else ledger.cache_get(staged.cache_key)
+        if entry is not None:
+            cached += 1
+            analysis = parse_nuance(entry.value.decode("utf-8"), item)
+            cards = build_cards_request(item, analysis, settings)
+            if ledger.cache_get(cards.cache_key) is not None:
+                cached += 1
+                continue
+        else:
+            requests += 1
+            prompt_tokens += prompt
+            completion_tokens += TYPICAL_COMPLETION_TOKENS[NUANCE]
+            max_completion += staged.request.max_tokens
+        # Stage 2 carries the analysis in its prompt: roughly stage 1's prompt plus its answer.
+        requests += 1
+        prompt_tokens += prompt + TYPICAL_COMPLETION_TOKENS[NUANCE]
+        completion_tokens += TYPICAL_COMPLETION_TOKENS[CARDS]
+        max_completion += settings.cards_prompt.max_tokens
+    price = price_for(settings.provider, settings.model)
+    cost = price.cost(prompt_tokens, completion_tokens) if price else None
+    return DryRunEstimate(items=items, requests=requests, cached_stages=cached, prompt_tokens=prompt_tokens,
+                          completion_tokens=completion_tokens, max_completion_tokens=max_completion,
+                          cost_usd=cost, problems=list(reader.problems))

@@ -1,0 +1,219 @@
+"""`process` end to end against the simulator: in-process, as a subprocess, with faults, killed and resumed."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.export.jsonl import read_jsonl
+from flashcard_pipeline.ingest import read_vocabulary
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
+from tests.conftest import shared_file
+
+runner = CliRunner()
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def words(tmp_path: Path, rows: list[str], name: str = "words.csv") -> Path:
+    path = tmp_path / name
+    path.write_text("position,term,type\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def assert_cards_for_every_term(output: Path, terms: list[str], *, simulated: bool = True) -> None:
+    records = list(read_jsonl(output))
+    by_term: dict[str, int] = {}
+    for record in records:
+        by_term[record.term] = by_term.get(record.term, 0) + 1
+        assert record.analysis.term == record.term
+        assert ("source:simulated" in record.card.tags) is simulated
+    assert sorted(by_term) == sorted(terms)
+    assert all(2 <= n <= 4 for n in by_term.values())
+    positions = [r.position for r in records]
+    assert positions == sorted(positions), "output follows input order"
+
+
+def test_offline_run_writes_cards_and_a_second_run_is_free(tmp_path: Path, db_url: str) -> None:
+    source = words(tmp_path, ["1,학교,noun", "2,먹다,verb", "3,빨리,adverb", "4,학교,noun", "5,,noun"])
+    out = tmp_path / "cards.jsonl"
+    code, stdout, stderr = run_cli("process", str(source), "--provider", "simulated", "-o", str(out), "--db", db_url)
+    assert code == 0, stderr
+    assert "skipped row 5" in stderr and "duplicate" in stderr  # 학교 again
+    assert "skipped row 6" in stderr and "empty term" in stderr
+    assert "6 API calls" in stdout
+    assert_cards_for_every_term(out, ["학교", "먹다", "빨리"])
+
+    out.unlink()
+    code, stdout, _ = run_cli("process", str(source), "--provider", "simulated", "-o", str(out), "--db", db_url)
+    assert code == 0 and "0 API calls" in stdout and "3 before this run" in stdout
+    assert_cards_for_every_term(out, ["학교", "먹다", "빨리"])
+
+
+def test_subprocess_run_on_the_rich_file(tmp_path: Path, db_url: str) -> None:
+    source = shared_file("korean_5_rich.csv")
+    out = tmp_path / "rich.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "flashcard_pipeline", "process", str(source), "--provider",
+                           "simulated", "-o", str(out), "--db", db_url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    terms = [item.term for item in read_vocabulary(source)[0]]
+    assert_cards_for_every_term(out, terms)
+    definitions = {r.term: r.analysis.primary_meaning for r in read_jsonl(out)}
+    assert definitions["내가"] == "I"  # the Definition hint reached the model
+
+
+def test_faults_are_recorded_and_the_run_finishes(tmp_path: Path, db_url: str) -> None:
+    source = words(tmp_path, [f"{i},단어{i},noun" for i in range(1, 41)])
+    out = tmp_path / "cards.jsonl"
+    code, stdout, stderr = run_cli(
+        "process", str(source), "--provider", "simulated", "-o", str(out), "--db", db_url,
+        "--sim", "server_error_rate=0.15", "--sim", "schema_invalid_rate=0.1", "--sim", "malformed_json_rate=0.05",
+        "--sim", "error_in_body_rate=0.05", "--sim", "truncated_rate=0.05", "--sim", "seed=7")
+    assert code == 1, stdout + stderr
+    assert "Traceback" not in stderr and "items failed" in stderr
+    ledger = Ledger(open_database(db_url))
+    run = ledger.get_run()
+    summary = ledger.summary(run.id)
+    assert summary.failed > 0 and summary.done > 0 and summary.done + summary.failed == 40
+    assert {"external_service", "invalid_response"} <= set(summary.by_error)
+    assert len(list(read_jsonl(out))) >= 2 * summary.done  # every finished item was exported
+    failed_codes = {f.code for f in ledger.failures(run.id)}
+    assert failed_codes <= {"server_error", "schema_violation", "malformed_json", "provider_error",
+                            "truncated_output"}
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"", "file is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file"),
+    (b"alpha,beta\n1,2\n", "no term column"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, content: bytes, expected: str, db_url: str) -> None:
+    path = tmp_path / "input.csv"
+    path.write_bytes(content)
+    code, _, stderr = run_cli("process", str(path), "--provider", "simulated", "--db", db_url)
+    assert code == 2
+    assert expected in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_missing_file_is_exit_2(tmp_path: Path, db_url: str) -> None:
+    code, _, stderr = run_cli("process", str(tmp_path / "nope.csv"), "--provider", "simulated", "--db", db_url)
+    assert code == 2 and "not found" in stderr
+
+
+def test_real_provider_without_a_key_says_how_to_fix_it(tmp_path: Path, db_url: str) -> None:
+    code, _, stderr = run_cli("process", str(words(tmp_path, ["1,학교,noun"])), "--db", db_url)
+    assert code == 2
+    assert "OPENROUTER_API_KEY" in stderr and "--provider simulated" in stderr
+
+
+def test_dry_run_estimates_and_calls_nothing(tmp_path: Path, db_url: str) -> None:
+    source = words(tmp_path, ["1,학교,noun", "2,먹다,verb"])
+    code, stdout, _ = run_cli("process", str(source), "--api-key", "sk-test", "--dry-run", "--db", db_url)
+    assert code == 0
+    assert "requests" in stdout and "4 (0 stage answers already cached)" in stdout and "$" in stdout
+    ledger = Ledger(open_database(db_url))
+    assert ledger.get_run() is None
+
+    run_cli("process", str(source), "--provider", "simulated", "--db", db_url, "-o", str(tmp_path / "o.jsonl"))
+    code, stdout, _ = run_cli("process", str(source), "--provider", "simulated", "--dry-run", "--db", db_url)
+    assert "0 (4 stage answers already cached)" in stdout
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[str]:
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b'{"error": {"code": 401, "message": "No auth credentials found"}}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_refused_key_aborts_with_exit_3_and_never_leaks_it(tmp_path: Path, db_url: str,
+                                                            refusing_server: str) -> None:
+    secret = "sk-secret-abcdef123456"
+    code, stdout, stderr = run_cli("process", str(words(tmp_path, ["1,학교,noun", "2,먹다,verb"])),
+                                   "--provider", "openai-compatible", "--base-url", refusing_server,
+                                   "--api-key", secret, "--db", db_url, "-o", str(tmp_path / "o.jsonl"))
+    assert code == 3, stdout + stderr
+    assert "aborted" in stderr and secret not in stdout + stderr
+    db_path = db_url.removeprefix("sqlite:///")
+    with open(db_path, "rb") as handle:
+        assert secret.encode() not in handle.read()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_losing_or_repeating_work(tmp_path: Path) -> None:
+    source = shared_file("korean_1000_terms.csv")
+    db_path = tmp_path / "ledger.db"
+    out = tmp_path / "deck.jsonl"
+    command = [sys.executable, "-m", "flashcard_pipeline", "process", str(source), "--provider", "simulated",
+               "--limit", "120", "--concurrency", "4", "--sim", "latency=0.02", "--db", str(db_path), "-o", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    done_before: set[int] = set()
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if not db_path.exists():
+                continue
+            try:
+                with sqlite3.connect(db_path) as conn:
+                    done_before = {row[0] for row in conn.execute("SELECT id FROM items WHERE cards_state='done'")}
+            except sqlite3.OperationalError:
+                continue
+            if len(done_before) >= 20:
+                break
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with sqlite3.connect(db_path) as conn:
+        done_at_kill = {row[0] for row in conn.execute("SELECT id FROM items WHERE cards_state='done'")}
+        last_call = conn.execute("SELECT COALESCE(MAX(id), 0) FROM api_calls").fetchone()[0]
+    assert 20 <= len(done_at_kill) < 120
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming run" in resumed.stderr
+    with sqlite3.connect(db_path) as conn:
+        repeated = conn.execute(
+            f"SELECT COUNT(*) FROM api_calls WHERE id > ? AND item_id IN ({','.join('?' * len(done_at_kill))})",
+            [last_call, *done_at_kill]).fetchone()[0]
+        runs = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    assert repeated == 0, "an item finished before the kill was requested again"
+    assert runs == 1
+    expected = [item.term for item in read_vocabulary(source)[0][:120]]
+    assert_cards_for_every_term(out, expected)
