@@ -242,10 +242,7 @@ def test_lone_cr_line_endings(tmp_path: Path) -> None:
 
 def test_quoted_field_with_newline_delimiter_and_quote(tmp_path: Path) -> None:
     content = (
-        "position,term,Definition\n"
-        '1,내가,"I, the speaker\nsecond line with ""quotes"""\n'
-        "2,그,that\n"
-        '3,"나, 너",phrase\n'
+        'position,term,Definition\n1,내가,"I, the speaker\nsecond line with ""quotes"""\n2,그,that\n3,"나, 너",phrase\n'
     )
     path = write(tmp_path, "vocab.csv", content)
     items, problems = read_vocabulary(path)
@@ -256,8 +253,13 @@ def test_quoted_field_with_newline_delimiter_and_quote(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("delimiter", "name", "expected_format"),
-    [(",", "vocab.csv", "csv"), ("\t", "vocab.tsv", "tsv"), (";", "vocab.csv", "csv"), ("|", "vocab.dat", "csv"),
-     ("\t", "vocab.txt", "tsv")],
+    [
+        (",", "vocab.csv", "csv"),
+        ("\t", "vocab.tsv", "tsv"),
+        (";", "vocab.csv", "csv"),
+        ("|", "vocab.dat", "csv"),
+        ("\t", "vocab.txt", "tsv"),
+    ],
 )
 def test_delimiter_detection(tmp_path: Path, delimiter: str, name: str, expected_format: str) -> None:
     rows = [["position", "term", "type", "Definition"], ["1", "내가", "pronoun", "I"], ["2", "그", "pronoun", "that"]]
@@ -386,9 +388,9 @@ def test_reiteration_reopens_and_resets_problems(tmp_path: Path) -> None:
     first_problems = reader.problems
     second = list(reader)
     assert first == second and terms(first) == ["내가", "그"]
-    assert first_problems == reader.problems == [
-        RowProblem(3, "term contains a control character (U+0007)", "\u0007bell")
-    ]
+    assert (
+        first_problems == reader.problems == [RowProblem(3, "term contains a control character (U+0007)", "\u0007bell")]
+    )
     path.write_text("term\n나\n", encoding="utf-8")
     assert terms(list(reader)) == ["나"]
     assert reader.problems == []
@@ -399,6 +401,7 @@ def test_streaming_yields_before_reading_the_whole_file(tmp_path: Path) -> None:
     with path.open("w", encoding="utf-8", newline="") as handle:
         handle.write("position,term,type\n")
         handle.writelines(f"{n},단어{n},noun\n" for n in range(1, 100_001))
+        handle.write("100001,단어1,noun\n5,새 단어,noun\n100002,단어99999,noun\n")  # lines 100002-100004
     size = path.stat().st_size
     reader = VocabularyReader(path)
     items = iter(reader)
@@ -408,7 +411,12 @@ def test_streaming_yields_before_reading_the_whole_file(tmp_path: Path) -> None:
     count = 1 + sum(1 for _ in items)
     assert count == 100_000
     assert reader.bytes_read == size
-    assert reader.problems == []
+    # Duplicates are still recognised after the seen-sets have grown many times.
+    assert [(p.row, p.reason) for p in reader.problems] == [
+        (100_002, "duplicate of row 2 (단어1)"),
+        (100_003, "duplicate position 5 (first used on row 6)"),
+        (100_004, "duplicate of row 100000 (단어99999)"),
+    ]
 
 
 # -- real data ----------------------------------------------------------------------------------
@@ -421,11 +429,14 @@ def real_file(name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("name", "count", "rich"), [
-    ("korean_1000_terms.csv", 1000, False),
-    ("korean_10k.csv", 10000, True),
-    ("korean_5_rich.csv", 5, True),
-])
+@pytest.mark.parametrize(
+    ("name", "count", "rich"),
+    [
+        ("korean_1000_terms.csv", 1000, False),
+        ("korean_10k.csv", 10000, True),
+        ("korean_5_rich.csv", 5, True),
+    ],
+)
 def test_real_files_parse_completely(name: str, count: int, rich: bool) -> None:
     path = real_file(name)
     items, problems = read_vocabulary(path)
