@@ -13,7 +13,6 @@ import io
 import itertools
 import re
 import unicodedata
-from array import array
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -51,8 +50,6 @@ _NAME_NOISE = re.compile(r"[\s_.\-]+")
 _POSITION = re.compile(r"\+?([0-9]+)(?:\.0*)?")
 _MAX_POSITION = 2**63 - 1
 _SCAN_BYTES = 1 << 16
-_U64 = (1 << 64) - 1
-_FIBONACCI = 0x9E3779B97F4A7C15  # 2⁶⁴/φ: spreads sequential positions over the table
 
 
 def _normalize_name(name: str) -> str:
@@ -189,46 +186,6 @@ def _first_record(lines: list[str], delimiter: str) -> list[str] | None:
         return next((row for row in reader if any(cell.strip() for cell in row)), None)
     except csv.Error:
         return None
-
-
-class _FirstSeen:
-    """The first row seen for each non-zero 64-bit key, in two flat arrays.
-
-    About 20-40 bytes a key where a dict of strings costs well over 100, so a long list is not
-    held in memory a second time. Terms are keyed by their 64-bit string hash: two different
-    terms collide with odds of about n²/2⁶⁵ (3e-8 for a million rows), an accepted price.
-    """
-
-    def __init__(self) -> None:
-        self._bits = 10
-        self._keys = array("Q", bytes(8 << self._bits))
-        self._rows = array("Q", bytes(8 << self._bits))
-        self._count = 0
-
-    def find(self, key: int) -> tuple[int, int | None]:
-        """The key's slot, and its row if it was seen; the slot stays valid until the next put."""
-        mask = (1 << self._bits) - 1
-        slot = ((key * _FIBONACCI) & _U64) >> (64 - self._bits)
-        while found := self._keys[slot]:
-            if found == key:
-                return slot, self._rows[slot]
-            slot = (slot + 1) & mask
-        return slot, None
-
-    def put(self, slot: int, key: int, row: int) -> None:
-        self._keys[slot] = key
-        self._rows[slot] = row
-        self._count += 1
-        if self._count * 4 > 3 << self._bits:
-            keys, rows = self._keys, self._rows
-            self._bits += 1
-            self._keys = array("Q", bytes(8 << self._bits))
-            self._rows = array("Q", bytes(8 << self._bits))
-            for old_key, old_row in zip(keys, rows, strict=True):
-                if old_key:
-                    new_slot, _ = self.find(old_key)
-                    self._keys[new_slot] = old_key
-                    self._rows[new_slot] = old_row
 
 
 class VocabularyReader:
@@ -456,8 +413,8 @@ class VocabularyReader:
         return columns
 
     def _items(self, delimiter: str | None, problems: list[RowProblem]) -> Iterator[VocabularyItem]:
-        seen_terms = _FirstSeen()
-        seen_positions = _FirstSeen()
+        seen_terms: dict[str, int] = {}
+        seen_positions: dict[int, int] = {}
         count = 0
         with closing(self._lines(track=True)) as lines:
             records = self._records(lines, delimiter)
@@ -481,8 +438,8 @@ class VocabularyReader:
         record: _Record,
         columns: _Columns,
         record_no: int,
-        seen_terms: _FirstSeen,
-        seen_positions: _FirstSeen,
+        seen_terms: dict[str, int],
+        seen_positions: dict[int, int],
     ) -> VocabularyItem | RowProblem:
         start, end, fields = record.start, record.end, record.fields
         width = len(columns.names)
@@ -510,15 +467,13 @@ class VocabularyReader:
                 return RowProblem(start, f"position {_clip(raw_position, 40)!r} is not a positive integer", term)
             position = parsed
 
-        term_key = hash(unicodedata.normalize("NFC", term.casefold())) & _U64 or 1
-        term_slot, first = seen_terms.find(term_key)
-        if first is not None:
+        term_key = unicodedata.normalize("NFC", term.casefold())
+        if (first := seen_terms.get(term_key)) is not None:
             return RowProblem(start, f"duplicate of row {first} ({term})", term)
-        position_slot, first = seen_positions.find(position)
-        if first is not None:
+        if (first := seen_positions.get(position)) is not None:
             return RowProblem(start, f"duplicate position {position} (first used on row {first})", term)
-        seen_terms.put(term_slot, term_key, start)
-        seen_positions.put(position_slot, position, start)
+        seen_terms[term_key] = start
+        seen_positions[position] = start
 
         hints = {name: _clip(value, self._max_hint_chars) for index, name in columns.hints if (value := cell(index))}
         word_type = cell(columns.type) or None
