@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.pool import NullPool
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 UNDER_CI = os.environ.get("CI", "").lower() == "true"
@@ -32,9 +35,39 @@ def require_service(host: str, port: int, name: str) -> None:
         pytest.skip(message)
 
 
+POSTGRES_URL = os.environ.get("FLASHCARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("FLASHCARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the test PostgreSQL database, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(POSTGRES_URL)
+    require_service(url.host or "127.0.0.1", url.port or 5432, "PostgreSQL")
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(url, poolclass=NullPool)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """The same tests against the embedded default and against the real PostgreSQL server."""
+    return request.getfixturevalue(f"{request.param}_url")
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.ingest import read_vocabulary
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
+from flashcard_pipeline.storage.schema import Base
 from tests.conftest import shared_file
 
 runner = CliRunner()
@@ -166,9 +167,17 @@ def test_refused_key_aborts_with_exit_3_and_never_leaks_it(tmp_path: Path, db_ur
                                    "--api-key", secret, "--db", db_url, "-o", str(tmp_path / "o.jsonl"))
     assert code == 3, stdout + stderr
     assert "aborted" in stderr and secret not in stdout + stderr
-    db_path = db_url.removeprefix("sqlite:///")
-    with open(db_path, "rb") as handle:
-        assert secret.encode() not in handle.read()
+    assert_secret_not_stored(db_url, secret)
+
+
+def assert_secret_not_stored(db_url: str, secret: str) -> None:
+    """Every text and binary column of every table, searched for the key."""
+    engine = open_database(db_url)
+    with engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            for row in conn.execute(table.select()):
+                assert secret not in repr(tuple(row)), f"the key leaked into {table.name}"
+    engine.dispose()
 
 
 @pytest.mark.slow

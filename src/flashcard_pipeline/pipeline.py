@@ -19,6 +19,8 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from flashcard_pipeline.cache.backends import DatabaseCacheBackend
+from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache
 from flashcard_pipeline.errors import (
     APIError,
     BudgetExceededError,
@@ -40,8 +42,6 @@ from flashcard_pipeline.stages import (
     parse_nuance,
 )
 from flashcard_pipeline.storage.ledger import (
-    CacheHit,
-    CachePut,
     CallRecorded,
     FailedItem,
     Ledger,
@@ -102,7 +102,8 @@ class _Abort(Exception):
 
 class Pipeline:
     def __init__(self, *, ledger: Ledger, client: ChatClient, settings: StageSettings,
-                 policy: CallPolicy | None = None, concurrency: int = 8, force: bool = False,
+                 policy: CallPolicy | None = None, cache: CompressedCache | None = None,
+                 concurrency: int = 8, force: bool = False,
                  max_cost: float | None = None, flush_interval: float = 0.1,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if concurrency < 1:
@@ -111,6 +112,7 @@ class Pipeline:
         self.client = client
         self.settings = settings
         self.policy = policy or DirectPolicy()
+        self.cache = cache or CompressedCache(DatabaseCacheBackend(ledger))
         self.concurrency = concurrency
         self.force = force
         self.max_cost = max_cost
@@ -129,6 +131,7 @@ class Pipeline:
         abort: StructuredError | None = None
         async with LedgerWriter(self.ledger, flush_interval=self.flush_interval) as writer:
             self._writer = writer
+            self.cache.backend.attach(writer.submit)
             queue: asyncio.Queue[PendingItem | None] = asyncio.Queue(maxsize=self.concurrency * 2)
             workers = [asyncio.create_task(self._worker(queue), name=f"worker-{i}") for i in range(self.concurrency)]
             producer = asyncio.create_task(self._produce(queue), name="producer")
@@ -143,6 +146,8 @@ class Pipeline:
                         await task
             finally:
                 self.stats.in_flight = 0
+                await self.cache.flush_counts()
+                self.cache.backend.attach(None)
         failures = await asyncio.to_thread(self.ledger.failures, run.id)
         final = await asyncio.to_thread(self.ledger.summary, run.id)
         if abort is not None:
@@ -211,34 +216,41 @@ class Pipeline:
         writer = self._writer
         assert writer is not None
         writer.submit(StageStarted(pending.id, staged.stage))
-        if not self.force:
-            entry = await asyncio.to_thread(self.ledger.cache_get, staged.cache_key)
-            if entry is not None:
-                try:
-                    result = parse(entry.value.decode("utf-8"))
-                except (InvalidResponseError, UnicodeDecodeError):
-                    log.warning("ignoring an unusable cache entry %s", staged.cache_key[:12])
-                else:
-                    self.stats.cache_hits += 1
-                    writer.submit(CacheHit(staged.cache_key), self._completed(pending, staged, result, True))
-                    return result
+        if not self.force and (cached := await self._cached(pending, staged, parse)) is not None:
+            return cached
+        async with self.cache.single_flight(staged.cache_key):
+            # A concurrent task may have paid for this very answer while we waited.
+            if not self.force and (cached := await self._cached(pending, staged, parse)) is not None:
+                return cached
+            self._check_budget()
+            context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
+                                  model=self.settings.model, estimated_tokens=estimate_request_tokens(staged.request))
 
-        self._check_budget()
-        context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
-                              model=self.settings.model,
-                              estimated_tokens=estimate_request_tokens(staged.request))
+            async def attempt() -> tuple[T, ChatResponse]:
+                return await self._call(pending, staged, parse)
 
-        async def attempt() -> tuple[T, ChatResponse]:
-            return await self._call(pending, staged, parse)
+            result, response = await self.policy.execute(attempt, context)
+            await self.cache.put(CacheRecord(
+                key=staged.cache_key, cache_type=staged.stage, value=result.model_dump_json().encode("utf-8"),
+                provider=self.settings.provider, model=self.settings.model, prompt_version=staged.prompt_version,
+                tokens_in=response.usage.prompt_tokens, tokens_out=response.usage.completion_tokens,
+                cost_usd=response.usage.cost_usd))
+        writer.submit(self._completed(pending, staged, result, False))
+        return result
 
-        result, response = await self.policy.execute(attempt, context)
-        writer.submit(
-            CachePut(key=staged.cache_key, stage=staged.stage, provider=self.settings.provider,
-                     model=self.settings.model, prompt_version=staged.prompt_version,
-                     value=result.model_dump_json().encode("utf-8"), tokens_in=response.usage.prompt_tokens,
-                     tokens_out=response.usage.completion_tokens, cost_usd=response.usage.cost_usd),
-            self._completed(pending, staged, result, False),
-        )
+    async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T]) -> T | None:
+        assert self._writer is not None
+        value = await self.cache.get(staged.cache_key, staged.stage)
+        if value is None:
+            return None
+        try:
+            result = parse(value.decode("utf-8"))
+        except (InvalidResponseError, UnicodeDecodeError):
+            log.warning("ignoring an unusable cache entry %s", staged.cache_key[:12])
+            self.cache.forget(staged.cache_key)
+            return None
+        self.stats.cache_hits += 1
+        self._writer.submit(self._completed(pending, staged, result, True))
         return result
 
     def _completed(self, pending: PendingItem, staged: StageRequest, result: BaseModel,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from flashcard_pipeline.cache.codec import Codec
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export.jsonl import write_jsonl
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
@@ -247,7 +248,7 @@ def _estimate(options: ProcessOptions, reader: VocabularyReader, settings: Stage
         entry = None if options.force else ledger.cache_get(staged.cache_key)
         if entry is not None:
             cached += 1
-            analysis = parse_nuance(entry.value.decode("utf-8"), item)
+            analysis = parse_nuance(Codec.decode(entry.codec, entry.value).decode("utf-8"), item)
             cards = build_cards_request(item, analysis, settings)
             if ledger.cache_get(cards.cache_key) is not None:
                 cached += 1

@@ -10,8 +10,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
 
+from flashcard_pipeline.config import DatabaseSettings
 from flashcard_pipeline.errors import ConfigurationError
+from flashcard_pipeline.storage.pool_monitor import MonitoredQueuePool, PoolMonitor
 
 DATABASE_URL_ENV = "FLASHCARD_DATABASE_URL"
 
@@ -45,20 +48,42 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine for ``url``; a file SQLite database gets WAL, a busy timeout and its folder created."""
+def create_db_engine(url: str, settings: DatabaseSettings | None = None) -> Engine:
+    """An engine with a monitored QueuePool sized by ``settings`` (DB_* environment variables).
+
+    File SQLite databases get WAL, ``synchronous=NORMAL``, a busy timeout and their folder created;
+    PostgreSQL goes through psycopg 3 (a bare ``postgresql://`` URL is taken to mean it).
+    """
+    settings = settings or DatabaseSettings()
     try:
         parsed = make_url(url)
     except Exception as exc:
         raise ConfigurationError(f"not a database URL: {url!r}") from exc
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    pool_args: dict[str, Any] = {
+        "poolclass": MonitoredQueuePool, "pool_size": settings.pool_size, "max_overflow": settings.max_overflow,
+        "pool_recycle": settings.pool_recycle, "pool_timeout": settings.pool_timeout,
+        "pool_pre_ping": settings.pool_pre_ping,
+    }
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        if not database or database == ":memory:":
+            # One shared connection, or every thread would see its own empty database.
+            engine = create_engine(parsed, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"check_same_thread": False}, **pool_args)
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    else:
+        engine = create_engine(parsed, **pool_args)
+    PoolMonitor().attach(engine)
+    return engine
+
+
+def pool_monitor(engine: Engine) -> PoolMonitor | None:
+    return getattr(engine.pool, "monitor", None)
 
 
 def migrate(engine: Engine) -> None:

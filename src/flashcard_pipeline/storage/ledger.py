@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from flashcard_pipeline.models import Flashcard, TermAnalysis, TermResult, VocabularyItem
 from flashcard_pipeline.storage.schema import (
     ApiCall,
+    CacheCounter,
     CacheEntry,
     Card,
     Item,
@@ -95,6 +96,10 @@ class CachePut:
     model: str
     prompt_version: str
     value: bytes
+    codec: str = "identity"
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    expires_at: datetime | None = None
     tokens_in: int = 0
     tokens_out: int = 0
     cost_usd: float | None = None
@@ -105,7 +110,14 @@ class CacheHit:
     key: str
 
 
-LedgerOp = StageStarted | StageCompleted | StageFailed | CallRecorded | CachePut | CacheHit
+@dataclass(frozen=True)
+class CacheCounts:
+    """Hits and misses per cache type to add to the persistent counters."""
+
+    counts: tuple[tuple[str, int, int], ...]
+
+
+LedgerOp = StageStarted | StageCompleted | StageFailed | CallRecorded | CachePut | CacheHit | CacheCounts
 
 
 # --- read models ------------------------------------------------------------------------------
@@ -364,13 +376,25 @@ class Ledger:
                         {state: StageState.FAILED, "error_stage": op.stage, "error_category": op.category,
                          "error_code": op.code, "error_message": op.message[:2000], "updated_at": now}))
                 elif isinstance(op, CachePut):
-                    values = {**op.__dict__, "codec": "identity", "created_at": now, "hit_count": 0}
+                    values = {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
                     session.execute(_upsert(dialect, CacheEntry.__table__, values, ["key"]))
+                elif isinstance(op, CacheCounts):
+                    for cache_type, hits, misses in op.counts:
+                        self._add_counts(session, dialect, cache_type, hits, misses)
                 elif isinstance(op, CacheHit):
                     session.execute(update(CacheEntry).where(CacheEntry.key == op.key)
                                     .values(hit_count=CacheEntry.hit_count + 1, last_hit_at=now))
             if calls:
                 session.execute(insert(ApiCall), calls)
+
+    @staticmethod
+    def _add_counts(session: Session, dialect: str, cache_type: str, hits: int, misses: int) -> None:
+        module = postgresql if dialect == "postgresql" else sqlite
+        table = CacheCounter.__table__
+        stmt = module.insert(table).values(cache_type=cache_type, hits=hits, misses=misses)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=["cache_type"],
+            set_={"hits": table.c.hits + hits, "misses": table.c.misses + misses}))
 
     @staticmethod
     def _complete_stage(session: Session, dialect: str, op: StageCompleted, now: datetime) -> None:

@@ -1,0 +1,215 @@
+"""Where cached answers live: the ledger's database (default) or Redis (shared by several workers).
+
+Both backends also answer the management questions of ``flashcard-pipeline cache``: sizes and
+counters per cache type, clearing by type or age, dropping expired entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select, text, update
+from sqlalchemy.orm import Session
+
+from flashcard_pipeline.cache.compressed_cache import StoredEntry, StoredValue
+from flashcard_pipeline.storage.ledger import CacheCounts, CacheHit, CachePut, Ledger, LedgerOp
+from flashcard_pipeline.storage.schema import CacheCounter, CacheEntry, utcnow
+
+
+@dataclass
+class CacheTypeStats:
+    cache_type: str
+    entries: int = 0
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cache_type": self.cache_type, "entries": self.entries, "raw_bytes": self.raw_bytes,
+                "stored_bytes": self.stored_bytes, "hits": self.hits, "misses": self.misses,
+                "hit_rate": round(self.hit_rate, 4),
+                "compression_ratio": round(self.stored_bytes / self.raw_bytes, 4) if self.raw_bytes else None}
+
+
+def _put_op(entry: StoredEntry) -> CachePut:
+    r = entry.record
+    return CachePut(key=r.key, stage=r.cache_type, provider=r.provider, model=r.model,
+                    prompt_version=r.prompt_version, value=entry.data, codec=entry.codec,
+                    raw_bytes=entry.raw_bytes, stored_bytes=entry.stored_bytes, expires_at=entry.expires_at,
+                    tokens_in=r.tokens_in, tokens_out=r.tokens_out, cost_usd=r.cost_usd)
+
+
+class DatabaseCacheBackend:
+    """Reads from ``cache_entries``; writes go through the ledger writer when one is attached, so a
+    paid answer is committed in the same transaction as the stage result it belongs to."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._sink: Callable[..., None] | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self.ledger.engine
+
+    def attach(self, sink: Callable[..., None] | None) -> None:
+        """Route writes into ``sink`` (``LedgerWriter.submit``); None writes directly."""
+        self._sink = sink
+
+    async def _write(self, *ops: LedgerOp) -> None:
+        if self._sink is not None:
+            self._sink(*ops)
+        else:
+            await asyncio.to_thread(self.ledger.write_batch, list(ops))
+
+    async def get(self, key: str) -> StoredValue | None:
+        entry = await asyncio.to_thread(self.ledger.cache_get, key)
+        if entry is None:
+            return None
+        await self._write(CacheHit(key))
+        return StoredValue(entry.codec, entry.value)
+
+    async def put(self, entry: StoredEntry) -> None:
+        await self._write(_put_op(entry))
+
+    async def record_counts(self, counts: dict[str, tuple[int, int]]) -> None:
+        await self._write(CacheCounts(tuple((k, h, m) for k, (h, m) in sorted(counts.items()))))
+
+    # management (synchronous: used by the CLI) ------------------------------------------------
+
+    def stats(self) -> list[CacheTypeStats]:
+        with Session(self.engine) as session:
+            rows = session.execute(select(CacheEntry.stage, func.count(), func.coalesce(func.sum(
+                CacheEntry.raw_bytes), 0), func.coalesce(func.sum(CacheEntry.stored_bytes), 0))
+                .group_by(CacheEntry.stage)).all()
+            stats = {stage: CacheTypeStats(stage, count, int(raw), int(stored)) for stage, count, raw, stored in rows}
+            for counter in session.scalars(select(CacheCounter)):
+                s = stats.setdefault(counter.cache_type, CacheTypeStats(counter.cache_type))
+                s.hits, s.misses = counter.hits, counter.misses
+            return [stats[k] for k in sorted(stats)]
+
+    def clear(self, cache_type: str | None = None, older_than: timedelta | None = None) -> int:
+        with Session(self.engine) as session, session.begin():
+            stmt = delete(CacheEntry)
+            if cache_type:
+                stmt = stmt.where(CacheEntry.stage == cache_type)
+            if older_than is not None:
+                stmt = stmt.where(CacheEntry.created_at < utcnow() - older_than)
+            removed = session.execute(stmt).rowcount or 0
+            if cache_type is None and older_than is None:
+                session.execute(update(CacheCounter).values(hits=0, misses=0))
+            return removed
+
+    def vacuum(self) -> int:
+        """Drop expired entries and give the space back to the file system."""
+        with Session(self.engine) as session, session.begin():
+            removed = session.execute(delete(CacheEntry).where(CacheEntry.expires_at.is_not(None),
+                                                               CacheEntry.expires_at <= utcnow())).rowcount or 0
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.execute(text("VACUUM"))
+        elif self.engine.dialect.name == "postgresql":
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("VACUUM (ANALYZE) cache_entries"))
+        return removed
+
+    def keys_present(self, keys: list[str]) -> set[str]:
+        with Session(self.engine) as session:
+            return set(session.scalars(select(CacheEntry.key).where(CacheEntry.key.in_(keys))))
+
+
+class RedisCacheBackend:
+    """Entries as Redis hashes under a prefix, expiring natively; counters in one hash."""
+
+    def __init__(self, url: str, prefix: str = "flashcard-pipeline:cache:", client: Any = None) -> None:
+        import redis.asyncio as redis_asyncio
+
+        self.prefix = prefix
+        self.url = url
+        self.client = client or redis_asyncio.from_url(url)
+
+    def attach(self, sink: Callable[..., None] | None) -> None:
+        """Writes go straight to Redis; nothing to attach."""
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    async def get(self, key: str) -> StoredValue | None:
+        codec, data = await self.client.hmget(self._key(key), "codec", "data")
+        if codec is None or data is None:
+            return None
+        await self.client.hincrby(self._key(key), "hits", 1)
+        return StoredValue(codec.decode(), data)
+
+    async def put(self, entry: StoredEntry) -> None:
+        r = entry.record
+        mapping = {"codec": entry.codec, "data": entry.data, "cache_type": r.cache_type, "provider": r.provider,
+                   "model": r.model, "prompt_version": r.prompt_version, "raw_bytes": entry.raw_bytes,
+                   "stored_bytes": entry.stored_bytes, "tokens_in": r.tokens_in, "tokens_out": r.tokens_out,
+                   "cost_usd": "" if r.cost_usd is None else r.cost_usd, "created_at": utcnow().isoformat(),
+                   "hits": 0}
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(r.key), mapping=mapping)
+            if entry.expires_at is not None:
+                pipe.expireat(self._key(r.key), entry.expires_at)
+            else:
+                pipe.persist(self._key(r.key))
+            await pipe.execute()
+
+    async def record_counts(self, counts: dict[str, tuple[int, int]]) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            for cache_type, (hits, misses) in counts.items():
+                pipe.hincrby(f"{self.prefix}counters", f"{cache_type}:hits", hits)
+                pipe.hincrby(f"{self.prefix}counters", f"{cache_type}:misses", misses)
+            await pipe.execute()
+
+    async def _entries(self) -> list[tuple[str, list[Any]]]:
+        found = []
+        async for name in self.client.scan_iter(match=f"{self.prefix}*", count=500):
+            key = name.decode() if isinstance(name, bytes) else name
+            if key == f"{self.prefix}counters":
+                continue
+            found.append((key, await self.client.hmget(key, "cache_type", "raw_bytes", "stored_bytes",
+                                                       "created_at")))
+        return found
+
+    async def stats(self) -> list[CacheTypeStats]:
+        stats: dict[str, CacheTypeStats] = {}
+        for _, (cache_type, raw, stored, _created) in await self._entries():
+            name = (cache_type or b"?").decode()
+            s = stats.setdefault(name, CacheTypeStats(name))
+            s.entries += 1
+            s.raw_bytes += int(raw or 0)
+            s.stored_bytes += int(stored or 0)
+        counters = await self.client.hgetall(f"{self.prefix}counters")
+        for field, value in counters.items():
+            name, _, kind = field.decode().rpartition(":")
+            s = stats.setdefault(name, CacheTypeStats(name))
+            setattr(s, kind, int(value))
+        return [stats[k] for k in sorted(stats)]
+
+    async def clear(self, cache_type: str | None = None, older_than: timedelta | None = None) -> int:
+        cutoff = None if older_than is None else utcnow() - older_than
+        doomed = []
+        for key, (ctype, _raw, _stored, created) in await self._entries():
+            if cache_type and (ctype or b"").decode() != cache_type:
+                continue
+            if cutoff is not None and created and datetime.fromisoformat(created.decode()) >= cutoff:
+                continue
+            doomed.append(key)
+        if doomed:
+            await self.client.delete(*doomed)
+        if cache_type is None and older_than is None:
+            await self.client.delete(f"{self.prefix}counters")
+        return len(doomed)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

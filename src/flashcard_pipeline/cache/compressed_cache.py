@@ -1,0 +1,229 @@
+"""The answer cache: an in-process LRU in front of a shared backend, values compressed, TTLs jittered,
+and concurrent misses for one key collapsed into one call (single flight)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from flashcard_pipeline.cache.codec import Codec, CodecError
+from flashcard_pipeline.config import CacheSettings
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """A paid answer as the pipeline hands it over (raw, uncompressed)."""
+
+    key: str
+    cache_type: str
+    value: bytes
+    provider: str = ""
+    model: str = ""
+    prompt_version: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """A record as a backend keeps it: encoded, with sizes and an optional expiry."""
+
+    record: CacheRecord
+    codec: str
+    data: bytes
+    expires_at: datetime | None
+
+    @property
+    def raw_bytes(self) -> int:
+        return len(self.record.value)
+
+    @property
+    def stored_bytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class StoredValue:
+    codec: str
+    data: bytes
+
+
+class CacheBackend(Protocol):
+    def attach(self, sink: Callable[..., None] | None) -> None:
+        """Let a backend route its writes into the ledger writer's batches (None: write directly)."""
+        ...
+
+    async def get(self, key: str) -> StoredValue | None: ...
+    async def put(self, entry: StoredEntry) -> None: ...
+    async def record_counts(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Add (hits, misses) per cache type to the persistent counters."""
+        ...
+
+
+@dataclass
+class CacheTypeMetrics:
+    hits_memory: int = 0
+    hits_backend: int = 0
+    misses: int = 0
+    puts: int = 0
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    decode_errors: int = 0
+
+    @property
+    def hits(self) -> int:
+        return self.hits_memory + self.hits_backend
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Stored bytes over raw bytes for what this process wrote (lower is better)."""
+        return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+
+class CompressedCache:
+    def __init__(self, backend: CacheBackend, settings: CacheSettings | None = None, *,
+                 rng: random.Random | None = None, now: Callable[[], datetime] | None = None) -> None:
+        self.backend = backend
+        self.settings = settings or CacheSettings()
+        self.codec = Codec(enabled=self.settings.compression_enabled, level=self.settings.compression_level,
+                           min_bytes=self.settings.compression_min_bytes,
+                           use_dictionary=self.settings.compression_dictionary)
+        self._rng = rng or random.Random()
+        self._now = now or (lambda: datetime.now(UTC))
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._flights: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._unreported: dict[str, list[int]] = {}
+        self.metrics: dict[str, CacheTypeMetrics] = {}
+
+    def _metrics(self, cache_type: str) -> CacheTypeMetrics:
+        return self.metrics.setdefault(cache_type, CacheTypeMetrics())
+
+    def _count(self, cache_type: str, *, hit: bool) -> None:
+        counts = self._unreported.setdefault(cache_type, [0, 0])
+        counts[0 if hit else 1] += 1
+
+    async def get(self, key: str, cache_type: str) -> bytes | None:
+        metrics = self._metrics(cache_type)
+        value = self._memory.get(key)
+        if value is not None:
+            self._memory.move_to_end(key)
+            metrics.hits_memory += 1
+            self._count(cache_type, hit=True)
+            return value
+        stored = await self.backend.get(key)
+        if stored is not None:
+            try:
+                value = self.codec.decode(stored.codec, stored.data)
+            except CodecError:
+                metrics.decode_errors += 1
+                value = None
+        if value is None:
+            metrics.misses += 1
+            self._count(cache_type, hit=False)
+            return None
+        metrics.hits_backend += 1
+        self._count(cache_type, hit=True)
+        self._remember(key, value)
+        return value
+
+    def forget(self, key: str) -> None:
+        """Drop a key from memory (e.g. its value turned out unusable)."""
+        self._memory.pop(key, None)
+
+    def ttl(self, cache_type: str) -> float | None:
+        """The type's TTL with ±jitter, so entries written together do not expire together."""
+        base = self.settings.ttl_for(cache_type)
+        if base is None:
+            return None
+        jitter = self.settings.ttl_jitter
+        return base * (1.0 + self._rng.uniform(-jitter, jitter))
+
+    def encode(self, record: CacheRecord) -> StoredEntry:
+        codec, data = self.codec.encode(record.value)
+        ttl = self.ttl(record.cache_type)
+        expires = None if ttl is None else self._now() + timedelta(seconds=ttl)
+        return StoredEntry(record=record, codec=codec, data=data, expires_at=expires)
+
+    async def put(self, record: CacheRecord) -> StoredEntry:
+        entry = self.encode(record)
+        await self.backend.put(entry)
+        metrics = self._metrics(record.cache_type)
+        metrics.puts += 1
+        metrics.raw_bytes += entry.raw_bytes
+        metrics.stored_bytes += entry.stored_bytes
+        self._remember(record.key, record.value)
+        return entry
+
+    def _remember(self, key: str, value: bytes) -> None:
+        if self.settings.memory_entries <= 0:
+            return
+        self._memory[key] = value
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.settings.memory_entries:
+            self._memory.popitem(last=False)
+
+    @contextlib.asynccontextmanager
+    async def single_flight(self, key: str) -> AsyncIterator[None]:
+        """Hold while computing ``key``: a concurrent miss for the same key waits, then finds it cached."""
+        lock, users = self._flights.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._flights[key]
+
+    async def flush_counts(self) -> None:
+        """Persist the hits and misses counted since the last flush."""
+        if not self._unreported:
+            return
+        counts = {k: (v[0], v[1]) for k, v in self._unreported.items()}
+        self._unreported = {}
+        await self.backend.record_counts(counts)
+
+    def stats(self) -> dict[str, Any]:
+        return {cache_type: {"hits": m.hits, "hits_memory": m.hits_memory, "misses": m.misses,
+                             "hit_rate": round(m.hit_rate, 4), "puts": m.puts, "raw_bytes": m.raw_bytes,
+                             "stored_bytes": m.stored_bytes, "compression_ratio": round(m.compression_ratio, 4),
+                             "decode_errors": m.decode_errors}
+                for cache_type, m in sorted(self.metrics.items())}
+
+
+@dataclass
+class MemoryCacheBackend:
+    """A backend that keeps everything in a dict: for tests and throwaway runs."""
+
+    entries: dict[str, StoredEntry] = field(default_factory=dict)
+    counts: dict[str, list[int]] = field(default_factory=dict)
+
+    def attach(self, sink: Callable[..., None] | None) -> None:
+        pass
+
+    async def get(self, key: str) -> StoredValue | None:
+        entry = self.entries.get(key)
+        if entry is None or (entry.expires_at is not None and entry.expires_at <= datetime.now(UTC)):
+            return None
+        return StoredValue(entry.codec, entry.data)
+
+    async def put(self, entry: StoredEntry) -> None:
+        self.entries[entry.record.key] = entry
+
+    async def record_counts(self, counts: dict[str, tuple[int, int]]) -> None:
+        for cache_type, (hits, misses) in counts.items():
+            total = self.counts.setdefault(cache_type, [0, 0])
+            total[0] += hits
+            total[1] += misses
