@@ -220,7 +220,7 @@ class Pipeline:
             return cached
         async with self.cache.single_flight(staged.cache_key):
             # A concurrent task may have paid for this very answer while we waited.
-            if not self.force and (cached := await self._cached(pending, staged, parse)) is not None:
+            if not self.force and (cached := await self._cached(pending, staged, parse, recheck=True)) is not None:
                 return cached
             self._check_budget()
             context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
@@ -238,9 +238,10 @@ class Pipeline:
         writer.submit(self._completed(pending, staged, result, False))
         return result
 
-    async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T]) -> T | None:
+    async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
+                      recheck: bool = False) -> T | None:
         assert self._writer is not None
-        value = await self.cache.get(staged.cache_key, staged.stage)
+        value = await self.cache.get(staged.cache_key, staged.stage, count=not recheck)
         if value is None:
             return None
         try:

@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-from flashcard_pipeline.cache.compressed_cache import StoredEntry, StoredValue
+from flashcard_pipeline.cache.compressed_cache import CompressedCache, StoredEntry, StoredValue
+from flashcard_pipeline.config import CacheSettings
 from flashcard_pipeline.storage.ledger import CacheCounts, CacheHit, CachePut, Ledger, LedgerOp
 from flashcard_pipeline.storage.schema import CacheCounter, CacheEntry, utcnow
 
@@ -213,3 +214,10 @@ class RedisCacheBackend:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def make_cache(ledger: Ledger, settings: CacheSettings) -> CompressedCache:
+    """The cache ``settings`` ask for: the ledger's database by default, Redis when CACHE_BACKEND=redis."""
+    if settings.backend == "redis":
+        return CompressedCache(RedisCacheBackend(settings.redis_url, settings.redis_prefix), settings)
+    return CompressedCache(DatabaseCacheBackend(ledger), settings)

@@ -114,13 +114,15 @@ class CompressedCache:
         counts = self._unreported.setdefault(cache_type, [0, 0])
         counts[0 if hit else 1] += 1
 
-    async def get(self, key: str, cache_type: str) -> bytes | None:
-        metrics = self._metrics(cache_type)
+    async def get(self, key: str, cache_type: str, *, count: bool = True) -> bytes | None:
+        """The raw value, or None. ``count=False`` for a re-check that must not count as a second lookup."""
+        metrics = self._metrics(cache_type) if count else CacheTypeMetrics()
         value = self._memory.get(key)
         if value is not None:
             self._memory.move_to_end(key)
             metrics.hits_memory += 1
-            self._count(cache_type, hit=True)
+            if count:
+                self._count(cache_type, hit=True)
             return value
         stored = await self.backend.get(key)
         if stored is not None:
@@ -131,10 +133,12 @@ class CompressedCache:
                 value = None
         if value is None:
             metrics.misses += 1
-            self._count(cache_type, hit=False)
+            if count:
+                self._count(cache_type, hit=False)
             return None
         metrics.hits_backend += 1
-        self._count(cache_type, hit=True)
+        if count:
+            self._count(cache_type, hit=True)
         self._remember(key, value)
         return value
 

@@ -236,6 +236,15 @@ class Ledger:
             session.execute(update(Run).where(Run.id == run_id).values(status=status, finished_at=finished,
                                                                        updated_at=utcnow()))
 
+    def set_run_metrics(self, run_id: int, metrics: dict[str, Any]) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(Run).where(Run.id == run_id).values(metrics_json=json.dumps(metrics)))
+
+    def run_metrics(self, run_id: int) -> dict[str, Any] | None:
+        with Session(self.engine) as session:
+            raw = session.scalar(select(Run.metrics_json).where(Run.id == run_id))
+            return None if raw is None else json.loads(raw)
+
     def prepare_resume(self, run_id: int) -> int:
         """Return interrupted and failed stages to pending; answers already stored are kept.
 
@@ -266,6 +275,12 @@ class Ledger:
         with Session(self.engine) as session:
             return session.scalar(select(StageResult.payload).where(StageResult.item_id == item_id,
                                                                     StageResult.stage == stage))
+
+    def payload_for_cache_key(self, cache_key: str) -> str | None:
+        """A stored stage answer made by the request with this cache key, from any run."""
+        with Session(self.engine) as session:
+            return session.scalars(select(StageResult.payload).where(StageResult.cache_key == cache_key)
+                                   .order_by(StageResult.id.desc()).limit(1)).first()
 
     def results(self, run_id: int, *, page: int = 500) -> Iterator[TermResult]:
         """Every completed item of the run, in input order, streamed page by page."""

@@ -34,8 +34,14 @@ def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("metrics_json", sa.Text(), nullable=True))
 
+    with op.batch_alter_table("stage_results", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_stage_results_cache_key"), ["cache_key"], unique=False)
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("stage_results", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_stage_results_cache_key"))
+
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.drop_column("metrics_json")
 

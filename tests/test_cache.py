@@ -1,0 +1,225 @@
+"""The compressed answer cache: codec, TTL jitter, LRU, single flight, counters, database and Redis backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from flashcard_pipeline.cache.backends import DatabaseCacheBackend, RedisCacheBackend, make_cache
+from flashcard_pipeline.cache.codec import IDENTITY, ZLIB, ZLIB_DICT, Codec, CodecError
+from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache, MemoryCacheBackend
+from flashcard_pipeline.config import CacheSettings
+from flashcard_pipeline.simulator.content import analysis_for, cards_for
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
+from flashcard_pipeline.storage.schema import CacheEntry
+from tests.conftest import REDIS_URL, require_service
+
+ANALYSIS = analysis_for("학교", type="noun", hints={"Definition": "school", "Usage_Hint": "Used for any school."})
+ANSWER = ANALYSIS.model_dump_json().encode()
+CARDS = cards_for("학교", ANALYSIS).model_dump_json().encode()
+
+
+def record(key: str = "k1", value: bytes = ANSWER, cache_type: str = "nuance") -> CacheRecord:
+    return CacheRecord(key=key, cache_type=cache_type, value=value, provider="p", model="m", prompt_version="v1",
+                       tokens_in=10, tokens_out=20, cost_usd=0.001)
+
+
+# --- codec ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [ANSWER, CARDS, json.dumps({"x": "가" * 500}).encode()])
+def test_codec_round_trips_and_the_dictionary_beats_plain_zlib(payload: bytes) -> None:
+    plain = Codec(use_dictionary=False)
+    with_dict = Codec()
+    name, stored = with_dict.encode(payload)
+    assert name == ZLIB_DICT and Codec.decode(name, stored) == payload
+    plain_name, plain_stored = plain.encode(payload)
+    assert plain_name == ZLIB and Codec.decode(plain_name, plain_stored) == payload
+    assert len(stored) < len(plain_stored) < len(payload)
+
+
+def test_codec_leaves_small_values_and_disabled_compression_alone() -> None:
+    assert Codec(min_bytes=1024).encode(b"x" * 1000) == (IDENTITY, b"x" * 1000)
+    assert Codec(enabled=False).encode(ANSWER) == (IDENTITY, ANSWER)
+    incompressible = random.Random(1).randbytes(600)
+    assert Codec(use_dictionary=False).encode(incompressible)[0] == IDENTITY  # never stored larger
+
+
+@pytest.mark.parametrize(("name", "data"), [("zstd", b"abc"), (ZLIB, b"not zlib"), ("zlib+nope", b"x")])
+def test_undecodable_values_raise_codec_error(name: str, data: bytes) -> None:
+    with pytest.raises(CodecError):
+        Codec.decode(name, data)
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+async def test_get_put_and_memory_lru() -> None:
+    backend = MemoryCacheBackend()
+    cache = CompressedCache(backend, CacheSettings(memory_entries=2))
+    assert await cache.get("k1", "nuance") is None
+    entry = await cache.put(record("k1"))
+    assert entry.codec == ZLIB_DICT and entry.stored_bytes < entry.raw_bytes
+    assert backend.entries["k1"].data == entry.data
+    assert await cache.get("k1", "nuance") == ANSWER
+    await cache.put(record("k2", CARDS, "cards"))
+    await cache.put(record("k3", CARDS, "cards"))
+    assert list(cache._memory) == ["k2", "k3"]  # k1 evicted from memory...
+    assert await cache.get("k1", "nuance") == ANSWER  # ...but still in the backend
+    stats = cache.stats()
+    assert stats["nuance"]["misses"] == 1 and stats["nuance"]["hits"] == 2 and stats["nuance"]["hits_memory"] == 1
+    assert stats["cards"]["puts"] == 2 and stats["cards"]["compression_ratio"] < 0.6
+
+
+async def test_corrupt_backend_value_is_a_miss() -> None:
+    backend = MemoryCacheBackend()
+    cache = CompressedCache(backend, CacheSettings(memory_entries=0))
+    entry = await cache.put(record())
+    backend.entries["k1"] = type(entry)(entry.record, ZLIB_DICT, b"garbage", None)
+    assert await cache.get("k1", "nuance") is None
+    assert cache.metrics["nuance"].decode_errors == 1
+
+
+def test_ttl_jitter_stays_within_bounds_and_spreads() -> None:
+    cache = CompressedCache(MemoryCacheBackend(), CacheSettings(ttl_cards=1000, ttl_jitter=0.1),
+                            rng=random.Random(7))
+    ttls = [cache.ttl("cards") for _ in range(2000)]
+    assert all(900 <= t <= 1100 for t in ttls)
+    assert min(ttls) < 920 and max(ttls) > 1080  # really spread, not constant
+    assert abs(sum(ttls) / len(ttls) - 1000) < 10
+    assert cache.ttl("nuance") is None  # paid answers never expire by default
+
+
+def test_expiry_is_set_from_the_jittered_ttl() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    cache = CompressedCache(MemoryCacheBackend(), CacheSettings(ttl_nuance=3600, ttl_jitter=0.1),
+                            rng=random.Random(1), now=lambda: now)
+    expires = cache.encode(record()).expires_at
+    assert expires is not None and timedelta(seconds=3240) <= expires - now <= timedelta(seconds=3960)
+
+
+async def test_single_flight_makes_one_call_for_concurrent_misses() -> None:
+    cache = CompressedCache(MemoryCacheBackend())
+    calls = 0
+
+    async def fetch() -> bytes:
+        nonlocal calls
+        if (value := await cache.get("k", "nuance")) is not None:
+            return value
+        async with cache.single_flight("k"):
+            if (value := await cache.get("k", "nuance")) is not None:
+                return value
+            calls += 1
+            await asyncio.sleep(0.01)
+            await cache.put(record("k"))
+            return ANSWER
+
+    results = await asyncio.gather(*(fetch() for _ in range(20)))
+    assert calls == 1 and all(r == ANSWER for r in results)
+    assert cache._flights == {}  # nothing left behind
+
+
+async def test_counts_are_flushed_to_the_backend() -> None:
+    backend = MemoryCacheBackend()
+    cache = CompressedCache(backend)
+    await cache.get("a", "nuance")
+    await cache.put(record("a"))
+    await cache.get("a", "nuance")
+    await cache.flush_counts()
+    await cache.flush_counts()  # nothing new: no double counting
+    assert backend.counts == {"nuance": [1, 1]}
+
+
+# --- database backend -------------------------------------------------------------------------------
+
+async def test_database_backend_round_trip_stats_clear_and_vacuum(db_url: str) -> None:
+    ledger = Ledger(open_database(db_url))
+    backend = DatabaseCacheBackend(ledger)
+    cache = CompressedCache(backend, CacheSettings(memory_entries=0))
+    await cache.put(record("a"))
+    await cache.put(record("b", CARDS, "cards"))
+    assert await cache.get("a", "nuance") == ANSWER
+    assert await cache.get("zzz", "cards") is None
+    await cache.flush_counts()
+
+    stats = {s.cache_type: s for s in backend.stats()}
+    assert stats["nuance"].entries == 1 and stats["nuance"].hits == 1
+    assert stats["cards"].misses == 1 and 0 < stats["cards"].stored_bytes < stats["cards"].raw_bytes
+    with Session(ledger.engine) as session:
+        assert session.get(CacheEntry, "a").hit_count == 1
+
+    with Session(ledger.engine) as session, session.begin():
+        session.execute(update(CacheEntry).where(CacheEntry.key == "b")
+                        .values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    assert await cache.get("b", "cards") is None  # expired entries are misses
+    assert backend.vacuum() == 1
+
+    with Session(ledger.engine) as session, session.begin():
+        session.execute(update(CacheEntry).where(CacheEntry.key == "a")
+                        .values(created_at=datetime.now(UTC) - timedelta(days=40)))
+    await cache.put(record("c"))
+    assert backend.clear(older_than=timedelta(days=30)) == 1
+    assert backend.keys_present(["a", "c"]) == {"c"}
+    assert backend.clear(cache_type="cards") == 0
+    assert backend.clear() == 1
+    assert all(s.hits == 0 and s.misses == 0 for s in backend.stats())
+    ledger.engine.dispose()
+
+
+# --- redis backend ----------------------------------------------------------------------------------
+
+@pytest.fixture
+async def redis_backend():
+    require_service("127.0.0.1", 6379, "Redis")
+    backend = RedisCacheBackend(REDIS_URL, prefix=f"test:{uuid.uuid4().hex}:")
+    yield backend
+    await backend.clear()
+    await backend.aclose()
+
+
+async def test_redis_backend_shares_answers_between_workers(redis_backend: RedisCacheBackend) -> None:
+    first = CompressedCache(redis_backend, CacheSettings(memory_entries=0, ttl_cards=60))
+    second = CompressedCache(RedisCacheBackend(REDIS_URL, prefix=redis_backend.prefix),
+                             CacheSettings(memory_entries=0))
+    await first.put(record("a"))
+    await first.put(record("b", CARDS, "cards"))
+    assert await second.get("a", "nuance") == ANSWER
+    assert await second.get("b", "cards") == CARDS
+    assert await second.get("c", "cards") is None
+    await second.flush_counts()
+    ttl = await redis_backend.client.ttl(f"{redis_backend.prefix}b")
+    assert 50 <= ttl <= 66  # 60 s ± 10 %
+    assert await redis_backend.client.ttl(f"{redis_backend.prefix}a") == -1  # no expiry
+    stats = {s.cache_type: s for s in await redis_backend.stats()}
+    assert stats["nuance"].entries == 1 and stats["nuance"].hits == 1
+    assert stats["cards"].misses == 1 and stats["cards"].stored_bytes < stats["cards"].raw_bytes
+    assert await redis_backend.clear(cache_type="cards") == 1
+    assert await second.get("b", "cards") is None
+    await second.backend.aclose()
+
+
+def test_make_cache_follows_the_settings(sqlite_url: str) -> None:
+    ledger = Ledger(open_database(sqlite_url))
+    assert isinstance(make_cache(ledger, CacheSettings()).backend, DatabaseCacheBackend)
+    redis_cache = make_cache(ledger, CacheSettings(backend="redis", redis_url=REDIS_URL))
+    assert isinstance(redis_cache.backend, RedisCacheBackend)
+    asyncio.run(redis_cache.backend.aclose())
+    ledger.engine.dispose()
+
+
+def test_cache_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHE_COMPRESSION_ENABLED", "false")
+    monkeypatch.setenv("CACHE_TTL_JITTER", "0.2")
+    monkeypatch.setenv("CACHE_TTL_CARDS", "86400")
+    settings = CacheSettings()
+    assert settings.compression_enabled is False and settings.ttl_jitter == 0.2
+    assert settings.ttl_for("cards") == 86400 and settings.ttl_for("nuance") is None
+    monkeypatch.setenv("CACHE_TTL_JITTER", "1.5")
+    with pytest.raises(ValueError, match="ttl_jitter"):
+        CacheSettings()

@@ -1,0 +1,110 @@
+"""`db stats` and `cache stats|clear|vacuum|warm`, and a cache shared by two workers through Redis."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.maintenance import parse_age
+from flashcard_pipeline.errors import ConfigurationError
+from tests.conftest import REDIS_URL, require_service
+
+runner = CliRunner()
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def words(tmp_path: Path, n: int = 6) -> Path:
+    path = tmp_path / "words.csv"
+    path.write_text("position,term,type\n" + "".join(f"{i},낱말{i},noun\n" for i in range(1, n + 1)), encoding="utf-8")
+    return path
+
+
+def process(source: Path, db: str, out: Path) -> str:
+    code, stdout, stderr = cli("process", str(source), "--provider", "simulated", "--db", db, "-o", str(out))
+    assert code == 0, stderr
+    return stdout
+
+
+def test_db_stats_reports_the_pool_of_the_last_run(tmp_path: Path, db_url: str) -> None:
+    code, stdout, _ = cli("db", "stats", "--db", db_url)
+    assert code == 0 and "no pool statistics recorded yet" in stdout
+    process(words(tmp_path), db_url, tmp_path / "o.jsonl")
+    code, stdout, _ = cli("db", "stats", "--db", db_url, "--json")
+    data = json.loads(stdout)
+    assert code == 0 and data["run"] == 1 and data["settings"]["pool_size"] == 20
+    pool = data["pool"]
+    assert pool["checkouts"] > 20 and pool["checked_out"] == 0
+    assert pool["efficiency"] == round(pool["served_idle"] / pool["checkouts"], 4)
+    assert pool["connects"] < pool["checkouts"] / 3  # connections are reused, not opened per query
+    code, stdout, _ = cli("db", "stats", "--db", db_url)
+    assert "efficiency" in stdout
+    assert cli("db", "stats", "--db", db_url, "--run", "99")[0] == 2
+
+
+def test_cache_stats_clear_and_warm(tmp_path: Path, db_url: str) -> None:
+    source = words(tmp_path)
+    process(source, db_url, tmp_path / "o.jsonl")
+    code, stdout, _ = cli("cache", "stats", "--db", db_url, "--json")
+    types = {t["cache_type"]: t for t in json.loads(stdout)["types"]}
+    assert code == 0 and types["nuance"]["entries"] == 6 and types["cards"]["entries"] == 6
+    assert types["nuance"]["misses"] == 6 and types["nuance"]["hits"] == 0
+    assert types["cards"]["stored_bytes"] < 0.6 * types["cards"]["raw_bytes"]
+
+    assert cli("cache", "clear", "--db", db_url, "--type", "cards", "-y")[1].strip() == "removed 6 cached answers"
+    code, stdout, _ = cli("cache", "warm", str(source), "--provider", "simulated", "--db", db_url, "--json")
+    assert code == 0
+    assert json.loads(stdout) == {"items": 6, "already_cached": 6, "restored": 6, "missing": 0}
+
+    assert cli("cache", "clear", "--db", db_url, "-y")[0] == 0
+    code, stdout, _ = cli("cache", "warm", str(source), "--provider", "openrouter", "--db", db_url, "--json")
+    assert json.loads(stdout)["missing"] == 12  # other provider: nothing was ever paid for, nothing is made up
+
+    # a fresh run of the same list in another order is now free
+    reordered = tmp_path / "again.csv"
+    reordered.write_text("type,term\n" + "".join(f"noun,낱말{i}\n" for i in range(6, 0, -1)), encoding="utf-8")
+    cli("cache", "warm", str(source), "--provider", "simulated", "--db", db_url)
+    assert "0 API calls" in process(reordered, db_url, tmp_path / "again.jsonl")
+    code, stdout, _ = cli("cache", "stats", "--db", db_url)
+    assert code == 0 and "nuance" in stdout
+
+
+def test_cache_vacuum_and_bad_age(tmp_path: Path, sqlite_url: str) -> None:
+    process(words(tmp_path, 2), sqlite_url, tmp_path / "o.jsonl")
+    code, stdout, _ = cli("cache", "vacuum", "--db", sqlite_url)
+    assert code == 0 and "removed 0 expired entries" in stdout
+    code, _, stderr = cli("cache", "clear", "--db", sqlite_url, "--older-than", "soon", "-y")
+    assert code == 2 and "not an age" in stderr
+
+
+def test_parse_age() -> None:
+    assert parse_age("30d").days == 30 and parse_age("12h").total_seconds() == 43200
+    assert parse_age(" 1.5 m ").total_seconds() == 90
+    with pytest.raises(ConfigurationError):
+        parse_age("3 days")
+
+
+def test_redis_cache_is_shared_by_two_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_service("127.0.0.1", 6379, "Redis")
+    prefix = f"test:{uuid.uuid4().hex}:"
+    monkeypatch.setenv("CACHE_BACKEND", "redis")
+    monkeypatch.setenv("CACHE_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("CACHE_REDIS_PREFIX", prefix)
+    source = words(tmp_path, 4)
+    first = process(source, f"sqlite:///{tmp_path / 'worker1.db'}", tmp_path / "1.jsonl")
+    assert "8 API calls" in first
+    second = process(source, f"sqlite:///{tmp_path / 'worker2.db'}", tmp_path / "2.jsonl")
+    assert "0 API calls" in second and "8 cache hits" in second
+    code, stdout, _ = cli("cache", "stats", "--db", f"sqlite:///{tmp_path / 'worker1.db'}", "--json")
+    types = {t["cache_type"]: t for t in json.loads(stdout)["types"]}
+    assert code == 0 and types["nuance"]["entries"] == 4 and types["nuance"]["hits"] == 4
+    assert cli("cache", "clear", "--db", f"sqlite:///{tmp_path / 'worker1.db'}", "-y")[1].strip() == \
+        "removed 8 cached answers"

@@ -1,0 +1,139 @@
+"""Database setup: migrations match the models, pool settings, the pool monitor, and the writer."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+
+from flashcard_pipeline.config import DatabaseSettings
+from flashcard_pipeline.errors import ConfigurationError
+from flashcard_pipeline.storage.db import (
+    create_db_engine,
+    default_database_path,
+    migrate,
+    open_database,
+    pool_monitor,
+    resolve_database_url,
+)
+from flashcard_pipeline.storage.ledger import Ledger, LedgerWriter, StageStarted
+from flashcard_pipeline.storage.pool_monitor import MonitoredQueuePool
+from flashcard_pipeline.storage.schema import Base
+
+
+def test_migrations_produce_exactly_the_models(db_url: str) -> None:
+    engine = open_database(db_url)
+    migrate(engine)  # a second upgrade is a no-op
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    engine.dispose()
+
+
+def test_database_url_resolution(tmp_path: Path) -> None:
+    env = {"XDG_DATA_HOME": str(tmp_path)}
+    assert resolve_database_url(None, env) == f"sqlite:///{tmp_path / 'flashcard-pipeline' / 'flashcards.db'}"
+    assert default_database_path({}).name == "flashcards.db"
+    assert resolve_database_url("postgresql://u@h/db", env) == "postgresql://u@h/db"
+    assert resolve_database_url(None, {**env, "FLASHCARD_DATABASE_URL": "sqlite:///x.db"}) == "sqlite:///x.db"
+    assert resolve_database_url(str(tmp_path / "a.db"), env) == f"sqlite:///{tmp_path / 'a.db'}"
+
+
+def test_bad_urls_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="not a database URL"):
+        create_db_engine("::nonsense::")
+    with pytest.raises(ConfigurationError, match="cannot open database"):
+        open_database("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
+
+
+def test_pool_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DB_POOL_SIZE", "7")
+    monkeypatch.setenv("DB_MAX_OVERFLOW", "3")
+    monkeypatch.setenv("DB_POOL_RECYCLE", "120")
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    assert isinstance(engine.pool, MonitoredQueuePool)
+    assert engine.pool.size() == 7 and engine.pool._max_overflow == 3 and engine.pool._recycle == 120
+    assert engine.pool._pre_ping is True
+    monkeypatch.setenv("DB_POOL_SIZE", "0")
+    with pytest.raises(ValueError, match="pool_size"):
+        DatabaseSettings()
+    engine.dispose()
+
+
+def test_sqlite_file_gets_wal_and_busy_timeout(tmp_path: Path) -> None:
+    engine = open_database(str(tmp_path / "w.db"))
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+    engine.dispose()
+
+
+def test_in_memory_sqlite_is_shared_between_threads() -> None:
+    engine = open_database("sqlite://")
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(len(Ledger(engine).failures(1))))
+    thread.start()
+    thread.join()
+    assert result == [0]  # the migrated tables are visible from another thread
+
+
+def test_pool_monitor_counts_checkouts_waits_and_efficiency(db_url: str) -> None:
+    engine = create_db_engine(db_url, DatabaseSettings(pool_size=2, max_overflow=1, pool_timeout=5))
+    monitor = pool_monitor(engine)
+    assert monitor is not None
+    for _ in range(20):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    snap = monitor.snapshot()
+    assert snap.checkouts == 20 and snap.checkins == 20 and snap.connects == 1
+    assert snap.served_idle == 19 and snap.efficiency == pytest.approx(0.95)
+    assert snap.checked_out == 0 and snap.pool_size == 2
+
+    held = [engine.connect() for _ in range(3)]  # two pooled + one overflow
+    during = monitor.snapshot()
+    assert during.checked_out == 3 and during.overflow == 1 and during.peak_checked_out == 3
+    assert during.connects == 3
+    held[0].invalidate()
+    for conn in held:
+        conn.close()
+    after = monitor.snapshot()
+    assert after.invalidations == 1 and after.checked_out == 0
+    assert after.oldest_connection_age_s >= 0 and after.to_dict()["efficiency"] == round(after.efficiency, 4)
+    engine.dispose()
+
+
+def test_pool_monitor_measures_waiting_for_a_busy_pool(sqlite_url: str) -> None:
+    engine = create_db_engine(sqlite_url, DatabaseSettings(pool_size=1, max_overflow=0, pool_timeout=5))
+    monitor = pool_monitor(engine)
+    first = engine.connect()
+    released = threading.Event()
+
+    def borrow() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        released.set()
+
+    thread = threading.Thread(target=borrow)
+    thread.start()
+    assert not released.wait(0.05)  # blocked: the only connection is out
+    first.close()
+    thread.join(5)
+    snap = monitor.snapshot()
+    assert snap.wait_max_s >= 0.04 and snap.served_idle < snap.checkouts
+    engine.dispose()
+
+
+async def test_writer_surfaces_a_failed_commit(sqlite_url: str) -> None:
+    ledger = Ledger(open_database(sqlite_url))
+    writer = LedgerWriter(ledger, flush_interval=0.01)
+    with pytest.raises(Exception):  # noqa: B017 - any database error
+        async with writer:
+            writer.submit(StageStarted(item_id=1, stage="no-such-stage"))
+            await writer.flush()
+    with pytest.raises(RuntimeError, match="ledger write failed"):
+        writer.submit(StageStarted(item_id=1, stage="nuance"))
+    ledger.engine.dispose()
