@@ -16,7 +16,7 @@ from pathlib import Path
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_payloads import split_payloads  # noqa: E402
+from cache_payloads import split_payloads
 
 NAME = "stage-v1"
 SIZE = 32 * 1024

@@ -12,7 +12,7 @@ import contextlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, update
@@ -135,6 +135,12 @@ class RunRecord:
     target_language: str
     learner_language: str
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class CachedValue:
+    codec: str
+    value: bytes
 
 
 @dataclass(frozen=True)
@@ -354,15 +360,21 @@ class Ledger:
 
     # cache ------------------------------------------------------------------------------------
 
-    def cache_get(self, key: str) -> CacheEntry | None:
-        with Session(self.engine, expire_on_commit=False) as session:
-            entry = session.get(CacheEntry, key)
-            if entry is not None and entry.expires_at is not None:
-                expires = entry.expires_at if entry.expires_at.tzinfo else entry.expires_at.replace(
-                    tzinfo=utcnow().tzinfo)
-                if expires <= utcnow():
-                    return None
-            return entry
+    def cache_get(self, key: str) -> CachedValue | None:
+        """The stored (encoded) value for ``key``, unless it has expired. Core, not ORM: this is the hot path."""
+        table = CacheEntry.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(select(table.c.codec, table.c.value, table.c.expires_at)
+                               .where(table.c.key == key)).first()
+        if row is None:
+            return None
+        expires = row.expires_at
+        if expires is not None:
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=UTC)
+            if expires <= utcnow():
+                return None
+        return CachedValue(row.codec, row.value)
 
     # writes -----------------------------------------------------------------------------------
 

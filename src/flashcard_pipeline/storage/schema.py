@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     Boolean,
@@ -147,9 +148,11 @@ class CacheEntry(Base):
     """A paid answer, addressed by the hash of everything that shaped it."""
 
     __tablename__ = "cache_entries"
+    # Keyed by a hash: without a rowid SQLite keeps the key once instead of in the table and an index.
+    __table_args__: ClassVar[dict[str, Any]] = {"sqlite_with_rowid": False}
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    stage: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
     provider: Mapped[str] = mapped_column(String(40))
     model: Mapped[str] = mapped_column(String(200))
     prompt_version: Mapped[str] = mapped_column(String(40))

@@ -1,8 +1,8 @@
-"""initial ledger and cache
+"""ledger and cache
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 15:41:00.654718
+Create Date: 2026-11-28 15:57:22.037841
 """
 
 from __future__ import annotations
@@ -18,14 +18,23 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table(
+        "cache_counters",
+        sa.Column("cache_type", sa.String(length=16), nullable=False),
+        sa.Column("hits", sa.Integer(), nullable=False),
+        sa.Column("misses", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("cache_type"),
+    )
+    op.create_table(
         "cache_entries",
         sa.Column("key", sa.String(length=64), nullable=False),
         sa.Column("stage", sa.String(length=16), nullable=False),
         sa.Column("provider", sa.String(length=40), nullable=False),
         sa.Column("model", sa.String(length=200), nullable=False),
         sa.Column("prompt_version", sa.String(length=40), nullable=False),
-        sa.Column("codec", sa.String(length=16), nullable=False),
+        sa.Column("codec", sa.String(length=32), nullable=False),
         sa.Column("value", sa.LargeBinary(), nullable=False),
+        sa.Column("raw_bytes", sa.Integer(), nullable=False),
+        sa.Column("stored_bytes", sa.Integer(), nullable=False),
         sa.Column("tokens_in", sa.Integer(), nullable=False),
         sa.Column("tokens_out", sa.Integer(), nullable=False),
         sa.Column("cost_usd", sa.Float(), nullable=True),
@@ -34,10 +43,8 @@ def upgrade() -> None:
         sa.Column("last_hit_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("key"),
+        sqlite_with_rowid=False,
     )
-    with op.batch_alter_table("cache_entries", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_cache_entries_stage"), ["stage"], unique=False)
-
     op.create_table(
         "runs",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -55,6 +62,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("metrics_json", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("runs", schema=None) as batch_op:
@@ -148,12 +156,14 @@ def upgrade() -> None:
         sa.UniqueConstraint("item_id", "stage", name="uq_stage_results_item_stage"),
     )
     with op.batch_alter_table("stage_results", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_stage_results_cache_key"), ["cache_key"], unique=False)
         batch_op.create_index(batch_op.f("ix_stage_results_item_id"), ["item_id"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("stage_results", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_stage_results_item_id"))
+        batch_op.drop_index(batch_op.f("ix_stage_results_cache_key"))
 
     op.drop_table("stage_results")
     with op.batch_alter_table("cards", schema=None) as batch_op:
@@ -175,7 +185,5 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_runs_run_key"))
 
     op.drop_table("runs")
-    with op.batch_alter_table("cache_entries", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_cache_entries_stage"))
-
     op.drop_table("cache_entries")
+    op.drop_table("cache_counters")
