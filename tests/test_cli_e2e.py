@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,6 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
@@ -181,27 +183,28 @@ def assert_secret_not_stored(db_url: str, secret: str) -> None:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_losing_or_repeating_work(tmp_path: Path) -> None:
+def test_killed_run_resumes_without_losing_or_repeating_work(tmp_path: Path, db_url: str) -> None:
     source = shared_file("korean_1000_terms.csv")
-    db_path = tmp_path / "ledger.db"
     out = tmp_path / "deck.jsonl"
     command = [sys.executable, "-m", "flashcard_pipeline", "process", str(source), "--provider", "simulated",
-               "--limit", "120", "--concurrency", "4", "--sim", "latency=0.02", "--db", str(db_path), "-o", str(out)]
+               "--limit", "120", "--concurrency", "4", "--sim", "latency=0.02", "--db", db_url, "-o", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    watcher = create_engine(db_url, poolclass=NullPool)
+
+    def query(sql: str, **params: object) -> list[tuple]:
+        with watcher.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql), params)]
+
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 60
-    done_before: set[int] = set()
     try:
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            if not db_path.exists():
-                continue
             try:
-                with sqlite3.connect(db_path) as conn:
-                    done_before = {row[0] for row in conn.execute("SELECT id FROM items WHERE cards_state='done'")}
-            except sqlite3.OperationalError:
-                continue
-            if len(done_before) >= 20:
+                done = query("SELECT COUNT(*) FROM items WHERE cards_state='done'")[0][0]
+            except DBAPIError:
+                continue  # not migrated yet
+            if done >= 20:
                 break
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
@@ -209,20 +212,17 @@ def test_killed_run_resumes_without_losing_or_repeating_work(tmp_path: Path) -> 
     finally:
         if proc.poll() is None:
             proc.kill()
-    with sqlite3.connect(db_path) as conn:
-        done_at_kill = {row[0] for row in conn.execute("SELECT id FROM items WHERE cards_state='done'")}
-        last_call = conn.execute("SELECT COALESCE(MAX(id), 0) FROM api_calls").fetchone()[0]
+    done_at_kill = {row[0] for row in query("SELECT id FROM items WHERE cards_state='done'")}
+    last_call = query("SELECT COALESCE(MAX(id), 0) FROM api_calls")[0][0]
     assert 20 <= len(done_at_kill) < 120
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming run" in resumed.stderr
-    with sqlite3.connect(db_path) as conn:
-        repeated = conn.execute(
-            f"SELECT COUNT(*) FROM api_calls WHERE id > ? AND item_id IN ({','.join('?' * len(done_at_kill))})",
-            [last_call, *done_at_kill]).fetchone()[0]
-        runs = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-    assert repeated == 0, "an item finished before the kill was requested again"
-    assert runs == 1
+    later_items = {row[0] for row in query("SELECT item_id FROM api_calls WHERE id > :last", last=last_call)}
+    assert later_items, "the resumed run made calls for the unfinished items"
+    assert not later_items & done_at_kill, "an item finished before the kill was requested again"
+    assert query("SELECT COUNT(*) FROM runs")[0][0] == 1
+    watcher.dispose()
     expected = [item.term for item in read_vocabulary(source)[0][:120]]
     assert_cards_for_every_term(out, expected)
