@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from flashcard_pipeline.cache.backends import RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.codec import Codec
+from flashcard_pipeline.config import CacheSettings
 from flashcard_pipeline.errors import ConfigurationError
-from flashcard_pipeline.export.jsonl import write_jsonl
+from flashcard_pipeline.export import FORMATS, ExportReport, check_options, resolve_format, write_export
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
 from flashcard_pipeline.llm.policy import CallPolicy
@@ -27,6 +29,7 @@ from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resol
 from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.pipeline import Pipeline, RunOutcome, RunStats
 from flashcard_pipeline.pricing import TYPICAL_COMPLETION_TOKENS, price_for
+from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
 from flashcard_pipeline.stages import (
     CARDS,
@@ -37,7 +40,7 @@ from flashcard_pipeline.stages import (
     language_name,
     parse_nuance,
 )
-from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.db import open_database, pool_monitor
 from flashcard_pipeline.storage.ledger import Ledger, RunRecord
 
 DEFAULT_MODELS = {
@@ -45,7 +48,7 @@ DEFAULT_MODELS = {
     ProviderName.OPENAI_COMPATIBLE: "gpt-4o-mini",
     ProviderName.SIMULATED: "simulated/flashcard-sim",
 }
-EXPORT_FORMATS = ("jsonl",)
+EXPORT_FORMATS = FORMATS
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,16 @@ class ProcessOptions:
     learner_language: str = "en"
     max_cost: float | None = None
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    #: Retry settings; ``None`` reads the RETRY_* environment variables.
+    retry: RetryConfig | None = None
     env: dict[str, str] | None = None
+    deck_name: str | None = None
+    subdecks: str = "none"
+    audio: str | None = None
 
     @property
     def export_format(self) -> str:
-        chosen = (self.format or (self.output.suffix.lstrip(".") if self.output else "") or "jsonl").lower()
-        if chosen not in EXPORT_FORMATS:
-            raise ConfigurationError(f"unknown export format {chosen!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
-        return chosen
+        return resolve_format(self.format, self.output)
 
     @property
     def output_path(self) -> Path:
@@ -121,6 +126,7 @@ class ProcessResult:
     problems: list[RowProblem]
     resumed: bool = False
     estimate: DryRunEstimate | None = None
+    export: ExportReport | None = None
 
 
 def file_sha256(path: Path) -> str:
@@ -150,6 +156,7 @@ def _validate(options: ProcessOptions) -> None:
     if options.max_cost is not None and options.max_cost <= 0:
         raise ConfigurationError("--max-cost must be a positive amount of US dollars")
     options.export_format  # noqa: B018 - validates the format early
+    check_options(options.subdecks, options.audio)
 
 
 def _provider(options: ProcessOptions, simulator_url: str | None) -> ProviderConfig:
@@ -179,9 +186,13 @@ def _run_key(options: ProcessOptions, settings: StageSettings, input_sha: str, p
 
 async def process(options: ProcessOptions, reporter: Reporter | None = None,
                   policy: CallPolicy | None = None) -> ProcessResult:
-    """Run (or resume) the pipeline for ``options`` and export what is done."""
+    """Run (or resume) the pipeline for ``options`` and export what is done.
+
+    Without a ``policy`` every provider call goes through one :class:`RetryPolicy` built from ``options.retry``.
+    """
     reporter = reporter or SilentReporter()
     _validate(options)
+    policy = policy or RetryPolicy(options.retry or RetryConfig.from_env())
     reader = VocabularyReader(options.input_path)
     reader.detect()
     provider = _provider(options, None)
@@ -217,9 +228,11 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
         outcome = await _execute(options, provider, settings, ledger, run, reporter, policy, to_process)
         output = options.output_path
         results = ledger.results(run.id)
-        written = await asyncio.to_thread(write_jsonl, results, output, simulated=run.simulated)
-        return ProcessResult(outcome=outcome, output=output, cards_written=written, problems=problems,
-                             resumed=resumed)
+        report = await asyncio.to_thread(
+            write_export, options.export_format, results, output, deck_name=options.deck_name,
+            subdecks=options.subdecks, language=run.target_language, simulated=run.simulated, audio=options.audio)
+        return ProcessResult(outcome=outcome, output=output, cards_written=report.cards, problems=problems,
+                             resumed=resumed, export=report)
     finally:
         engine.dispose()
 
@@ -231,10 +244,17 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
             simulator = await stack.enter_async_context(run_simulator(options.simulator))
             provider = _provider(options, simulator.base_url)
         client = await stack.enter_async_context(LLMClient(provider, max_connections=max(options.concurrency, 10)))
-        pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy,
+        cache = make_cache(ledger, CacheSettings())
+        if isinstance(cache.backend, RedisCacheBackend):
+            stack.push_async_callback(cache.backend.aclose)
+        pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy, cache=cache,
                             concurrency=options.concurrency, force=options.force, max_cost=options.max_cost)
         async with reporter.live(pipeline.stats):
-            return await pipeline.run(run)
+            outcome = await pipeline.run(run)
+        monitor = pool_monitor(ledger.engine)
+        metrics = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
+        await asyncio.to_thread(ledger.set_run_metrics, run.id, metrics)
+        return outcome
     raise AssertionError("unreachable")  # pragma: no cover
 
 

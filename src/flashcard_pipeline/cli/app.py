@@ -17,9 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flashcard_pipeline.cli.maintenance import cache_app, db_app
 from flashcard_pipeline.cli.progress import ConsoleReporter
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
+from flashcard_pipeline.export import AudioEngine, Subdecks
 from flashcard_pipeline.llm.providers import ProviderName
+from flashcard_pipeline.resilience.retry import RetryConfig
 from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
 from flashcard_pipeline.simulator import SimulatorConfig, serve
 from flashcard_pipeline.storage.schema import RunStatus
@@ -68,6 +71,13 @@ def parse_sim_options(pairs: list[str]) -> SimulatorConfig:
         raise ConfigurationError(f"invalid --sim option: {detail}") from exc
 
 
+def _retry_config(max_attempts: int | None) -> RetryConfig | None:
+    """``None`` lets the runner read RETRY_* itself; ``--max-attempts`` overrides just that field."""
+    if max_attempts is None:
+        return None
+    return RetryConfig.from_env().model_copy(update={"max_attempts": max_attempts})
+
+
 def _run_async(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
@@ -80,7 +90,8 @@ def _run_async(coro: Any) -> Any:
 def process_command(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Vocabulary list: CSV, TSV or plain text.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the cards.")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="jsonl (default: from the -o extension).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="apkg | tsv | csv | jsonl (default: from the -o "
+                                                                "extension, else jsonl).")] = None,
     limit: Annotated[int | None, typer.Option(help="Process at most N items.", min=1)] = None,
     start_from: Annotated[int | None, typer.Option(help="Skip items before position N.", min=1)] = None,
     concurrency: Annotated[int, typer.Option(help="Calls in flight at once.", min=1, max=256)] = 8,
@@ -96,9 +107,17 @@ def process_command(
     language: Annotated[str, typer.Option(help="Language of the terms (code or name).")] = "ko",
     learner_language: Annotated[str, typer.Option(help="Language of explanations (code or name).")] = "en",
     max_cost: Annotated[float | None, typer.Option(help="Stop (exit 3) once this many US dollars are spent.")] = None,
+    max_attempts: Annotated[int | None, typer.Option(help="Calls per request before a transient error fails the "
+                                                          "item (default: RETRY_MAX_ATTEMPTS, else 3).",
+                                                     min=1)] = None,
     sim: Annotated[list[str] | None, typer.Option("--sim", metavar="KEY=VALUE",
                                                    help="Simulator setting for --provider simulated "
                                                         "(e.g. latency=0.05, server_error_rate=0.1).")] = None,
+    deck_name: Annotated[str | None, typer.Option(help="Anki deck name (default: '<Language> vocabulary').")] = None,
+    subdecks: Annotated[Subdecks, typer.Option(help="Sub-decks by part of speech or by the input's level "
+                                                    "column.")] = Subdecks.NONE,
+    audio: Annotated[AudioEngine | None, typer.Option(help="Pronunciation audio in .apkg decks (needs "
+                                                           "espeak-ng).")] = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
     err = _stderr()
@@ -107,7 +126,8 @@ def process_command(
             input_path=input_path, output=output, format=format, limit=limit, start_from=start_from,
             concurrency=concurrency, model=model, provider=provider.value, base_url=base_url, api_key=api_key,
             db_url=db, force=force, dry_run=dry_run, language=language, learner_language=learner_language,
-            max_cost=max_cost, simulator=parse_sim_options(sim or []))
+            max_cost=max_cost, simulator=parse_sim_options(sim or []), retry=_retry_config(max_attempts),
+            deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise _fail(str(exc), ExitCode.USAGE) from None
@@ -136,6 +156,8 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
               f"{stats.cache_hits} cache hits · ${stats.cost_usd:.4f}", highlight=False)
     if result.output is not None:
         out.print(f"wrote {result.cards_written} cards to {result.output}", highlight=False)
+    for warning in result.export.warnings if result.export else ():
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if outcome.failures:
         err.print(f"[red]{len(outcome.failures)} items failed:[/]")
         for f in outcome.failures:
@@ -169,6 +191,10 @@ def simulate_command(
         raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.USAGE) from None
 
 
+app.add_typer(db_app, name="db")
+app.add_typer(cache_app, name="cache")
+
+
 def main() -> None:
     """Console-script entry point: one line on stderr for unexpected errors unless FLASHCARD_DEBUG is set."""
     try:
@@ -179,3 +205,7 @@ def main() -> None:
         _stderr().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (set FLASHCARD_DEBUG=1 for details)",
                         highlight=False)
         sys.exit(1)
+
+
+# Registers the `export` and `push` commands on `app`.
+from flashcard_pipeline.cli import export_commands  # noqa: E402, F401

@@ -1,0 +1,171 @@
+"""Exports: stored results to .apkg, Anki text (TSV), spreadsheet CSV or JSONL, or straight into Anki.
+
+:func:`write_export` is the one entry point for files (``process`` and ``export`` both use it);
+:func:`push_results` sends the same notes through AnkiConnect.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flashcard_pipeline.errors import ConfigurationError
+from flashcard_pipeline.export.anki_model import NoteType, note_type
+from flashcard_pipeline.export.anki_tsv import write_anki_tsv
+from flashcard_pipeline.export.ankiconnect import AnkiConnect, PushReport, push_notes
+from flashcard_pipeline.export.apkg import write_apkg
+from flashcard_pipeline.export.audio import AudioEngine, AudioReport, synthesize
+from flashcard_pipeline.export.csv_export import write_csv
+from flashcard_pipeline.export.jsonl import write_jsonl
+from flashcard_pipeline.export.notes import AnkiNote, Subdecks, build_notes, resolve_deck_name
+from flashcard_pipeline.models import TermResult
+
+FORMATS = ("apkg", "tsv", "csv", "jsonl")
+_BY_EXTENSION = {"apkg": "apkg", "tsv": "tsv", "txt": "tsv", "csv": "csv", "jsonl": "jsonl"}
+_WITH_AUDIO = ("apkg",)
+
+__all__ = ["FORMATS", "AudioEngine", "ExportReport", "PreparedDeck", "Subdecks", "check_options", "prepare_deck",
+           "push_results", "resolve_format", "write_export"]
+
+
+def resolve_format(explicit: str | None, output: Path | None) -> str:
+    """``--format`` if given, else from the output's extension (``.txt`` is Anki's text format), else jsonl."""
+    if explicit:
+        chosen = explicit.strip().lower().lstrip(".")
+        if chosen not in FORMATS:
+            raise ConfigurationError(f"unknown export format {chosen!r}; choose one of: {', '.join(FORMATS)}")
+        return chosen
+    suffix = output.suffix.lower().lstrip(".") if output is not None else ""
+    if not suffix:
+        return "jsonl"
+    if suffix not in _BY_EXTENSION:
+        raise ConfigurationError(f"unknown export format {suffix!r} (from {output}); use --format with one of: "
+                                 f"{', '.join(FORMATS)}")
+    return _BY_EXTENSION[suffix]
+
+
+def check_options(subdecks: str, audio: str | None) -> tuple[Subdecks, AudioEngine | None]:
+    try:
+        mode = Subdecks(subdecks)
+    except ValueError:
+        raise ConfigurationError(f"unknown --subdecks {subdecks!r}; choose one of: "
+                                 f"{', '.join(m.value for m in Subdecks)}") from None
+    try:
+        engine = AudioEngine(audio) if audio else None
+    except ValueError:
+        raise ConfigurationError(f"unknown --audio {audio!r}; choose: "
+                                 f"{', '.join(e.value for e in AudioEngine)}") from None
+    return mode, engine
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    format: str
+    path: Path
+    cards: int
+    terms: int
+    deck: str | None
+    decks: tuple[str, ...] = ()
+    audio_files: int = 0
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PreparedDeck:
+    """Everything an Anki route needs: the notes, their note type and decks, and the audio files."""
+
+    notes: list[AnkiNote]
+    note_type: NoteType
+    root_deck: str
+    terms: int
+    media: dict[str, Path] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def decks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([self.root_deck, *(n.deck for n in self.notes)]))
+
+
+def prepare_deck(results: Iterable[TermResult], *, language: str, deck: str | None = None,
+                 subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
+                 audio: AudioEngine | str | None = None, media_dir: Path | None = None) -> PreparedDeck:
+    """Build the notes; with ``audio``, speak each term into ``media_dir`` (which must outlive the deck)."""
+    mode, engine = check_options(str(subdecks), str(audio) if audio else None)
+    results = list(results)
+    kind = note_type(language)
+    root = resolve_deck_name(deck, language=language, simulated=simulated)
+    report = AudioReport()
+    if engine is AudioEngine.ESPEAK:
+        if media_dir is None:
+            raise ValueError("audio needs a media_dir")
+        report = synthesize((r.item.term for r in results), language=language, directory=media_dir)
+    sounds = report.media_names()
+    notes = list(build_notes(results, language=language, root_deck=root, subdecks=mode, simulated=simulated,
+                             lang=kind.lang, sounds=sounds))
+    media = {path.name: path for path in report.files.values()}
+    return PreparedDeck(notes=notes, note_type=kind, root_deck=root, terms=len(results), media=media,
+                        warnings=(report.warning,) if report.warning else ())
+
+
+class _Counted:
+    """Counts the terms of a streamed export as the writer consumes them."""
+
+    def __init__(self, results: Iterable[TermResult]) -> None:
+        self._results = results
+        self.count = 0
+
+    def __iter__(self) -> Iterator[TermResult]:
+        for result in self._results:
+            self.count += 1
+            yield result
+
+
+def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck_name: str | None = None,
+                 subdecks: Subdecks | str = Subdecks.NONE, language: str = "Korean", simulated: bool = False,
+                 audio: AudioEngine | str | None = None, timestamp: float | None = None) -> ExportReport:
+    """Write ``results`` to ``path`` in ``format`` (atomically) and say what was written."""
+    chosen = resolve_format(format, None)
+    mode, engine = check_options(str(subdecks), str(audio) if audio else None)
+    warnings: list[str] = []
+    if engine is not None and chosen not in _WITH_AUDIO:
+        warnings.append(f"--audio is only attached to .apkg decks and to push; the {chosen} export has no audio")
+        engine = None
+
+    if chosen == "jsonl":
+        counted = _Counted(results)
+        cards = write_jsonl(counted, path, simulated=simulated)
+        return ExportReport(format=chosen, path=path, cards=cards, terms=counted.count, deck=None,
+                            warnings=tuple(warnings))
+    if chosen == "csv":
+        counted = _Counted(results)
+        root = resolve_deck_name(deck_name, language=language, simulated=simulated)
+        cards = write_csv(counted, path, root_deck=root, subdecks=mode, simulated=simulated)
+        return ExportReport(format=chosen, path=path, cards=cards, terms=counted.count, deck=root,
+                            warnings=tuple(warnings))
+
+    with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
+        prepared = prepare_deck(results, language=language, deck=deck_name, subdecks=mode, simulated=simulated,
+                                audio=engine, media_dir=Path(media_dir))
+        warnings.extend(prepared.warnings)
+        if chosen == "apkg":
+            cards = write_apkg(prepared.notes, path, note_type=prepared.note_type, root_deck=prepared.root_deck,
+                               media=sorted(prepared.media.values()), timestamp=timestamp)
+        else:
+            cards = write_anki_tsv(prepared.notes, path, note_type=prepared.note_type,
+                                   root_deck=prepared.root_deck, with_deck_column=mode is not Subdecks.NONE)
+    return ExportReport(format=chosen, path=path, cards=cards, terms=prepared.terms, deck=prepared.root_deck,
+                        decks=prepared.decks, audio_files=len(prepared.media), warnings=tuple(warnings))
+
+
+def push_results(results: Iterable[TermResult], client: AnkiConnect, *, language: str, deck: str | None = None,
+                 subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
+                 audio: AudioEngine | str | None = None) -> tuple[PushReport, tuple[str, ...]]:
+    """Send the notes to Anki; returns AnkiConnect's report and any warnings (e.g. no audio)."""
+    with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
+        prepared = prepare_deck(results, language=language, deck=deck, subdecks=subdecks, simulated=simulated,
+                                audio=audio, media_dir=Path(media_dir))
+        report = push_notes(client, prepared.notes, note_type=prepared.note_type, root_deck=prepared.root_deck,
+                            media=prepared.media)
+    return report, prepared.warnings

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from flashcard_pipeline.export.common import SIMULATED_TAG, atomic_output, card_tags
 from flashcard_pipeline.models import Flashcard, TermAnalysis, TermResult, VocabularyItem
 
-SIMULATED_TAG = "source:simulated"
+__all__ = ["SIMULATED_TAG", "CardRecord", "card_records", "read_jsonl", "write_jsonl"]
 
 
 class CardRecord(BaseModel):
@@ -31,22 +32,19 @@ class CardRecord(BaseModel):
 def card_records(results: Iterable[TermResult], *, simulated: bool = False) -> Iterator[CardRecord]:
     for result in results:
         for index, card in enumerate(result.cards, start=1):
-            if simulated and SIMULATED_TAG not in card.tags:
-                card = card.model_copy(update={"tags": [*card.tags, SIMULATED_TAG]})
+            if simulated:
+                card = card.model_copy(update={"tags": card_tags(card, simulated=True)})
             yield CardRecord(position=result.item.position, term=result.item.term, card_index=index, card=card,
                              analysis=result.analysis, item=result.item, simulated=simulated)
 
 
 def write_jsonl(results: Iterable[TermResult], path: Path, *, simulated: bool = False) -> int:
     """Write the cards atomically (a temporary file renamed into place); returns the card count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
+    with atomic_output(path) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as handle:
         for record in card_records(results, simulated=simulated):
             handle.write(json.dumps(record.model_dump(mode="json"), ensure_ascii=False) + "\n")
             count += 1
-    tmp.replace(path)
     return count
 
 

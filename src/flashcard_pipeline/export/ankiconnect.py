@@ -1,0 +1,151 @@
+"""Push notes into a running Anki through the AnkiConnect add-on (protocol version 6).
+
+AnkiConnect cannot set a note's GUID, so a pushed note is recognised on the next push by its
+first field (``Key``: term, card type and ordinal) within the deck: it is reported as already
+there, never added twice.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+
+from flashcard_pipeline.errors import ErrorCategory, StructuredError
+from flashcard_pipeline.export.anki_model import NoteType
+from flashcard_pipeline.export.notes import AnkiNote
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+PROTOCOL_VERSION = 6
+BATCH_SIZE = 100
+
+
+class AnkiConnectError(StructuredError):
+    """AnkiConnect answered with an error, or not in its protocol."""
+
+    category: ClassVar[ErrorCategory] = ErrorCategory.EXTERNAL_SERVICE
+    default_code: ClassVar[str] = "ankiconnect_error"
+
+
+class AnkiNotRunningError(AnkiConnectError):
+    category: ClassVar[ErrorCategory] = ErrorCategory.NETWORK
+    default_code: ClassVar[str] = "anki_not_running"
+
+
+class AnkiConnect:
+    """A small synchronous AnkiConnect client; one ``invoke`` per action."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, key: str | None = None, timeout: float = 120.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = url
+        self._key = key
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), transport=transport,
+                                    trust_env=False)
+
+    def __enter__(self) -> AnkiConnect:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def invoke(self, action: str, **params: Any) -> Any:
+        payload: dict[str, Any] = {"action": action, "version": PROTOCOL_VERSION, "params": params}
+        if self._key:
+            payload["key"] = self._key
+        try:
+            response = self._client.post(self.url, json=payload)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise AnkiNotRunningError(f"Anki is not running or AnkiConnect is not installed ({self.url})") from exc
+        except httpx.HTTPError as exc:
+            raise AnkiConnectError(f"AnkiConnect at {self.url} did not answer {action}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise AnkiConnectError(f"AnkiConnect at {self.url} answered {action} with HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise AnkiConnectError(f"{self.url} did not answer {action} in AnkiConnect's format (not JSON)") from exc
+        if not isinstance(body, dict) or "result" not in body or "error" not in body:
+            raise AnkiConnectError(f"{self.url} did not answer {action} in AnkiConnect's format "
+                                   "(is it AnkiConnect, and version 6 or newer?)")
+        if body["error"] is not None:
+            raise AnkiConnectError(f"AnkiConnect refused {action}: {body['error']}")
+        return body["result"]
+
+
+@dataclass(frozen=True)
+class PushReport:
+    added: int
+    already_present: int
+    failed: int
+    decks: tuple[str, ...]
+    created_note_type: bool
+    media_files: int
+
+
+def note_params(note: AnkiNote, *, note_type: NoteType, root_deck: str) -> dict[str, Any]:
+    """An ``addNote`` note: duplicates are checked by first field in the whole deck tree of ``root_deck``."""
+    return {
+        "deckName": note.deck,
+        "modelName": note_type.name,
+        "fields": note.field_map(),
+        "tags": list(note.tags),
+        "options": {
+            "allowDuplicate": False,
+            "duplicateScope": "deck",
+            "duplicateScopeOptions": {"deckName": root_deck, "checkChildren": True, "checkAllModels": False},
+        },
+    }
+
+
+def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: NoteType, root_deck: str,
+               media: Mapping[str, Path] | None = None, batch_size: int = BATCH_SIZE) -> PushReport:
+    """Create the decks and the note type when missing, then add the notes that are not there yet.
+
+    ``media`` maps a media file name used in a field to the file to upload with the note.
+    """
+    version = client.invoke("version")
+    if not isinstance(version, int) or version < PROTOCOL_VERSION:
+        raise AnkiConnectError(f"AnkiConnect at {client.url} speaks version {version}; "
+                               f"version {PROTOCOL_VERSION} or newer is needed (update the add-on)")
+    decks = tuple(dict.fromkeys([root_deck, *(note.deck for note in notes)]))
+    for deck in decks:
+        client.invoke("createDeck", deck=deck)
+    created = False
+    if note_type.name not in (client.invoke("modelNames") or []):
+        client.invoke("createModel", **note_type.ankiconnect_params())
+        created = True
+
+    media = media or {}
+    uploaded: set[str] = set()
+    added = present = failed = 0
+    for start in range(0, len(notes), batch_size):
+        batch = notes[start:start + batch_size]
+        params = [note_params(note, note_type=note_type, root_deck=root_deck) for note in batch]
+        # Newer AnkiConnect fails a whole addNotes call when one note is a duplicate: ask first.
+        addable = client.invoke("canAddNotes", notes=params)
+        if not isinstance(addable, list) or len(addable) != len(params):
+            raise AnkiConnectError("AnkiConnect answered canAddNotes with an unexpected result")
+        to_add = [(note, p) for note, p, ok in zip(batch, params, addable, strict=True) if ok]
+        present += len(params) - len(to_add)
+        for note, _ in to_add:
+            if note.sound and note.sound not in uploaded and note.sound in media:
+                data = base64.b64encode(media[note.sound].read_bytes()).decode()
+                client.invoke("storeMediaFile", filename=note.sound, data=data)
+                uploaded.add(note.sound)
+        if to_add:
+            ids = client.invoke("addNotes", notes=[p for _, p in to_add])
+            if not isinstance(ids, list):
+                raise AnkiConnectError("AnkiConnect answered addNotes with an unexpected result")
+            done = sum(1 for note_id in ids if note_id is not None)
+            added += done
+            failed += len(to_add) - done
+    return PushReport(added=added, already_present=present, failed=failed, decks=decks,
+                      created_note_type=created, media_files=len(uploaded))

@@ -1,0 +1,349 @@
+"""The exports as Anki itself sees them: imported with the official ``anki`` package into fresh collections."""
+
+from __future__ import annotations
+
+import csv
+import html
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from anki.collection import Collection
+from anki.import_export_pb2 import (
+    ImportAnkiPackageOptions,
+    ImportAnkiPackageRequest,
+    ImportAnkiPackageUpdateCondition,
+    ImportCsvRequest,
+    ImportResponse,
+)
+from anki.notes import Note
+
+from flashcard_pipeline.export import prepare_deck, write_export
+from flashcard_pipeline.export.anki_model import NoteType, note_type
+from flashcard_pipeline.export.audio import media_name
+from flashcard_pipeline.export.common import SIMULATED_TAG, clean_text
+from flashcard_pipeline.export.jsonl import read_jsonl
+from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
+from flashcard_pipeline.runner import ProcessOptions, process
+from flashcard_pipeline.simulator.content import analysis_for, cards_for
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
+from tests.conftest import shared_file
+
+IF_NEWER = ImportAnkiPackageUpdateCondition.IMPORT_ANKI_PACKAGE_UPDATE_CONDITION_IF_NEWER
+
+T0 = 1_750_000_000.0
+
+
+@pytest.fixture
+def col(tmp_path: Path) -> Iterator[Collection]:
+    folder = tmp_path / "anki"
+    folder.mkdir()
+    collection = Collection(str(folder / "collection.anki2"))
+    yield collection
+    collection.close()
+
+
+def import_apkg(col: Collection, path: Path) -> ImportResponse.Log:
+    """Anki's default package import: update notes when the package's copy is newer, no scheduling."""
+    options = ImportAnkiPackageOptions(merge_notetypes=False, update_notes=IF_NEWER, update_notetypes=IF_NEWER,
+                                       with_scheduling=False, with_deck_configs=False)
+    return col.import_anki_package(ImportAnkiPackageRequest(package_path=str(path), options=options)).log
+
+
+def import_text(col: Collection, path: Path) -> ImportResponse.Log:
+    """Anki's File > Import of a text file, taking every setting from the file's header lines."""
+    metadata = col.get_csv_metadata(str(path), None)
+    return col.import_csv(ImportCsvRequest(path=str(path), metadata=metadata)).log
+
+
+def assert_no_import_errors(log: ImportResponse.Log) -> None:
+    assert not log.conflicting and not log.missing_notetype and not log.missing_deck
+    assert not log.empty_first_field and not log.first_field_match
+
+
+def add_note_type(col: Collection, kind: NoteType) -> None:
+    """What a collection has after any .apkg of this project (or a push) created the note type."""
+    models = col.models
+    model = models.new(kind.name)
+    for name in kind.fields:
+        models.add_field(model, models.new_field(name))
+    for spec in kind.templates:
+        template = models.new_template(spec["name"])
+        template["qfmt"], template["afmt"] = spec["qfmt"], spec["afmt"]
+        models.add_template(model, template)
+    model["css"] = kind.css
+    models.add(model)
+
+
+def notes_by_guid(col: Collection) -> dict[str, Note]:
+    return {note.guid: note for note in (col.get_note(nid) for nid in col.find_notes(""))}
+
+
+_TAG = re.compile(r"<[^>]*>")
+
+
+def as_text(field: str) -> str:
+    """What a field shows: it must hold no markup but line breaks."""
+    assert set(_TAG.findall(field)) <= {"<br>"}, field
+    return html.unescape(field.replace("<br>", "\n"))
+
+
+def make_result(term: str, position: int = 1, *, hints: dict[str, str] | None = None) -> TermResult:
+    analysis = analysis_for(term, type="noun")
+    return TermResult(item=VocabularyItem(position=position, term=term, type="noun", hints=hints or {}),
+                      analysis=analysis, cards=list(cards_for(term, analysis).cards))
+
+
+def with_back(result: TermResult, index: int, back: str) -> TermResult:
+    cards = list(result.cards)
+    cards[index] = cards[index].model_copy(update={"back": back})
+    return result.model_copy(update={"cards": cards})
+
+
+def check_collection_matches(col: Collection, results: list[TermResult], *, subdecks: str = "none",
+                             simulated: bool = True, deck: str | None = None) -> None:
+    expected = prepare_deck(results, language="Korean", deck=deck, subdecks=subdecks, simulated=simulated).notes
+    notes = notes_by_guid(col)
+    assert col.note_count() == len(expected) == col.card_count(), "one note per card, one card per note"
+    assert set(notes) == {note.guid for note in expected}
+    for wanted in expected:
+        note = notes[wanted.guid]
+        assert note.note_type()["name"] == "Flashcard Pipeline (Korean)"
+        assert list(note.fields) == list(wanted.fields)
+        assert sorted(note.tags) == sorted(wanted.tags)
+        assert [col.decks.name(card.did) for card in note.cards()] == [wanted.deck]
+
+
+# --- .apkg ------------------------------------------------------------------------------------------------------
+
+
+def test_apkg_imports_into_a_fresh_collection_with_every_field_and_tag(tmp_path: Path, col: Collection) -> None:
+    results = [make_result("학교", 1), make_result("먹다", 2), make_result("빨리", 3)]
+    path = tmp_path / "deck.apkg"
+    report = write_export("apkg", results, path, simulated=True, timestamp=T0)
+    log = import_apkg(col, path)
+    assert_no_import_errors(log)
+    assert len(log.new) == report.cards == sum(len(r.cards) for r in results)
+    check_collection_matches(col, results)
+    assert all(SIMULATED_TAG in col.get_note(nid).tags for nid in col.find_notes(""))
+    cards = [col.get_card(cid) for cid in col.find_cards("")]
+    assert {card.type for card in cards} == {0} and {card.reps for card in cards} == {0}, "no scheduling data"
+    assert col.db.scalar("select count() from revlog") == 0
+    assert "Korean vocabulary (simulated)" in [d.name for d in col.decks.all_names_and_ids()]
+
+
+def test_reimporting_a_changed_deck_updates_the_note_in_place_and_keeps_its_reviews(tmp_path: Path,
+                                                                                     col: Collection) -> None:
+    results = [make_result("학교", 1), make_result("먹다", 2)]
+    first = tmp_path / "v1.apkg"
+    write_export("apkg", results, first, simulated=True, timestamp=T0)
+    import_apkg(col, first)
+    before = notes_by_guid(col)
+
+    col.decks.select(col.decks.id_for_name("Korean vocabulary (simulated)"))
+    card = col.sched.getCard()
+    reviewed_note = card.note()
+    col.sched.answerCard(card, 3)
+
+    changed = [with_back(results[0], 0, "학교 [hak̚.k͈jo] — school (revised)"), results[1]]
+    changed_guid = prepare_deck(changed, language="Korean", simulated=True).notes[0].guid
+    second = tmp_path / "v2.apkg"
+    write_export("apkg", changed, second, simulated=True, timestamp=T0 + 3600)
+    log = import_apkg(col, second)
+
+    assert_no_import_errors(log)
+    # Anki counts every note whose copy is newer as updated, changed or not; none is added.
+    assert len(log.new) == 0 and {n.id.nid for n in log.updated} == {n.id for n in before.values()}
+    after = notes_by_guid(col)
+    assert {guid: note.id for guid, note in after.items()} == {guid: note.id for guid, note in before.items()}
+    assert after[changed_guid]["Back"] == "학교 [hak̚.k͈jo] — school (revised)"
+    check_collection_matches(col, changed)
+    reviewed = col.get_card(card.id)
+    assert reviewed.reps == 1 and reviewed.nid == reviewed_note.id, "the review history survived the update"
+    assert col.db.scalar("select count() from revlog where cid = ?", card.id) == 1
+
+
+def test_level_subdecks_become_anki_decks(tmp_path: Path, col: Collection) -> None:
+    results = [make_result("학교", 1, hints={"TOPIK_Level": "1"}), make_result("먹다", 2, hints={"TOPIK_Level": "2"}),
+               make_result("빨리", 3)]
+    path = tmp_path / "deck.apkg"
+    write_export("apkg", results, path, deck_name="TOPIK", subdecks="level", timestamp=T0)
+    assert_no_import_errors(import_apkg(col, path))
+    check_collection_matches(col, results, subdecks="level", simulated=False, deck="TOPIK")
+    assert {"TOPIK", "TOPIK::Level 1", "TOPIK::Level 2"} <= {d.name for d in col.decks.all_names_and_ids()}
+
+
+# --- Anki text (TSV) --------------------------------------------------------------------------------------------
+
+
+def test_tsv_imports_through_ankis_own_text_import_and_updates_in_place(tmp_path: Path, col: Collection) -> None:
+    add_note_type(col, note_type("Korean"))
+    results = [make_result("학교", 1, hints={"TOPIK_Level": "1"}), make_result("#해시", 2), make_result("먹다", 3)]
+    path = tmp_path / "deck.tsv"
+    report = write_export("tsv", results, path, subdecks="level", simulated=True)
+    log = import_text(col, path)
+    assert_no_import_errors(log)
+    assert len(log.new) == report.cards
+    check_collection_matches(col, results, subdecks="level")
+    ids = {guid: note.id for guid, note in notes_by_guid(col).items()}
+
+    changed = [results[0], with_back(results[1], 1, "changed\nback"), results[2]]
+    write_export("tsv", changed, path, subdecks="level", simulated=True)
+    log = import_text(col, path)
+    assert_no_import_errors(log)
+    assert len(log.new) == 0 and len(log.updated) == 1, "text import updates only notes whose fields changed"
+    assert len(log.duplicate) == report.cards - 1
+    check_collection_matches(col, changed, subdecks="level")
+    assert {guid: note.id for guid, note in notes_by_guid(col).items()} == ids
+
+
+def test_tsv_updates_notes_that_came_from_the_apkg(tmp_path: Path, col: Collection) -> None:
+    results = [make_result("학교", 1), make_result("먹다", 2)]
+    write_export("apkg", results, tmp_path / "deck.apkg", timestamp=T0)
+    import_apkg(col, tmp_path / "deck.apkg")
+    changed = [with_back(results[0], 0, "fixed back"), results[1]]
+    write_export("tsv", changed, tmp_path / "deck.tsv")
+    log = import_text(col, tmp_path / "deck.tsv")
+    assert len(log.new) == 0 and len(log.updated) == 1
+    check_collection_matches(col, changed, simulated=False)
+
+
+# --- hostile content --------------------------------------------------------------------------------------------
+
+SCRIPT = "<script>alert(1)</script>"
+FORMULA = "=cmd|' /C calc'!A0"
+HOSTILE_FRONT = f"{FORMULA} {SCRIPT} \"double\" 'single'"
+HOSTILE_BACK = "tab\there\nnew line 🎴 \u200fעברית\u200e <img src=x onerror=alert(1)> & done\x00"
+HOSTILE_TAGS = ['x:"<b>"', "emoji:🎴", "rtl:\u200fmark"]
+
+
+def hostile_results() -> list[TermResult]:
+    results = []
+    for position, term in enumerate([FORMULA, "#해시", "<i>학교</i>"], start=1):
+        analysis = analysis_for("학교", type="noun").model_copy(update={
+            "term": term, "ipa": "<b>ipa</b>", "primary_meaning": "@SUM(1+1)", "explanation": SCRIPT + "\nnext"})
+        cards = [Flashcard(card_type=CardType.SCENE, front=HOSTILE_FRONT, back=HOSTILE_BACK, tags=HOSTILE_TAGS),
+                 Flashcard(card_type=CardType.EXAMPLE, front="-1+2", back="+1\r\nline", tags=["pos:noun"])]
+        results.append(TermResult(item=VocabularyItem(position=position, term=term), analysis=analysis,
+                                  cards=cards))
+    return results
+
+
+def assert_hostile_note_is_text(col: Collection, results: list[TermResult]) -> None:
+    expected = {note.guid: note for note in prepare_deck(results, language="Korean", simulated=True).notes}
+    notes = notes_by_guid(col)
+    assert set(notes) == set(expected)
+    for result in results:
+        for note in (n for g, n in notes.items() if expected[g].term == result.item.term):
+            kind = note["CardType"]
+            original = next(c for c in result.cards if c.card_type.value == kind)
+            assert as_text(note["Term"]) == result.item.term
+            assert as_text(note["Front"]) == clean_text(original.front).replace("\r\n", "\n")
+            assert as_text(note["Back"]) == clean_text(original.back).replace("\r\n", "\n")
+            assert as_text(note["Meaning"]) == "@SUM(1+1)" and as_text(note["IPA"]) == "<b>ipa</b>"
+            assert sorted(note.tags) == sorted([*original.tags, SIMULATED_TAG])
+            for card in note.cards():
+                rendered = card.question() + card.answer()
+                assert "<script" not in rendered and "<img" not in rendered and "<i>" not in rendered
+                assert "&lt;script&gt;" in rendered or kind != "Scene"
+
+
+def test_hostile_content_arrives_as_harmless_text_in_every_format(tmp_path: Path, col: Collection) -> None:
+    results = hostile_results()
+
+    write_export("apkg", results, tmp_path / "deck.apkg", simulated=True, timestamp=T0)
+    assert_no_import_errors(import_apkg(col, tmp_path / "deck.apkg"))
+    assert_hostile_note_is_text(col, results)
+
+    folder = tmp_path / "anki2"
+    folder.mkdir()
+    fresh = Collection(str(folder / "collection.anki2"))
+    try:
+        add_note_type(fresh, note_type("Korean"))
+        write_export("tsv", results, tmp_path / "deck.tsv", simulated=True)
+        log = import_text(fresh, tmp_path / "deck.tsv")
+        assert_no_import_errors(log)
+        assert len(log.new) == sum(len(r.cards) for r in results)
+        assert_hostile_note_is_text(fresh, results)
+    finally:
+        fresh.close()
+
+    write_export("csv", results, tmp_path / "cards.csv", simulated=True)
+    with (tmp_path / "cards.csv").open(encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6
+    for row in rows:
+        assert not any(value.startswith(("=", "+", "-", "@", "\t", "\r")) for value in row.values()), row
+    scene = rows[0]
+    assert scene["term"] == "'" + FORMULA and scene["front"] == "'" + HOSTILE_FRONT
+    assert scene["back"] == clean_text(HOSTILE_BACK) and scene["meaning"] == "'@SUM(1+1)"
+    assert rows[1]["front"] == "'-1+2" and rows[1]["back"] == "'+1\r\nline"
+
+    write_export("jsonl", results, tmp_path / "cards.jsonl", simulated=True)
+    records = list(read_jsonl(tmp_path / "cards.jsonl"))
+    assert [(r.term, r.card.front, r.card.back) for r in records] == [
+        (res.item.term, c.front, c.back) for res in results for c in res.cards]
+    assert all(r.analysis.explanation == SCRIPT + "\nnext" for r in records)
+
+
+# --- media ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_audio_reaches_the_collections_media_folder(tmp_path: Path, col: Collection) -> None:
+    results = [make_result("학교", 1), make_result("먹다", 2)]
+    report = write_export("apkg", results, tmp_path / "deck.apkg", audio="espeak", timestamp=T0)
+    assert report.audio_files == 2 and report.warnings == ()
+    assert_no_import_errors(import_apkg(col, tmp_path / "deck.apkg"))
+    media = Path(col.media.dir())
+    for result in results:
+        name = media_name("Korean", result.item.term)
+        assert (media / name).stat().st_size > 1000
+        for nid in col.find_notes(f'"Term:{result.item.term}"'):
+            assert col.get_note(nid)["Audio"] == f"[sound:{name}]"
+
+
+# --- the issue's acceptance test --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_the_1000_term_deck_imports_cleanly_and_updates_in_place(tmp_path: Path, col: Collection) -> None:
+    source = shared_file("korean_1000_terms.csv")
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    deck = tmp_path / "korean.apkg"
+    started = time.perf_counter()
+    result = await process(ProcessOptions(input_path=source, output=deck, provider="simulated", db_url=db_url,
+                                          concurrency=16))
+    pipeline_s = time.perf_counter() - started
+    assert result.outcome is not None and result.outcome.stats.done == 1000
+    engine = open_database(db_url)
+    try:
+        ledger = Ledger(engine)
+        results = list(ledger.results(ledger.get_run().id))
+    finally:
+        engine.dispose()
+    cards = sum(len(r.cards) for r in results)
+    assert result.cards_written == cards
+
+    started = time.perf_counter()
+    log = import_apkg(col, deck)
+    import_s = time.perf_counter() - started
+    assert_no_import_errors(log)
+    assert len(log.new) == cards == col.note_count() == col.card_count()
+    assert not log.duplicate and not log.updated
+
+    changed = [with_back(results[499], 0, "a corrected back"), *results[:499], *results[500:]]
+    started = time.perf_counter()
+    write_export("apkg", changed, tmp_path / "v2.apkg", simulated=True, timestamp=time.time() + 3600)
+    export_s = time.perf_counter() - started
+    log = import_apkg(col, tmp_path / "v2.apkg")
+    assert_no_import_errors(log)
+    assert len(log.new) == 0 and len(log.updated) == cards == col.note_count()
+    guid = prepare_deck([changed[0]], language="Korean", simulated=True).notes[0].guid
+    assert notes_by_guid(col)[guid]["Back"] == "a corrected back"
+    print(f"\n1000 terms: pipeline {pipeline_s:.1f}s, {cards} notes, apkg export {export_s:.2f}s, "
+          f"import {import_s:.2f}s")

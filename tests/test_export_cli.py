@@ -1,0 +1,377 @@
+"""`process -o deck.apkg`, `export` and `push` from the command line; push talks to a fake AnkiConnect."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import re
+import shutil
+import socket
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy
+from typer.testing import CliRunner
+
+from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.export import prepare_deck, push_results
+from flashcard_pipeline.export.anki_model import note_type
+from flashcard_pipeline.export.ankiconnect import AnkiConnect, AnkiConnectError, push_notes
+from flashcard_pipeline.export.jsonl import read_jsonl
+from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
+from flashcard_pipeline.simulator.content import analysis_for
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
+
+runner = CliRunner()
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def words(tmp_path: Path, count: int) -> Path:
+    path = tmp_path / "words.csv"
+    rows = [f"{i},단어{i},noun,{1 + i % 3}" for i in range(1, count + 1)]
+    path.write_text("position,term,type,TOPIK_Level\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class Run:
+    db_url: str
+    run_id: int
+    cards: int
+    results: list[TermResult]
+
+
+def processed(tmp_path: Path, count: int) -> Run:
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    code, _, stderr = run_cli("process", str(words(tmp_path, count)), "--provider", "simulated", "--db", db_url,
+                              "-o", str(tmp_path / "first.jsonl"))
+    assert code == 0, stderr
+    engine = open_database(db_url)
+    try:
+        ledger = Ledger(engine)
+        run = ledger.get_run()
+        results = list(ledger.results(run.id))
+    finally:
+        engine.dispose()
+    return Run(db_url=db_url, run_id=run.id, cards=sum(len(r.cards) for r in results), results=results)
+
+
+@pytest.fixture
+def small_run(tmp_path: Path) -> Run:
+    return processed(tmp_path, 4)
+
+
+def api_calls(db_url: str) -> int:
+    engine = open_database(db_url)
+    try:
+        ledger = Ledger(engine)
+        return len(ledger.api_calls(ledger.get_run().id))
+    finally:
+        engine.dispose()
+
+
+# --- process and export -----------------------------------------------------------------------------------------
+
+
+def test_process_writes_an_apkg_chosen_by_the_extension(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    deck = tmp_path / "deck.apkg"
+    code, stdout, stderr = run_cli("process", str(words(tmp_path, 3)), "--provider", "simulated", "--db", db_url,
+                                   "-o", str(deck), "--deck-name", "Mine", "--subdecks", "level")
+    assert code == 0, stderr
+    with zipfile.ZipFile(deck) as archive:
+        assert "collection.anki2" in archive.namelist()
+    assert "wrote" in stdout and str(deck) in stdout
+
+
+def test_export_rewrites_a_stored_run_in_every_format_without_api_calls(tmp_path: Path, small_run: Run) -> None:
+    calls = api_calls(small_run.db_url)
+    for name in ("deck.apkg", "deck.tsv", "deck.csv", "deck.jsonl"):
+        code, stdout, stderr = run_cli("export", "--db", small_run.db_url, "-o", str(tmp_path / name))
+        assert code == 0, stderr
+        assert f"wrote {small_run.cards} cards for 4 terms from run {small_run.run_id}" in stdout
+    assert api_calls(small_run.db_url) == calls
+    assert len(list(read_jsonl(tmp_path / "deck.jsonl"))) == small_run.cards
+    assert "#deck:Korean vocabulary (simulated)" in (tmp_path / "deck.tsv").read_text(encoding="utf-8")
+
+
+def test_export_format_option_beats_the_extension_and_deck_options_apply(tmp_path: Path, small_run: Run) -> None:
+    out = tmp_path / "deck.dat"
+    code, stdout, stderr = run_cli("export", "--db", small_run.db_url, "--run", str(small_run.run_id), "--format",
+                                   "tsv", "-o", str(out), "--deck-name", "TOPIK", "--subdecks", "level")
+    assert code == 0, stderr
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("#separator:tab\n") and "#deck:TOPIK (simulated)\n" in text
+    assert "TOPIK (simulated)::Level 2" in text and "#deck column:12" in text
+    assert "deck 'TOPIK (simulated)'" in stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--run", "99"], "there is no run 99"),
+    (["--format", "xlsx"], "unknown export format 'xlsx'"),
+])
+def test_export_usage_errors_are_one_line_and_exit_2(tmp_path: Path, small_run: Run, args: list[str],
+                                                     message: str) -> None:
+    code, _, stderr = run_cli("export", "--db", small_run.db_url, "-o", str(tmp_path / "x.apkg"), *args)
+    assert code == 2 and message in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "x.apkg").exists()
+
+
+def test_export_of_an_empty_database_says_to_run_process_first(tmp_path: Path) -> None:
+    code, _, stderr = run_cli("export", "--db", f"sqlite:///{tmp_path / 'empty.db'}", "-o", str(tmp_path / "x.csv"))
+    assert code == 2 and "no runs yet" in stderr
+
+
+def test_export_of_a_run_with_nothing_finished_is_exit_1(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = open_database(db_url)
+    try:
+        run = Ledger(engine).create_run(
+            run_key="k", input_path="words.csv", input_sha256="0" * 64, provider="simulated", model="m",
+            settings={}, target_language="Korean", learner_language="English", simulated=True,
+            items=[VocabularyItem(position=1, term="학교"), VocabularyItem(position=2, term="먹다")])
+    finally:
+        engine.dispose()
+    code, _, stderr = run_cli("export", "--db", db_url, "-o", str(tmp_path / "x.apkg"))
+    assert code == 1 and f"run {run.id} has no finished items" in stderr and "2 pending" in stderr
+    assert not (tmp_path / "x.apkg").exists()
+
+
+def test_missing_espeak_is_a_warning_not_a_failure(tmp_path: Path, small_run: Run,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, _, stderr = run_cli("export", "--db", small_run.db_url, "-o", str(tmp_path / "x.apkg"), "--audio", "espeak")
+    assert code == 0 and (tmp_path / "x.apkg").exists()
+    assert "espeak-ng is not installed" in stderr
+
+
+# --- push -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeAnki:
+    """Just enough AnkiConnect: decks, models, notes with its first-field duplicate check, media."""
+
+    require_key: str | None = None
+    refuse_adds: bool = False
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    decks: set[str] = field(default_factory=lambda: {"Default"})
+    models: dict[str, dict[str, Any]] = field(default_factory=lambda: {"Basic": {}})
+    notes: list[dict[str, Any]] = field(default_factory=list)
+    media: dict[str, bytes] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def actions(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["action"] == name]
+
+    def _duplicate(self, note: dict[str, Any]) -> bool:
+        options = note.get("options", {})
+        scope = options.get("duplicateScopeOptions", {})
+        root = scope.get("deckName") or note["deckName"]
+        first = next(iter(note["fields"].values()))
+
+        def in_scope(deck: str) -> bool:
+            return deck == root or (scope.get("checkChildren", False) and deck.startswith(root + "::"))
+
+        return any(n["modelName"] == note["modelName"] and next(iter(n["fields"].values())) == first
+                   and in_scope(n["deckName"]) for n in self.notes)
+
+    def _can_add(self, note: dict[str, Any]) -> bool:
+        return (note["deckName"] in self.decks and note["modelName"] in self.models
+                and not self._duplicate(note))
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            self.requests.append(request)
+            if self.require_key and request.get("key") != self.require_key:
+                return {"result": None, "error": "valid api key must be provided"}
+            action, params = request["action"], request.get("params", {})
+            if action == "version":
+                return {"result": 6, "error": None}
+            if action == "createDeck":
+                self.decks.add(params["deck"])
+                return {"result": 1_000 + len(self.decks), "error": None}
+            if action == "modelNames":
+                return {"result": sorted(self.models), "error": None}
+            if action == "createModel":
+                self.models[params["modelName"]] = params
+                return {"result": {"name": params["modelName"]}, "error": None}
+            if action == "canAddNotes":
+                return {"result": [self._can_add(n) for n in params["notes"]], "error": None}
+            if action == "addNotes":
+                ids = []
+                for note in params["notes"]:
+                    if self._can_add(note) and not self.refuse_adds:
+                        self.notes.append(note)
+                        ids.append(len(self.notes))
+                    else:
+                        ids.append(None)
+                return {"result": ids, "error": None}
+            if action == "storeMediaFile":
+                self.media[params["filename"]] = base64.b64decode(params["data"])
+                return {"result": params["filename"], "error": None}
+            return {"result": None, "error": "unsupported action"}
+
+
+@pytest.fixture
+def fake_anki() -> Iterator[tuple[FakeAnki, str]]:
+    anki = FakeAnki()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            body = json.dumps(anki.handle(request)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    yield anki, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_push_adds_the_notes_then_finds_them_already_there(tmp_path: Path,
+                                                           fake_anki: tuple[FakeAnki, str]) -> None:
+    anki, url = fake_anki
+    run = processed(tmp_path, 40)
+    assert run.cards > 100, "enough cards for two batches"
+    code, stdout, stderr = run_cli("push", "--db", run.db_url, "--url", url, "--subdecks", "level")
+    assert code == 0, stderr
+    assert f"{run.cards} notes added, 0 were already there; created the note type" in stdout
+
+    deck = "Korean vocabulary (simulated)"
+    assert {deck, f"{deck}::Level 1", f"{deck}::Level 2", f"{deck}::Level 3"} <= anki.decks
+    model = anki.models["Flashcard Pipeline (Korean)"]
+    assert model["inOrderFields"][0] == "Key" and "Term" in model["inOrderFields"] and model["css"]
+    batches = anki.actions("addNotes")
+    assert len(batches) == 2 and all(len(b["params"]["notes"]) <= 100 for b in batches)
+    assert all(r["version"] == 6 for r in anki.requests)
+    expected = prepare_deck(run.results, language="Korean", subdecks="level", simulated=True).notes
+    assert [n["fields"] for n in anki.notes] == [note.field_map() for note in expected]
+    for sent in anki.notes:
+        assert sent["options"]["duplicateScope"] == "deck" and sent["options"]["allowDuplicate"] is False
+        assert sent["options"]["duplicateScopeOptions"]["deckName"] == deck
+        assert "source:simulated" in sent["tags"]
+
+    code, stdout, stderr = run_cli("push", "--db", run.db_url, "--url", url, "--subdecks", "level")
+    assert code == 0, stderr
+    assert f"0 notes added, {run.cards} were already there" in stdout and "created" not in stdout
+    assert len(anki.notes) == run.cards and len(anki.actions("createModel")) == 1
+
+
+def test_push_when_anki_is_not_running_is_one_line_and_exit_2(small_run: Run) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    code, _, stderr = run_cli("push", "--db", small_run.db_url, "--url", url)
+    assert code == 2
+    assert f"Anki is not running or AnkiConnect is not installed ({url})" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_push_reports_ankiconnects_refusal(small_run: Run, fake_anki: tuple[FakeAnki, str]) -> None:
+    anki, url = fake_anki
+    anki.require_key = "secret"
+    code, _, stderr = run_cli("push", "--db", small_run.db_url, "--url", url)
+    assert code == 2 and "valid api key must be provided" in stderr
+    code, stdout, _ = run_cli("push", "--db", small_run.db_url, "--url", url, "--key", "secret")
+    assert code == 0 and f"{small_run.cards} notes added" in stdout
+
+
+def test_push_without_espeak_warns_and_still_pushes(small_run: Run, fake_anki: tuple[FakeAnki, str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    anki, url = fake_anki
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, _, stderr = run_cli("push", "--db", small_run.db_url, "--url", url, "--audio", "espeak")
+    assert code == 0 and "espeak-ng is not installed" in stderr
+    assert len(anki.notes) == small_run.cards and anki.media == {}
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_push_uploads_one_audio_file_per_term(small_run: Run, fake_anki: tuple[FakeAnki, str]) -> None:
+    anki, url = fake_anki
+    code, _, stderr = run_cli("push", "--db", small_run.db_url, "--url", url, "--audio", "espeak")
+    assert code == 0, stderr
+    assert len(anki.media) == 4 and all(data.startswith(b"RIFF") for data in anki.media.values())
+    assert {n["fields"]["Audio"] for n in anki.notes} == {f"[sound:{name}]" for name in anki.media}
+
+
+def test_pushed_hostile_text_arrives_escaped(fake_anki: tuple[FakeAnki, str]) -> None:
+    anki, url = fake_anki
+    analysis = analysis_for("학교", type="noun").model_copy(update={"primary_meaning": "<script>alert(1)</script>"})
+    card = Flashcard(card_type=CardType.SCENE, front="=cmd|' /C calc'!A0", back='"quoted"\ttab\nline 🎴 \u200f',
+                     tags=['x:"<b>"'])
+    result = TermResult(item=VocabularyItem(position=1, term="<b>학교</b>"), analysis=analysis, cards=[card])
+    with AnkiConnect(url) as client:
+        report, warnings = push_results([result], client, language="Korean")
+    assert report.added == 1 and warnings == ()
+    fields = anki.notes[0]["fields"]
+    assert fields["Term"] == "&lt;b&gt;학교&lt;/b&gt;"
+    assert fields["Meaning"] == "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert fields["Front"] == "=cmd|' /C calc'!A0"
+    assert fields["Back"] == "&quot;quoted&quot;\ttab<br>line 🎴 \u200f"
+    assert anki.notes[0]["tags"] == ['x:"<b>"']
+
+
+def test_notes_that_anki_refuses_to_add_are_counted_and_exit_1(small_run: Run,
+                                                               fake_anki: tuple[FakeAnki, str]) -> None:
+    anki, url = fake_anki
+    anki.refuse_adds = True
+    code, stdout, stderr = run_cli("push", "--db", small_run.db_url, "--url", url)
+    assert code == 1
+    assert "0 notes added, 0 were already there" in stdout
+    assert f"{small_run.cards} notes could not be added" in stderr
+
+
+@pytest.mark.parametrize(("status", "body", "message"), [
+    (404, b"not found", "answered version with HTTP 404"),
+    (200, b"<html>a web page</html>", "not JSON"),
+    (200, b'{"apiVersion": "AnkiConnect v.6"}', "is it AnkiConnect"),
+    (200, b'{"result": 5, "error": null}', "speaks version 5"),
+])
+def test_something_else_on_the_port_is_a_clear_error(status: int, body: bytes, message: str) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+    with AnkiConnect("http://127.0.0.1:8765", transport=transport) as client, \
+            pytest.raises(AnkiConnectError, match=re.escape(message)):
+        push_notes(client, [], note_type=note_type("Korean"), root_deck="Deck")
+
+
+def test_export_of_a_partly_finished_run_says_what_was_left_out(tmp_path: Path, small_run: Run) -> None:
+    engine = open_database(small_run.db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("UPDATE items SET cards_state = 'pending' WHERE position = 2"))
+    finally:
+        engine.dispose()
+    unfinished = next(r for r in small_run.results if r.item.position == 2)
+    code, stdout, stderr = run_cli("export", "--db", small_run.db_url, "-o", str(tmp_path / "x.csv"))
+    assert code == 0
+    assert "1 unfinished items" in stderr
+    assert f"wrote {small_run.cards - len(unfinished.cards)} cards for 3 terms" in stdout
+
+
+def test_an_unwritable_output_is_one_line_and_exit_2(tmp_path: Path, small_run: Run) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    code, _, stderr = run_cli("export", "--db", small_run.db_url, "-o", str(tmp_path / "file" / "deck.apkg"))
+    assert code == 2 and "cannot write" in stderr and len(stderr.strip().splitlines()) == 1

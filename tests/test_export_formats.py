@@ -1,0 +1,290 @@
+"""The exporters without Anki: GUIDs, ids, escaping, tags, decks, TSV headers, CSV injection, JSONL, audio."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import wave
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import genanki
+import pytest
+
+from flashcard_pipeline.errors import ConfigurationError
+from flashcard_pipeline.export import prepare_deck, resolve_format, write_export
+from flashcard_pipeline.export.anki_model import FIELDS, deck_id, language_code, note_type
+from flashcard_pipeline.export.audio import media_name, synthesize
+from flashcard_pipeline.export.common import SIMULATED_TAG, anki_tags, html_text
+from flashcard_pipeline.export.csv_export import neutralise
+from flashcard_pipeline.export.jsonl import read_jsonl
+from flashcard_pipeline.export.notes import Subdecks, build_notes, resolve_deck_name
+from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
+from flashcard_pipeline.simulator.content import analysis_for, cards_for
+
+
+def make_result(term: str, position: int = 1, *, hints: dict[str, str] | None = None,
+                cards: list[Flashcard] | None = None) -> TermResult:
+    analysis = analysis_for(term, type="noun")
+    return TermResult(item=VocabularyItem(position=position, term=term, type="noun", hints=hints or {}),
+                      analysis=analysis, cards=cards if cards is not None else list(cards_for(term, analysis).cards))
+
+
+def card(card_type: CardType, front: str = "front", back: str = "back", tags: list[str] | None = None) -> Flashcard:
+    return Flashcard(card_type=card_type, front=front, back=back, tags=tags or [])
+
+
+def notes_of(results: list[TermResult], **kwargs: object) -> list:
+    options: dict = {"language": "Korean", "root_deck": "Deck", "subdecks": Subdecks.NONE, "simulated": False}
+    options.update(kwargs)
+    return list(build_notes(results, **options))
+
+
+# --- identity: GUIDs and ids ----------------------------------------------------------------------------------
+
+
+def test_guid_comes_from_language_term_and_card_type_with_an_ordinal_per_type() -> None:
+    cards = [card(CardType.SCENE), card(CardType.EXAMPLE), card(CardType.EXAMPLE, front="another example")]
+    notes = notes_of([make_result("학교", cards=cards)])
+    assert notes[0].guid == genanki.guid_for("Korean", "학교", "Scene", 1)
+    assert notes[1].guid == genanki.guid_for("Korean", "학교", "Example", 1)
+    assert notes[2].guid == genanki.guid_for("Korean", "학교", "Example", 2)
+    assert len({n.guid for n in notes}) == 3
+    assert len({n.field("Key") for n in notes}) == 3, "the first field must be unique for AnkiConnect's check"
+
+
+def test_guid_ignores_position_wording_and_run_but_not_language() -> None:
+    first = notes_of([make_result("학교", position=1, cards=[card(CardType.SCENE, front="old wording")])])
+    later = notes_of([make_result("학교", position=40, cards=[card(CardType.SCENE, front="new wording")])])
+    other_language = notes_of([make_result("학교", cards=[card(CardType.SCENE)])], language="Japanese")
+    assert first[0].guid == later[0].guid
+    assert first[0].field("Front") != later[0].field("Front")
+    assert other_language[0].guid != first[0].guid
+
+
+def test_note_type_and_deck_ids_derive_from_names() -> None:
+    korean = note_type("Korean")
+    assert korean.id == note_type("Korean").id
+    assert korean.id != note_type("Japanese").id
+    assert korean.name == "Flashcard Pipeline (Korean)"
+    assert deck_id("Korean vocabulary") == deck_id("Korean vocabulary") != deck_id("Korean vocabulary::noun")
+    for value in (korean.id, deck_id("x"), deck_id("Korean vocabulary")):
+        assert (1 << 30) <= value < (1 << 31)
+    assert korean.fields == FIELDS and korean.fields[0] == "Key"
+    assert korean.genanki_model().sort_field_index == FIELDS.index("Term")
+
+
+def test_the_template_marks_the_term_with_its_language() -> None:
+    assert language_code("Korean") == "ko" and language_code("ko") == "ko"
+    assert language_code("Klingon") is None
+    assert 'lang="ko"' in note_type("Korean").templates[0]["afmt"]
+    assert "lang=" not in note_type("Klingon").templates[0]["afmt"]
+    css = note_type("Korean").css
+    assert ".nightMode" in css and "Noto Sans KR" in css and "keep-all" in css
+
+
+# --- text, tags and decks ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("<script>alert(1)</script>", "&lt;script&gt;alert(1)&lt;/script&gt;"),
+    ('say "hi" & \'bye\'', "say &quot;hi&quot; &amp; 'bye'"),
+    ("one\ntwo\r\nthree\rfour", "one<br>two<br>three<br>four"),
+    ("tab\there", "tab\there"),
+    ("null\x00byte\x1b", "nullbyte"),
+    ("🎴 \u200fמילה\u200e", "🎴 \u200fמילה\u200e"),
+])
+def test_model_text_is_html_escaped(text: str, expected: str) -> None:
+    assert html_text(text) == expected
+
+
+def test_tags_contain_no_spaces_and_the_simulated_tag_is_added_once() -> None:
+    assert anki_tags(["pos:noun", "a b", "tab\tbed", "ideo\u3000space", "  ", "pos:noun"]) == (
+        "pos:noun", "a_b", "tab_bed", "ideo_space")
+    cards = [card(CardType.SCENE, tags=["pos:noun", SIMULATED_TAG]), card(CardType.GRAMMAR, tags=["pos:noun"])]
+    notes = notes_of([make_result("학교", cards=cards)], simulated=True)
+    for note in notes:
+        assert note.tags.count(SIMULATED_TAG) == 1
+        assert all(" " not in tag for tag in note.tags)
+    assert SIMULATED_TAG not in notes_of([make_result("학교", cards=cards[1:])])[0].tags
+
+
+@pytest.mark.parametrize(("requested", "simulated", "expected"), [
+    (None, False, "Korean vocabulary"),
+    (None, True, "Korean vocabulary (simulated)"),
+    ("My deck", True, "My deck (simulated)"),
+    ("My deck (simulated)", True, "My deck (simulated)"),
+    ("  Two\nlines\tdeck ", False, "Two lines deck"),
+    ("Parent::Child", False, "Parent::Child"),
+])
+def test_deck_name(requested: str | None, simulated: bool, expected: str) -> None:
+    assert resolve_deck_name(requested, language="Korean", simulated=simulated) == expected
+
+
+def test_subdecks_by_part_of_speech_and_by_the_inputs_level_column() -> None:
+    results = [make_result("학교", 1, hints={"TOPIK_Level": "1"}), make_result("먹다", 2, hints={"level": "Level 3"}),
+               make_result("빨리", 3, hints={"Definition": "quickly"}), make_result("그", 4, hints={"cefr_LEVEL": " "})]
+    by_level = {n.term: n.deck for n in notes_of(results, subdecks=Subdecks.LEVEL)}
+    assert by_level == {"학교": "Deck::Level 1", "먹다": "Deck::Level 3", "빨리": "Deck", "그": "Deck"}
+    by_pos = {n.term: n.deck for n in notes_of(results, subdecks=Subdecks.POS)}
+    assert by_pos == {r.item.term: f"Deck::{r.analysis.pos.value}" for r in results}
+    assert {n.deck for n in notes_of(results)} == {"Deck"}
+
+
+def test_analysis_on_the_back_is_escaped_and_mentions_the_useful_parts() -> None:
+    result = make_result("학교")
+    html = notes_of([result], lang="ko")[0].field("Analysis")
+    assert html_text(result.analysis.explanation) in html
+    assert html_text(result.analysis.metaphor) in html
+    for homonym in result.analysis.homonyms:
+        assert f'<span class="fp-hanja" lang="ko">{html_text(homonym.hanja)}</span>' in html
+
+
+# --- formats ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("explicit", "output", "expected"), [
+    (None, "deck.apkg", "apkg"), (None, "deck.TSV", "tsv"), (None, "deck.txt", "tsv"), (None, "deck.csv", "csv"),
+    (None, "deck.jsonl", "jsonl"), (None, None, "jsonl"), (None, "deck", "jsonl"), ("tsv", "deck.dat", "tsv"),
+    ("APKG", "deck.csv", "apkg"),
+])
+def test_format_comes_from_the_option_or_the_extension(explicit: str | None, output: str | None,
+                                                        expected: str) -> None:
+    assert resolve_format(explicit, Path(output) if output else None) == expected
+
+
+@pytest.mark.parametrize(("explicit", "output"), [("xlsx", None), (None, "deck.xlsx")])
+def test_unknown_format_is_a_configuration_error(explicit: str | None, output: str | None) -> None:
+    with pytest.raises(ConfigurationError, match="apkg, tsv, csv, jsonl"):
+        resolve_format(explicit, Path(output) if output else None)
+
+
+def test_anki_tsv_headers_point_at_the_right_columns(tmp_path: Path) -> None:
+    results = [make_result("학교", 1, hints={"TOPIK_Level": "2"}), make_result("#해시", 2)]
+    path = tmp_path / "deck.tsv"
+    report = write_export("tsv", results, path, subdecks="level", simulated=True)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    headers = dict(line[1:].split(":", 1) for line in lines if line.startswith("#") and ":" in line[:20])
+    assert headers["separator"] == "tab" and headers["html"] == "true"
+    assert headers["notetype"] == "Flashcard Pipeline (Korean)"
+    assert headers["deck"] == "Korean vocabulary (simulated)" == report.deck
+    columns = headers["columns"].split("\t")
+    assert columns[:len(FIELDS)] == list(FIELDS)
+    rows = list(csv.reader(lines[len(headers):], delimiter="\t"))
+    assert len(rows) == report.cards == sum(len(r.cards) for r in results)
+    expected = {n.guid: n for n in prepare_deck(results, language="Korean", subdecks="level", simulated=True).notes}
+    by_guid = {row[int(headers["guid column"]) - 1]: row for row in rows}
+    assert set(by_guid) == set(expected)
+    for guid, note in expected.items():
+        row = by_guid[guid]
+        assert row[:len(FIELDS)] == list(note.fields)
+        assert row[int(headers["tags column"]) - 1].split(" ") == list(note.tags)
+        assert row[int(headers["deck column"]) - 1] == note.deck
+        assert not row[0].startswith("#"), "Anki would skip the row as a comment"
+    decks = [row[int(headers["deck column"]) - 1] for row in rows]
+    assert set(decks) == {"Korean vocabulary (simulated)::Level 2", "Korean vocabulary (simulated)"}
+    assert decks == sorted(decks, key=lambda deck: deck.count("::")), "parent decks first (see anki_tsv)"
+
+
+@pytest.mark.parametrize(("cell", "expected"), [
+    ("=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0"), ("+1", "'+1"), ("-2+3", "'-2+3"), ("@SUM(A1)", "'@SUM(A1)"),
+    ("\tx", "'\tx"), ("\rx", "'\rx"), ("  =1+1", "'  =1+1"), ("학교", "학교"), ("a=b", "a=b"), ("", ""),
+])
+def test_csv_cells_that_spreadsheets_would_run_are_neutralised(cell: str, expected: str) -> None:
+    assert neutralise(cell) == expected
+
+
+def test_csv_is_plain_text_with_a_bom_and_no_live_formulas(tmp_path: Path) -> None:
+    hostile = [card(CardType.SCENE, front="=cmd|' /C calc'!A0", back="@SUM(1)\n<b>bold</b>", tags=["x:-1"])]
+    results = [make_result("학교", cards=hostile), make_result("-다", 2)]
+    path = tmp_path / "cards.csv"
+    report = write_export("csv", results, path)
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == report.cards == 1 + len(results[1].cards) and report.terms == 2
+    for row in rows:
+        for value in row.values():
+            assert not value.startswith(("=", "+", "-", "@", "\t", "\r")), value
+    assert rows[0]["front"] == "'=cmd|' /C calc'!A0"
+    assert rows[0]["back"] == "'@SUM(1)\n<b>bold</b>", "plain text: not HTML-escaped, line break kept"
+    assert rows[1]["term"] == "'-다"
+
+
+def test_jsonl_loads_back_into_the_models(tmp_path: Path) -> None:
+    results = [make_result("학교"), make_result("먹다", 2)]
+    path = tmp_path / "cards.jsonl"
+    report = write_export("jsonl", results, path, simulated=True)
+    records = list(read_jsonl(path))
+    assert len(records) == report.cards and report.terms == 2
+    flat = [(r, c) for r in results for c in r.cards]
+    for record, (result, original) in zip(records, flat, strict=True):
+        assert record.analysis == result.analysis and record.item == result.item
+        assert record.card.front == original.front and record.card.card_type is original.card_type
+        assert record.card.tags == [*original.tags, SIMULATED_TAG]
+
+
+def test_a_failed_export_leaves_the_previous_file_and_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "deck.apkg"
+    write_export("apkg", [make_result("학교")], path)
+    before = path.read_bytes()
+
+    def broken() -> Iterator[TermResult]:
+        yield make_result("먹다")
+        raise RuntimeError("database went away")
+
+    for fmt in ("apkg", "tsv", "csv", "jsonl"):
+        target = path if fmt == "apkg" else tmp_path / f"deck.{fmt}"
+        with pytest.raises(RuntimeError):
+            write_export(fmt, broken(), target)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deck.apkg"]
+
+
+def test_apkg_holds_one_note_per_card_and_its_media(tmp_path: Path) -> None:
+    path = tmp_path / "deck.apkg"
+    report = write_export("apkg", [make_result("학교"), make_result("먹다", 2)], path, simulated=True)
+    with zipfile.ZipFile(path) as archive:
+        assert {"collection.anki2", "media"} <= set(archive.namelist())
+    assert report.deck == "Korean vocabulary (simulated)" and report.terms == 2 and report.audio_files == 0
+
+
+# --- audio ------------------------------------------------------------------------------------------------------
+
+
+def test_missing_espeak_is_one_warning_and_the_export_goes_on(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    path = tmp_path / "deck.apkg"
+    report = write_export("apkg", [make_result("학교")], path, audio="espeak")
+    assert path.exists() and report.cards > 0 and report.audio_files == 0
+    assert len(report.warnings) == 1 and "espeak-ng is not installed" in report.warnings[0]
+    prepared = prepare_deck([make_result("학교")], language="Korean", audio="espeak", media_dir=tmp_path / "m")
+    assert all(note.field("Audio") == "" for note in prepared.notes)
+
+
+def test_audio_is_only_for_anki_decks(tmp_path: Path) -> None:
+    report = write_export("jsonl", [make_result("학교")], tmp_path / "cards.jsonl", audio="espeak")
+    assert report.audio_files == 0 and "only attached to .apkg" in report.warnings[0]
+
+
+requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+@requires_espeak
+def test_espeak_writes_one_wav_per_term_with_a_stable_name(tmp_path: Path) -> None:
+    report = synthesize(["학교", "먹다", "학교", "-빨리"], language="Korean", directory=tmp_path)
+    assert report.warning is None
+    assert set(report.files) == {"학교", "먹다", "-빨리"}
+    for term, path in report.files.items():
+        assert path.name == media_name("Korean", term)
+        with wave.open(str(path)) as audio:
+            assert audio.getnframes() > 0
+    assert media_name("Korean", "학교") != media_name("Japanese", "학교")
+
+
+@requires_espeak
+def test_espeak_without_a_voice_for_the_language_warns(tmp_path: Path) -> None:
+    report = synthesize(["zzz"], language="Zyzzyvan", directory=tmp_path)
+    assert report.files == {} and report.warning is not None and "could not speak Zyzzyvan" in report.warning
