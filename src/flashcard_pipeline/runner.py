@@ -253,7 +253,7 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
             outcome = await pipeline.run(run)
         monitor = pool_monitor(ledger.engine)
         metrics = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
-        await asyncio.to_thread(ledger.set_run_metrics, run.id, metrics)
+        await asyncio.to_thread(ledger.merge_run_metrics, run.id, metrics)
         return outcome
     raise AssertionError("unreachable")  # pragma: no cover
 

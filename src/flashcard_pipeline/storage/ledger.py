@@ -242,9 +242,12 @@ class Ledger:
             session.execute(update(Run).where(Run.id == run_id).values(status=status, finished_at=finished,
                                                                        updated_at=utcnow()))
 
-    def set_run_metrics(self, run_id: int, metrics: dict[str, Any]) -> None:
+    def merge_run_metrics(self, run_id: int, metrics: dict[str, Any]) -> None:
+        """Set these top-level keys of the run's metrics (others stay), so several components can publish."""
         with Session(self.engine) as session, session.begin():
-            session.execute(update(Run).where(Run.id == run_id).values(metrics_json=json.dumps(metrics)))
+            raw = session.scalar(select(Run.metrics_json).where(Run.id == run_id).with_for_update())
+            merged = {**(json.loads(raw) if raw else {}), **metrics}
+            session.execute(update(Run).where(Run.id == run_id).values(metrics_json=json.dumps(merged)))
 
     def run_metrics(self, run_id: int) -> dict[str, Any] | None:
         with Session(self.engine) as session:
