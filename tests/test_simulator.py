@@ -174,13 +174,6 @@ async def test_usage_block_counts_tokens_and_prices_them() -> None:
     assert long["usage"]["prompt_tokens"] > usage["prompt_tokens"] + 400
 
 
-def test_token_estimate_counts_hangul_per_character_and_latin_per_three_and_a_half() -> None:
-    assert estimate_tokens("학생입니다") == 5
-    assert estimate_tokens("abcdefg") == 2
-    assert estimate_tokens("abc defg 학생") == 2 + 2
-    assert estimate_tokens("") == 0
-
-
 async def test_other_schemas_get_an_empty_json_object() -> None:
     async with started() as (sim, client):
         response = await client.post("/chat/completions", json=chat_body(None, {"anything": 1}))

@@ -28,6 +28,7 @@ from typing import Any, Self
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flashcard_pipeline.llm.client import estimate_tokens
 from flashcard_pipeline.models import TermAnalysis
 from flashcard_pipeline.simulator.content import analysis_for, cards_for
 
@@ -53,7 +54,6 @@ CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions")
 WINDOW_SECONDS = 60.0
 #: Answer for a request with no known stage schema: valid JSON, so ``json_object`` mode clients cope.
 OTHER_STAGE_CONTENT = "{}"
-_CHARS_PER_TOKEN = 3.5
 _TOKENS_PER_MESSAGE = 4
 _SHUTDOWN_TIMEOUT = 0.5
 
@@ -186,20 +186,6 @@ class _Recorder:
             term_successes=dict(terms),
             term_successes_by_stage={stage: dict(c) for stage, c in self.successes.items()},
         )
-
-
-def estimate_tokens(text: str) -> int:
-    """Rough token count: 1 per Hangul/CJK/kana character, 1 per 3.5 other non-space characters."""
-    wide = sum(1 for c in text if _is_wide(c))
-    other = sum(1 for c in text if not c.isspace()) - wide
-    return wide + math.ceil(other / _CHARS_PER_TOKEN)
-
-
-def _is_wide(char: str) -> bool:
-    code = ord(char)
-    return (0xAC00 <= code <= 0xD7A3 or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F
-            or 0x3040 <= code <= 0x30FF or 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF
-            or 0xF900 <= code <= 0xFAFF)
 
 
 def _cost(prompt_tokens: int, completion_tokens: int) -> float:
