@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,15 +14,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from rich.console import Console
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.progress import ConsoleReporter, describe
 from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.ingest import read_vocabulary
+from flashcard_pipeline.pipeline import RunStats
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import Base
@@ -228,3 +234,46 @@ def test_killed_run_resumes_without_losing_or_repeating_work(tmp_path: Path, db_
     watcher.dispose()
     expected = [item.term for item in read_vocabulary(source)[0][:120]]
     assert_cards_for_every_term(out, expected)
+
+
+def test_simulate_serves_a_separate_process_run(tmp_path: Path, sqlite_url: str) -> None:
+    server = subprocess.Popen([sys.executable, "-m", "flashcard_pipeline", "simulate", "--port", "0",
+                               "--sim", "seed=3"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "COLUMNS": "200"})
+    try:
+        line = server.stderr.readline()
+        match = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+        assert match, line
+        base_url = match.group(1)
+        out = tmp_path / "cards.jsonl"
+        proc = subprocess.run([sys.executable, "-m", "flashcard_pipeline", "process",
+                               str(words(tmp_path, ["1,학교,noun", "2,먹다,verb"])), "--provider",
+                               "openai-compatible", "--base-url", base_url, "--db", sqlite_url, "-o", str(out)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert_cards_for_every_term(out, ["학교", "먹다"], simulated=False)
+        stats = httpx.get(base_url.removesuffix("/v1") + "/stats", timeout=5).json()
+        assert stats["total"] == 4 and stats["term_successes"] == {"학교": 2, "먹다": 2}
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=10) == 0
+
+
+def test_progress_display_on_a_terminal_and_in_a_log() -> None:
+    stats = RunStats(total=10, done=4, failed=1, in_flight=2, requests=9, tokens_in=100, tokens_out=50,
+                     cost_usd=0.0123, cache_hits=3, pause_reason="circuit open (retry in 12 s)")
+    line = describe(stats)
+    for part in ("done 4/10", "failed 1", "in flight 2", "tokens 150", "$0.0123", "cache hits 3", "paused: circuit"):
+        assert part in line
+
+    async def show(console: Console) -> str:
+        reporter = ConsoleReporter(console, plain_interval=0.0)
+        async with reporter.live(stats):
+            stats.done = 7
+            await asyncio.sleep(0.6)
+        return console.export_text()
+
+    plain = asyncio.run(show(Console(record=True, force_terminal=False, width=200)))
+    assert "done 7/10" in plain and "\x1b" not in plain
+    live = asyncio.run(show(Console(record=True, force_terminal=True, width=200)))
+    assert "done 7/10" in live and "cards" in live

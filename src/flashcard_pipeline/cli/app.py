@@ -24,7 +24,7 @@ from flashcard_pipeline.export import AudioEngine, Subdecks
 from flashcard_pipeline.llm.providers import ProviderName
 from flashcard_pipeline.resilience.retry import RetryConfig
 from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
-from flashcard_pipeline.simulator import SimulatorConfig, serve
+from flashcard_pipeline.simulator import Simulator, SimulatorConfig, serve
 from flashcard_pipeline.storage.schema import RunStatus
 
 
@@ -182,9 +182,13 @@ def simulate_command(
         config = parse_sim_options(sim or [])
     except ConfigurationError as exc:
         raise _fail(str(exc), ExitCode.USAGE) from None
-    _stderr().print(f"simulated provider on http://{host}:{port}/v1 (Ctrl-C to stop)", highlight=False)
+    err = _stderr()
+
+    def announce(simulator: Simulator) -> None:
+        err.print(f"simulated provider on {simulator.base_url} (Ctrl-C to stop)", highlight=False)
+
     try:
-        asyncio.run(serve(config, host, port))
+        asyncio.run(serve(config, host, port, ready=announce))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
