@@ -72,8 +72,9 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing a test runs may touch the developer's real database or keys."""
+    """Nothing a test runs may touch the developer's real database, keys or working tree."""
     home = tmp_path_factory.mktemp("home")
+    monkeypatch.chdir(home)
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
     for variable in ("FLASHCARD_DATABASE_URL", "OPENROUTER_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
