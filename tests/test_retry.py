@@ -45,6 +45,7 @@ from flashcard_pipeline.errors import (
     TruncatedOutputError,
 )
 from flashcard_pipeline.llm import CallContext, ChatMessage, ChatRequest, LLMClient, PolicyPipeline, resolve_provider
+from flashcard_pipeline.llm.policy import record_pause
 from flashcard_pipeline.pipeline import Pipeline
 from flashcard_pipeline.resilience import (
     JitterStrategy,
@@ -66,10 +67,12 @@ from tests.test_pipeline import SETTINGS, TERMS, ScriptedClient, new_run, raise_
 
 @pytest.fixture(autouse=True)
 def _no_retry_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's own RETRY_* settings must not change what these tests see."""
+    """A developer's own RETRY_* settings must not change what these tests see, nor real-time circuit
+    breaker pauses (tests/test_circuit_breaker*.py cover retry and breaker together)."""
     for name in list(os.environ):
         if name.startswith("RETRY_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("CB_ENABLED", "false")
 
 
 CTX = CallContext(stage="nuance", item_key="학교", provider="openrouter", model="m", estimated_tokens=100)
@@ -460,6 +463,25 @@ async def test_time_spent_in_calls_counts_against_the_deadline() -> None:
         await policy.execute(call, CTX)
     assert call.times == [0.0, 4.0, 9.0]  # calls end at 3, 7 and 12; waits 1 and 2; 12 + 4 > 10
     assert all(t < 10.0 for t in call.times)
+
+
+async def test_time_paused_by_inner_policies_does_not_count_against_the_deadline() -> None:
+    policy, clock, _ = make_policy(max_attempts=5, max_elapsed=10.0, **NO_JITTER)
+    calls = 0
+
+    async def waits_for_an_open_circuit_then_fails_once() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await clock.sleep(60.0)  # an inner breaker held the call while the provider was down
+            record_pause(60.0)
+            raise ServerError("first call after the outage failed")
+        return "ok"
+
+    assert await policy.execute(waits_for_an_open_circuit_then_fails_once, CTX) == "ok"
+    assert calls == 2 and clock.monotonic() == 61.0
+
+    record_pause(5.0)  # outside any retry loop: ignored, no error
 
 
 # -- cancellation -----------------------------------------------------------------------------------

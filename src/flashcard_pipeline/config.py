@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
+
 
 class DatabaseSettings(BaseSettings):
     """Connection pool settings: DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_RECYCLE, DB_POOL_TIMEOUT, DB_POOL_PRE_PING."""
@@ -41,3 +43,44 @@ class CacheSettings(BaseSettings):
 
     def ttl_for(self, cache_type: str) -> float | None:
         return {"nuance": self.ttl_nuance, "cards": self.ttl_cards}.get(cache_type)
+
+
+class CircuitBreakerSettings(BaseSettings, CircuitBreakerConfig):
+    """CB_FAILURE_RATIO, CB_MIN_THROUGHPUT, CB_BREAK_DURATION, CB_MAX_WAIT, ... (every CircuitBreakerConfig field)."""
+
+    model_config = SettingsConfigDict(env_prefix="CB_", extra="ignore", frozen=True)
+
+
+class RateLimitSettings(BaseSettings):
+    """RL_REQUESTS_PER_MINUTE, RL_TOKENS_PER_MINUTE, RL_ALGORITHM, RL_SHARDS, RL_BACKEND, ... (see docs/operations.md).
+
+    An unset per-minute limit is unknown: the requests limit is then found adaptively from
+    ``initial_requests_per_minute``, the tokens limit only once a 429 shows it binds.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="RL_", extra="ignore", frozen=True)
+
+    enabled: bool = True
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    algorithm: Literal["token_bucket", "sliding_window"] = "token_bucket"
+    shards: int | Literal["auto"] = Field(default=1, description="buckets per limit; 'auto' = max_qps / 2, "
+                                                                 ">= 10 tokens each")
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "flashcard-pipeline:ratelimit:"
+    adaptive: bool = True
+    initial_requests_per_minute: float = Field(default=60.0, gt=0)
+    safety: float = Field(default=0.985, gt=0, le=1, description="share of a known limit to plan for")
+    burst_share: float = Field(default=0.02, gt=0, lt=1, description="bucket size as a share of the limit")
+    decrease_factor: float = Field(default=0.5, gt=0, lt=1, description="multiplier after a 429")
+    increase_interval: float = Field(default=5.0, gt=0, description="seconds of saturated success per raise")
+    probe_step: float = Field(default=1.0, gt=0, description="raise before any 429, times the initial limit")
+    increase_step: float = Field(default=0.02, gt=0, description="raise after a 429 while below the level the "
+                                                                  "provider accepted, times that level")
+    settle_step: float = Field(default=0.002, gt=0, description="raise above that level, times that level")
+    min_per_minute: float = Field(default=1.0, gt=0)
+    default_pause: float = Field(default=1.0, ge=0, description="pause after a 429 without Retry-After")
+    max_pause: float = Field(default=120.0, gt=0)
+    reservation_ttl: float = Field(default=60.0, gt=0)
+    publish_interval: float = Field(default=2.0, gt=0, description="seconds between published snapshots")

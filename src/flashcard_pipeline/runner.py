@@ -24,11 +24,14 @@ from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export import FORMATS, ExportReport, check_options, resolve_format, write_export
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
-from flashcard_pipeline.llm.policy import CallPolicy
+from flashcard_pipeline.llm.policy import CallPolicy, PolicyPipeline
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
 from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.pipeline import Pipeline, RunOutcome, RunStats
 from flashcard_pipeline.pricing import TYPICAL_COMPLETION_TOKENS, price_for
+from flashcard_pipeline.resilience.breaker_store import BreakerStore, BreakerSync
+from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig, CircuitBreakerPolicy, breaker_policies
+from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy, rate_limit_policies
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
 from flashcard_pipeline.stages import (
@@ -72,6 +75,11 @@ class ProcessOptions:
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     #: Retry settings; ``None`` reads the RETRY_* environment variables.
     retry: RetryConfig | None = None
+    #: Circuit breaker settings; ``None`` reads the CB_* environment variables.
+    breaker: CircuitBreakerConfig | None = None
+    #: Provider limits per minute (``--rpm`` / ``--tpm``); ``None`` reads RL_REQUESTS_PER_MINUTE / RL_TOKENS_PER_MINUTE.
+    rpm: float | None = None
+    tpm: float | None = None
     env: dict[str, str] | None = None
     deck_name: str | None = None
     subdecks: str = "none"
@@ -188,11 +196,12 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
                   policy: CallPolicy | None = None) -> ProcessResult:
     """Run (or resume) the pipeline for ``options`` and export what is done.
 
-    Without a ``policy`` every provider call goes through one :class:`RetryPolicy` built from ``options.retry``.
+    Without a ``policy`` every provider call goes through :func:`default_policy`. Circuit breaker policies
+    in the one used (given or default) report pauses to the progress display and obey `breaker` commands.
     """
     reporter = reporter or SilentReporter()
     _validate(options)
-    policy = policy or RetryPolicy(options.retry or RetryConfig.from_env())
+    policy = policy or default_policy(options)
     reader = VocabularyReader(options.input_path)
     reader.detect()
     provider = _provider(options, None)
@@ -237,6 +246,34 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
         engine.dispose()
 
 
+def default_policy(options: ProcessOptions) -> CallPolicy:
+    """Retry outermost, so each attempt passes the circuit breaker (one per provider and model) again, and
+    the rate limiter innermost, so only calls actually sent take from the provider's limits."""
+    policies: list[CallPolicy] = [RetryPolicy(options.retry or RetryConfig.from_env())]
+    breaker = options.breaker or CircuitBreakerConfig.from_env()
+    if breaker.enabled:
+        policies.append(CircuitBreakerPolicy(breaker))
+    limiter = RateLimitPolicy.from_env(rpm=options.rpm, tpm=options.tpm)
+    if limiter is not None:
+        policies.append(limiter)
+    return PolicyPipeline(policies)
+
+
+def _show_pauses(stats: RunStats, breakers: list[CircuitBreakerPolicy]) -> None:
+    """Put why calls wait for a circuit into ``stats.pause_reason``, leaving other components' reasons alone."""
+    shown: list[str | None] = [None]
+
+    def show(reason: str | None) -> None:
+        if reason is not None:
+            stats.pause_reason = reason
+        elif stats.pause_reason == shown[0]:
+            stats.pause_reason = None
+        shown[0] = reason
+
+    for breaker in breakers:
+        breaker.on_pause = show
+
+
 async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: StageSettings, ledger: Ledger,
                    run: RunRecord, reporter: Reporter, policy: CallPolicy | None, to_process: int) -> RunOutcome:
     async with contextlib.AsyncExitStack() as stack:
@@ -249,10 +286,22 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
             stack.push_async_callback(cache.backend.aclose)
         pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy, cache=cache,
                             concurrency=options.concurrency, force=options.force, max_cost=options.max_cost)
+        breakers = breaker_policies(policy)
+        if breakers:
+            _show_pauses(pipeline.stats, breakers)
+            await stack.enter_async_context(BreakerSync(BreakerStore(ledger.engine), breakers, run_id=run.id,
+                                                        poll_interval=breakers[0].config.poll_interval))
+        for limiter in rate_limit_policies(policy):
+            # Published every RL_PUBLISH_INTERVAL s for `ratelimit status` in another terminal.
+            stack.push_async_callback(limiter.aclose)
+            await stack.enter_async_context(limiter.publishing(
+                lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"ratelimit": snapshot})))
         async with reporter.live(pipeline.stats):
             outcome = await pipeline.run(run)
         monitor = pool_monitor(ledger.engine)
         metrics = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
+        if breakers:
+            metrics["circuit_breakers"] = {name: stats for b in breakers for name, stats in b.snapshot().items()}
         await asyncio.to_thread(ledger.merge_run_metrics, run.id, metrics)
         return outcome
     raise AssertionError("unreachable")  # pragma: no cover

@@ -17,11 +17,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flashcard_pipeline.cli.breaker_commands import breaker_app
 from flashcard_pipeline.cli.maintenance import cache_app, db_app
 from flashcard_pipeline.cli.progress import ConsoleReporter
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
 from flashcard_pipeline.export import AudioEngine, Subdecks
 from flashcard_pipeline.llm.providers import ProviderName
+from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
 from flashcard_pipeline.resilience.retry import RetryConfig
 from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
 from flashcard_pipeline.simulator import Simulator, SimulatorConfig, serve
@@ -78,6 +80,13 @@ def _retry_config(max_attempts: int | None) -> RetryConfig | None:
     return RetryConfig.from_env().model_copy(update={"max_attempts": max_attempts})
 
 
+def _breaker_config(max_wait: float | None) -> CircuitBreakerConfig | None:
+    """``None`` lets the runner read CB_* itself; ``--breaker-max-wait`` overrides just that field."""
+    if max_wait is None:
+        return None
+    return CircuitBreakerConfig.from_env().model_copy(update={"max_wait": max_wait})
+
+
 def _run_async(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
@@ -110,6 +119,15 @@ def process_command(
     max_attempts: Annotated[int | None, typer.Option(help="Calls per request before a transient error fails the "
                                                           "item (default: RETRY_MAX_ATTEMPTS, else 3).",
                                                      min=1)] = None,
+    breaker_max_wait: Annotated[float | None, typer.Option(help="Seconds a request waits for an open circuit "
+                                                               "breaker before its item fails (default: "
+                                                               "CB_MAX_WAIT, else 600).", min=0)] = None,
+    rpm: Annotated[float | None, typer.Option("--rpm", help="The provider's requests-per-minute limit (default: "
+                                                            "RL_REQUESTS_PER_MINUTE, else found adaptively).",
+                                              min=0.001)] = None,
+    tpm: Annotated[float | None, typer.Option("--tpm", help="The provider's tokens-per-minute limit (default: "
+                                                            "RL_TOKENS_PER_MINUTE, else found adaptively).",
+                                              min=1)] = None,
     sim: Annotated[list[str] | None, typer.Option("--sim", metavar="KEY=VALUE",
                                                    help="Simulator setting for --provider simulated "
                                                         "(e.g. latency=0.05, server_error_rate=0.1).")] = None,
@@ -127,6 +145,7 @@ def process_command(
             concurrency=concurrency, model=model, provider=provider.value, base_url=base_url, api_key=api_key,
             db_url=db, force=force, dry_run=dry_run, language=language, learner_language=learner_language,
             max_cost=max_cost, simulator=parse_sim_options(sim or []), retry=_retry_config(max_attempts),
+            breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
             deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
@@ -197,6 +216,7 @@ def simulate_command(
 
 app.add_typer(db_app, name="db")
 app.add_typer(cache_app, name="cache")
+app.add_typer(breaker_app, name="breaker")
 
 
 def main() -> None:
@@ -211,5 +231,5 @@ def main() -> None:
         sys.exit(1)
 
 
-# Registers the `export` and `push` commands on `app`.
-from flashcard_pipeline.cli import export_commands  # noqa: E402, F401
+# Registers the `export` and `push` commands and the `ratelimit` group on `app`.
+from flashcard_pipeline.cli import export_commands, ratelimit_commands  # noqa: E402, F401

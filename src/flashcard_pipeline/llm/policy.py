@@ -8,6 +8,7 @@ later without touching the stages.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -63,3 +64,17 @@ class PolicyPipeline:
             return lambda: self._policies[index].execute(inner, context)
 
         return await layer(0)()
+
+
+#: Set by a retry loop for the duration of one request. Its presence tells a nested retry policy not to
+#: retry again; its value collects the seconds inner policies spent paused (an open circuit, a rate
+#: limit), which the retry loop does not count against its deadline: waiting for the provider to come
+#: back is not time spent trying, and must not make an item give up the moment the provider returns.
+RETRY_SCOPE: ContextVar[list[float] | None] = ContextVar("flashcard_pipeline_retry_scope", default=None)
+
+
+def record_pause(seconds: float) -> None:
+    """Report a pause to the enclosing retry loop, if any."""
+    paused = RETRY_SCOPE.get()
+    if paused is not None and seconds > 0:
+        paused[0] += seconds

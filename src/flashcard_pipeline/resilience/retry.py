@@ -19,7 +19,6 @@ Time and randomness are injected (:class:`~flashcard_pipeline.resilience.clock.C
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 import random
@@ -39,7 +38,7 @@ from flashcard_pipeline.errors import (
     SchemaViolationError,
     StructuredError,
 )
-from flashcard_pipeline.llm.policy import CallContext
+from flashcard_pipeline.llm.policy import RETRY_SCOPE, CallContext
 from flashcard_pipeline.resilience.clock import Clock, SystemClock
 
 __all__ = [
@@ -69,8 +68,6 @@ DEFAULT_RETRY_CATEGORIES: frozenset[ErrorCategory] = frozenset({
 #: Bad output from the model: re-asked from the separate ``max_reasks`` budget.
 REASK_ERRORS: tuple[type[StructuredError], ...] = (MalformedJSONError, SchemaViolationError)
 
-#: Set while a RetryPolicy runs a call, so a nested RetryPolicy knows not to retry again.
-_IN_RETRY_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar("in_retry_loop", default=False)
 
 
 class JitterStrategy(StrEnum):
@@ -256,9 +253,10 @@ class RetryPolicy:
         return f"RetryPolicy({self.config!r})"
 
     async def execute(self, call: Callable[[], Awaitable[T]], context: CallContext) -> T:
-        if _IN_RETRY_LOOP.get():
+        if RETRY_SCOPE.get() is not None:
             return await self._nested(call)
-        token = _IN_RETRY_LOOP.set(True)
+        paused = [0.0]
+        token = RETRY_SCOPE.set(paused)
         try:
             started = self._monotonic()
             self.stats.attempts += 1
@@ -267,9 +265,9 @@ class RetryPolicy:
             except StructuredError as exc:
                 error = exc
             # Out of the except block, so later errors do not chain onto this one.
-            return await self._retry(call, context, error, started)
+            return await self._retry(call, context, error, started, paused)
         finally:
-            _IN_RETRY_LOOP.reset(token)
+            RETRY_SCOPE.reset(token)
 
     async def _nested(self, call: Callable[[], Awaitable[T]]) -> T:
         if not self._warned_nested:
@@ -281,7 +279,7 @@ class RetryPolicy:
         return error.retryable and not error.aborts_run and error.category in self.config.retry_categories
 
     async def _retry(self, call: Callable[[], Awaitable[T]], context: CallContext, error: StructuredError,
-                     started: float) -> T:
+                     started: float, paused: list[float]) -> T:
         config = self.config
         calls = 1
         transient = reasks = 0
@@ -306,7 +304,8 @@ class RetryPolicy:
                 backoff = previous = config.delay(transient, self.rng, previous)
                 action = "retry"
                 delay = backoff if asked is None else max(backoff, asked)
-            if config.max_elapsed is not None and self._monotonic() - started + delay > config.max_elapsed:
+            trying = self._monotonic() - started - paused[0]
+            if config.max_elapsed is not None and trying + delay > config.max_elapsed:
                 raise self._give_up(error, context, calls, reasks, "deadline")
 
             self._announce(RetryEvent(action, calls, error, delay, context))

@@ -120,6 +120,8 @@ class SimulatorConfig(BaseModel):
     dropped_connection_rate: float = _rate()
     hang_seconds: float = Field(default=30.0, ge=0.0, description="how long a hung request sleeps")
     retry_after_seconds: int = Field(default=1, ge=1, description="Retry-After of injected 429s")
+    rate_limit_headers: bool = Field(
+        default=True, description="send x-ratelimit-{limit,remaining,reset}-{requests,tokens} for configured limits")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -296,6 +298,23 @@ class _Window:
         entry[1] += tokens
         self._tokens += tokens
 
+    def headers(self) -> dict[str, str]:
+        """``x-ratelimit-*`` as OpenAI sends them; the reset is when the oldest entry leaves the window."""
+        now = self._clock()
+        while self._entries and self._entries[0][0] <= now - WINDOW_SECONDS:
+            self._tokens -= self._entries.popleft()[1]
+        reset = f"{self._entries[0][0] + WINDOW_SECONDS - now:.3f}s" if self._entries else "0s"
+        found: dict[str, str] = {}
+        if self._rpm is not None:
+            found.update({"x-ratelimit-limit-requests": str(self._rpm),
+                          "x-ratelimit-remaining-requests": str(max(0, self._rpm - len(self._entries))),
+                          "x-ratelimit-reset-requests": reset})
+        if self._tpm is not None:
+            found.update({"x-ratelimit-limit-tokens": str(self._tpm),
+                          "x-ratelimit-remaining-tokens": str(max(0, int(self._tpm - self._tokens))),
+                          "x-ratelimit-reset-tokens": reset})
+        return found
+
 
 def _error(status: int, message: str, type_: str, code: str | int,
            headers: dict[str, str] | None = None) -> web.Response:
@@ -395,7 +414,7 @@ class Simulator:
                           f"requests_per_minute={self.config.requests_per_minute}, "
                           f"tokens_per_minute={self.config.tokens_per_minute}; retry later.",
                           "rate_limit_error", "rate_limit_exceeded",
-                          headers={"Retry-After": str(max(1, math.ceil(wait)))})
+                          headers={"Retry-After": str(max(1, math.ceil(wait))), **self._limit_headers()})
 
         rng = self._request_rng(chat)
         fault = self._pick_fault(rng)
@@ -522,7 +541,10 @@ class Simulator:
                          "finish_reason": finish}],
             "usage": {"prompt_tokens": chat.prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": chat.prompt_tokens + completion_tokens, "cost": cost},
-        })
+        }, headers=self._limit_headers())
+
+    def _limit_headers(self) -> dict[str, str]:
+        return self._window.headers() if self.config.rate_limit_headers else {}
 
 
 def _first_error(exc: ValidationError) -> str:

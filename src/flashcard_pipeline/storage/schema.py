@@ -177,3 +177,57 @@ class CacheCounter(Base):
     cache_type: Mapped[str] = mapped_column(String(16), primary_key=True)
     hits: Mapped[int] = mapped_column(Integer, default=0)
     misses: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class CircuitBreakerCommand(Base):
+    """An operator's `breaker isolate|close|reset`, read by every running process (a broadcast log)."""
+
+    __tablename__ = "circuit_breaker_commands"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    circuit: Mapped[str] = mapped_column(String(240), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CircuitBreakerEvent(Base):
+    """One transition or manual action of a circuit in some process."""
+
+    __tablename__ = "circuit_breaker_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    circuit: Mapped[str] = mapped_column(String(240), index=True)
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    failure_count: Mapped[int] = mapped_column(Integer, default=0)
+    throughput: Mapped[int] = mapped_column(Integer, default=0)
+    failure_ratio: Mapped[float] = mapped_column(Float, default=0.0)
+    break_duration: Mapped[float | None] = mapped_column(Float, nullable=True)
+    half_open_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str] = mapped_column(String(200))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CircuitBreakerSnapshot(Base):
+    """The latest state of a circuit as one process sees it, refreshed while it runs (its heartbeat)."""
+
+    __tablename__ = "circuit_breaker_states"
+
+    circuit: Mapped[str] = mapped_column(String(240), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    open_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    failure_count: Mapped[int] = mapped_column(Integer, default=0)
+    success_count: Mapped[int] = mapped_column(Integer, default=0)
+    rejected_count: Mapped[int] = mapped_column(Integer, default=0)
+    stats_json: Mapped[str] = mapped_column(Text, default="{}")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,313 @@
+"""Circuit breakers in the database and on the command line: the command log, transitions and snapshots
+(SQLite and PostgreSQL), the sync of a running process, `breaker status|isolate|close|reset`, and
+`process` with its breakers: a second terminal isolates a running run within two seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.errors import ConfigurationError, ServerError
+from flashcard_pipeline.llm.policy import CallContext, PolicyPipeline
+from flashcard_pipeline.resilience.breaker_store import BreakerStore, BreakerSync, process_owner
+from flashcard_pipeline.resilience.circuit_breaker import (
+    CircuitBreakerConfig,
+    CircuitBreakerPolicy,
+    CircuitState,
+    breaker_policies,
+)
+from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
+from flashcard_pipeline.resilience.testing import FakeClock
+from flashcard_pipeline.runner import ProcessOptions, default_policy, process
+from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
+from flashcard_pipeline.storage.schema import RunStatus
+from tests.test_circuit_breaker_load import Watch
+
+runner = CliRunner()
+CIRCUIT = "openrouter/openai/gpt-4o-mini"
+CTX = CallContext(stage="nuance", item_key="학교", provider="openrouter", model="openai/gpt-4o-mini",
+                  estimated_tokens=10)
+SIM_CIRCUIT = "simulated/simulated/flashcard-sim"
+
+
+@pytest.fixture(autouse=True)
+def _no_breaker_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("CB_", "RETRY_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def store(db_url: str) -> BreakerStore:
+    return BreakerStore(open_database(db_url))
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def words(tmp_path: Path, count: int) -> Path:
+    path = tmp_path / "words.csv"
+    path.write_text("position,term,type\n" + "".join(f"{i},낱말{i},noun\n" for i in range(1, count + 1)),
+                    encoding="utf-8")
+    return path
+
+
+async def down() -> str:
+    raise ServerError("503", status_code=503)
+
+
+# -- the store ------------------------------------------------------------------------------------------
+
+
+def test_commands_are_a_broadcast_log_and_the_newest_per_circuit_stands(store: BreakerStore) -> None:
+    assert store.last_command_id() == 0 and store.latest_commands() == {}
+    first = store.add_command(CIRCUIT, "isolate", " incident 7 ", requested_by="alice@laptop")
+    store.add_command("simulated/simulated/flashcard-sim", "isolate", "drill")
+    third = store.add_command("simulated/simulated/flashcard-sim", "close", "drill over")
+    assert first.reason == "incident 7" and first.requested_by == "alice@laptop" and first.created_at.tzinfo
+    assert [c.id for c in store.commands_after(first.id)] == [first.id + 1, third.id]
+    latest = store.latest_commands()
+    assert {name: c.action for name, c in latest.items()} == {CIRCUIT: "isolate", SIM_CIRCUIT: "close"}
+    assert store.last_command_id() == third.id and store.known_circuits() == sorted([CIRCUIT, SIM_CIRCUIT])
+    with pytest.raises(ValueError, match="unknown breaker action"):
+        store.add_command(CIRCUIT, "explode", "why not")
+    with pytest.raises(ValueError, match="reason"):
+        store.add_command(CIRCUIT, "close", "  ")
+    store.engine.dispose()
+
+
+async def test_transitions_and_snapshots_round_trip(store: BreakerStore) -> None:
+    clock = FakeClock(autojump=False)
+    policy = CircuitBreakerPolicy(CircuitBreakerConfig(min_throughput=2), clock=clock)
+    seen: list[Any] = []
+    policy.add_listener(seen.append)
+    for _ in range(2):
+        with pytest.raises(ServerError):
+            await policy.execute(down, CTX)
+    policy.manual_control.isolate("maintenance", source="bob@desk")
+    store.write(seen, list(policy.snapshot().values()), owner="host:1", run_id=None)
+    events = store.events()
+    assert [(e.from_state, e.to_state, e.manual, e.source) for e in events] == [
+        ("closed", "open", False, None), ("open", "isolated", True, "bob@desk")]
+    assert events[0].failure_count == 2 and events[0].throughput == 2 and events[0].break_duration == 30.0
+    assert events[1].reason == "isolated by hand: maintenance" and events[1].owner == "host:1"
+    (snapshot,) = store.snapshots()
+    assert (snapshot.circuit, snapshot.state, snapshot.failure_count, snapshot.active) == (
+        CIRCUIT, "isolated", 2, True)
+    assert snapshot.live() and snapshot.stats["isolation_reason"] == "maintenance"
+    assert json.loads(json.dumps(snapshot.to_dict()))["live"] is True
+    store.write([], list(policy.snapshot().values()), owner="host:1", active=False)
+    (stopped,) = store.snapshots()
+    assert not stopped.live() and store.forget_stopped() == 1 and store.snapshots() == []
+    assert len(store.events(limit=1)) == 1 and store.events(circuit="other/x") == []
+    store.engine.dispose()
+
+
+# -- the sync of a running process ------------------------------------------------------------------------
+
+
+async def wait_until(predicate: Any, seconds: float = 5.0) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > seconds:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_the_sync_applies_commands_records_transitions_and_survives_database_errors(
+        store: BreakerStore, caplog: pytest.LogCaptureFixture) -> None:
+    store.add_command(CIRCUIT, "isolate", "standing isolation from yesterday")
+    store.add_command("simulated/simulated/flashcard-sim", "isolate", "drill")
+    store.add_command("simulated/simulated/flashcard-sim", "close", "drill over")
+    policy = CircuitBreakerPolicy(CircuitBreakerConfig(), clock=FakeClock(autojump=False))
+    async with BreakerSync(store, [policy], poll_interval=0.02, owner="me:1") as sync:
+        breaker = policy.breaker_named(CIRCUIT)
+        assert breaker.state_provider.state is CircuitState.ISOLATED, "a standing isolation holds at start"
+        assert policy.breaker_named(SIM_CIRCUIT).state_provider.state is CircuitState.CLOSED
+        command = store.add_command(CIRCUIT, "close", "provider is back", requested_by="carol@ops")
+        await wait_until(lambda: breaker.state_provider.state is CircuitState.CLOSED)
+        assert breaker.state_provider.transitions[-1].source == f"command #{command.id} from carol@ops"
+        store.add_command(CIRCUIT, "reset", "fresh counters")
+        await wait_until(lambda: len(sync.applied) == 3)
+
+        real_write = store.write
+        failures = {"left": 2}
+
+        def flaky_write(*args: Any, **kwargs: Any) -> None:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise OSError("database is locked")
+            real_write(*args, **kwargs)
+
+        store.write = flaky_write  # type: ignore[method-assign]
+        store.add_command(CIRCUIT, "isolate", "second incident")
+        await wait_until(lambda: breaker.state_provider.state is CircuitState.ISOLATED)
+        await wait_until(lambda: failures["left"] == 0 and any(
+            e.reason == "isolated by hand: second incident" for e in store.events(limit=50)))
+    assert any("sync failed" in r.getMessage() for r in caplog.records), "the error was logged, the run went on"
+    reasons = [(e.to_state, e.reason) for e in store.events(limit=50)]
+    assert reasons == [
+        ("isolated", "isolated by hand: standing isolation from yesterday"),
+        ("closed", "closed by hand: provider is back"),
+        ("closed", "reset by hand: fresh counters"),
+        ("isolated", "isolated by hand: second incident")]
+    snapshots = {s.circuit: s for s in store.snapshots()}
+    assert snapshots[CIRCUIT].state == "isolated" and not snapshots[CIRCUIT].active, "stopped cleanly"
+    store.engine.dispose()
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+def test_status_isolate_close_and_reset_on_the_command_line(tmp_path: Path, db_url: str) -> None:
+    code, stdout, _ = cli("breaker", "status", "--db", db_url)
+    assert code == 0 and "no circuit reported yet" in stdout
+    code, _, stderr = cli("breaker", "isolate", "--db", db_url, "-r", "x")
+    assert code == 2 and "known circuits: none yet" in stderr
+    code, _, stderr = cli("breaker", "isolate", "nomodel", "--db", db_url, "-r", "x")
+    assert code == 2 and "provider/model" in stderr
+    code, _, stderr = cli("breaker", "isolate", CIRCUIT, "--db", db_url)
+    assert code == 2 and "--reason" in stderr
+    code, _, stderr = cli("breaker", "isolate", CIRCUIT, "--db", db_url, "-r", "   ")
+    assert code == 2 and "must not be empty" in stderr
+
+    code, stdout, _ = cli("breaker", "isolate", CIRCUIT, "--db", db_url, "--reason", "upstream incident")
+    assert code == 0 and "command #1" in stdout and "next run starts with it isolated" in stdout
+    code, stdout, _ = cli("breaker", "status", "--db", db_url, "--json")
+    data = json.loads(stdout)
+    assert data["isolated"][CIRCUIT]["reason"] == "upstream incident" and data["circuits"] == []
+    code, stdout, _ = cli("breaker", "status", "--db", db_url)
+    assert f"{CIRCUIT} is isolated" in stdout and "upstream incident" in stdout
+
+    assert cli("breaker", "close", "--db", db_url, "-r", "over")[0] == 0, "the only known circuit is the default"
+    code, stdout, _ = cli("breaker", "reset", "--all", "--db", db_url, "-r", "clean slate")
+    assert code == 0 and f"reset {CIRCUIT}" in stdout
+    assert cli("breaker", "close", CIRCUIT, "--all", "--db", db_url, "-r", "x")[0] == 2
+    data = json.loads(cli("breaker", "status", "--db", db_url, "--json")[1])
+    assert data["isolated"] == {} and [c["action"] for c in data["commands"]] == ["isolate", "close", "reset"]
+
+
+def test_process_fails_items_clearly_after_the_max_wait_and_runs_once_closed(tmp_path: Path, db_url: str) -> None:
+    source = words(tmp_path, 3)
+    assert cli("breaker", "isolate", SIM_CIRCUIT, "--db", db_url, "-r", "fire drill")[0] == 0
+    started = time.monotonic()
+    code, stdout, stderr = cli("process", str(source), "--provider", "simulated", "--db", db_url, "-o",
+                               str(tmp_path / "a.jsonl"), "--breaker-max-wait", "0.2")
+    assert code == 1, stdout + stderr
+    assert time.monotonic() - started < 10
+    assert stderr.count("circuit_open/circuit_wait_exceeded") == 3 and "fire drill" in stderr
+    ledger = Ledger(open_database(db_url))
+    run = ledger.get_run()
+    assert run is not None and ledger.summary(run.id).api_calls == 0, "nothing reached the provider"
+    assert {f.category for f in ledger.failures(run.id)} == {"circuit_open"}
+    metrics = ledger.run_metrics(run.id) or {}
+    assert metrics["circuit_breakers"][SIM_CIRCUIT]["state"] == "isolated"
+
+    assert cli("breaker", "close", SIM_CIRCUIT, "--db", db_url, "-r", "drill over")[0] == 0
+    code, stdout, stderr = cli("process", str(source), "--provider", "simulated", "--db", db_url, "-o",
+                               str(tmp_path / "a.jsonl"), "--breaker-max-wait", "0.2")
+    assert code == 0, stdout + stderr
+    data = json.loads(cli("breaker", "status", "--db", db_url, "--json")[1])
+    assert [c["state"] for c in data["circuits"]] == ["closed"]
+    assert [(t["to_state"], t["manual"]) for t in data["transitions"]] == [("isolated", True)]
+    ledger.engine.dispose()
+
+
+def test_bad_breaker_settings_are_a_usage_error(tmp_path: Path, db_url: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    source, out = str(words(tmp_path, 1)), str(tmp_path / "out.jsonl")
+    code, _, stderr = cli("process", source, "--provider", "simulated", "--db", db_url, "-o", out)
+    assert code == 0, stderr
+    monkeypatch.setenv("CB_FAILURE_RATIO", "2")
+    for extra in ([], ["--breaker-max-wait", "5"]):
+        code, _, stderr = cli("process", source, "--provider", "simulated", "--db", db_url, "-o", out, *extra)
+        assert code == 2 and "CB_FAILURE_RATIO" in stderr and "Traceback" not in stderr
+    monkeypatch.delenv("CB_FAILURE_RATIO")
+    assert cli("process", source, "--provider", "simulated", "--db", db_url, "-o", out,
+               "--breaker-max-wait", "-1")[0] == 2
+
+
+# -- the runner -------------------------------------------------------------------------------------------------
+
+
+def test_the_default_policy_is_retry_around_breaker_from_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    options = ProcessOptions(input_path=tmp_path / "x.csv")
+    monkeypatch.setenv("CB_MAX_WAIT", "42")
+    policy = default_policy(options)
+    assert isinstance(policy, PolicyPipeline)
+    retry, breaker, *inner = policy.policies  # retry outermost, then the breaker (a rate limiter may follow)
+    assert isinstance(retry, RetryPolicy) and isinstance(breaker, CircuitBreakerPolicy)
+    assert not any(isinstance(p, RetryPolicy | CircuitBreakerPolicy) for p in inner)
+    assert breaker.config.max_wait == 42.0
+    chosen = default_policy(ProcessOptions(input_path=tmp_path / "x.csv", retry=RetryConfig(max_attempts=7),
+                                           breaker=CircuitBreakerConfig(min_throughput=3)))
+    assert isinstance(chosen, PolicyPipeline)
+    assert [type(p) for p in chosen.policies][:2] == [RetryPolicy, CircuitBreakerPolicy]
+    assert breaker_policies(chosen)[0].config.min_throughput == 3
+    monkeypatch.setenv("CB_ENABLED", "false")
+    assert breaker_policies(default_policy(options)) == []
+    monkeypatch.setenv("CB_ENABLED", "maybe")
+    with pytest.raises(ConfigurationError, match="CB_ENABLED"):
+        default_policy(options)
+
+
+async def test_a_second_terminal_isolates_a_running_process_within_two_seconds(tmp_path: Path,
+                                                                              sqlite_url: str) -> None:
+    """The default poll interval (1 s) is what is measured: `breaker isolate` runs as a subprocess, then the
+    running process's breaker is watched; the run pauses (the display says why) and goes on once closed.
+    Real time, so SQLite only: the database code is covered on both backends above."""
+    source = words(tmp_path, 200)
+    policy = PolicyPipeline([RetryPolicy(RetryConfig(max_attempts=2)), CircuitBreakerPolicy(CircuitBreakerConfig())])
+    (breakers,) = breaker_policies(policy)
+    watch = Watch()
+    store = BreakerStore(open_database(sqlite_url))
+    circuit = "openai-compatible/gpt-4o-mini"
+    async with run_simulator(SimulatorConfig(latency=0.05)) as sim:
+        options = ProcessOptions(input_path=source, output=tmp_path / "o.jsonl", provider="openai-compatible",
+                                 base_url=sim.base_url, db_url=sqlite_url, concurrency=2)
+        run = asyncio.create_task(process(options, watch, policy=policy))
+        await wait_until(lambda: any(s.live() and s.circuit == circuit for s in store.snapshots()))
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "flashcard_pipeline", "breaker", "isolate", circuit, "-r", "provider incident",
+            "--db", sqlite_url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, out.decode() + err.decode()
+        assert b"running processes apply it within 1 s" in out
+        breaker = breakers.breaker_named(circuit)
+        took = await wait_until(lambda: breaker.state_provider.state is CircuitState.ISOLATED)
+        assert took < 2.0
+        assert breaker.state_provider.isolation_reason == "provider incident"
+        await wait_until(lambda: "isolated by an operator (provider incident)" in (watch.stats.pause_reason or ""))
+        assert watch.stats is not None
+        paused_at = watch.stats.done
+        await asyncio.sleep(0.2)
+        assert watch.stats.done == paused_at and not run.done(), "the run is paused"
+
+        sim.config = SimulatorConfig()  # answer at once from now on
+        code, _, stderr = await asyncio.to_thread(cli, "breaker", "close", circuit, "-r", "incident resolved",
+                                                  "--db", sqlite_url)
+        assert code == 0, stderr
+        result = await asyncio.wait_for(run, 30)
+    assert result.outcome is not None and result.outcome.status is RunStatus.COMPLETED
+    assert watch.stats.pause_reason is None and result.outcome.stats.done == 200
+    events = [(e.to_state, e.reason, e.owner) for e in store.events()]
+    assert events == [("isolated", "isolated by hand: provider incident", process_owner()),
+                      ("closed", "closed by hand: incident resolved", process_owner())]
+    store.engine.dispose()

@@ -1,0 +1,408 @@
+"""The rate-limit policy: requests and tokens per provider and model, refunds, pause-all on 429, AIMD,
+x-ratelimit-* headers, settings, and the pipeline and CLI around it.
+
+Convergence runs against the simulator's own sliding-window limiter on virtual time (minutes in a
+fraction of a second); the end-to-end run uses the real simulator with limits high enough to be quick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import json
+import math
+import os
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.config import RateLimitSettings
+from flashcard_pipeline.errors import ConfigurationError, RateLimitError, ServerError
+from flashcard_pipeline.llm.policy import CallContext, DirectPolicy, PolicyPipeline
+from flashcard_pipeline.llm.types import ChatResponse, Usage
+from flashcard_pipeline.resilience.rate_limit_policy import (
+    MemoryLimits,
+    RateLimitHeaders,
+    RateLimitPolicy,
+    _response_of,
+    parse_duration,
+    plan_limit,
+    rate_limit_policies,
+    settings_from_env,
+)
+from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
+from flashcard_pipeline.resilience.testing import FakeClock
+from flashcard_pipeline.runner import ProcessOptions, default_policy, process
+from flashcard_pipeline.simulator import SimulatorConfig
+from flashcard_pipeline.simulator.server import _Window
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
+
+
+@pytest.fixture(autouse=True)
+def _no_rl_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("RL_"):
+            monkeypatch.delenv(name)
+
+
+def response(prompt: int = 100, completion: int = 50, headers: dict[str, str] | None = None) -> ChatResponse:
+    return ChatResponse(content="{}", finish_reason="stop", usage=Usage(prompt, completion), model="m",
+                        response_id=None, latency_s=0.01, status_code=200, headers=headers or {})
+
+
+def context(tokens: int = 1000, key: str = "k") -> CallContext:
+    return CallContext(stage="nuance", item_key=key, provider="p", model="m", estimated_tokens=tokens)
+
+
+# -- headers and plans ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("2.5", 2.5), ("0s", 0.0),
+    ("", None), ("soon", None), ("1s soon", None), ("-3", None), (None, None)])
+def test_parse_duration(text: str | None, seconds: float | None) -> None:
+    assert parse_duration(text) == (None if seconds is None else pytest.approx(seconds))
+
+
+def test_headers_openai_style_and_openrouter_reset_in_epoch_milliseconds() -> None:
+    parsed = RateLimitHeaders.parse({"X-RateLimit-Limit-Requests": "500", "x-ratelimit-remaining-requests": "0",
+                                     "x-ratelimit-reset-requests": "1.5s", "x-ratelimit-limit-tokens": "200000",
+                                     "x-ratelimit-remaining-tokens": "1000", "x-ratelimit-reset-tokens": "6m0s"})
+    assert parsed.for_dimension("requests") == (500, 0, 1.5)
+    assert parsed.for_dimension("tokens") == (200000, 1000, 360)
+    now = 1_700_000_000.0
+    openrouter = RateLimitHeaders.parse({"X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0",
+                                         "X-RateLimit-Reset": str(int((now + 4) * 1000))}, now)
+    assert openrouter.limit_requests is None, "its window is not a minute"
+    assert (openrouter.remaining_requests, openrouter.reset_requests) == (0, pytest.approx(4.0))
+    assert RateLimitHeaders.parse({"x-ratelimit-limit-requests": "lots"}).limit_requests is None
+
+
+@pytest.mark.parametrize("per_minute", [10, 600, 90_000])
+@pytest.mark.parametrize("algorithm", ["token_bucket", "sliding_window"])
+def test_plans_never_put_more_than_the_safe_share_in_a_minute(per_minute: float, algorithm: str) -> None:
+    rate, burst = plan_limit(per_minute, algorithm=algorithm, safety=0.985, burst_share=0.02,  # type: ignore[arg-type]
+                             min_burst=1)
+    assert rate * 60 + (burst if algorithm == "token_bucket" else 0) <= per_minute * 0.985 + 1e-9
+    assert rate * 60 >= per_minute * 0.88 if per_minute > 10 else rate > 0
+    assert plan_limit(math.inf, algorithm="token_bucket", safety=1, burst_share=0.1, min_burst=5)[0] == math.inf
+
+
+def test_response_is_found_in_the_attempts_result() -> None:
+    answer = response()
+    assert _response_of(("parsed", answer)) is answer
+    assert _response_of(answer) is answer
+    assert _response_of("nothing") is None
+
+
+# -- refunds, burst growth -----------------------------------------------------------------------------
+
+async def test_unused_tokens_go_back_and_excess_is_charged() -> None:
+    clock = FakeClock()
+    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=6000, tokens_per_minute=100_000), clock=clock)
+
+    async def answered() -> tuple[str, ChatResponse]:
+        return "ok", response(300, 100)
+
+    await policy.execute(answered, context(2000))
+    group = policy.group("p", "m")
+    tokens = group.tokens.limiter
+    assert tokens.metrics.refunded == pytest.approx(1600)
+    assert tokens.available() == pytest.approx(tokens.burst - 400, abs=1)
+
+    async def overran() -> tuple[str, ChatResponse]:
+        return "ok", response(1500, 1500)
+
+    await policy.execute(overran, context(2000))
+    assert tokens.metrics.charged == pytest.approx(1000)
+
+
+async def test_a_failed_call_with_reported_usage_is_settled_too() -> None:
+    policy = RateLimitPolicy(RateLimitSettings(tokens_per_minute=100_000), clock=FakeClock())
+
+    async def failing() -> None:
+        raise ServerError("boom", details={"usage": {"prompt_tokens": 200, "completion_tokens": 0}})
+
+    with pytest.raises(ServerError):
+        await policy.execute(failing, context(1200))
+    assert policy.group("p", "m").tokens.limiter.metrics.refunded == pytest.approx(1000)
+
+
+async def test_the_tokens_burst_grows_to_the_largest_call_but_not_past_a_configured_limit() -> None:
+    policy = RateLimitPolicy(RateLimitSettings(tokens_per_minute=10_000), clock=FakeClock())
+    group = policy.group("p", "m")
+    assert group.tokens.limiter.burst == pytest.approx(200)
+    await group.acquire(3000)
+    assert group.tokens.limiter.burst == pytest.approx(3000)
+    rate, burst = group.tokens.limiter.rate, group.tokens.limiter.burst
+    assert rate * 60 + burst <= 10_000 * 0.985 + 1e-6
+    with pytest.raises(ConfigurationError, match="--tpm"):
+        await group.acquire(20_000)
+
+
+# -- 429s ----------------------------------------------------------------------------------------------
+
+async def test_a_429_pauses_every_caller_of_that_limit_and_lowers_it_once() -> None:
+    clock = FakeClock(autojump=False)
+    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600), clock=clock)
+    started: list[tuple[str, float]] = []
+    answer = asyncio.Event()
+
+    def call(name: str, fail: bool):
+        async def attempt() -> tuple[str, ChatResponse]:
+            started.append((name, clock.monotonic()))
+            if fail:
+                await answer.wait()
+                raise RateLimitError("429", status_code=429, retry_after=5.0)
+            return name, response()
+        return attempt
+
+    first = asyncio.create_task(policy.execute(call("a", True), context(key="a")))
+    second = asyncio.create_task(policy.execute(call("b", True), context(key="b")))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert {n for n, _ in started} == {"a", "b"}, "the burst lets both through"
+    answer.set()
+    for task in (first, second):
+        with pytest.raises(RateLimitError):
+            await task
+    group = policy.group("p", "m")
+    assert group.rate_limited == 2
+    assert group.requests.decreases == 1, "two 429s of one overload lower the limit once"
+    assert group.requests.planned == pytest.approx(600 * 0.5), "nothing accepted yet: a plain multiplicative cut"
+    third = asyncio.create_task(policy.execute(call("c", False), context(key="c")))
+    unrelated = asyncio.create_task(policy.group("p", "other model").acquire(10))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert unrelated.done(), "another model's limits are not paused"
+    while not third.done():
+        clock.advance(0.5)
+        for _ in range(20):
+            await asyncio.sleep(0)
+    assert started[-1] == ("c", pytest.approx(5.0, abs=0.6)), "nobody calls before the Retry-After"
+
+
+async def test_a_429_without_retry_after_pauses_for_the_default() -> None:
+    clock = FakeClock()
+    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600, default_pause=2.5), clock=clock)
+
+    async def limited() -> None:
+        raise RateLimitError("429", status_code=429)
+
+    with pytest.raises(RateLimitError):
+        await policy.execute(limited, context())
+    group = policy.group("p", "m")
+    assert group.requests.limiter.paused_for() == pytest.approx(2.5)
+
+
+async def test_a_fixed_limit_is_never_lowered_when_adaptive_is_off() -> None:
+    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600, adaptive=False), clock=FakeClock())
+
+    async def limited() -> None:
+        raise RateLimitError("429", status_code=429, retry_after=1)
+
+    for _ in range(3):
+        with pytest.raises(RateLimitError):
+            await policy.execute(limited, context())
+    assert policy.group("p", "m").requests.planned == 600
+
+
+# -- headers -------------------------------------------------------------------------------------------
+
+async def test_x_ratelimit_headers_set_the_limit_and_pause_when_nothing_remains() -> None:
+    clock = FakeClock()
+    policy = RateLimitPolicy(RateLimitSettings(), clock=clock)
+    group = policy.group("p", "m")
+    assert group.requests.mode == "adaptive" and group.requests.planned == 60
+
+    async def answered() -> tuple[str, ChatResponse]:
+        return "ok", response(headers={"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "0",
+                                       "x-ratelimit-reset-requests": "2s", "x-ratelimit-limit-tokens": "1000000"})
+
+    await policy.execute(answered, context())
+    assert group.requests.mode == "header" and group.requests.planned == 3000
+    assert group.tokens.planned == 1_000_000
+    assert group.requests.limiter.rate * 60 == pytest.approx(3000 * 0.985 - 60)
+    assert group.requests.limiter.paused_for() == pytest.approx(2.0)
+
+
+async def test_a_header_limit_never_raises_a_lower_configured_one() -> None:
+    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=100), clock=FakeClock())
+
+    async def answered() -> tuple[str, ChatResponse]:
+        return "ok", response(headers={"x-ratelimit-limit-requests": "500"})
+
+    await policy.execute(answered, context())
+    assert policy.group("p", "m").requests.planned == 100
+
+
+# -- convergence against the simulator's sliding window, on virtual time -------------------------------
+
+class VirtualClock:
+    """Discrete-event time: when every task waits, jump to the next wake-up (sleepers overlap)."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def now(self) -> datetime:
+        return datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=self._now)
+
+    async def sleep(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (self._now + max(0.0, seconds), next(self._order), future))
+        await future
+
+    async def run(self, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0)
+            if loop._ready:  # type: ignore[attr-defined]
+                continue
+            while self._heap and self._heap[0][2].done():
+                heapq.heappop(self._heap)
+            if not self._heap or self._heap[0][0] > until:
+                self._now = until
+                return
+            wake, _, future = heapq.heappop(self._heap)
+            self._now = max(self._now, wake)
+            future.set_result(None)
+
+
+async def converge(limit: int, settings: RateLimitSettings, *, minutes: float, headers: bool = False,
+                   workers: int = 24) -> dict[str, Any]:
+    clock = VirtualClock()
+    window = _Window(limit, None, clock.monotonic)
+    rng = random.Random(7)
+    policy = RateLimitPolicy(settings, clock=clock)
+    pipeline = PolicyPipeline([RetryPolicy(RetryConfig(max_attempts=8, max_elapsed=None), clock=clock,
+                                           rng=random.Random(7)), policy])
+    log: list[tuple[float, bool]] = []
+
+    async def call() -> tuple[str, ChatResponse]:
+        entry, wait = window.admit(500)
+        log.append((clock.monotonic(), entry is not None))
+        if entry is None:
+            raise RateLimitError("429", status_code=429, retry_after=float(max(1, math.ceil(wait))))
+        await clock.sleep(rng.uniform(0.05, 0.4))
+        window.add(entry, 300)
+        return "ok", response(500, 300, {"x-ratelimit-limit-requests": str(limit)} if headers else None)
+
+    async def worker(index: int) -> None:
+        for item in itertools.count():
+            await pipeline.execute(call, context(1800, f"{index}-{item}"))
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(workers)]
+    await clock.run(minutes * 60)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    late = [ok for at, ok in log if 60 <= at < minutes * 60]
+    return {"share_after_first_minute": sum(late) / (limit * (minutes - 1)),
+            "limited_after_first_minute": (len(late) - sum(late)) / len(late),
+            "limited": sum(1 for _, ok in log if not ok), "planned": policy.group("p", "m").requests.planned}
+
+
+async def test_a_configured_limit_is_used_to_95_percent_without_a_single_429() -> None:
+    result = await converge(300, RateLimitSettings(requests_per_minute=300), minutes=4)
+    assert result["limited"] == 0
+    assert result["share_after_first_minute"] >= 0.95
+
+
+@pytest.mark.parametrize("limit", [60, 600])
+async def test_an_unknown_limit_converges_with_under_2_percent_429s_after_the_first_minute(limit: int) -> None:
+    result = await converge(limit, RateLimitSettings(), minutes=7)
+    assert result["limited_after_first_minute"] < 0.02
+    assert result["share_after_first_minute"] >= 0.85
+    assert 0.9 * limit <= result["planned"] <= 1.1 * limit
+
+
+async def test_the_sliding_window_algorithm_matches_a_sliding_window_provider() -> None:
+    result = await converge(300, RateLimitSettings(requests_per_minute=300, algorithm="sliding_window"), minutes=4)
+    assert result["limited"] == 0
+    assert result["share_after_first_minute"] >= 0.97
+
+
+# -- settings and wiring -------------------------------------------------------------------------------
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RL_REQUESTS_PER_MINUTE", "500")
+    monkeypatch.setenv("RL_SHARDS", "auto")
+    monkeypatch.setenv("RL_ALGORITHM", "sliding_window")
+    settings = settings_from_env(tpm=90_000)
+    assert (settings.requests_per_minute, settings.tokens_per_minute) == (500, 90_000)
+    assert settings.shards == "auto" and settings.algorithm == "sliding_window"
+    assert settings_from_env(rpm=42).requests_per_minute == 42
+    monkeypatch.setenv("RL_ALGORITHM", "leaky_bucket")
+    with pytest.raises(ConfigurationError, match="RL_ALGORITHM"):
+        settings_from_env()
+    with pytest.raises(ConfigurationError, match="--rpm"):
+        settings_from_env(rpm=0)
+
+
+def test_the_default_policy_puts_the_limiter_innermost(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    policy = default_policy(ProcessOptions(input_path=tmp_path / "x.csv", rpm=120))
+    assert isinstance(policy, PolicyPipeline)
+    assert isinstance(policy.policies[0], RetryPolicy)
+    assert isinstance(policy.policies[-1], RateLimitPolicy)
+    limiter = rate_limit_policies(policy)[0]
+    assert limiter.settings.requests_per_minute == 120
+    assert rate_limit_policies(DirectPolicy()) == []
+    monkeypatch.setenv("RL_ENABLED", "false")
+    assert rate_limit_policies(default_policy(ProcessOptions(input_path=tmp_path / "x.csv"))) == []
+
+
+def test_sharded_memory_backend_is_chosen_by_setting() -> None:
+    limits = MemoryLimits(shards=4)
+    assert limits.make("p/m:requests", 100, 100).shards == 4
+    assert MemoryLimits(shards="auto").make("x", 100, 100).shards == 10
+
+
+async def test_process_publishes_the_limiter_state_and_status_reads_it(tmp_path: Path) -> None:
+    words = tmp_path / "words.txt"
+    words.write_text("사과\n바나나\n학교\n", encoding="utf-8")
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    options = ProcessOptions(input_path=words, output=tmp_path / "out.jsonl", provider="simulated", db_url=db,
+                             rpm=6000, simulator=SimulatorConfig(requests_per_minute=6000))
+    result = await process(options)
+    assert result.outcome is not None and result.outcome.stats.done == 3
+    ledger = Ledger(open_database(db))
+    published = ledger.run_metrics(result.outcome.run_id)["ratelimit"]
+    ledger.engine.dispose()
+    group = published["limits"]["simulated/simulated/flashcard-sim"]
+    assert group["requests"]["acquire"]["acquired"] == 6, "one request per stage per word"
+    assert group["rate_limited"] == 0
+    assert group["tokens"]["acquire"]["tokens"] > 6 * 1000, "each call reserved its prompt plus max_tokens"
+    assert group["requests"]["mode"] == "header", "the simulator's x-ratelimit-* headers were read"
+
+    cli = CliRunner()
+    shown = cli.invoke(app, ["ratelimit", "status", "--db", db, "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["published"]["limits"] == published["limits"]
+    table = cli.invoke(app, ["ratelimit", "status", "--db", db])
+    assert table.exit_code == 0 and "simulated/simulated/flashcard-sim" in table.output
+    assert cli.invoke(app, ["ratelimit", "status", "--db", db, "--run", "99"]).exit_code == 2
+
+
+def test_process_accepts_rpm_and_tpm_and_rejects_a_bad_environment(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    words = tmp_path / "words.txt"
+    words.write_text("사과\n", encoding="utf-8")
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    cli = CliRunner()
+    ok = cli.invoke(app, ["process", str(words), "--provider", "simulated", "--db", db, "-o",
+                          str(tmp_path / "o.jsonl"), "--rpm", "3000", "--tpm", "5000000"])
+    assert ok.exit_code == 0, ok.output
+    monkeypatch.setenv("RL_SHARDS", "many")
+    bad = cli.invoke(app, ["process", str(words), "--provider", "simulated", "--db", db])
+    assert bad.exit_code == 2 and "RL_SHARDS" in bad.output
