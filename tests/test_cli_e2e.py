@@ -26,7 +26,11 @@ from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.progress import ConsoleReporter, describe
 from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.ingest import read_vocabulary
+from flashcard_pipeline.llm.policy import PolicyPipeline
 from flashcard_pipeline.pipeline import RunStats
+from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy
+from flashcard_pipeline.runner import ProcessOptions, default_policy
+from flashcard_pipeline.simulator import SimulatorConfig
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import Base
@@ -278,3 +282,20 @@ def test_progress_display_on_a_terminal_and_in_a_log() -> None:
     assert "done 7/10" in plain and "\x1b" not in plain
     live = asyncio.run(show(Console(record=True, force_terminal=True, width=200)))
     assert "done 7/10" in live and "cards" in live
+
+
+def test_the_simulators_limits_are_known_not_discovered(tmp_path: Path) -> None:
+    def limiter(options: ProcessOptions) -> RateLimitPolicy:
+        policy = default_policy(options)
+        assert isinstance(policy, PolicyPipeline)
+        return next(p for p in policy.policies if isinstance(p, RateLimitPolicy))
+
+    source = tmp_path / "w.csv"
+    free = limiter(ProcessOptions(input_path=source, provider="simulated"))
+    assert free.settings.adaptive is False and free.settings.requests_per_minute is None
+    limited = limiter(ProcessOptions(input_path=source, provider="simulated",
+                                     simulator=SimulatorConfig(requests_per_minute=600, tokens_per_minute=90_000)))
+    assert (limited.settings.requests_per_minute, limited.settings.tokens_per_minute) == (600, 90_000)
+    assert limiter(ProcessOptions(input_path=source, provider="simulated", rpm=100)).settings.requests_per_minute == 100
+    real = limiter(ProcessOptions(input_path=source, provider="openrouter"))
+    assert real.settings.adaptive is True and real.settings.requests_per_minute is None  # unknown: discovered

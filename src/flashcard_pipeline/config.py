@@ -75,7 +75,7 @@ class RateLimitSettings(BaseSettings):
     burst_share: float = Field(default=0.02, gt=0, lt=1, description="bucket size as a share of the limit")
     decrease_factor: float = Field(default=0.5, gt=0, lt=1, description="multiplier after a 429")
     increase_interval: float = Field(default=5.0, gt=0, description="seconds of saturated success per raise")
-    probe_step: float = Field(default=1.0, gt=0, description="raise before any 429, times the initial limit")
+    probe_step: float = Field(default=1.0, gt=0, description="raise before any 429, times the current limit")
     increase_step: float = Field(default=0.02, gt=0, description="raise after a 429 while below the level the "
                                                                   "provider accepted, times that level")
     settle_step: float = Field(default=0.002, gt=0, description="raise above that level, times that level")

@@ -31,7 +31,7 @@ from flashcard_pipeline.pipeline import Pipeline, RunOutcome, RunStats
 from flashcard_pipeline.pricing import TYPICAL_COMPLETION_TOKENS, price_for
 from flashcard_pipeline.resilience.breaker_store import BreakerStore, BreakerSync
 from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig, CircuitBreakerPolicy, breaker_policies
-from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy, rate_limit_policies
+from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy, rate_limit_policies, settings_from_env
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
 from flashcard_pipeline.stages import (
@@ -253,9 +253,15 @@ def default_policy(options: ProcessOptions) -> CallPolicy:
     breaker = options.breaker or CircuitBreakerConfig.from_env()
     if breaker.enabled:
         policies.append(CircuitBreakerPolicy(breaker))
-    limiter = RateLimitPolicy.from_env(rpm=options.rpm, tpm=options.tpm)
-    if limiter is not None:
-        policies.append(limiter)
+    settings = settings_from_env(rpm=options.rpm, tpm=options.tpm)
+    if options.provider == ProviderName.SIMULATED:
+        # The simulator's limits are not unknown: they are its settings. Nothing to discover.
+        settings = settings.model_copy(update={
+            "requests_per_minute": settings.requests_per_minute or options.simulator.requests_per_minute,
+            "tokens_per_minute": settings.tokens_per_minute or options.simulator.tokens_per_minute,
+            "adaptive": False})
+    if settings.enabled:
+        policies.append(RateLimitPolicy(settings))
     return PolicyPipeline(policies)
 
 

@@ -520,9 +520,10 @@ class LimitGroup:
             log.info("%s: %s limit %.0f -> %.0f per minute after a 429", self.label, dim.name, before, new)
 
     async def _maybe_increase(self) -> None:
-        """Additive increase after ``increase_interval`` s of success with callers waiting on this limit:
-        ``probe_step`` x the initial limit until the first 429, then ``increase_step`` x the level the
-        provider accepted while below it, and ``settle_step`` x that level above it."""
+        """Increase after ``increase_interval`` s of success with callers waiting on this limit:
+        ``probe_step`` x the current limit until the first 429 (slow start), then additively,
+        ``increase_step`` x the level the provider accepted while below it, and ``settle_step`` x that
+        level above it."""
         settings = self.settings
         if not settings.adaptive:
             return
@@ -540,8 +541,9 @@ class LimitGroup:
             if not math.isfinite(view.planned) or (cap is not None and view.planned >= cap):
                 continue
             if view.ceiling is None:
-                step = settings.probe_step * (settings.initial_requests_per_minute if dim.name == "requests"
-                                              else view.planned)
+                # Before the first 429 nothing is known: grow multiplicatively (TCP's slow start), so a
+                # high unknown limit is reached in seconds rather than minutes.
+                step = settings.probe_step * view.planned
             elif view.planned < view.ceiling * SETTLE:
                 step = settings.increase_step * view.ceiling
             else:
