@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import heapq
 import itertools
 import json
 import math
@@ -33,7 +32,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,44 +42,10 @@ from flashcard_pipeline.llm.types import ChatResponse, Usage
 from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy
 from flashcard_pipeline.resilience.rate_limiter import RateLimiter, ShardedRateLimiter
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
+from flashcard_pipeline.resilience.testing import VirtualClock
 
 # -- virtual time for the model ------------------------------------------------------------------------
 
-
-class VirtualClock:
-    """Discrete-event time: ``sleep`` parks the task; :meth:`run` jumps to the next wake-up once
-    every task is blocked, so concurrent sleepers overlap as they would in real time."""
-
-    def __init__(self) -> None:
-        self._now = 0.0
-        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
-
-    def monotonic(self) -> float:
-        return self._now
-
-    def now(self) -> datetime:
-        return datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=self._now)
-
-    async def sleep(self, seconds: float) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (self._now + max(0.0, seconds), next(self._order), future))
-        await future
-
-    async def run(self, until: float) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0)
-            if loop._ready:  # type: ignore[attr-defined]  # other tasks still have work at this instant
-                continue
-            while self._heap and self._heap[0][2].done():
-                heapq.heappop(self._heap)
-            if not self._heap or self._heap[0][0] > until:
-                self._now = until
-                return
-            wake, _, future = heapq.heappop(self._heap)
-            self._now = max(self._now, wake)
-            future.set_result(None)
 
 
 @dataclass

@@ -8,13 +8,11 @@ fraction of a second); the end-to-end run uses the real simulator with limits hi
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import json
 import math
 import os
 import random
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from flashcard_pipeline.resilience.rate_limit_policy import (
     settings_from_env,
 )
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
-from flashcard_pipeline.resilience.testing import FakeClock
+from flashcard_pipeline.resilience.testing import FakeClock, VirtualClock
 from flashcard_pipeline.runner import ProcessOptions, default_policy, process
 from flashcard_pipeline.simulator import SimulatorConfig
 from flashcard_pipeline.simulator.server import _Window
@@ -243,40 +241,6 @@ async def test_a_header_limit_never_raises_a_lower_configured_one() -> None:
 
 
 # -- convergence against the simulator's sliding window, on virtual time -------------------------------
-
-class VirtualClock:
-    """Discrete-event time: when every task waits, jump to the next wake-up (sleepers overlap)."""
-
-    def __init__(self) -> None:
-        self._now = 0.0
-        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
-
-    def monotonic(self) -> float:
-        return self._now
-
-    def now(self) -> datetime:
-        return datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=self._now)
-
-    async def sleep(self, seconds: float) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (self._now + max(0.0, seconds), next(self._order), future))
-        await future
-
-    async def run(self, until: float) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0)
-            if loop._ready:  # type: ignore[attr-defined]
-                continue
-            while self._heap and self._heap[0][2].done():
-                heapq.heappop(self._heap)
-            if not self._heap or self._heap[0][0] > until:
-                self._now = until
-                return
-            wake, _, future = heapq.heappop(self._heap)
-            self._now = max(self._now, wake)
-            future.set_result(None)
 
 
 async def converge(limit: int, settings: RateLimitSettings, *, minutes: float, headers: bool = False,
