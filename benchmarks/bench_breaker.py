@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from importlib.metadata import version
+from typing import Any
 
 from flashcard_pipeline.errors import ServerError
 from flashcard_pipeline.llm.policy import CallContext
@@ -138,33 +139,29 @@ def _medians(samples: dict[str, list[float]], iterations: int) -> dict[str, floa
     return {name: statistics.median(values) / iterations * 1e6 for name, values in samples.items()}
 
 
-async def overhead(iterations: int, repeats: int, seed: int) -> dict[str, float]:
-    fns = {"bare call": noop, **contenders(failing=False)}
+async def _interleaved(fns: dict[str, Any], timer: Any, iterations: int, repeats: int,
+                       seed: int) -> dict[str, float]:
+    """Warm every contender up, then time them in a shuffled order per repeat; medians per call."""
     for fn in fns.values():  # warm-up: first-call allocations, lazily built state
-        await _time_ok(fn, min(iterations, 2000))
+        await timer(fn, min(iterations, 2000))
     rng = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         order = list(fns)
         rng.shuffle(order)
         for name in order:
-            samples[name].append(await _time_ok(fns[name], iterations))
+            samples[name].append(await timer(fns[name], iterations))
     return _medians(samples, iterations)
+
+
+async def overhead(iterations: int, repeats: int, seed: int) -> dict[str, float]:
+    return await _interleaved({"bare call": noop, **contenders(failing=False)}, _time_ok, iterations, repeats, seed)
 
 
 async def rejection(iterations: int, repeats: int, seed: int) -> dict[str, float]:
     fns = contenders(failing=True)
     await _force_open(fns)
-    for fn in fns.values():
-        await _time_refused(fn, min(iterations, 2000))
-    rng = random.Random(seed)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        order = list(fns)
-        rng.shuffle(order)
-        for name in order:
-            samples[name].append(await _time_refused(fns[name], iterations))
-    return _medians(samples, iterations)
+    return await _interleaved(fns, _time_refused, iterations, repeats, seed)
 
 
 def _versions() -> str:

@@ -93,13 +93,13 @@ def estimate_request_tokens(request: ChatRequest) -> int:
 def parse_retry_after(headers: Mapping[str, str], *, now: datetime) -> float | None:
     """Seconds the server asked us to wait, from ``retry-after-ms`` or ``Retry-After`` (seconds or
     HTTP date relative to ``now``); ``None`` when absent or unparseable."""
-    milliseconds = _non_negative_float(headers.get("retry-after-ms"))
+    milliseconds = header_number(headers.get("retry-after-ms"))
     if milliseconds is not None:
         return milliseconds / 1000
     raw = headers.get("retry-after")
     if raw is None:
         return None
-    seconds = _non_negative_float(raw)
+    seconds = header_number(raw)
     if seconds is not None:
         return seconds
     try:
@@ -111,7 +111,8 @@ def parse_retry_after(headers: Mapping[str, str], *, now: datetime) -> float | N
     return max(0.0, (when - now).total_seconds())
 
 
-def _non_negative_float(raw: str | None) -> float | None:
+def header_number(raw: str | None) -> float | None:
+    """A header value as a finite, non-negative number, or None (absent or unparseable)."""
     if raw is None:
         return None
     try:

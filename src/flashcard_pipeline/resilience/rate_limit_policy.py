@@ -45,6 +45,7 @@ import pydantic
 
 from flashcard_pipeline.config import RateLimitSettings
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError, StructuredError
+from flashcard_pipeline.llm.client import header_number
 from flashcard_pipeline.llm.policy import CallContext, CallPolicy, PolicyPipeline
 from flashcard_pipeline.llm.types import ChatResponse
 from flashcard_pipeline.resilience.clock import Clock, SystemClock
@@ -104,19 +105,9 @@ def parse_duration(text: str | None) -> float | None:
     return sum(float(number) * _UNITS[unit] for number, unit in parts)
 
 
-def _number(raw: str | None) -> float | None:
-    if raw is None:
-        return None
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
-
-
 def _reset_seconds(raw: str | None, now_epoch: float) -> float | None:
     """A reset given as a duration, or (OpenRouter) as a Unix time in seconds or milliseconds."""
-    value = _number(raw)
+    value = header_number(raw)
     if value is not None and value > 1e12:
         return max(0.0, value / 1000 - now_epoch)
     if value is not None and value > 1e9:
@@ -146,11 +137,11 @@ class RateLimitHeaders:
         get = lower.get
 
         return cls(
-            limit_requests=_number(get("x-ratelimit-limit-requests")),
-            remaining_requests=_number(get("x-ratelimit-remaining-requests") or get("x-ratelimit-remaining")),
+            limit_requests=header_number(get("x-ratelimit-limit-requests")),
+            remaining_requests=header_number(get("x-ratelimit-remaining-requests") or get("x-ratelimit-remaining")),
             reset_requests=_reset_seconds(get("x-ratelimit-reset-requests") or get("x-ratelimit-reset"), now_epoch),
-            limit_tokens=_number(get("x-ratelimit-limit-tokens")),
-            remaining_tokens=_number(get("x-ratelimit-remaining-tokens")),
+            limit_tokens=header_number(get("x-ratelimit-limit-tokens")),
+            remaining_tokens=header_number(get("x-ratelimit-remaining-tokens")),
             reset_tokens=_reset_seconds(get("x-ratelimit-reset-tokens"), now_epoch),
         )
 
