@@ -190,6 +190,11 @@ async def drive(clock: FakeClock, task: asyncio.Task[Any], watch: Watch, sim: Si
         if stats is not None and stats.pause_reason and (not pauses or pauses[-1] != stats.pause_reason):
             pauses.append(stats.pause_reason)
         if stats is not None and stats.in_flight > 0 and clock.sleepers >= stats.in_flight:
+            # Only a quiet state that lasts counts: an item between two awaits (a database read in a
+            # worker thread) must not see the clock jump under it, however slow the machine is.
+            await asyncio.sleep(0.002)
+            if not (stats.in_flight > 0 and clock.sleepers >= stats.in_flight):
+                continue
             clock.advance(STEP)
             wanted = rate_at(phases, clock.monotonic())
             if wanted != rate:
