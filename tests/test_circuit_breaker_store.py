@@ -294,10 +294,13 @@ async def test_a_second_terminal_isolates_a_running_process_within_two_seconds(t
         took = await wait_until(lambda: breaker.state_provider.state is CircuitState.ISOLATED)
         assert took < 2.0
         assert breaker.state_provider.isolation_reason == "provider incident"
-        await wait_until(lambda: "isolated by an operator (provider incident)" in (watch.stats.pause_reason or ""))
+        # Both workers must be parked at the breaker: a call already past it when the circuit was isolated still
+        # finishes, and its item is counted once the ledger's batch (at most 100 ms) commits.
+        await wait_until(lambda: "(provider incident); 2 calls waiting" in (watch.stats.pause_reason or ""))
+        await asyncio.sleep(0.3)
         assert watch.stats is not None
         paused_at = watch.stats.done
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         assert watch.stats.done == paused_at and not run.done(), "the run is paused"
 
         sim.config = SimulatorConfig()  # answer at once from now on
