@@ -270,6 +270,10 @@ def test_progress_display_on_a_terminal_and_in_a_log() -> None:
     line = describe(stats)
     for part in ("done 4/10", "failed 1", "in flight 2", "tokens 150", "$0.0123", "cache hits 3", "paused: circuit"):
         assert part in line
+    assert "API errors" not in line
+    stats.api_errors = 5
+    assert "API errors 5" in describe(stats)
+    stats.api_errors = 0
 
     async def show(console: Console) -> str:
         reporter = ConsoleReporter(console, plain_interval=0.0)

@@ -22,6 +22,8 @@ def describe(stats: RunStats) -> str:
     text = (f"done {stats.done}/{stats.total} · failed {stats.failed} · in flight {stats.in_flight} · "
             f"{stats.requests_per_minute():.0f} req/min · tokens {stats.tokens_in + stats.tokens_out:,} · "
             f"${stats.cost_usd:.4f} · cache hits {stats.cache_hits}")
+    if stats.api_errors:
+        text += f" · API errors {stats.api_errors}"
     if stats.pause_reason:
         text += f" · paused: {stats.pause_reason}"
     return text
