@@ -83,6 +83,8 @@ def test_cache_vacuum_and_bad_age(tmp_path: Path, sqlite_url: str) -> None:
     assert code == 0 and "removed 0 expired entries" in stdout
     code, _, stderr = cli("cache", "clear", "--db", sqlite_url, "--older-than", "soon", "-y")
     assert code == 2 and "not an age" in stderr
+    code, _, stderr = cli("cache", "clear", "--db", sqlite_url, "--type", "nuances")
+    assert code == 2 and "unknown cache type 'nuances'; use nuance or cards" in stderr
 
 
 def test_parse_age() -> None:

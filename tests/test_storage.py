@@ -45,8 +45,11 @@ def test_database_url_resolution(tmp_path: Path) -> None:
 def test_bad_urls_are_configuration_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="not a database URL"):
         create_db_engine("::nonsense::")
-    with pytest.raises(ConfigurationError, match="cannot open database"):
-        open_database("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
+    with pytest.raises(ConfigurationError, match="cannot open database") as refused:
+        open_database("postgresql+psycopg://nobody:secret@127.0.0.1:1/none?connect_timeout=1")
+    message = str(refused.value)
+    assert "\n" not in message and "Connection refused" in message, message
+    assert "secret" not in message and "sqlalchemy" not in message.lower()
 
 
 def test_pool_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

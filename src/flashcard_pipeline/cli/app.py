@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +18,7 @@ from rich.table import Table
 
 from flashcard_pipeline.cli.breaker_commands import breaker_app
 from flashcard_pipeline.cli.maintenance import cache_app, db_app
+from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
 from flashcard_pipeline.cli.progress import ConsoleReporter
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
 from flashcard_pipeline.export import AudioEngine, Subdecks
@@ -29,15 +29,6 @@ from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
 from flashcard_pipeline.simulator import Simulator, SimulatorConfig, serve
 from flashcard_pipeline.storage.schema import RunStatus
 
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED_ITEMS = 1
-    USAGE = 2
-    ABORTED = 3
-    INTERRUPTED = 130
-
-
 app = typer.Typer(
     name="flashcard-pipeline",
     help="Turn vocabulary lists into rich, AI-generated flashcards.",
@@ -45,15 +36,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _stderr() -> Console:
-    return Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str, code: ExitCode) -> typer.Exit:
-    _stderr().print(f"[red]error:[/] {message}", highlight=False)
-    return typer.Exit(int(code))
 
 
 def parse_sim_options(pairs: list[str]) -> SimulatorConfig:
@@ -91,7 +73,7 @@ def _run_async(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:
-        raise _fail("interrupted; run the same command again to resume where it stopped",
+        raise fail("interrupted; run the same command again to resume where it stopped",
                     ExitCode.INTERRUPTED) from None
 
 
@@ -138,7 +120,7 @@ def process_command(
                                                            "espeak-ng).")] = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
-    err = _stderr()
+    err = stderr_console()
     try:
         options = ProcessOptions(
             input_path=input_path, output=output, format=format, limit=limit, start_from=start_from,
@@ -149,9 +131,9 @@ def process_command(
             deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     except StructuredError as exc:
-        raise _fail(str(exc), ExitCode.ABORTED if exc.aborts_run else ExitCode.FAILED_ITEMS) from None
+        raise fail(str(exc), ExitCode.ABORTED if exc.aborts_run else ExitCode.FAILED_ITEMS) from None
     raise typer.Exit(int(_report(result, err)))
 
 
@@ -200,8 +182,8 @@ def simulate_command(
     try:
         config = parse_sim_options(sim or [])
     except ConfigurationError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
-    err = _stderr()
+        raise fail(str(exc), ExitCode.USAGE) from None
+    err = stderr_console()
 
     def announce(simulator: Simulator) -> None:
         err.print(f"simulated provider on {simulator.base_url} (Ctrl-C to stop)", highlight=False)
@@ -211,7 +193,7 @@ def simulate_command(
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.USAGE) from None
+        raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.USAGE) from None
 
 
 app.add_typer(db_app, name="db")
@@ -226,8 +208,8 @@ def main() -> None:
     except Exception as exc:  # pragma: no cover - last resort
         if os.environ.get("FLASHCARD_DEBUG"):
             raise
-        _stderr().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (set FLASHCARD_DEBUG=1 for details)",
-                        highlight=False)
+        stderr_console().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} "
+                               "(set FLASHCARD_DEBUG=1 for details)", highlight=False)
         sys.exit(1)
 
 

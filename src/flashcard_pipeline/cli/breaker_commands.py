@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flashcard_pipeline.cli.output import fail
 from flashcard_pipeline.config import CircuitBreakerSettings
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.resilience.breaker_store import BreakerStore, CircuitSnapshotRecord
@@ -28,16 +29,11 @@ ReasonOption = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded
 AllOption = Annotated[bool, typer.Option("--all", help="Every known circuit.")]
 
 
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
-    return typer.Exit(2)
-
-
 def _store(db: str | None) -> BreakerStore:
     try:
         return BreakerStore(open_database(db))
     except ConfigurationError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _when(value: datetime | None) -> str:
@@ -124,18 +120,18 @@ def _targets(store: BreakerStore, circuit: str | None, every: bool) -> list[str]
     known = store.known_circuits()
     if every:
         if circuit is not None:
-            raise _fail("give a circuit or --all, not both")
+            raise fail("give a circuit or --all, not both")
         if not known:
-            raise _fail("no circuit is known yet; name one (provider/model)")
+            raise fail("no circuit is known yet; name one (provider/model)")
         return known
     if circuit is None:
         if len(known) == 1:
             return known
         listed = ", ".join(known) if known else "none yet"
-        raise _fail(f"name the circuit (provider/model) or use --all; known circuits: {listed}")
+        raise fail(f"name the circuit (provider/model) or use --all; known circuits: {listed}")
     provider, _, model = circuit.partition("/")
     if not provider or not model:
-        raise _fail(f"a circuit is named provider/model (e.g. openrouter/openai/gpt-4o-mini), got {circuit!r}")
+        raise fail(f"a circuit is named provider/model (e.g. openrouter/openai/gpt-4o-mini), got {circuit!r}")
     return [circuit]
 
 
@@ -148,7 +144,7 @@ def _poll_interval() -> float:
 
 def _command(action: str, circuit: str | None, reason: str, every: bool, db: str | None) -> None:
     if not reason.strip():
-        raise _fail("--reason must not be empty")
+        raise fail("--reason must not be empty")
     store = _store(db)
     try:
         targets = _targets(store, circuit, every)

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from flashcard_pipeline.cli.app import ExitCode, _fail, _stderr, app
+from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export import FORMATS, AudioEngine, Subdecks, push_results, resolve_format, write_export
 from flashcard_pipeline.export.ankiconnect import DEFAULT_URL, AnkiConnect, AnkiConnectError
@@ -29,16 +30,16 @@ def _select_run(ledger: Ledger, run_id: int | None) -> RunRecord:
     run = ledger.get_run(run_id)
     if run is None:
         if run_id is not None:
-            raise _fail(f"there is no run {run_id} in the database", ExitCode.USAGE)
-        raise _fail("the database has no runs yet; run `flashcard-pipeline process` first", ExitCode.USAGE)
+            raise fail(f"there is no run {run_id} in the database", ExitCode.USAGE)
+        raise fail("the database has no runs yet; run `flashcard-pipeline process` first", ExitCode.USAGE)
     summary = ledger.summary(run.id)
     if summary.done == 0:
-        raise _fail(f"run {run.id} has no finished items to export ({summary.failed} failed, "
+        raise fail(f"run {run.id} has no finished items to export ({summary.failed} failed, "
                     f"{summary.pending} pending); run `process` again to finish it", ExitCode.FAILED_ITEMS)
     unfinished = summary.total - summary.done
     if unfinished:
-        _stderr().print(f"[yellow]note:[/] run {run.id} has {unfinished} unfinished items; only the {summary.done} "
-                        "finished ones are exported", highlight=False)
+        stderr_console().print(f"[yellow]note:[/] run {run.id} has {unfinished} unfinished items; only the "
+                               f"{summary.done} finished ones are exported", highlight=False)
     return run
 
 
@@ -54,12 +55,12 @@ def export_command(
     db: DbOption = None,
 ) -> None:
     """Write a stored run's cards to .apkg, Anki text (TSV), CSV or JSONL; makes no API call."""
-    err = _stderr()
+    err = stderr_console()
     try:
         chosen = resolve_format(format, output)
         engine = open_database(db)
     except ConfigurationError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     try:
         ledger = Ledger(engine)
         run = _select_run(ledger, run_id)
@@ -67,9 +68,9 @@ def export_command(
                               language=run.target_language, simulated=run.simulated,
                               audio=audio.value if audio else None)
     except ConfigurationError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     except OSError as exc:
-        raise _fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.USAGE) from None
+        raise fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.USAGE) from None
     finally:
         engine.dispose()
     for warning in report.warnings:
@@ -92,11 +93,11 @@ def push_command(
     db: DbOption = None,
 ) -> None:
     """Send a stored run's cards to a running Anki through AnkiConnect (creates the deck and note type)."""
-    err = _stderr()
+    err = stderr_console()
     try:
         engine = open_database(db)
     except ConfigurationError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     try:
         ledger = Ledger(engine)
         run = _select_run(ledger, run_id)
@@ -105,7 +106,7 @@ def push_command(
                                             deck=deck_name, subdecks=subdecks, simulated=run.simulated,
                                             audio=audio.value if audio else None)
     except AnkiConnectError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     finally:
         engine.dispose()
     for warning in warnings:
@@ -115,4 +116,4 @@ def push_command(
         f"pushed run {run.id} to {report.decks[0]!r}: {report.added} notes added, {report.already_present} were "
         f"already there{created}", highlight=False, markup=False)
     if report.failed:
-        raise _fail(f"{report.failed} notes could not be added (see Anki for details)", ExitCode.FAILED_ITEMS)
+        raise fail(f"{report.failed} notes could not be added (see Anki for details)", ExitCode.FAILED_ITEMS)

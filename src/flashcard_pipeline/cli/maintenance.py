@@ -15,12 +15,15 @@ from rich.table import Table
 
 from flashcard_pipeline.cache.backends import CacheTypeStats, DatabaseCacheBackend, RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache
+from flashcard_pipeline.cli.output import fail
 from flashcard_pipeline.config import CacheSettings, DatabaseSettings
 from flashcard_pipeline.errors import ConfigurationError, InputError, InvalidResponseError
 from flashcard_pipeline.ingest import VocabularyReader
 from flashcard_pipeline.llm.providers import ProviderName
 from flashcard_pipeline.runner import DEFAULT_MODELS
 from flashcard_pipeline.stages import (
+    CARDS,
+    NUANCE,
     StageRequest,
     StageSettings,
     build_cards_request,
@@ -40,11 +43,6 @@ _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
-    return typer.Exit(2)
-
-
 def parse_age(text: str) -> timedelta:
     """'30d', '12h', '90m', '45s', '2w' -> timedelta."""
     match = _AGE.match(text)
@@ -57,7 +55,7 @@ def _open(db: str | None) -> Ledger:
     try:
         return Ledger(open_database(db))
     except ConfigurationError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _print_json(data: Any) -> None:
@@ -72,7 +70,7 @@ def db_stats(db: DbOption = None, run: Annotated[int | None, typer.Option(help="
     settings = DatabaseSettings()
     record = ledger.get_run(run)
     if run is not None and record is None:
-        raise _fail(f"no run {run}")
+        raise fail(f"no run {run}")
     monitor = pool_monitor(ledger.engine)
     data = {
         "database": ledger.engine.url.render_as_string(hide_password=True),
@@ -158,7 +156,9 @@ def cache_clear(
     try:
         age = parse_age(older_than) if older_than else None
     except ConfigurationError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
+    if cache_type is not None and cache_type not in (NUANCE, CARDS):
+        raise fail(f"unknown cache type {cache_type!r}; use {NUANCE} or {CARDS}")
     if not yes and not typer.confirm("Delete these cached answers? Getting them again costs money", default=False):
         raise typer.Exit(1)
     ledger, cache = _backend(db)
@@ -206,7 +206,7 @@ def cache_warm(
         settings = StageSettings(provider=provider.value, model=model or DEFAULT_MODELS[provider],
                                  language=language_name(language), learner_language=language_name(learner_language))
     except (InputError, ConfigurationError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     ledger, cache = _backend(db)
     report = asyncio.run(_warm(reader, settings, ledger, cache))
     ledger.engine.dispose()

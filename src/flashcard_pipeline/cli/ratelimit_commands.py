@@ -18,7 +18,8 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from flashcard_pipeline.cli.app import ExitCode, _fail, app
+from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.output import ExitCode, fail
 from flashcard_pipeline.config import RateLimitSettings
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.resilience.rate_limit_policy import settings_from_env
@@ -126,11 +127,11 @@ def ratelimit_status(
         settings = settings_from_env()
         ledger = Ledger(open_database(db))
     except ConfigurationError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     try:
         record = ledger.get_run(run)
         if run is not None and record is None:
-            raise _fail(f"no run {run}", ExitCode.USAGE)
+            raise fail(f"no run {run}", ExitCode.USAGE)
         published = (ledger.run_metrics(record.id) or {}).get("ratelimit") if record else None
     finally:
         ledger.engine.dispose()
@@ -139,7 +140,7 @@ def ratelimit_status(
         try:
             live = asyncio.run(live_redis_state(settings))
         except (OSError, RedisError) as exc:
-            raise _fail(f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.USAGE) from None
+            raise fail(f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.USAGE) from None
     data = {"run": None if record is None else record.id,
             "run_status": None if record is None else str(record.status),
             "published": published, "redis": live}

@@ -101,6 +101,8 @@ def open_database(url: str | None = None) -> Engine:
         migrate(engine)
     except Exception as exc:
         engine.dispose()
+        cause = getattr(exc, "orig", None) or exc  # the driver's own words, not SQLAlchemy's wrapper
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ConfigurationError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                                 f"{reason}") from exc
     return engine
