@@ -45,6 +45,8 @@ def test_database_url_resolution(tmp_path: Path) -> None:
 def test_bad_urls_are_configuration_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="not a database URL"):
         create_db_engine("::nonsense::")
+    with pytest.raises(ConfigurationError, match=r"cannot use database nonsense://u:\*\*\*@h/x: .*sqlite:///PATH"):
+        create_db_engine("nonsense://u:pw@h/x")
     with pytest.raises(ConfigurationError, match="cannot open database") as refused:
         open_database("postgresql+psycopg://nobody:secret@127.0.0.1:1/none?connect_timeout=1")
     message = str(refused.value)

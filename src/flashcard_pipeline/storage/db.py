@@ -10,6 +10,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
 from flashcard_pipeline.config import DatabaseSettings
@@ -77,7 +78,12 @@ def create_db_engine(url: str, settings: DatabaseSettings | None = None) -> Engi
         engine = create_engine(parsed, connect_args={"check_same_thread": False}, **pool_args)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(parsed, **pool_args)
+        try:
+            engine = create_engine(parsed, **pool_args)
+        except (ArgumentError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError
+            raise ConfigurationError(
+                f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}; "
+                "use a SQLite path, sqlite:///PATH or postgresql://USER@HOST/DB") from exc
     PoolMonitor().attach(engine)
     return engine
 
