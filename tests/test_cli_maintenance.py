@@ -110,3 +110,34 @@ def test_redis_cache_is_shared_by_two_workers(tmp_path: Path, monkeypatch: pytes
     assert code == 0 and types["nuance"]["entries"] == 4 and types["nuance"]["hits"] == 4
     assert cli("cache", "clear", "--db", f"sqlite:///{tmp_path / 'worker1.db'}", "-y")[1].strip() == \
         "removed 8 cached answers"
+
+
+ENGINE_SETTINGS = [
+    ("CB_BREAK_DURATION", "-1", "invalid CB_BREAK_DURATION: Input should be greater than 0"),
+    ("RETRY_JITTER_ENABLED", "maybe", "invalid RETRY_JITTER_ENABLED: Input should be a valid boolean"),
+    ("RL_SHARDS", "0", "invalid RL_SHARDS: Input should be greater than or equal to 1"),
+]
+STORAGE_SETTINGS = [
+    ("DB_POOL_SIZE", "many", "invalid DB_POOL_SIZE: Input should be a valid integer"),
+    ("CACHE_TTL_JITTER", "5", "invalid CACHE_TTL_JITTER: Input should be less than 1"),
+]
+PROCESS = ("process", "{words}", "--provider", "simulated")
+
+
+@pytest.mark.parametrize(("command", "variable", "value", "says"), [
+    *[(PROCESS, *case) for case in ENGINE_SETTINGS + STORAGE_SETTINGS],
+    *[(command, *case) for command in (("cache", "stats"), ("cache", "warm", "{words}"))
+      for case in STORAGE_SETTINGS],
+    (("db", "stats"), *STORAGE_SETTINGS[0]),
+])
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                       command: tuple[str, ...], variable: str, value: str,
+                                                       says: str) -> None:
+    """Whichever command reads it, and however deep: exit 2, one line, no traceback."""
+    monkeypatch.setenv(variable, value)
+    args = [part.format(words=words(tmp_path, 2)) for part in command]
+    code, stdout, stderr = cli(*args, "--db", sqlite_url)
+    assert code == 2, stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), stderr
+    assert "errors.pydantic.dev" not in stderr

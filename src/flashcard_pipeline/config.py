@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field
+from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def read_settings(cls: type[S]) -> S:
+    """``cls()`` from the environment; a bad value becomes a one-line :class:`ConfigurationError` that names
+    the variable (``invalid DB_POOL_SIZE: Input should be a valid integer``) instead of pydantic's report."""
+    try:
+        return cls()
+    except (PydanticValidationError, ValueError) as exc:
+        raise ConfigurationError(f"invalid {settings_problem(exc, str(cls.model_config.get('env_prefix', '')))}") \
+            from exc
+
+
+def settings_problem(exc: Exception, prefix: str) -> str:
+    """``PREFIX_FIELD: message`` for the first problem of a settings validation error."""
+    if isinstance(exc, PydanticValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = str(first["loc"][0]).upper() if first["loc"] else ""  # the field; deeper parts name union members
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return f"{prefix}{where}: {message}" if where else f"{prefix}*: {message}"
+    return f"{prefix}*: {exc}"
 
 
 class DatabaseSettings(BaseSettings):
@@ -64,8 +88,8 @@ class RateLimitSettings(BaseSettings):
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     algorithm: Literal["token_bucket", "sliding_window"] = "token_bucket"
-    shards: int | Literal["auto"] = Field(default=1, description="buckets per limit; 'auto' = max_qps / 2, "
-                                                                 ">= 10 tokens each")
+    shards: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=1, description="buckets per limit; 'auto' = max_qps / 2, >= 10 tokens each")
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "flashcard-pipeline:ratelimit:"

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from flashcard_pipeline.cache.backends import RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.codec import Codec
-from flashcard_pipeline.config import CacheSettings
+from flashcard_pipeline.config import CacheSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export import FORMATS, ExportReport, check_options, resolve_format, write_export
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
@@ -202,6 +202,7 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
     reporter = reporter or SilentReporter()
     _validate(options)
     policy = policy or default_policy(options)
+    cache_settings = read_settings(CacheSettings)  # every setting is checked before the run starts
     reader = VocabularyReader(options.input_path)
     reader.detect()
     provider = _provider(options, None)
@@ -234,7 +235,8 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
         to_process = await asyncio.to_thread(ledger.prepare_resume, run.id)
         reporter.started(run, resumed=resumed, to_process=to_process)
 
-        outcome = await _execute(options, provider, settings, ledger, run, reporter, policy, to_process)
+        outcome = await _execute(options, provider, settings, ledger, run, reporter, policy, to_process,
+                                 cache_settings)
         output = options.output_path
         results = ledger.results(run.id)
         report = await asyncio.to_thread(
@@ -281,13 +283,14 @@ def _show_pauses(stats: RunStats, breakers: list[CircuitBreakerPolicy]) -> None:
 
 
 async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: StageSettings, ledger: Ledger,
-                   run: RunRecord, reporter: Reporter, policy: CallPolicy | None, to_process: int) -> RunOutcome:
+                   run: RunRecord, reporter: Reporter, policy: CallPolicy | None, to_process: int,
+                   cache_settings: CacheSettings) -> RunOutcome:
     async with contextlib.AsyncExitStack() as stack:
         if provider.name is ProviderName.SIMULATED and to_process:
             simulator = await stack.enter_async_context(run_simulator(options.simulator))
             provider = _provider(options, simulator.base_url)
         client = await stack.enter_async_context(LLMClient(provider, max_connections=max(options.concurrency, 10)))
-        cache = make_cache(ledger, CacheSettings())
+        cache = make_cache(ledger, cache_settings)
         if isinstance(cache.backend, RedisCacheBackend):
             stack.push_async_callback(cache.backend.aclose)
         pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy, cache=cache,

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from flashcard_pipeline.cache.codec import Codec, CodecError
-from flashcard_pipeline.config import CacheSettings
+from flashcard_pipeline.config import CacheSettings, read_settings
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class CompressedCache:
     def __init__(self, backend: CacheBackend, settings: CacheSettings | None = None, *,
                  rng: random.Random | None = None, now: Callable[[], datetime] | None = None) -> None:
         self.backend = backend
-        self.settings = settings or CacheSettings()
+        self.settings = settings or read_settings(CacheSettings)
         self.codec = Codec(enabled=self.settings.compression_enabled, level=self.settings.compression_level,
                            min_bytes=self.settings.compression_min_bytes,
                            use_dictionary=self.settings.compression_dictionary)

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from flashcard_pipeline.cli.breaker_commands import breaker_app
 from flashcard_pipeline.cli.maintenance import cache_app, db_app
-from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
+from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, stderr_console
 from flashcard_pipeline.cli.progress import ConsoleReporter
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
 from flashcard_pipeline.export import AudioEngine, Subdecks
@@ -35,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 
 

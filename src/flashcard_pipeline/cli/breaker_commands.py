@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flashcard_pipeline.cli.output import fail
-from flashcard_pipeline.config import CircuitBreakerSettings
+from flashcard_pipeline.config import CircuitBreakerSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.resilience.breaker_store import BreakerStore, CircuitSnapshotRecord
 from flashcard_pipeline.storage.db import open_database
@@ -137,8 +137,8 @@ def _targets(store: BreakerStore, circuit: str | None, every: bool) -> list[str]
 
 def _poll_interval() -> float:
     try:
-        return CircuitBreakerSettings().poll_interval
-    except ValueError:
+        return read_settings(CircuitBreakerSettings).poll_interval
+    except ConfigurationError:
         return CircuitBreakerSettings.model_fields["poll_interval"].default
 
 

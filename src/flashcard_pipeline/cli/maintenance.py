@@ -16,7 +16,7 @@ from rich.table import Table
 from flashcard_pipeline.cache.backends import CacheTypeStats, DatabaseCacheBackend, RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache
 from flashcard_pipeline.cli.output import fail
-from flashcard_pipeline.config import CacheSettings, DatabaseSettings
+from flashcard_pipeline.config import CacheSettings, DatabaseSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError, InputError, InvalidResponseError
 from flashcard_pipeline.ingest import VocabularyReader
 from flashcard_pipeline.llm.providers import ProviderName
@@ -67,7 +67,7 @@ def db_stats(db: DbOption = None, run: Annotated[int | None, typer.Option(help="
              as_json: JsonOption = False) -> None:
     """Pool settings and the pool statistics recorded by a run (checkouts, waits, efficiency, ages)."""
     ledger = _open(db)
-    settings = DatabaseSettings()
+    settings = read_settings(DatabaseSettings)
     record = ledger.get_run(run)
     if run is not None and record is None:
         raise fail(f"no run {run}")
@@ -107,7 +107,7 @@ def _stats_rows(stats: list[CacheTypeStats]) -> list[dict[str, Any]]:
 
 def _backend(db: str | None) -> tuple[Ledger, CompressedCache]:
     ledger = _open(db)
-    return ledger, make_cache(ledger, CacheSettings())
+    return ledger, make_cache(ledger, read_settings(CacheSettings))
 
 
 async def _close(cache: CompressedCache) -> None:
@@ -133,9 +133,9 @@ def cache_stats(db: DbOption = None, as_json: JsonOption = False) -> None:
     rows = _stats_rows(asyncio.run(collect()))
     ledger.engine.dispose()
     if as_json:
-        _print_json({"backend": CacheSettings().backend, "types": rows})
+        _print_json({"backend": read_settings(CacheSettings).backend, "types": rows})
         return
-    table = Table(title=f"answer cache ({CacheSettings().backend})")
+    table = Table(title=f"answer cache ({read_settings(CacheSettings).backend})")
     for column in ("type", "entries", "raw bytes", "stored bytes", "ratio", "hits", "misses", "hit rate"):
         table.add_column(column, justify="left" if column == "type" else "right")
     for r in rows:

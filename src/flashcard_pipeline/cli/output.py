@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+from flashcard_pipeline.errors import ConfigurationError, InputError
 
 
 class ExitCode(IntEnum):
@@ -25,3 +29,14 @@ def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     """Print ``error: message`` on stderr; the caller raises the returned Exit."""
     stderr_console().print(f"[red]error:[/] {message}", highlight=False)
     return typer.Exit(int(code))
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: a bad setting or input found deep inside any command (an ``RL_*`` variable
+    read when the limiter starts, say) still ends as one ``error:`` line and exit code 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigurationError, InputError) as exc:
+            raise fail(str(exc)) from None

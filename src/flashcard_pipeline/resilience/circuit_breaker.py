@@ -40,11 +40,10 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Self, TypeVar
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from flashcard_pipeline.errors import CircuitBreakerError, ConfigurationError, ErrorCategory, StructuredError
+from flashcard_pipeline.errors import CircuitBreakerError, ErrorCategory, StructuredError
 from flashcard_pipeline.llm.policy import CallContext, CallPolicy, PolicyPipeline, record_pause
 from flashcard_pipeline.resilience.clock import Clock, SystemClock
 from flashcard_pipeline.resilience.retry import exponential_delay
@@ -175,22 +174,9 @@ class CircuitBreakerConfig(BaseModel):
     def from_env(cls) -> CircuitBreakerConfig:
         """Defaults overridden by ``CB_FAILURE_RATIO``, ``CB_MIN_THROUGHPUT``, ``CB_BREAK_DURATION`` and the
         other fields' ``CB_<FIELD>`` variables; a bad value is a :class:`ConfigurationError` naming it."""
-        from flashcard_pipeline.config import CircuitBreakerSettings
+        from flashcard_pipeline.config import CircuitBreakerSettings, read_settings
 
-        try:
-            settings = CircuitBreakerSettings()
-        except (pydantic.ValidationError, ValueError) as exc:
-            raise ConfigurationError(f"invalid CB_* environment variable: {_first_problem(exc)}") from exc
-        return cls.model_validate(settings.model_dump())
-
-
-def _first_problem(exc: Exception) -> str:
-    if isinstance(exc, pydantic.ValidationError) and exc.errors():
-        first = exc.errors()[0]
-        where = "_".join(str(part) for part in first["loc"] if not isinstance(part, int)).upper()
-        message = str(first["msg"]).removeprefix("Value error, ")
-        return f"CB_{where}: {message}" if where else message
-    return str(exc)
+        return cls.model_validate(read_settings(CircuitBreakerSettings).model_dump())
 
 
 # -- records ------------------------------------------------------------------------------------------

@@ -41,9 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar
 
-import pydantic
-
-from flashcard_pipeline.config import RateLimitSettings
+from flashcard_pipeline.config import RateLimitSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError, StructuredError
 from flashcard_pipeline.llm.client import header_number
 from flashcard_pipeline.llm.policy import CallContext, CallPolicy, PolicyPipeline
@@ -597,7 +595,7 @@ class RateLimitPolicy:
 
     def __init__(self, settings: RateLimitSettings | None = None, *, clock: Clock | None = None,
                  limits: LimitBackend | None = None) -> None:
-        self.settings = settings or RateLimitSettings()
+        self.settings = settings or read_settings(RateLimitSettings)
         self.clock: Clock = clock or SystemClock()
         self.limits: LimitBackend = limits or make_limits(self.settings, self.clock)
         self._groups: dict[tuple[str, str], LimitGroup] = {}
@@ -679,12 +677,7 @@ def settings_from_env(*, rpm: float | None = None, tpm: float | None = None) -> 
     for flag, value in (("--rpm", rpm), ("--tpm", tpm)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigurationError(f"{flag} must be a positive number per minute, got {value!r}")
-    try:
-        settings = RateLimitSettings()
-    except (pydantic.ValidationError, ValueError) as exc:
-        detail = exc.errors()[0] if isinstance(exc, pydantic.ValidationError) and exc.errors() else None
-        where = f"RL_{str(detail['loc'][0]).upper()}" if detail and detail["loc"] else "RL_*"
-        raise ConfigurationError(f"invalid {where}: {detail['msg'] if detail else exc}") from exc
+    settings = read_settings(RateLimitSettings)
     updates = {k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm)) if v is not None}
     return settings.model_copy(update=updates) if updates else settings
 

@@ -27,12 +27,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol, Self, TypeVar
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flashcard_pipeline.errors import (
-    ConfigurationError,
     ErrorCategory,
     MalformedJSONError,
     SchemaViolationError,
@@ -174,23 +172,13 @@ class RetryConfig(BaseModel):
     def from_env(cls) -> RetryConfig:
         """Defaults overridden by ``RETRY_MAX_ATTEMPTS``, ``RETRY_INITIAL_DELAY``, ``RETRY_MAX_DELAY``,
         ``RETRY_JITTER_ENABLED`` and the other fields' ``RETRY_<FIELD>`` variables."""
-        try:
-            settings = _RetrySettings()
-        except (pydantic.ValidationError, ValueError) as exc:
-            raise ConfigurationError(f"invalid RETRY_* environment variable: {_first_problem(exc)}") from exc
-        return cls.model_validate(settings.model_dump())
+        from flashcard_pipeline.config import read_settings  # config imports the breaker, which imports us
+
+        return cls.model_validate(read_settings(_RetrySettings).model_dump())
 
 
 class _RetrySettings(BaseSettings, RetryConfig):
     model_config = SettingsConfigDict(env_prefix="RETRY_", extra="ignore", frozen=True)
-
-
-def _first_problem(exc: Exception) -> str:
-    if isinstance(exc, pydantic.ValidationError) and exc.errors():
-        first = exc.errors()[0]
-        where = "_".join(str(part) for part in first["loc"]).upper()
-        return f"RETRY_{where}: {first['msg']}" if where else str(first["msg"])
-    return str(exc)
 
 
 @dataclass

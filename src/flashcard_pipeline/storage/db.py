@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
-from flashcard_pipeline.config import DatabaseSettings
+from flashcard_pipeline.config import DatabaseSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.storage.pool_monitor import MonitoredQueuePool, PoolMonitor
 
@@ -55,7 +55,7 @@ def create_db_engine(url: str, settings: DatabaseSettings | None = None) -> Engi
     File SQLite databases get WAL, ``synchronous=NORMAL``, a busy timeout and their folder created;
     PostgreSQL goes through psycopg 3 (a bare ``postgresql://`` URL is taken to mean it).
     """
-    settings = settings or DatabaseSettings()
+    settings = settings or read_settings(DatabaseSettings)
     try:
         parsed = make_url(url)
     except Exception as exc:
