@@ -375,3 +375,38 @@ def test_an_unwritable_output_is_one_line_and_exit_2(tmp_path: Path, small_run: 
     (tmp_path / "file").write_text("not a folder")
     code, _, stderr = run_cli("export", "--db", small_run.db_url, "-o", str(tmp_path / "file" / "deck.apkg"))
     assert code == 2 and "cannot write" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_process_refuses_an_unwritable_output_before_spending_anything(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    (tmp_path / "file").write_text("not a folder")
+    for output, says in ((tmp_path / "file" / "deck.apkg", "cannot write"), (tmp_path, "is a folder")):
+        code, _, stderr = run_cli("process", str(words(tmp_path, 2)), "--provider", "simulated", "--db", db_url,
+                                  "-o", str(output))
+        assert code == 2 and says in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    engine = open_database(db_url)
+    try:
+        assert Ledger(engine).get_run() is None, "no run was started"
+    finally:
+        engine.dispose()
+    nested = tmp_path / "new" / "folder" / "deck.tsv"
+    assert run_cli("process", str(words(tmp_path, 2)), "--provider", "simulated", "--db", db_url,
+                   "-o", str(nested))[0] == 0
+    assert nested.read_text(encoding="utf-8").startswith("#separator:tab")
+    assert [p.name for p in nested.parent.iterdir()] == ["deck.tsv"], "no probe or temporary file is left"
+
+
+def test_an_output_lost_during_the_run_says_how_to_get_the_stored_cards(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("flashcard_pipeline.runner.write_export", disk_full)
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    code, _, stderr = run_cli("process", str(words(tmp_path, 2)), "--provider", "simulated", "--db", db_url,
+                              "-o", str(tmp_path / "deck.apkg"))
+    assert code == 2, stderr
+    assert "No space left on device; the cards are stored, `flashcard-pipeline export --run 1 -o FILE`" in stderr
+    monkeypatch.undo()
+    code, _, stderr = run_cli("export", "--run", "1", "--db", db_url, "-o", str(tmp_path / "deck.apkg"))
+    assert code == 0 and (tmp_path / "deck.apkg").stat().st_size > 0, stderr

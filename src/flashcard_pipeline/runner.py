@@ -21,7 +21,14 @@ from flashcard_pipeline.cache.backends import RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.codec import Codec
 from flashcard_pipeline.config import CacheSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError
-from flashcard_pipeline.export import FORMATS, ExportReport, check_options, resolve_format, write_export
+from flashcard_pipeline.export import (
+    FORMATS,
+    ExportReport,
+    check_options,
+    check_writable,
+    resolve_format,
+    write_export,
+)
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
 from flashcard_pipeline.llm.policy import CallPolicy, PolicyPipeline
@@ -165,6 +172,8 @@ def _validate(options: ProcessOptions) -> None:
         raise ConfigurationError("--max-cost must be a positive amount of US dollars")
     options.export_format  # noqa: B018 - validates the format early
     check_options(options.subdecks, options.audio)
+    if not options.dry_run:
+        check_writable(options.output_path)
 
 
 def _provider(options: ProcessOptions, simulator_url: str | None) -> ProviderConfig:
@@ -239,9 +248,14 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
                                  cache_settings)
         output = options.output_path
         results = ledger.results(run.id)
-        report = await asyncio.to_thread(
-            write_export, options.export_format, results, output, deck_name=options.deck_name,
-            subdecks=options.subdecks, language=run.target_language, simulated=run.simulated, audio=options.audio)
+        try:
+            report = await asyncio.to_thread(
+                write_export, options.export_format, results, output, deck_name=options.deck_name,
+                subdecks=options.subdecks, language=run.target_language, simulated=run.simulated,
+                audio=options.audio)
+        except OSError as exc:  # the folder went away or filled up during the run; the cards are stored
+            raise ConfigurationError(f"cannot write {output}: {exc.strerror or exc}; the cards are stored, "
+                                     f"`flashcard-pipeline export --run {run.id} -o FILE` writes them") from exc
         return ProcessResult(outcome=outcome, output=output, cards_written=report.cards, problems=problems,
                              resumed=resumed, export=report)
     finally:

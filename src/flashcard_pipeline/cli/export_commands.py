@@ -11,7 +11,15 @@ from rich.console import Console
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
 from flashcard_pipeline.errors import ConfigurationError
-from flashcard_pipeline.export import FORMATS, AudioEngine, Subdecks, push_results, resolve_format, write_export
+from flashcard_pipeline.export import (
+    FORMATS,
+    AudioEngine,
+    Subdecks,
+    check_writable,
+    push_results,
+    resolve_format,
+    write_export,
+)
 from flashcard_pipeline.export.ankiconnect import DEFAULT_URL, AnkiConnect, AnkiConnectError
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger, RunRecord
@@ -58,6 +66,7 @@ def export_command(
     err = stderr_console()
     try:
         chosen = resolve_format(format, output)
+        check_writable(output)
         engine = open_database(db)
     except ConfigurationError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None

@@ -17,6 +17,7 @@ from flashcard_pipeline.export.anki_tsv import write_anki_tsv
 from flashcard_pipeline.export.ankiconnect import AnkiConnect, PushReport, push_notes
 from flashcard_pipeline.export.apkg import write_apkg
 from flashcard_pipeline.export.audio import AudioEngine, AudioReport, synthesize
+from flashcard_pipeline.export.common import check_writable
 from flashcard_pipeline.export.csv_export import write_csv
 from flashcard_pipeline.export.jsonl import write_jsonl
 from flashcard_pipeline.export.notes import AnkiNote, Subdecks, build_notes, resolve_deck_name
@@ -26,7 +27,8 @@ FORMATS = ("apkg", "tsv", "csv", "jsonl")
 _BY_EXTENSION = {"apkg": "apkg", "tsv": "tsv", "txt": "tsv", "csv": "csv", "jsonl": "jsonl"}
 _WITH_AUDIO = ("apkg",)
 
-__all__ = ["FORMATS", "AudioEngine", "ExportReport", "PreparedDeck", "Subdecks", "check_options", "prepare_deck",
+__all__ = ["FORMATS", "AudioEngine", "ExportReport", "PreparedDeck", "Subdecks", "check_options", "check_writable",
+           "prepare_deck",
            "push_results", "resolve_format", "write_export"]
 
 

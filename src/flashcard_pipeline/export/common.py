@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.models import Flashcard
 
 SIMULATED_TAG = "source:simulated"
@@ -54,6 +55,20 @@ def anki_tags(tags: Iterable[str]) -> tuple[str, ...]:
 def one_line(text: str) -> str:
     """For names that end up in a header line (deck names): no control characters, no line breaks or tabs."""
     return _WHITESPACE.sub(" ", clean_text(text)).strip()
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work (or money) is spent when ``path`` cannot be written: its folder is made, and a
+    probe file created and removed there, because permission bits alone lie (root, read-only mounts)."""
+    if path.is_dir():
+        raise ConfigurationError(f"{path} is a folder; give a file name, such as {path / 'deck.apkg'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.probe")
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
