@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.progress import ConsoleReporter, describe
 from flashcard_pipeline.export.jsonl import read_jsonl
-from flashcard_pipeline.ingest import read_vocabulary
+from flashcard_pipeline.ingest import RowProblem, read_vocabulary
 from flashcard_pipeline.llm.policy import PolicyPipeline
 from flashcard_pipeline.pipeline import RunStats
 from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy
@@ -286,6 +286,14 @@ def test_progress_display_on_a_terminal_and_in_a_log() -> None:
     assert "done 7/10" in plain and "\x1b" not in plain
     live = asyncio.run(show(Console(record=True, force_terminal=True, width=200)))
     assert "done 7/10" in live and "cards" in live
+
+
+def test_each_skipped_row_is_one_line_even_when_its_term_holds_a_newline() -> None:
+    console = Console(record=True, force_terminal=False, width=200)
+    ConsoleReporter(console).problems([RowProblem(2, "term contains a control character (U+000A)", "학\n교"),
+                                       RowProblem(4, "empty term")])
+    assert console.export_text().splitlines() == [
+        "skipped row 2 (학\\n교): term contains a control character (U+000A)", "skipped row 4: empty term"]
 
 
 def test_the_simulators_limits_are_known_not_discovered(tmp_path: Path) -> None:

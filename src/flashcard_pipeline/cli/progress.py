@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,12 @@ from flashcard_pipeline.pipeline import RunStats
 from flashcard_pipeline.storage.ledger import RunRecord
 
 MAX_PROBLEMS_SHOWN = 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _visible(text: str) -> str:
+    """A term as one readable line: control characters (a newline inside a quoted field) shown escaped."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def describe(stats: RunStats) -> str:
@@ -38,7 +45,7 @@ class ConsoleReporter:
 
     def problems(self, problems: list[RowProblem]) -> None:
         for problem in problems[:MAX_PROBLEMS_SHOWN]:
-            term = f" ({problem.term})" if problem.term else ""
+            term = f" ({_visible(problem.term)})" if problem.term else ""
             self.console.print(f"[yellow]skipped row {problem.row}{term}: {problem.reason}[/]", highlight=False)
         if len(problems) > MAX_PROBLEMS_SHOWN:
             self.console.print(f"[yellow]… and {len(problems) - MAX_PROBLEMS_SHOWN} more skipped rows[/]")
