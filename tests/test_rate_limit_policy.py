@@ -161,6 +161,8 @@ async def test_a_429_pauses_every_caller_of_that_limit_and_lowers_it_once() -> N
             return name, response()
         return attempt
 
+    pauses: list[tuple[str, float]] = []
+    policy.on_pause = lambda group, seconds: pauses.append((group.label, seconds))
     first = asyncio.create_task(policy.execute(call("a", True), context(key="a")))
     second = asyncio.create_task(policy.execute(call("b", True), context(key="b")))
     for _ in range(20):
@@ -172,6 +174,7 @@ async def test_a_429_pauses_every_caller_of_that_limit_and_lowers_it_once() -> N
             await task
     group = policy.group("p", "m")
     assert group.rate_limited == 2
+    assert pauses == [("p/m", 5.0), ("p/m", 5.0)], "the progress display hears of each pause"
     assert group.requests.decreases == 1, "two 429s of one overload lower the limit once"
     assert group.requests.planned == pytest.approx(600 * 0.5), "nothing accepted yet: a plain multiplicative cut"
     third = asyncio.create_task(policy.execute(call("c", False), context(key="c")))
@@ -356,6 +359,23 @@ async def test_process_publishes_the_limiter_state_and_status_reads_it(tmp_path:
     table = cli.invoke(app, ["ratelimit", "status", "--db", db])
     assert table.exit_code == 0 and "simulated/simulated/flashcard-sim" in table.output
     assert cli.invoke(app, ["ratelimit", "status", "--db", db, "--run", "99"]).exit_code == 2
+
+
+async def test_process_shows_each_429_pause_in_its_progress(tmp_path: Path) -> None:
+    words = tmp_path / "words.txt"
+    words.write_text("".join(f"낱말{i}\n" for i in range(12)), encoding="utf-8")
+    clock = FakeClock()
+    limiter = RateLimitPolicy(RateLimitSettings(requests_per_minute=6000), clock=clock)
+    policy = PolicyPipeline([RetryPolicy(RetryConfig(max_attempts=10), clock=clock, rng=random.Random(2)), limiter])
+    options = ProcessOptions(input_path=words, output=tmp_path / "out.jsonl", provider="simulated",
+                             db_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+                             simulator=SimulatorConfig(rate_limit_rate=0.25, retry_after_seconds=3, seed=8))
+    result = await process(options, policy=policy)
+    assert result.outcome is not None and result.outcome.stats.done == 12
+    group = limiter.groups[0]
+    stats = result.outcome.stats
+    assert group.rate_limited > 0 and stats.rate_limited == group.rate_limited, "every 429 pause reached the stats"
+    assert stats.rate_limit_label == "simulated/simulated/flashcard-sim"
 
 
 def test_process_accepts_rpm_and_tpm_and_rejects_a_bad_environment(tmp_path: Path,

@@ -79,6 +79,20 @@ class RunStats:
     already_done: int = 0
     started_at: float = field(default_factory=time.monotonic)
     pause_reason: str | None = None
+    rate_limited: int = 0
+    rate_limit_label: str | None = None
+    rate_limit_until: float = 0.0
+
+    def note_rate_limit(self, label: str, seconds: float, now: float | None = None) -> None:
+        """A 429 made every caller of ``label``'s limits wait ``seconds``."""
+        self.rate_limited += 1
+        until = (time.monotonic() if now is None else now) + seconds
+        if until > self.rate_limit_until:
+            self.rate_limit_label, self.rate_limit_until = label, until
+
+    def rate_limit_wait(self, now: float | None = None) -> float:
+        """Seconds until calls paused by the last 429 go on (0 when none are paused)."""
+        return max(0.0, self.rate_limit_until - (time.monotonic() if now is None else now))
 
     def requests_per_minute(self, now: float | None = None) -> float:
         elapsed = (time.monotonic() if now is None else now) - self.started_at

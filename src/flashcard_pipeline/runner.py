@@ -315,6 +315,7 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
             await stack.enter_async_context(BreakerSync(BreakerStore(ledger.engine), breakers, run_id=run.id,
                                                         poll_interval=breakers[0].config.poll_interval))
         for limiter in rate_limit_policies(policy):
+            limiter.on_pause = lambda group, seconds: pipeline.stats.note_rate_limit(group.label, seconds)
             # Published every RL_PUBLISH_INTERVAL s for `ratelimit status` in another terminal.
             stack.push_async_callback(limiter.aclose)
             await stack.enter_async_context(limiter.publishing(

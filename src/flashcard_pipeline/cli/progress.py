@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -25,14 +26,17 @@ def _visible(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
-def describe(stats: RunStats) -> str:
+def describe(stats: RunStats, now: float | None = None) -> str:
     text = (f"done {stats.done}/{stats.total} · failed {stats.failed} · in flight {stats.in_flight} · "
-            f"{stats.requests_per_minute():.0f} req/min · tokens {stats.tokens_in + stats.tokens_out:,} · "
+            f"{stats.requests_per_minute(now):.0f} req/min · tokens {stats.tokens_in + stats.tokens_out:,} · "
             f"${stats.cost_usd:.4f} · cache hits {stats.cache_hits}")
     if stats.api_errors:
         text += f" · API errors {stats.api_errors}"
     if stats.pause_reason:
         text += f" · paused: {stats.pause_reason}"
+    if (wait := stats.rate_limit_wait(now)) > 0:
+        text += (f" · paused: {stats.rate_limit_label} answered 429 (rate limit), "
+                 f"every call waits {math.ceil(wait)} s")
     return text
 
 

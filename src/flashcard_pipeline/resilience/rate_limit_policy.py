@@ -310,8 +310,9 @@ class LimitGroup:
     """The requests and tokens limits of one provider and model, with their adaptive state."""
 
     def __init__(self, provider: str, model: str, settings: RateLimitSettings, limits: LimitBackend,
-                 clock: Clock) -> None:
+                 clock: Clock, on_pause: Callable[[LimitGroup, float], Any] | None = None) -> None:
         self.provider = provider
+        self.on_pause = on_pause
         self.model = model
         self.settings = settings
         self.limits = limits
@@ -443,6 +444,11 @@ class LimitGroup:
         for limiter in self._limiters:
             await limiter.pause(seconds)
         log.info("%s: pausing every call for %.2fs after a rate limit", self.label, seconds)
+        if self.on_pause is not None:
+            try:
+                self.on_pause(self, seconds)
+            except Exception:  # a display must never break the limiter
+                log.exception("the rate limit pause listener failed")
 
     # -- adaptation --------------------------------------------------------------------------------
 
@@ -599,6 +605,8 @@ class RateLimitPolicy:
         self.clock: Clock = clock or SystemClock()
         self.limits: LimitBackend = limits or make_limits(self.settings, self.clock)
         self._groups: dict[tuple[str, str], LimitGroup] = {}
+        #: Told ``(group, seconds)`` whenever a 429 pauses every caller of a group, for the progress display.
+        self.on_pause: Callable[[LimitGroup, float], Any] | None = None
 
     def __repr__(self) -> str:
         return f"RateLimitPolicy(backend={self.limits.name!r}, algorithm={self.limits.algorithm!r})"
@@ -614,8 +622,12 @@ class RateLimitPolicy:
         group = self._groups.get((provider, model))
         if group is None:
             group = self._groups[provider, model] = LimitGroup(provider, model, self.settings, self.limits,
-                                                               self.clock)
+                                                               self.clock, on_pause=self._paused)
         return group
+
+    def _paused(self, group: LimitGroup, seconds: float) -> None:
+        if self.on_pause is not None:
+            self.on_pause(group, seconds)
 
     @property
     def groups(self) -> list[LimitGroup]:
