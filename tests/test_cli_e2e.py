@@ -294,6 +294,21 @@ def test_progress_display_on_a_terminal_and_in_a_log() -> None:
     assert "done 7/10" in live and "cards" in live
 
 
+def test_a_list_with_nothing_to_process_is_a_usage_error_not_an_empty_success(tmp_path: Path, sqlite_url: str) -> None:
+    source = words(tmp_path, ["1,학교,noun", "2,먹다,verb"])
+    code, stdout, stderr = run_cli("process", str(source), "--provider", "simulated", "--db", sqlite_url,
+                                   "--start-from", "3", "-o", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "nothing to process: no term at position 3 or after it" in stderr, stdout + stderr
+    assert not (tmp_path / "o.jsonl").exists()
+    assert run_cli("process", str(source), "--provider", "simulated", "--db", sqlite_url, "--start-from", "3",
+                   "-o", str(tmp_path / "o.jsonl"))[0] == 2, "and again when the same command is repeated"
+    empty = words(tmp_path, ["1,,noun", "2,,verb"], name="blank.csv")
+    code, _, stderr = run_cli("process", str(empty), "--provider", "simulated", "--db", sqlite_url)
+    assert code == 2 and "skipped row 3: empty term" in stderr
+    assert stderr.strip().splitlines()[-1] == \
+        f"error: {empty}: nothing to process: every row was skipped (2, listed above)"
+
+
 def test_each_skipped_row_is_one_line_even_when_its_term_holds_a_newline() -> None:
     console = Console(record=True, force_terminal=False, width=200)
     ConsoleReporter(console).problems([RowProblem(2, "term contains a control character (U+000A)", "학\n교"),

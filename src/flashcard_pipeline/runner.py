@@ -20,7 +20,7 @@ from typing import Protocol
 from flashcard_pipeline.cache.backends import RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.codec import Codec
 from flashcard_pipeline.config import CacheSettings, read_settings
-from flashcard_pipeline.errors import ConfigurationError
+from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
     FORMATS,
     ExportReport,
@@ -161,6 +161,16 @@ def _selected(reader: VocabularyReader, options: ProcessOptions) -> Iterator[Voc
     return items
 
 
+def _nothing_selected(options: ProcessOptions, skipped: int) -> str:
+    if options.start_from is not None:
+        why = f"no term at position {options.start_from} or after it"
+    elif skipped:
+        why = f"every row was skipped ({skipped}, listed above)"
+    else:
+        why = "no terms"
+    return f"{options.input_path}: nothing to process: {why}"
+
+
 def _validate(options: ProcessOptions) -> None:
     if options.concurrency < 1:
         raise ConfigurationError("--concurrency must be at least 1")
@@ -241,6 +251,8 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
                 simulated=provider.name is ProviderName.SIMULATED, items=_selected(reader, options))
             problems = list(reader.problems)
             reporter.problems(problems)
+        if run.total_items == 0:
+            raise InputError(_nothing_selected(options, skipped=len(problems)))
         to_process = await asyncio.to_thread(ledger.prepare_resume, run.id)
         reporter.started(run, resumed=resumed, to_process=to_process)
 
