@@ -9,10 +9,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from sqlalchemy.pool import NullPool
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 UNDER_CI = os.environ.get("CI", "").lower() == "true"
+
+# CI replays the same examples every run (a red build is then reproducible, not a lucky draw); local runs keep
+# exploring new ones and print the blob to replay any failure they find.
+settings.register_profile("ci", derandomize=True, print_blob=True, database=None)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if UNDER_CI else "dev")
 
 
 def shared_file(name: str) -> Path:
