@@ -166,6 +166,7 @@ class FakeAnki:
 
     require_key: str | None = None
     refuse_adds: bool = False
+    refuse_updates: bool = False
     requests: list[dict[str, Any]] = field(default_factory=list)
     decks: set[str] = field(default_factory=lambda: {"Default"})
     models: dict[str, dict[str, Any]] = field(default_factory=lambda: {"Basic": {}})
@@ -222,7 +223,36 @@ class FakeAnki:
             if action == "storeMediaFile":
                 self.media[params["filename"]] = base64.b64decode(params["data"])
                 return {"result": params["filename"], "error": None}
+            if action == "findNotes":
+                return {"result": self._find(params["query"]), "error": None}
+            if action == "notesInfo":
+                return {"result": [self._info(i) for i in params["notes"]], "error": None}
+            if action == "multi":
+                assert all(a.get("version") == 6 for a in params["actions"]), "unversioned answers are unwrapped"
+                return {"result": [self._update(a["params"]["note"]) if a["action"] == "updateNoteFields"
+                                   else {"result": None, "error": "unsupported action"}
+                                   for a in params["actions"]], "error": None}
             return {"result": None, "error": "unsupported action"}
+
+    def _find(self, query: str) -> list[int]:
+        """Only the form push sends: "deck:NAME" "note:TYPE", with Anki's escapes; a deck includes its children."""
+        found = re.findall(r'"(deck|note):((?:[^"\\]|\\.)*)"', query)
+        terms = {name: re.sub(r"\\(.)", r"\1", value) for name, value in found}
+        assert set(terms) == {"deck", "note"}, query
+        return [i for i, n in enumerate(self.notes, 1) if n["modelName"] == terms["note"]
+                and (n["deckName"] == terms["deck"] or n["deckName"].startswith(terms["deck"] + "::"))]
+
+    def _info(self, note_id: int) -> dict[str, Any]:
+        note = self.notes[note_id - 1]
+        return {"noteId": note_id, "modelName": note["modelName"], "tags": note["tags"],
+                "fields": {name: {"value": value, "order": i}
+                           for i, (name, value) in enumerate(note["fields"].items())}}
+
+    def _update(self, update: dict[str, Any]) -> dict[str, Any]:
+        if self.refuse_updates:
+            return {"result": None, "error": "collection is busy"}
+        self.notes[update["id"] - 1]["fields"].update(update["fields"])
+        return {"result": None, "error": None}
 
 
 @pytest.fixture
@@ -257,7 +287,7 @@ def test_push_adds_the_notes_then_finds_them_already_there(tmp_path: Path,
     assert run.cards > 100, "enough cards for two batches"
     code, stdout, stderr = run_cli("push", "--db", run.db_url, "--url", url, "--subdecks", "level")
     assert code == 0, stderr
-    assert f"{run.cards} notes added, 0 were already there; created the note type" in stdout
+    assert f"{run.cards} notes added, 0 updated, 0 were already there; created the note type" in stdout
 
     deck = "Korean vocabulary (simulated)"
     assert {deck, f"{deck}::Level 1", f"{deck}::Level 2", f"{deck}::Level 3"} <= anki.decks
@@ -275,8 +305,39 @@ def test_push_adds_the_notes_then_finds_them_already_there(tmp_path: Path,
 
     code, stdout, stderr = run_cli("push", "--db", run.db_url, "--url", url, "--subdecks", "level")
     assert code == 0, stderr
-    assert f"0 notes added, {run.cards} were already there" in stdout and "created" not in stdout
+    assert f"0 notes added, 0 updated, {run.cards} were already there" in stdout and "created" not in stdout
     assert len(anki.notes) == run.cards and len(anki.actions("createModel")) == 1
+
+
+def test_a_second_push_rewrites_changed_notes_in_place_and_leaves_the_rest(tmp_path: Path,
+                                                                         fake_anki: tuple[FakeAnki, str]) -> None:
+    anki, url = fake_anki
+    run = processed(tmp_path, 30)
+    deck = "Korean * vocabulary_(test)"  # Anki's search wildcards, taken literally
+    assert run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck, "--subdecks", "level")[0] == 0
+    pushed = [dict(n["fields"]) for n in anki.notes]
+    stale = [3, run.cards // 2, run.cards - 1]
+    for index in stale:  # as an older run had made them, or as someone edited them in Anki
+        anki.notes[index]["fields"]["Back"] = "an older answer"
+
+    code, stdout, _ = run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck, "--subdecks", "level",
+                              "--no-update")
+    assert code == 0 and f"0 notes added, {run.cards} were already there" in stdout
+    assert anki.actions("findNotes") == [] and anki.notes[3]["fields"]["Back"] == "an older answer"
+
+    code, stdout, _ = run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck, "--subdecks", "level")
+    assert code == 0 and f"0 notes added, 3 updated, {run.cards - 3} were already there" in stdout
+    assert [n["fields"] for n in anki.notes] == pushed, "the three are as the run made them again"
+    assert len(anki.notes) == run.cards, "nothing was added twice"
+    assert len(anki.actions("findNotes")) == 1, "the deck is read once per push, not once per note"
+    updates = [a["params"]["note"]["id"] for m in anki.actions("multi") for a in m["params"]["actions"]]
+    assert updates == [i + 1 for i in stale], "only the changed notes are written"
+
+    anki.notes[7]["fields"]["Front"] = "edited"
+    anki.refuse_updates = True
+    code, stdout, stderr = run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck,
+                                   "--subdecks", "level")
+    assert code == 1 and "1 notes could not be added or updated" in stderr
 
 
 def test_push_when_anki_is_not_running_is_one_line_and_exit_2(small_run: Run) -> None:
@@ -340,7 +401,7 @@ def test_notes_that_anki_refuses_to_add_are_counted_and_exit_1(small_run: Run,
     anki.refuse_adds = True
     code, stdout, stderr = run_cli("push", "--db", small_run.db_url, "--url", url)
     assert code == 1
-    assert "0 notes added, 0 were already there" in stdout
+    assert "0 notes added, 0 updated, 0 were already there" in stdout
     assert f"{small_run.cards} notes could not be added" in stderr
 
 

@@ -99,6 +99,9 @@ def push_command(
     url: Annotated[str, typer.Option(help="AnkiConnect address.")] = DEFAULT_URL,
     key: Annotated[str | None, typer.Option(help="AnkiConnect API key, if one is set in its config.",
                                             show_default=False)] = None,
+    update: Annotated[bool, typer.Option(
+        "--update/--no-update", help="Rewrite notes already in the deck whose content changed (review history "
+        "is kept); --no-update only adds.")] = True,
     db: DbOption = None,
 ) -> None:
     """Send a stored run's cards to a running Anki through AnkiConnect (creates the deck and note type)."""
@@ -113,7 +116,7 @@ def push_command(
         with AnkiConnect(url, key=key) as client:
             report, warnings = push_results(ledger.results(run.id), client, language=run.target_language,
                                             deck=deck_name, subdecks=subdecks, simulated=run.simulated,
-                                            audio=audio.value if audio else None)
+                                            audio=audio.value if audio else None, update=update)
     except AnkiConnectError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     finally:
@@ -121,8 +124,10 @@ def push_command(
     for warning in warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     created = "; created the note type" if report.created_note_type else ""
+    updated = f"{report.updated} updated, " if update else ""
     Console(soft_wrap=True).print(
-        f"pushed run {run.id} to {report.decks[0]!r}: {report.added} notes added, {report.already_present} were "
-        f"already there{created}", highlight=False, markup=False)
+        f"pushed run {run.id} to {report.decks[0]!r}: {report.added} notes added, {updated}"
+        f"{report.already_present} were already there{created}", highlight=False, markup=False)
     if report.failed:
-        raise fail(f"{report.failed} notes could not be added (see Anki for details)", ExitCode.FAILED_ITEMS)
+        raise fail(f"{report.failed} notes could not be added or updated (see Anki for details)",
+                   ExitCode.FAILED_ITEMS)

@@ -163,11 +163,12 @@ def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck
 
 def push_results(results: Iterable[TermResult], client: AnkiConnect, *, language: str, deck: str | None = None,
                  subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
-                 audio: AudioEngine | str | None = None) -> tuple[PushReport, tuple[str, ...]]:
-    """Send the notes to Anki; returns AnkiConnect's report and any warnings (e.g. no audio)."""
+                 audio: AudioEngine | str | None = None, update: bool = True) -> tuple[PushReport, tuple[str, ...]]:
+    """Send the notes to Anki (updating changed ones unless ``update`` is off); returns AnkiConnect's report
+    and any warnings (e.g. no audio)."""
     with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
         prepared = prepare_deck(results, language=language, deck=deck, subdecks=subdecks, simulated=simulated,
                                 audio=audio, media_dir=Path(media_dir))
         report = push_notes(client, prepared.notes, note_type=prepared.note_type, root_deck=prepared.root_deck,
-                            media=prepared.media)
+                            media=prepared.media, update=update)
     return report, prepared.warnings

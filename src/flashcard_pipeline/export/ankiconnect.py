@@ -1,8 +1,9 @@
 """Push notes into a running Anki through the AnkiConnect add-on (protocol version 6).
 
 AnkiConnect cannot set a note's GUID, so a pushed note is recognised on the next push by its
-first field (``Key``: term, card type and ordinal) within the deck: it is reported as already
-there, never added twice.
+first field (``Key``: term, card type and ordinal) within the deck: it is never added twice, and
+when its content changed (a regenerated run) its fields are updated in place, so its cards keep
+their review history.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flashcard_pipeline.export.notes import AnkiNote
 DEFAULT_URL = "http://127.0.0.1:8765"
 PROTOCOL_VERSION = 6
 BATCH_SIZE = 100
+INFO_BATCH_SIZE = 500
 
 
 class AnkiConnectError(StructuredError):
@@ -83,11 +85,13 @@ class AnkiConnect:
 @dataclass(frozen=True)
 class PushReport:
     added: int
+    #: Notes that were there with the same content (with ``update`` off: every note that was there).
     already_present: int
     failed: int
     decks: tuple[str, ...]
     created_note_type: bool
     media_files: int
+    updated: int = 0
 
 
 def note_params(note: AnkiNote, *, note_type: NoteType, root_deck: str) -> dict[str, Any]:
@@ -105,9 +109,39 @@ def note_params(note: AnkiNote, *, note_type: NoteType, root_deck: str) -> dict[
     }
 
 
+def search_term(name: str, value: str) -> str:
+    """One quoted term of Anki's search syntax: ``"deck:Korean \\* vocabulary"`` matches that deck literally."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("*", "\\*").replace("_", "\\_")
+    return f'"{name}:{escaped}"'
+
+
+ExistingNotes = dict[str, tuple[int, dict[str, str]]]
+
+
+def existing_notes(client: AnkiConnect, *, note_type: NoteType, root_deck: str) -> ExistingNotes:
+    """The notes of ``note_type`` in ``root_deck`` and its sub-decks, by first field: ``key -> (id, fields)``."""
+    query = f"{search_term('deck', root_deck)} {search_term('note', note_type.name)}"
+    ids = client.invoke("findNotes", query=query)
+    if not isinstance(ids, list):
+        raise AnkiConnectError("AnkiConnect answered findNotes with an unexpected result")
+    found: ExistingNotes = {}
+    first = note_type.fields[0]
+    for start in range(0, len(ids), INFO_BATCH_SIZE):
+        infos = client.invoke("notesInfo", notes=ids[start:start + INFO_BATCH_SIZE])
+        if not isinstance(infos, list):
+            raise AnkiConnectError("AnkiConnect answered notesInfo with an unexpected result")
+        for info in infos:
+            fields = {name: field["value"] for name, field in (info.get("fields") or {}).items()}
+            if first in fields:
+                found.setdefault(fields[first], (info["noteId"], fields))
+    return found
+
+
 def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: NoteType, root_deck: str,
-               media: Mapping[str, Path] | None = None, batch_size: int = BATCH_SIZE) -> PushReport:
-    """Create the decks and the note type when missing, then add the notes that are not there yet.
+               media: Mapping[str, Path] | None = None, batch_size: int = BATCH_SIZE,
+               update: bool = True) -> PushReport:
+    """Create the decks and the note type when missing, add the notes that are not there yet and, with
+    ``update``, rewrite the fields of those that are there with other content.
 
     ``media`` maps a media file name used in a field to the file to upload with the note.
     """
@@ -125,7 +159,15 @@ def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: Not
 
     media = media or {}
     uploaded: set[str] = set()
-    added = present = failed = 0
+
+    def upload(note: AnkiNote) -> None:
+        if note.sound and note.sound not in uploaded and note.sound in media:
+            data = base64.b64encode(media[note.sound].read_bytes()).decode()
+            client.invoke("storeMediaFile", filename=note.sound, data=data)
+            uploaded.add(note.sound)
+
+    existing: ExistingNotes | None = None
+    added = present = failed = updated = 0
     for start in range(0, len(notes), batch_size):
         batch = notes[start:start + batch_size]
         params = [note_params(note, note_type=note_type, root_deck=root_deck) for note in batch]
@@ -134,12 +176,30 @@ def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: Not
         if not isinstance(addable, list) or len(addable) != len(params):
             raise AnkiConnectError("AnkiConnect answered canAddNotes with an unexpected result")
         to_add = [(note, p) for note, p, ok in zip(batch, params, addable, strict=True) if ok]
-        present += len(params) - len(to_add)
+        there = [note for note, ok in zip(batch, addable, strict=True) if not ok]
+        if there and update:
+            if existing is None:
+                existing = existing_notes(client, note_type=note_type, root_deck=root_deck)
+            changed = [(existing[n.fields[0]][0], n) for n in there
+                       if n.fields[0] in existing and existing[n.fields[0]][1] != n.field_map()]
+            for _, note in changed:
+                upload(note)
+            if changed:
+                # Each inner action names its version, or AnkiConnect answers it in the unwrapped version 4 form.
+                answers = client.invoke("multi", actions=[
+                    {"action": "updateNoteFields", "version": PROTOCOL_VERSION,
+                     "params": {"note": {"id": note_id, "fields": note.field_map()}}}
+                    for note_id, note in changed])
+                if not isinstance(answers, list) or len(answers) != len(changed):
+                    raise AnkiConnectError("AnkiConnect answered multi with an unexpected result")
+                done = sum(1 for a in answers if not (isinstance(a, dict) and a.get("error")))
+                updated += done
+                failed += len(changed) - done
+            present += len(there) - len(changed)
+        else:
+            present += len(there)
         for note, _ in to_add:
-            if note.sound and note.sound not in uploaded and note.sound in media:
-                data = base64.b64encode(media[note.sound].read_bytes()).decode()
-                client.invoke("storeMediaFile", filename=note.sound, data=data)
-                uploaded.add(note.sound)
+            upload(note)
         if to_add:
             ids = client.invoke("addNotes", notes=[p for _, p in to_add])
             if not isinstance(ids, list):
@@ -148,4 +208,4 @@ def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: Not
             added += done
             failed += len(to_add) - done
     return PushReport(added=added, already_present=present, failed=failed, decks=decks,
-                      created_note_type=created, media_files=len(uploaded))
+                      created_note_type=created, media_files=len(uploaded), updated=updated)
