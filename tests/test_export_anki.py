@@ -201,6 +201,18 @@ def test_tsv_imports_through_ankis_own_text_import_and_updates_in_place(tmp_path
     assert {guid: note.id for guid, note in notes_by_guid(col).items()} == ids
 
 
+def test_a_deck_name_with_loose_separators_gets_no_twin_decks_on_reimport(tmp_path: Path, col: Collection) -> None:
+    add_note_type(col, note_type("Korean"))
+    results = [make_result("학교", 1, hints={"TOPIK_Level": "1"}), make_result("먹다", 2)]
+    path = tmp_path / "deck.tsv"
+    for _ in range(2):
+        write_export("tsv", results, path, deck_name=" Course :: Korean ::", subdecks="level", simulated=True)
+        assert_no_import_errors(import_text(col, path))
+    names = {d.name for d in col.decks.all_names_and_ids()} - {"Default"}
+    assert names == {"Course", "Course::Korean (simulated)", "Course::Korean (simulated)::Level 1"}
+    check_collection_matches(col, results, subdecks="level", deck="Course::Korean")
+
+
 def test_tsv_updates_notes_that_came_from_the_apkg(tmp_path: Path, col: Collection) -> None:
     results = [make_result("학교", 1), make_result("먹다", 2)]
     write_export("apkg", results, tmp_path / "deck.apkg", timestamp=T0)

@@ -96,6 +96,19 @@ def test_process_writes_an_apkg_chosen_by_the_extension(tmp_path: Path) -> None:
     assert "wrote" in stdout and str(deck) in stdout
 
 
+def test_process_format_option_beats_the_extension_and_subdecks_reach_the_file(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    out = tmp_path / "cards.out"
+    code, _, stderr = run_cli("process", str(words(tmp_path, 3)), "--provider", "simulated", "--db", db_url,
+                              "-o", str(out), "--format", "tsv", "--subdecks", "level", "--deck-name", "TOPIK")
+    assert code == 0, stderr
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert "#separator:tab" in lines and "#deck column:12" in lines
+    columns = next(line for line in lines if line.startswith("#columns:")).split("\t")
+    decks = {row.split("\t")[columns.index("Deck")] for row in lines if not row.startswith("#")}
+    assert decks == {f"TOPIK (simulated)::Level {level}" for level in (1, 2, 3)}
+
+
 def test_export_rewrites_a_stored_run_in_every_format_without_api_calls(tmp_path: Path, small_run: Run) -> None:
     calls = api_calls(small_run.db_url)
     for name in ("deck.apkg", "deck.tsv", "deck.csv", "deck.jsonl"):

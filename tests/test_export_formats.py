@@ -117,6 +117,8 @@ def test_tags_contain_no_spaces_and_the_simulated_tag_is_added_once() -> None:
     ("My deck (simulated)", True, "My deck (simulated)"),
     ("  Two\nlines\tdeck ", False, "Two lines deck"),
     ("Parent::Child", False, "Parent::Child"),
+    (" A :: B ::", True, "A::B (simulated)"),  # as Anki stores it, or its text import makes twin decks
+    ("::", False, "Korean vocabulary"),
 ])
 def test_deck_name(requested: str | None, simulated: bool, expected: str) -> None:
     assert resolve_deck_name(requested, language="Korean", simulated=simulated) == expected

@@ -46,9 +46,15 @@ class AnkiNote:
         return dict(zip(FIELDS, self.fields, strict=True))
 
 
+def deck_path(name: str) -> str:
+    """A deck name as Anki stores it: each ``::`` level trimmed, empty levels dropped (``" A :: B ::"`` is
+    ``"A::B"``), so a text import or an AnkiConnect search finds the deck instead of making a twin."""
+    return "::".join(part for part in (one_line(p) for p in one_line(name).split("::")) if part)
+
+
 def resolve_deck_name(requested: str | None, *, language: str, simulated: bool) -> str:
     """The requested name, else "<Language> vocabulary"; a simulated run's deck says so in its name."""
-    name = one_line(requested or "") or f"{one_line(language) or 'Flashcard'} vocabulary"
+    name = deck_path(requested or "") or f"{one_line(language) or 'Flashcard'} vocabulary"
     if simulated and not name.endswith(SIMULATED_SUFFIX):
         name += SIMULATED_SUFFIX
     return name
