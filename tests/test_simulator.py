@@ -88,9 +88,9 @@ def analysis_body(term: str = "내가", **overrides: Any) -> dict[str, Any]:
     return chat_body("term_analysis", stage1_payload(term, **overrides))
 
 
-def cards_body(analysis: TermAnalysis) -> dict[str, Any]:
+def cards_body(analysis: TermAnalysis, hints: dict[str, str] | None = None) -> dict[str, Any]:
     return chat_body("flashcard_set", {"term": analysis.term, "language": "Korean", "learner_language": "English",
-                                       "analysis": analysis.model_dump(mode="json")})
+                                       "analysis": analysis.model_dump(mode="json"), "hints": hints or {}})
 
 
 def content_of(response: httpx.Response) -> str:
@@ -143,6 +143,10 @@ async def test_stage_two_answer_validates_against_its_analysis() -> None:
             cards = FlashcardSet.model_validate_json(content_of(second))
             validate_cards_against_analysis(cards, analysis)
             assert all(term in card.front + card.back for card in cards.cards)
+        for level in ("1", "6"):  # the input's level column wins over the simulator's own pick
+            leveled = await client.post("/chat/completions", json=cards_body(analysis, {"TOPIK_Level": level}))
+            tags = {tag for card in FlashcardSet.model_validate_json(content_of(leveled)).cards for tag in card.tags}
+            assert {t for t in tags if t.startswith("level:")} == {f"level:topik{level}"}
 
 
 async def _contents(seed: int, terms: list[str]) -> list[str]:

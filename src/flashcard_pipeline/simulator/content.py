@@ -349,8 +349,10 @@ def cards_for(
     language: str = "Korean",
     learner_language: str = "English",
     seed: int = 0,
+    hints: Mapping[str, str] | None = None,
 ) -> FlashcardSet:
-    """A plausible stage-2 answer: 2-4 cards, with a Hanja card only when the analysis has homonyms."""
+    """A plausible stage-2 answer: 2-4 cards, with a Hanja card only when the analysis has homonyms; the
+    level tag follows the input's TOPIK_Level column when it has one."""
     term = term.strip() or analysis.term
     rng = random.Random(f"{seed}:{term}:cards")
     korean = _is_korean(term, language)
@@ -366,7 +368,10 @@ def cards_for(
     count = rng.randint(2, 4)
     types = required + rng.sample(optional, max(0, count - len(required)))
 
+    given = _hint(hints or {}, "TOPIK_Level")
     level = rng.choice(_TOPIK_LEVELS if korean else _CEFR_LEVELS)
+    if given and f"topik{given}" in _TOPIK_LEVELS:
+        level = f"topik{given}"
     base_tags = [f"pos:{analysis.pos.value}", f"lang:{_slug(language)}", f"level:{level}"]
     cards = []
     for card_type in types:

@@ -237,6 +237,7 @@ class _CardsInput(BaseModel):
     language: str = "Korean"
     learner_language: str = "English"
     analysis: TermAnalysis
+    hints: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -476,7 +477,8 @@ class Simulator:
                     second = _CardsInput.model_validate(payload)
                     term = second.term.strip()
                     result = cards_for(term, second.analysis, language=second.language,
-                                       learner_language=second.learner_language, seed=seed)
+                                       learner_language=second.learner_language, seed=seed,
+                                       hints={str(k): str(v) for k, v in second.hints.items() if v is not None})
             except (ValidationError, ValueError) as exc:
                 detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
                 raise _BadRequest(f"invalid <input> for {stage.value}: {detail}") from exc
