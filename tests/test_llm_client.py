@@ -382,15 +382,31 @@ async def test_transport_errors_map_with_cause(make_client: MakeClient, error: t
 # --- checks on HTTP 200 bodies -------------------------------------------------------------------
 
 
-async def test_non_json_200_body_is_malformed(make_client: MakeClient) -> None:
+async def test_a_200_body_that_is_not_an_api_answer_is_the_service_failing(make_client: MakeClient) -> None:
+    """A proxy's HTML page is not bad model output: no re-ask, but a back-off and a breaker failure."""
     exc = await fail(make_client(reply(200, text="<html>oops</html>")))
-    assert type(exc) is MalformedJSONError
-    assert exc.code == "malformed_body"
+    assert type(exc) is ProviderError and not isinstance(exc, MalformedJSONError)
+    assert exc.code == "malformed_body" and exc.category.value == "external_service"
     assert isinstance(exc.__cause__, ValueError)
     assert "oops" in exc.details["response"]
 
     exc = await fail(make_client(reply(200, ["not", "an", "object"])))
-    assert type(exc) is MalformedJSONError
+    assert type(exc) is ProviderError and exc.code == "malformed_body"
+
+
+@pytest.mark.parametrize(("code", "expected", "retryable"), [
+    (400, BadRequestError, False), (401, AuthenticationError, False), (402, InsufficientCreditsError, False),
+    (403, AuthenticationError, False), (408, RequestTimeoutError, True), (429, RateLimitError, True),
+    (500, ProviderError, True), ("upstream_error", ProviderError, True),
+])
+async def test_an_error_in_a_200_body_is_classed_by_its_code(make_client: MakeClient, code: Any,
+                                                             expected: type[StructuredError], retryable: bool) -> None:
+    body = {"error": {"code": code, "message": "told in the body"}, "usage": {"prompt_tokens": 9, "cost": 0.001}}
+    exc = await fail(make_client(reply(200, body)))
+    assert type(exc) is expected and exc.retryable is retryable
+    assert exc.details["http_status"] == 200 and exc.details["usage"]["prompt_tokens"] == 9
+    if isinstance(exc, APIError):
+        assert exc.status_code == code
 
 
 async def test_error_object_in_200_body_is_a_provider_error(make_client: MakeClient) -> None:

@@ -353,8 +353,10 @@ def raising(error: type[httpx.RequestError]) -> Callable[[httpx.Request], httpx.
     (raising(httpx.ConnectTimeout), 2), (lambda r: ok_response(content=""), 2),
     (lambda r: ok_response(finish_reason="length"), 2), (lambda r: httpx.Response(200, json={"error": {
         "code": 502, "message": "upstream died"}}), 2),
+    (lambda r: httpx.Response(200, json={"error": {"code": 402, "message": "no credit"}}), 1),
+    (lambda r: httpx.Response(200, text="<html>proxy error</html>"), 2),
 ], ids=["400", "401", "402", "403", "404", "422", "408", "429", "500", "502", "503", "504", "connect", "protocol",
-        "read-timeout", "connect-timeout", "empty", "truncated", "error-in-200"])
+        "read-timeout", "connect-timeout", "empty", "truncated", "502-in-200", "402-in-200", "html-200"])
 async def test_what_the_client_raises_is_retried_exactly_when_it_should_be(
         first: Callable[[httpx.Request], httpx.Response], calls: int) -> None:
     policy, clock, _ = make_policy()

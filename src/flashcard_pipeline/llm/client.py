@@ -30,7 +30,6 @@ from flashcard_pipeline.errors import (
     EmptyContentError,
     InsufficientCreditsError,
     InvalidResponseError,
-    MalformedJSONError,
     NetworkError,
     ProviderError,
     RateLimitError,
@@ -370,16 +369,18 @@ class LLMClient:
     def _parse(self, response: httpx.Response, request: ChatRequest, latency: float) -> ChatResponse:
         if not response.is_success:
             raise self._status_error(response, request)
+        # A body that is not an API answer (a proxy's HTML page, a cut stream) is the service failing, not the
+        # model: it waits and counts like a 5xx, instead of drawing on the re-ask budget meant for bad output.
         try:
             payload = json.loads(response.content)
         except ValueError as exc:
-            raise MalformedJSONError(
+            raise ProviderError(
                 self._text(f"{self._provider.name.value} answered HTTP {response.status_code} with a non-JSON body"),
                 code="malformed_body",
                 details=self._details(request, response),
             ) from exc
         if not isinstance(payload, dict):
-            raise MalformedJSONError(
+            raise ProviderError(
                 self._text(f"{self._provider.name.value} answered with JSON that is not an object"),
                 code="malformed_body",
                 details=self._details(request, response),
@@ -461,19 +462,21 @@ class LLMClient:
 
     def _provider_error(
         self, error: _ErrorBody, request: ChatRequest, response: httpx.Response, usage: Usage
-    ) -> ProviderError:
+    ) -> StructuredError:
+        """An error object inside an HTTP 200 body. Its code, when it is an HTTP status of the caller's own
+        making (400, 401, 402, 403, 429, ...), gets that status's error, so a refused key or exhausted credit
+        is not retried; upstream failures (5xx, or no code) are a retryable :class:`ProviderError`."""
         details = self._details(request, response, usage)
         details["http_status"] = response.status_code
         details.update(self._error_details(error))
         if isinstance(error.code, int):
             details["status_code"] = error.code
-        return ProviderError(
-            self._text(
-                f"{self._provider.name.value} reported an error for {request.model}: "
-                f"{error.message or 'no message'}"
-            ),
-            details=details,
-        )
+        message = self._text(
+            f"{self._provider.name.value} reported an error for {request.model}: {error.message or 'no message'}")
+        if isinstance(error.code, int) and 400 <= error.code < 500:
+            cls, code = _status_class(error.code, error)
+            return cls(message, status_code=error.code, response=details["response"], code=code, details=details)
+        return ProviderError(message, details=details)
 
     def _error_details(self, error: _ErrorBody) -> dict[str, Any]:
         found = {"provider_code": error.code, "error_type": error.type, "metadata": error.metadata}
