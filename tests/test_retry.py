@@ -165,14 +165,22 @@ def test_backoff_doubles_up_to_the_cap_and_stays_there_for_huge_attempt_numbers(
 
 
 @settings(max_examples=300, deadline=None)
-@given(attempt=st.integers(min_value=1, max_value=10**500), initial=st.floats(0.001, 100),
-       base=st.floats(1.0, 50), extra=st.floats(0, 10_000))
+@given(attempt=st.integers(min_value=1, max_value=10**500),
+       initial=st.floats(5e-324, 100) | st.sampled_from([5e-324, 1e-310, 1e-300]),
+       base=st.floats(1.0, 50), extra=st.floats(0, 10_000) | st.just(1e300))
 def test_exponential_delay_is_bounded_and_monotone(attempt: int, initial: float, base: float, extra: float) -> None:
     cap = initial + extra
     here = exponential_delay(attempt, initial=initial, base=base, cap=cap)
     after = exponential_delay(attempt + 1, initial=initial, base=base, cap=cap)
     assert math.isfinite(here) and min(initial, cap) <= here <= cap
     assert here <= after * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 1_100, 10**9, 10**400])
+def test_an_unbounded_cap_never_overflows_either(attempt: int) -> None:
+    delay = exponential_delay(attempt, initial=1.0, base=2.0, cap=math.inf)
+    assert delay == (2.0 ** (attempt - 1) if attempt < 1_000 else math.inf)
+    assert isinstance(delay, float), "no giant integer is built on the way"
 
 
 @pytest.mark.parametrize("strategy", list(JitterStrategy))

@@ -93,10 +93,14 @@ def exponential_delay(attempt: int, *, initial: float, base: float, cap: float) 
     if attempt <= 1 or base <= 1 or cap <= initial:
         return min(initial, cap)
     exponent = attempt - 1
-    # Compare exponents instead of computing base ** exponent, which overflows for huge attempts.
-    if exponent >= math.log(cap / initial) / math.log(base):
+    # Compare logarithms instead of computing base ** exponent (or cap / initial, infinite for a subnormal
+    # initial), either of which overflows.
+    if exponent >= (math.log(cap) - math.log(initial)) / math.log(base):
         return cap
-    return min(cap, initial * base**exponent)
+    try:
+        return min(cap, float(initial) * float(base) ** exponent)
+    except OverflowError:  # only reachable with an infinite cap
+        return cap
 
 
 def jittered_delay(
