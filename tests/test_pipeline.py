@@ -15,6 +15,7 @@ from flashcard_pipeline.errors import (
     AuthenticationError,
     ServerError,
     StructuredError,
+    TruncatedOutputError,
 )
 from flashcard_pipeline.llm.policy import CallContext
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse, Usage
@@ -196,6 +197,37 @@ async def test_budget_stops_new_calls_but_keeps_paid_answers(ledger: Ledger) -> 
     assert outcome.status is RunStatus.ABORTED and "budget" in (outcome.abort_reason or "")
     assert len(client.calls) == 4  # the 4th call crossed the line; no 5th was started
     assert ledger.summary(run.id).done == 2  # both items whose calls were paid are stored
+
+
+async def test_the_budget_is_the_runs_across_invocations_and_checked_before_every_retry(ledger: Ledger) -> None:
+    run = new_run(ledger)
+    outcome = await pipeline(ledger, ScriptedClient(cost=0.01), concurrency=1, max_cost=0.035).run(run)
+    assert outcome.status is RunStatus.ABORTED
+    again = ScriptedClient(cost=0.01)
+    ledger.prepare_resume(run.id)
+    outcome = await pipeline(ledger, again, concurrency=1, max_cost=0.035).run(run)
+    assert outcome.status is RunStatus.ABORTED and again.calls == [], "the earlier invocation spent the budget"
+    assert "this run has spent $0.0400" in (outcome.abort_reason or "")
+    assert outcome.stats.in_flight == 0
+
+    class RetryForever:
+        async def execute(self, call: Callable[[], Awaitable[Any]], context: CallContext) -> Any:
+            while True:
+                try:
+                    return await call()
+                except StructuredError as error:
+                    if not error.retryable:
+                        raise
+
+    billed = TruncatedOutputError("cut", details={"usage": {"prompt_tokens": 100, "completion_tokens": 900,
+                                                            "cost_usd": 0.02}, "http_status": 200})
+    client = ScriptedClient(faults={("새말", "nuance"): raise_(billed)})
+    other = new_run(ledger, ["새말"], key="run-b")
+    outcome = await pipeline(ledger, client, policy=RetryForever(), max_cost=0.05).run(other)
+    assert outcome.status is RunStatus.ABORTED and len(client.calls) == 3, "paid failures count against it"
+    calls = ledger.api_calls(other.id)
+    assert [(c.tokens_in, c.tokens_out, c.cost_usd, c.http_status) for c in calls] == [(100, 900, 0.02, 200)] * 3
+    assert ledger.summary(other.id).cost_usd == pytest.approx(0.06)
 
 
 async def test_unexpected_bug_costs_one_item(ledger: Ledger) -> None:

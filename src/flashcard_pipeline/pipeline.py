@@ -10,7 +10,6 @@ anything it had finished.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -135,6 +134,7 @@ class Pipeline:
         self.stats = RunStats()
         self._writer: LedgerWriter | None = None
         self._run_id = 0
+        self._spent_before = 0.0
 
     async def run(self, run: RunRecord) -> RunOutcome:
         self._run_id = run.id
@@ -142,6 +142,7 @@ class Pipeline:
         self.stats.total = summary.total
         self.stats.already_done = summary.done
         self.stats.done = summary.done
+        self._spent_before = summary.cost_usd  # --max-cost is the run's budget, resumed or not
         abort: StructuredError | None = None
         async with LedgerWriter(self.ledger, flush_interval=self.flush_interval) as writer:
             self._writer = writer
@@ -153,13 +154,12 @@ class Pipeline:
                 await asyncio.gather(producer, *workers)
             except _Abort as exc:
                 abort = exc.error
+            finally:
+                # On an abort or Ctrl-C, stop every worker and let each leave its item (and the in-flight
+                # count) in order before the ledger's last batch is written.
                 for task in (producer, *workers):
                     task.cancel()
-                for task in (producer, *workers):
-                    with contextlib.suppress(asyncio.CancelledError, _Abort):
-                        await task
-            finally:
-                self.stats.in_flight = 0
+                await asyncio.gather(producer, *workers, return_exceptions=True)
                 await self.cache.flush_counts()
                 self.cache.backend.attach(None)
         failures = await asyncio.to_thread(self.ledger.failures, run.id)
@@ -236,11 +236,12 @@ class Pipeline:
             # A concurrent task may have paid for this very answer while we waited.
             if not self.force and (cached := await self._cached(pending, staged, parse, recheck=True)) is not None:
                 return cached
-            self._check_budget()
+            self._check_budget()  # not even a rate-limit slot once the budget is spent
             context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
                                   model=self.settings.model, estimated_tokens=estimate_request_tokens(staged.request))
 
             async def attempt() -> tuple[T, ChatResponse]:
+                self._check_budget()  # before every attempt: a retry costs money too
                 return await self._call(pending, staged, parse)
 
             result, response = await self.policy.execute(attempt, context)
@@ -295,14 +296,22 @@ class Pipeline:
     def _record(self, pending: PendingItem, staged: StageRequest, response: ChatResponse | None,
                 started: float, error: StructuredError | None) -> None:
         assert self._writer is not None
-        tokens_in = response.usage.prompt_tokens if response else 0
-        tokens_out = response.usage.completion_tokens if response else 0
-        cost = response.usage.cost_usd if response else None
+        if response is not None:
+            tokens_in, tokens_out = response.usage.prompt_tokens, response.usage.completion_tokens
+            cost: float | None = response.usage.cost_usd
+            http_status: int | None = response.status_code
+        else:
+            # A failed answer can still be billed (cut off, empty, an error in a 200 body): count what it cost.
+            details = error.details if error is not None else {}
+            billed = details.get("usage") if isinstance(details.get("usage"), dict) else {}
+            tokens_in, tokens_out = int(billed.get("prompt_tokens") or 0), int(billed.get("completion_tokens") or 0)
+            cost = billed.get("cost_usd")
+            http_status = error.status_code if isinstance(error, APIError) else None
+            if http_status is None and isinstance(details.get("http_status", details.get("status_code")), int):
+                http_status = details.get("http_status", details.get("status_code"))
         self.stats.tokens_in += tokens_in
         self.stats.tokens_out += tokens_out
         self.stats.cost_usd += cost or 0.0
-        http_status = response.status_code if response else (error.status_code if isinstance(error, APIError)
-                                                               else None)
         self._writer.submit(CallRecorded(
             run_id=self._run_id, item_id=pending.id, stage=staged.stage, provider=self.settings.provider,
             model=self.settings.model, cache_key=staged.cache_key, status="ok" if error is None else "error",
@@ -314,8 +323,10 @@ class Pipeline:
             response_id=response.response_id if response else None))
 
     def _check_budget(self) -> None:
-        """Stop before a call that would start beyond the budget; answers already paid for are kept."""
-        if self.max_cost is not None and self.stats.cost_usd >= self.max_cost:
-            raise _Abort(BudgetExceededError(
-                f"budget of ${self.max_cost:.4f} reached (spent ${self.stats.cost_usd:.4f}); "
-                "run the same command again with a higher --max-cost to continue"))
+        """Stop before a call that would start beyond the budget; answers already paid for are kept. The
+        error aborts the run, and as a non-retryable error it leaves every policy's loop at once."""
+        spent = self._spent_before + self.stats.cost_usd
+        if self.max_cost is not None and spent >= self.max_cost:
+            raise BudgetExceededError(
+                f"budget of ${self.max_cost:.4f} reached (this run has spent ${spent:.4f}); "
+                "run the same command again with a higher --max-cost to continue")

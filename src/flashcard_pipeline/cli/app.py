@@ -98,7 +98,8 @@ def process_command(
     dry_run: Annotated[bool, typer.Option(help="Estimate requests, tokens and cost; call nothing.")] = False,
     language: Annotated[str, typer.Option(help="Language of the terms (code or name).")] = "ko",
     learner_language: Annotated[str, typer.Option(help="Language of explanations (code or name).")] = "en",
-    max_cost: Annotated[float | None, typer.Option(help="Stop (exit 3) once this many US dollars are spent.")] = None,
+    max_cost: Annotated[float | None, typer.Option(
+        help="Stop (exit 3) once the run has spent this many US dollars, earlier invocations included.")] = None,
     max_attempts: Annotated[int | None, typer.Option(help="Calls per request before a transient error fails the "
                                                           "item (default: RETRY_MAX_ATTEMPTS, else 3).",
                                                      min=1)] = None,
