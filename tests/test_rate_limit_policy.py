@@ -34,6 +34,7 @@ from flashcard_pipeline.resilience.rate_limit_policy import (
     rate_limit_policies,
     settings_from_env,
 )
+from flashcard_pipeline.resilience.rate_limiter import ShardedRateLimiter
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.resilience.testing import FakeClock, VirtualClock
 from flashcard_pipeline.runner import ProcessOptions, default_policy, process
@@ -333,6 +334,24 @@ def test_sharded_memory_backend_is_chosen_by_setting() -> None:
     limits = MemoryLimits(shards=4)
     assert limits.make("p/m:requests", 100, 100).shards == 4
     assert MemoryLimits(shards="auto").make("x", 100, 100).shards == 10
+
+
+@pytest.mark.parametrize(("shards", "tpm"), [("auto", 1_000_000), ("4", 100_000)])
+async def test_sharding_splits_the_requests_limit_but_never_the_tokens_one(tmp_path: Path, shards: str, tpm: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call takes ~2,000 tokens: split into 10-token shards, or over 4 of a 2,000-token burst, it never fits."""
+    monkeypatch.setenv("RL_SHARDS", shards)
+    words = tmp_path / "words.txt"
+    words.write_text("사과\n바나나\n학교\n", encoding="utf-8")
+    options = ProcessOptions(input_path=words, output=tmp_path / "out.jsonl", provider="simulated",
+                             db_url=f"sqlite:///{tmp_path / 'ledger.db'}", rpm=6000, tpm=tpm)
+    policy = default_policy(options)
+    result = await process(options, policy=policy)
+    assert result.outcome is not None and result.outcome.stats.done == 3 and result.outcome.failures == []
+    (limiter,) = [p for p in policy.policies if isinstance(p, RateLimitPolicy)]  # type: ignore[attr-defined]
+    group = limiter.groups[0]
+    assert isinstance(group.requests.limiter, ShardedRateLimiter) and group.requests.limiter.shards > 1
+    assert not isinstance(group.tokens.limiter, ShardedRateLimiter)
 
 
 async def test_process_publishes_the_limiter_state_and_status_reads_it(tmp_path: Path) -> None:

@@ -180,7 +180,9 @@ class LimitBackend(Protocol):
     name: str
     algorithm: AlgorithmName
 
-    def make(self, name: str, rate: float, burst: float) -> GrantLimiter: ...
+    def make(self, name: str, rate: float, burst: float, *, shardable: bool = True) -> GrantLimiter:
+        """A limiter; ``shardable=False`` keeps it one bucket whatever ``RL_SHARDS`` says."""
+        ...
 
     async def take(self, limiters: Sequence[GrantLimiter], amounts: Sequence[float],
                    key: str | None) -> tuple[list[Any] | None, float, int]:
@@ -202,8 +204,8 @@ class MemoryLimits:
         self.clock = clock or SystemClock()
         self.reservation_ttl = reservation_ttl
 
-    def make(self, name: str, rate: float, burst: float) -> RateLimiter:
-        if self.shards == 1:
+    def make(self, name: str, rate: float, burst: float, *, shardable: bool = True) -> RateLimiter:
+        if self.shards == 1 or not shardable:
             return RateLimiter(rate, burst, algorithm=self.algorithm, clock=self.clock, name=name,
                                reservation_ttl=self.reservation_ttl)
         return ShardedRateLimiter(rate, burst, shards=None if self.shards == "auto" else self.shards,
@@ -344,7 +346,9 @@ class LimitGroup:
 
     def _dim(self, name: Dimension, configured: float | None, planned: float, min_burst: float, now: float) -> _Dim:
         rate, burst = self._plan(planned, min_burst)
-        limiter = self.limits.make(f"{self.label}:{name}", rate, burst)
+        # Only requests are sharded: one call takes thousands of tokens, more than a shard of the tokens
+        # bucket holds, so splitting that bucket would refuse ordinary calls.
+        limiter = self.limits.make(f"{self.label}:{name}", rate, burst, shardable=name == "requests")
         return _Dim(name=name, limiter=limiter, configured=configured, planned=planned, min_burst=min_burst,
                     changed_at=now)
 

@@ -570,7 +570,8 @@ class RedisLimits:
         self.reservation_ttl = reservation_ttl
         self._scripts = _register(self.client)
 
-    def make(self, name: str, rate: float, burst: float) -> RedisRateLimiter:
+    def make(self, name: str, rate: float, burst: float, *, shardable: bool = True) -> RedisRateLimiter:
+        """One bucket in Redis (shared by every process, so never sharded)."""
         return RedisRateLimiter(self.client, rate, burst, name=name, prefix=self.prefix, clock=self.clock,
                                 reservation_ttl=self.reservation_ttl, scripts=self._scripts)
 
