@@ -141,8 +141,8 @@ def test_real_provider_without_a_key_says_how_to_fix_it(tmp_path: Path, db_url: 
 
 def test_dry_run_estimates_and_calls_nothing(tmp_path: Path, db_url: str) -> None:
     source = words(tmp_path, ["1,학교,noun", "2,먹다,verb"])
-    code, stdout, _ = run_cli("process", str(source), "--api-key", "sk-test", "--dry-run", "--db", db_url)
-    assert code == 0
+    code, stdout, _ = run_cli("process", str(source), "--dry-run", "--db", db_url)
+    assert code == 0, "a dry run sends nothing, so it needs no API key"
     assert "requests" in stdout and "4 (0 stage answers already cached)" in stdout and "$" in stdout
     ledger = Ledger(open_database(db_url))
     assert ledger.get_run() is None
@@ -150,6 +150,16 @@ def test_dry_run_estimates_and_calls_nothing(tmp_path: Path, db_url: str) -> Non
     run_cli("process", str(source), "--provider", "simulated", "--db", db_url, "-o", str(tmp_path / "o.jsonl"))
     code, stdout, _ = run_cli("process", str(source), "--provider", "simulated", "--dry-run", "--db", db_url)
     assert "0 (4 stage answers already cached)" in stdout
+
+
+def test_a_hung_call_times_out_after_timeout_seconds(tmp_path: Path, sqlite_url: str) -> None:
+    source = words(tmp_path, ["1,학교,noun"])
+    started = time.monotonic()
+    code, _, stderr = run_cli("process", str(source), "--provider", "simulated", "--db", sqlite_url,
+                              "--sim", "hang_rate=1", "--sim", "hang_seconds=30", "--timeout", "0.3",
+                              "--max-attempts", "1", "-o", str(tmp_path / "o.jsonl"))
+    assert code == 1 and "timeout/read_timeout" in stderr, stderr
+    assert time.monotonic() - started < 20, "it gave up at the timeout, not when the hang ended"
 
 
 @pytest.fixture

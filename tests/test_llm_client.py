@@ -576,6 +576,7 @@ def test_openrouter_without_key_says_how_to_fix(env: dict[str, str]) -> None:
     assert "export OPENROUTER_API_KEY=" in message
     assert "--provider simulated" in message
     assert info.value.code == "missing_api_key"
+    assert resolve_provider("openrouter", env=env, require_key=False).api_key is None, "a dry run needs none"
 
 
 def test_openai_compatible_needs_base_url_but_not_a_key() -> None:

@@ -15,7 +15,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from flashcard_pipeline.cache.backends import RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.codec import Codec
@@ -91,6 +91,8 @@ class ProcessOptions:
     deck_name: str | None = None
     subdecks: str = "none"
     audio: str | None = None
+    #: Seconds to wait for one answer (the read timeout); ``None``: 120, or 10 for the simulated provider.
+    timeout: float | None = None
 
     @property
     def export_format(self) -> str:
@@ -186,12 +188,17 @@ def _validate(options: ProcessOptions) -> None:
         check_writable(options.output_path)
 
 
+#: The in-process simulator answers in milliseconds, so a call that takes this long is one of its injected hangs.
+SIMULATED_READ_TIMEOUT = 10.0
+
+
 def _provider(options: ProcessOptions, simulator_url: str | None) -> ProviderConfig:
-    env = options.env
-    kwargs = {} if env is None else {"env": env}
+    kwargs: dict[str, Any] = {} if options.env is None else {"env": options.env}
     if options.provider == ProviderName.SIMULATED:
-        return resolve_provider(ProviderName.SIMULATED, base_url=simulator_url or "http://127.0.0.1:9/v1", **kwargs)
-    return resolve_provider(options.provider, base_url=options.base_url, api_key=options.api_key, **kwargs)
+        return resolve_provider(ProviderName.SIMULATED, base_url=simulator_url or "http://127.0.0.1:9/v1",
+                                read_timeout=options.timeout or SIMULATED_READ_TIMEOUT, **kwargs)
+    return resolve_provider(options.provider, base_url=options.base_url, api_key=options.api_key,
+                            read_timeout=options.timeout, require_key=not options.dry_run, **kwargs)
 
 
 def _settings(options: ProcessOptions, provider: ProviderConfig) -> StageSettings:

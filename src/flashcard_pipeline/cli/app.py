@@ -120,6 +120,9 @@ def process_command(
                                                     "column.")] = Subdecks.NONE,
     audio: Annotated[AudioEngine | None, typer.Option(help="Pronunciation audio in .apkg decks (needs "
                                                            "espeak-ng).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for one answer before it counts as a "
+                                                       "timeout (default 120; 10 for --provider simulated).",
+                                                  min=0.001)] = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
     err = stderr_console()
@@ -130,7 +133,7 @@ def process_command(
             db_url=db, force=force, dry_run=dry_run, language=language, learner_language=learner_language,
             max_cost=max_cost, simulator=parse_sim_options(sim or []), retry=_retry_config(max_attempts),
             breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
-            deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None)
+            deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None

@@ -81,11 +81,12 @@ def resolve_provider(
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
     extra_headers: Mapping[str, str] | None = None,
+    require_key: bool = True,
 ) -> ProviderConfig:
     """Build a :class:`ProviderConfig` from CLI options and the environment.
 
     Raises :class:`ConfigurationError` for an unknown provider, a missing URL, or a real provider
-    without a key.
+    without a key (unless ``require_key`` is off: a dry run sends nothing).
     """
     try:
         provider = ProviderName(name)
@@ -102,7 +103,7 @@ def resolve_provider(
     if provider is ProviderName.OPENROUTER:
         url = base_url or OPENROUTER_BASE_URL
         key = _key_from(api_key, env, "OPENROUTER_API_KEY")
-        if key is None:
+        if key is None and require_key:
             raise ConfigurationError(
                 "No API key for provider openrouter. Pass --api-key or run "
                 "`export OPENROUTER_API_KEY=...`; to try the pipeline offline use --provider simulated.",
