@@ -152,6 +152,20 @@ def test_dry_run_estimates_and_calls_nothing(tmp_path: Path, db_url: str) -> Non
     assert "0 (4 stage answers already cached)" in stdout
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["process", "w.csv", "--limit", "0"], "Invalid value for '--limit': Input should be greater than or equal to 1"),
+    (["process", "w.csv", "--provider", "bogus"], "Invalid value for '--provider': 'bogus' is not one of"),
+    (["process"], "Missing argument 'INPUT'."),
+    (["push", "--run", "x"], "Invalid value for '--run'"),
+    (["nope"], "No such command 'nope'."),
+])
+def test_a_bad_option_is_one_error_line_with_where_to_look(args: list[str], says: str) -> None:
+    code, stdout, stderr = run_cli(*args)
+    assert code == 2 and stdout == ""
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"error: {says}") and line.endswith(" --help`)"), line
+
+
 def test_a_hung_call_times_out_after_timeout_seconds(tmp_path: Path, sqlite_url: str) -> None:
     source = words(tmp_path, ["1,학교,noun"])
     started = time.monotonic()

@@ -31,12 +31,21 @@ def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     return typer.Exit(int(code))
 
 
+#: click's UsageError (a bad option value, an unknown command), which newer typer vendors without a public name.
+_USAGE_ERROR: type[Exception] = typer.BadParameter.__bases__[0]
+
+
 class OneLineErrors(TyperGroup):
-    """The root command group: a bad setting or input found deep inside any command (an ``RL_*`` variable
-    read when the limiter starts, say) still ends as one ``error:`` line and exit code 2."""
+    """The root command group: a bad option value, or a bad setting or input found deep inside any command (an
+    ``RL_*`` variable read when the limiter starts, say), ends as one ``error:`` line and exit code 2, not a
+    traceback or a framed box."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except (ConfigurationError, InputError) as exc:
             raise fail(str(exc)) from None
+        except _USAGE_ERROR as exc:
+            where = getattr(getattr(exc, "ctx", None), "command_path", None) or ctx.command_path
+            message = exc.format_message().replace("Value error, ", "")  # type: ignore[attr-defined]
+            raise fail(f"{message} (see `{where} --help`)") from None
