@@ -294,6 +294,15 @@ def test_plain_text_with_comments_and_blank_lines(tmp_path: Path) -> None:
         assert [(i.position, i.term, i.source_row) for i in items] == [(1, "내가", 2), (2, "그", 4), (3, "나", 6)]
 
 
+@pytest.mark.parametrize("header", ["term", "Hangul", "\ufeffWORD"])
+def test_a_text_lists_header_line_is_not_a_word(tmp_path: Path, header: str) -> None:
+    path = write(tmp_path, "words.txt", f"# from class\n{header}\n내가\n그\n")
+    reader = VocabularyReader(path)
+    assert [(i.position, i.term) for i in reader] == [(1, "내가"), (2, "그")] and reader.problems == []
+    assert terms(list(VocabularyReader(write(tmp_path, "more.txt", "내가\nterm\n")))) == ["내가", "term"], \
+        "only a first line is a header"
+
+
 def test_single_column_without_header_is_text_even_with_csv_suffix(tmp_path: Path) -> None:
     path = write(tmp_path, "words.csv", "내가\n그\n")
     reader = VocabularyReader(path)

@@ -379,10 +379,16 @@ class VocabularyReader:
     def _records(self, lines: Iterator[str], delimiter: str | None) -> Iterator[_Record]:
         """Non-blank records; one the csv module could not make sense of carries a problem instead."""
         if delimiter is None:
+            first = True
             for number, line in enumerate(lines, 1):
                 term = line.strip()
-                if term and not term.startswith("#"):
-                    yield _Record(number, number, [term])
+                if not term or term.startswith("#"):
+                    continue
+                if first and term.lstrip("\ufeff").lower() in TERM_ALIASES:
+                    first = False  # a one-column list with a header line ("term", "Hangul"): not a word to learn
+                    continue
+                first = False
+                yield _Record(number, number, [term])
             return
         feed = _Feed(lines)
         reader = csv.reader(feed, delimiter=delimiter, quotechar='"', skipinitialspace=True)
