@@ -7,6 +7,7 @@ import json
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -14,7 +15,13 @@ from sqlalchemy.orm import Session
 
 from flashcard_pipeline.cache.backends import DatabaseCacheBackend, RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.codec import IDENTITY, ZLIB, ZLIB_DICT, Codec, CodecError
-from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache, MemoryCacheBackend
+from flashcard_pipeline.cache.compressed_cache import (
+    CacheRecord,
+    CompressedCache,
+    MemoryCacheBackend,
+    StoredEntry,
+    StoredValue,
+)
 from flashcard_pipeline.config import CacheSettings
 from flashcard_pipeline.simulator.content import analysis_for, cards_for
 from flashcard_pipeline.storage.db import open_database
@@ -116,13 +123,115 @@ async def test_single_flight_makes_one_call_for_concurrent_misses() -> None:
             if (value := await cache.get("k", "nuance")) is not None:
                 return value
             calls += 1
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
             await cache.put(record("k"))
             return ANSWER
 
     results = await asyncio.gather(*(fetch() for _ in range(20)))
     assert calls == 1 and all(r == ANSWER for r in results)
     assert cache._flights == {}  # nothing left behind
+
+
+class DeferredBackend(MemoryCacheBackend):
+    """Like the database backend with a ledger writer attached: a put is queued, invisible until flushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[StoredEntry] = []
+
+    async def get(self, key: str) -> StoredValue | None:
+        await asyncio.sleep(0)  # a real read yields (to a thread): let the other tasks interleave
+        return await super().get(key)
+
+    async def put(self, entry: StoredEntry) -> None:
+        self.queued.append(entry)
+
+    def flush(self) -> None:
+        for entry in self.queued:
+            self.entries[entry.record.key] = entry
+        self.queued.clear()
+
+
+async def test_single_flight_does_not_need_the_memory_lru() -> None:
+    backend = DeferredBackend()
+    cache = CompressedCache(backend, CacheSettings(memory_entries=0))
+    tasks = 10
+    missed = 0
+    all_missed = asyncio.Event()
+    calls = 0
+
+    async def stage() -> bytes:
+        """The pipeline's pattern: look up, then under the flight re-check uncounted, call, put."""
+        nonlocal missed, calls
+        if (value := await cache.get("k", "nuance")) is not None:
+            return value
+        missed += 1
+        if missed == tasks:
+            all_missed.set()
+        async with cache.single_flight("k"):
+            if (value := await cache.get("k", "nuance", count=False)) is not None:
+                return value
+            calls += 1
+            await all_missed.wait()  # every task has missed and queued on the flight
+            await cache.put(record("k"))
+            return ANSWER
+
+    results = await asyncio.gather(*(stage() for _ in range(tasks)))
+    assert calls == 1 and results == [ANSWER] * tasks
+    assert len(backend.queued) == 1 and backend.entries == {}  # the waiters were served by the flight
+    assert cache.stats()["nuance"]["misses"] == tasks  # re-checks are not counted
+    assert cache._flights == {}
+    assert await cache.get("k", "nuance") is None  # the flight let go of the value: no LRU by the back door
+    backend.flush()
+    assert await cache.get("k", "nuance") == ANSWER
+
+
+async def test_forget_drops_the_value_an_open_flight_holds() -> None:
+    cache = CompressedCache(DeferredBackend(), CacheSettings(memory_entries=0))
+    async with cache.single_flight("k"):
+        await cache.put(record("k"))
+        assert await cache.get("k", "nuance", count=False) == ANSWER
+        cache.forget("k")  # e.g. the value did not parse
+        assert await cache.get("k", "nuance", count=False) is None
+
+
+async def test_memory_entries_expire_with_their_backend_entry() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    backend = MemoryCacheBackend(now=lambda: now)
+    cache = CompressedCache(backend, CacheSettings(ttl_nuance=60, ttl_jitter=0.0), now=lambda: now)
+    await cache.put(record("k"))
+    backend.entries.clear()  # only memory knows the value now
+    now += timedelta(seconds=59)
+    assert await cache.get("k", "nuance") == ANSWER and cache.metrics["nuance"].hits_memory == 1
+    now += timedelta(seconds=1)
+    assert await cache.get("k", "nuance") is None  # expired: a miss, not a stale answer
+    assert "k" not in cache._memory
+
+
+async def test_a_backend_read_is_kept_in_memory_no_longer_than_it_lives() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    backend = MemoryCacheBackend(now=lambda: now)
+    writer = CompressedCache(backend, CacheSettings(ttl_nuance=60, ttl_jitter=0.0), now=lambda: now)
+    await writer.put(record("k"))
+    now += timedelta(seconds=50)  # 10 s of life left when the reader loads it
+    reader = CompressedCache(backend, CacheSettings(ttl_nuance=60, ttl_jitter=0.0), now=lambda: now)
+    assert await reader.get("k", "nuance") == ANSWER
+    backend.entries.clear()
+    now += timedelta(seconds=9)
+    assert await reader.get("k", "nuance") == ANSWER and reader.metrics["nuance"].hits_memory == 1
+    now += timedelta(seconds=1)
+    assert await reader.get("k", "nuance") is None
+
+
+async def test_memory_is_bounded_by_the_type_ttl_when_the_backend_reports_no_expiry() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    backend = MemoryCacheBackend(now=lambda: now)
+    await CompressedCache(backend, CacheSettings(), now=lambda: now).put(record("k"))  # written without a TTL
+    cache = CompressedCache(backend, CacheSettings(ttl_nuance=60, ttl_jitter=0.0), now=lambda: now)
+    assert await cache.get("k", "nuance") == ANSWER
+    backend.entries.clear()
+    now += timedelta(seconds=60)
+    assert await cache.get("k", "nuance") is None
 
 
 async def test_counts_are_flushed_to_the_backend() -> None:
@@ -172,6 +281,22 @@ async def test_database_backend_round_trip_stats_clear_and_vacuum(db_url: str) -
     ledger.engine.dispose()
 
 
+async def test_database_backend_reports_the_expiry_it_read(db_url: str) -> None:
+    ledger = Ledger(open_database(db_url))
+    backend = DatabaseCacheBackend(ledger)
+    cache = CompressedCache(backend, CacheSettings(memory_entries=0, ttl_cards=60, ttl_jitter=0.0))
+    await cache.put(record("a"))
+    entry = await cache.put(record("b", CARDS, "cards"))
+    forever, expiring = await backend.get("a"), await backend.get("b")
+    assert forever is not None and forever.expires_at is None
+    assert expiring is not None and expiring.expires_at == entry.expires_at  # same instant, timezone-aware
+    with Session(ledger.engine) as session, session.begin():
+        session.execute(update(CacheEntry).where(CacheEntry.key == "b")
+                        .values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    assert await backend.get("b") is None
+    ledger.engine.dispose()
+
+
 # --- redis backend ----------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -202,6 +327,44 @@ async def test_redis_backend_shares_answers_between_workers(redis_backend: Redis
     assert await redis_backend.clear(cache_type="cards") == 1
     assert await second.get("b", "cards") is None
     await second.backend.aclose()
+
+
+async def test_redis_read_never_recreates_an_entry_that_expired_meanwhile(
+        redis_backend: RedisCacheBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = CompressedCache(redis_backend, CacheSettings(memory_entries=0, ttl_nuance=60, ttl_jitter=0.0))
+    await cache.put(record("a"))
+    name = f"{redis_backend.prefix}a"
+    client = redis_backend.client
+    execute = client.execute_command
+    vanished: list[str] = []
+
+    async def expire_after_the_read(*args: Any, **kwargs: Any) -> Any:
+        result = await execute(*args, **kwargs)
+        if name in [a.decode() if isinstance(a, bytes) else a for a in args[1:]] and result and not vanished:
+            vanished.append(args[0])
+            await execute("DEL", name)  # the entry expires right after the command that read it
+        return result
+
+    monkeypatch.setattr(client, "execute_command", expire_after_the_read)
+    assert await cache.get("a", "nuance") == ANSWER
+    monkeypatch.undo()
+    assert vanished  # the hook fired
+    assert await client.exists(name) == 0  # no orphan without a TTL or a value
+    assert "?" not in {s.cache_type for s in await redis_backend.stats()}
+    assert await cache.get("zzz", "nuance") is None and await client.exists(f"{redis_backend.prefix}zzz") == 0
+
+
+async def test_redis_read_counts_the_hit_and_reports_the_expiry(redis_backend: RedisCacheBackend) -> None:
+    cache = CompressedCache(redis_backend, CacheSettings(memory_entries=0, ttl_cards=60, ttl_jitter=0.0))
+    await cache.put(record("a"))
+    await cache.put(record("b", CARDS, "cards"))
+    read_at = datetime.now(UTC)
+    forever, expiring = await redis_backend.get("a"), await redis_backend.get("b")
+    assert forever is not None and forever.expires_at is None
+    assert expiring is not None and expiring.expires_at is not None
+    assert timedelta(seconds=55) <= expiring.expires_at - read_at <= timedelta(seconds=61)
+    assert await redis_backend.client.hget(f"{redis_backend.prefix}a", "hits") == b"1"
+    assert 0 < await redis_backend.client.ttl(f"{redis_backend.prefix}b") <= 60  # the read kept the TTL
 
 
 def test_make_cache_follows_the_settings(sqlite_url: str) -> None:

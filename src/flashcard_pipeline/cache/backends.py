@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, text, update
@@ -71,12 +71,27 @@ class DatabaseCacheBackend:
         else:
             await asyncio.to_thread(self.ledger.write_batch, list(ops))
 
+    def _read(self, key: str) -> StoredValue | None:
+        """The live entry with its expiry (``Ledger.cache_get`` drops it), so memory never outlives the row."""
+        table = CacheEntry.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(select(table.c.codec, table.c.value, table.c.expires_at)
+                               .where(table.c.key == key)).first()
+        if row is None:
+            return None
+        expires = row.expires_at
+        if expires is not None and expires.tzinfo is None:
+            expires = expires.replace(tzinfo=UTC)
+        if expires is not None and expires <= utcnow():
+            return None
+        return StoredValue(row.codec, row.value, expires)
+
     async def get(self, key: str) -> StoredValue | None:
-        entry = await asyncio.to_thread(self.ledger.cache_get, key)
-        if entry is None:
+        stored = await asyncio.to_thread(self._read, key)
+        if stored is None:
             return None
         await self._write(CacheHit(key))
-        return StoredValue(entry.codec, entry.value)
+        return stored
 
     async def put(self, entry: StoredEntry) -> None:
         await self._write(_put_op(entry))
@@ -127,6 +142,17 @@ class DatabaseCacheBackend:
             return set(session.scalars(select(CacheEntry.key).where(CacheEntry.key.in_(keys))))
 
 
+# The value, its codec and its remaining life in ms (-1: none), counting the hit only on a key that exists.
+_READ_SCRIPT = """
+local found = redis.call('HMGET', KEYS[1], 'codec', 'data')
+if not found[1] or not found[2] then
+  return false
+end
+redis.call('HINCRBY', KEYS[1], 'hits', 1)
+return {found[1], found[2], redis.call('PTTL', KEYS[1])}
+"""
+
+
 class RedisCacheBackend:
     """Entries as Redis hashes under a prefix, expiring natively; counters in one hash."""
 
@@ -136,6 +162,7 @@ class RedisCacheBackend:
         self.prefix = prefix
         self.url = url
         self.client = client or redis_asyncio.from_url(url)
+        self._read_script: Any = None
 
     def attach(self, sink: Callable[..., None] | None) -> None:
         """Writes go straight to Redis; nothing to attach."""
@@ -144,11 +171,16 @@ class RedisCacheBackend:
         return f"{self.prefix}{key}"
 
     async def get(self, key: str) -> StoredValue | None:
-        codec, data = await self.client.hmget(self._key(key), "codec", "data")
-        if codec is None or data is None:
+        """Read and count the hit in one script: a key expiring between two commands would otherwise be
+        recreated by the hit counter without a TTL and without a value (an orphan of type "?")."""
+        if self._read_script is None:
+            self._read_script = self.client.register_script(_READ_SCRIPT)
+        found = await self._read_script(keys=[self._key(key)])
+        if not found:
             return None
-        await self.client.hincrby(self._key(key), "hits", 1)
-        return StoredValue(codec.decode(), data)
+        codec, data, pttl = found
+        expires = None if pttl < 0 else utcnow() + timedelta(milliseconds=pttl)
+        return StoredValue(codec.decode(), data, expires)
 
     async def put(self, entry: StoredEntry) -> None:
         r = entry.record

@@ -51,8 +51,29 @@ class StoredEntry:
 
 @dataclass(frozen=True)
 class StoredValue:
+    """What a backend read returns; ``expires_at`` when the backend knows it, so memory never outlives it."""
+
     codec: str
     data: bytes
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A raw value kept in this process, with the expiry it must not outlive."""
+
+    value: bytes
+    expires_at: datetime | None
+
+
+@dataclass
+class _Flight:
+    """One key being computed: waiters queue on ``lock``; ``held`` is what was put meanwhile, so a waiter's
+    re-check finds it even when the memory LRU is off and the backend's write is still queued."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    held: _Held | None = None
 
 
 class CacheBackend(Protocol):
@@ -102,8 +123,8 @@ class CompressedCache:
                            use_dictionary=self.settings.compression_dictionary)
         self._rng = rng or random.Random()
         self._now = now or (lambda: datetime.now(UTC))
-        self._memory: OrderedDict[str, bytes] = OrderedDict()
-        self._flights: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._memory: OrderedDict[str, _Held] = OrderedDict()
+        self._flights: dict[str, _Flight] = {}
         self._unreported: dict[str, list[int]] = {}
         self.metrics: dict[str, CacheTypeMetrics] = {}
 
@@ -117,21 +138,20 @@ class CompressedCache:
     async def get(self, key: str, cache_type: str, *, count: bool = True) -> bytes | None:
         """The raw value, or None. ``count=False`` for a re-check that must not count as a second lookup."""
         metrics = self._metrics(cache_type) if count else CacheTypeMetrics()
-        value = self._memory.get(key)
-        if value is not None:
-            self._memory.move_to_end(key)
+        held = self._held(key)
+        if held is not None:
             metrics.hits_memory += 1
             if count:
                 self._count(cache_type, hit=True)
-            return value
+            return held.value
         stored = await self.backend.get(key)
+        value = None
         if stored is not None:
             try:
                 value = self.codec.decode(stored.codec, stored.data)
             except CodecError:
                 metrics.decode_errors += 1
-                value = None
-        if value is None:
+        if stored is None or value is None:
             metrics.misses += 1
             if count:
                 self._count(cache_type, hit=False)
@@ -139,12 +159,40 @@ class CompressedCache:
         metrics.hits_backend += 1
         if count:
             self._count(cache_type, hit=True)
-        self._remember(key, value)
+        self._remember(key, _Held(value, self._read_expiry(cache_type, stored)))
         return value
+
+    def _expired(self, held: _Held) -> bool:
+        return held.expires_at is not None and held.expires_at <= self._now()
+
+    def _held(self, key: str) -> _Held | None:
+        """An unexpired value kept in this process: the LRU first, then what an open flight was handed."""
+        held = self._memory.get(key)
+        if held is not None:
+            if not self._expired(held):
+                self._memory.move_to_end(key)
+                return held
+            del self._memory[key]
+        flight = self._flights.get(key)
+        if flight is not None and flight.held is not None:
+            if not self._expired(flight.held):
+                return flight.held
+            flight.held = None
+        return None
+
+    def _read_expiry(self, cache_type: str, stored: StoredValue) -> datetime | None:
+        """The backend's expiry when it reports one, capped at the type's TTL from now for backends that do not."""
+        base = self.settings.ttl_for(cache_type)
+        bound = None if base is None else self._now() + timedelta(seconds=base)
+        if stored.expires_at is None:
+            return bound
+        return stored.expires_at if bound is None else min(stored.expires_at, bound)
 
     def forget(self, key: str) -> None:
         """Drop a key from memory (e.g. its value turned out unusable)."""
         self._memory.pop(key, None)
+        if (flight := self._flights.get(key)) is not None:
+            flight.held = None
 
     def ttl(self, cache_type: str) -> float | None:
         """The type's TTL with ±jitter, so entries written together do not expire together."""
@@ -167,28 +215,34 @@ class CompressedCache:
         metrics.puts += 1
         metrics.raw_bytes += entry.raw_bytes
         metrics.stored_bytes += entry.stored_bytes
-        self._remember(record.key, record.value)
+        held = _Held(record.value, entry.expires_at)
+        if (flight := self._flights.get(record.key)) is not None:
+            flight.held = held
+        self._remember(record.key, held)
         return entry
 
-    def _remember(self, key: str, value: bytes) -> None:
+    def _remember(self, key: str, held: _Held) -> None:
         if self.settings.memory_entries <= 0:
             return
-        self._memory[key] = value
+        self._memory[key] = held
         self._memory.move_to_end(key)
         while len(self._memory) > self.settings.memory_entries:
             self._memory.popitem(last=False)
 
     @contextlib.asynccontextmanager
     async def single_flight(self, key: str) -> AsyncIterator[None]:
-        """Hold while computing ``key``: a concurrent miss for the same key waits, then finds it cached."""
-        lock, users = self._flights.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
+        """Hold while computing ``key``: a concurrent miss for the same key waits, then finds it cached.
+
+        A value ``put`` meanwhile stays with the flight until its last user leaves, so the waiters find it
+        whatever the LRU size and however late the backend makes the write visible."""
+        flight = self._flights.setdefault(key, _Flight())
+        flight.users += 1
         try:
-            async with lock:
+            async with flight.lock:
                 yield
         finally:
-            users[0] -= 1
-            if users[0] == 0:
+            flight.users -= 1
+            if flight.users == 0:
                 del self._flights[key]
 
     async def flush_counts(self) -> None:
@@ -213,15 +267,16 @@ class MemoryCacheBackend:
 
     entries: dict[str, StoredEntry] = field(default_factory=dict)
     counts: dict[str, list[int]] = field(default_factory=dict)
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
     def attach(self, sink: Callable[..., None] | None) -> None:
         pass
 
     async def get(self, key: str) -> StoredValue | None:
         entry = self.entries.get(key)
-        if entry is None or (entry.expires_at is not None and entry.expires_at <= datetime.now(UTC)):
+        if entry is None or (entry.expires_at is not None and entry.expires_at <= self.now()):
             return None
-        return StoredValue(entry.codec, entry.data)
+        return StoredValue(entry.codec, entry.data, entry.expires_at)
 
     async def put(self, entry: StoredEntry) -> None:
         self.entries[entry.record.key] = entry
