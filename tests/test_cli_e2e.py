@@ -166,6 +166,20 @@ def test_a_bad_option_is_one_error_line_with_where_to_look(args: list[str], says
     assert line.startswith(f"error: {says}") and line.endswith(" --help`)"), line
 
 
+def test_a_list_in_another_encoding_is_read_with_encoding(tmp_path: Path, sqlite_url: str) -> None:
+    source = tmp_path / "euc.csv"
+    source.write_bytes("position,term,type\n1,학교,noun\n2,먹다,verb\n".encode("euc-kr"))
+    out = tmp_path / "o.jsonl"
+    code, _, stderr = run_cli("process", str(source), "--provider", "simulated", "--db", sqlite_url, "-o", str(out))
+    assert code == 2 and "pass --encoding" in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = run_cli("process", str(source), "--provider", "simulated", "--db", sqlite_url, "-o", str(out),
+                              "--encoding", "euc-kr")
+    assert code == 0, stderr
+    assert_cards_for_every_term(out, ["학교", "먹다"])
+    code, _, stderr = run_cli("process", str(source), "--provider", "simulated", "--encoding", "klingon")
+    assert code == 2 and "unknown text encoding 'klingon'" in stderr
+
+
 def test_a_hung_call_times_out_after_timeout_seconds(tmp_path: Path, sqlite_url: str) -> None:
     source = words(tmp_path, ["1,학교,noun"])
     started = time.monotonic()

@@ -298,8 +298,9 @@ class VocabularyReader:
         except UnicodeDecodeError as exc:
             offset = skip + exc.start
             line = head.count(b"\n", 0, offset) + 1
+            hint = "; if it is text in another encoding, pass --encoding (e.g. cp949, latin-1)" if self._is_utf8 else ""
             raise self._error(
-                f"not a text file (invalid {self._label} at byte {offset + 1}, line {line})", "not_text"
+                f"not a text file (invalid {self._label} at byte {offset + 1}, line {line}){hint}", "not_text"
             ) from exc
 
     def _lines(self, *, track: bool = False) -> Iterator[str]:

@@ -93,6 +93,8 @@ class ProcessOptions:
     audio: str | None = None
     #: Seconds to wait for one answer (the read timeout); ``None``: 120, or 10 for the simulated provider.
     timeout: float | None = None
+    #: The input file's text encoding.
+    encoding: str = "utf-8"
 
     @property
     def export_format(self) -> str:
@@ -229,7 +231,7 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
     _validate(options)
     policy = policy or default_policy(options)
     cache_settings = read_settings(CacheSettings)  # every setting is checked before the run starts
-    reader = VocabularyReader(options.input_path)
+    reader = VocabularyReader(options.input_path, encoding=options.encoding)
     reader.detect()
     provider = _provider(options, None)
     settings = _settings(options, provider)

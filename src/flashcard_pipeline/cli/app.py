@@ -123,6 +123,8 @@ def process_command(
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait for one answer before it counts as a "
                                                        "timeout (default 120; 10 for --provider simulated).",
                                                   min=0.001)] = None,
+    encoding: Annotated[str, typer.Option(help="Text encoding of INPUT (utf-8 with or without BOM; or cp949, "
+                                               "euc-kr, latin-1, ...).")] = "utf-8",
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
     err = stderr_console()
@@ -133,7 +135,8 @@ def process_command(
             db_url=db, force=force, dry_run=dry_run, language=language, learner_language=learner_language,
             max_cost=max_cost, simulator=parse_sim_options(sim or []), retry=_retry_config(max_attempts),
             breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
-            deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout)
+            deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout,
+            encoding=encoding)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None

@@ -196,12 +196,13 @@ def cache_warm(
     model: Annotated[str | None, typer.Option(help="Model (default as for process).")] = None,
     language: Annotated[str, typer.Option()] = "ko",
     learner_language: Annotated[str, typer.Option()] = "en",
+    encoding: Annotated[str, typer.Option(help="Text encoding of INPUT.")] = "utf-8",
     as_json: JsonOption = False,
 ) -> None:
     """Fill the cache for INPUT from answers already paid for (stored run results, or the database cache when
     the cache lives in Redis). Never calls a provider; reports what would still need a call."""
     try:
-        reader = VocabularyReader(input_path)
+        reader = VocabularyReader(input_path, encoding=encoding)
         reader.detect()
         settings = StageSettings(provider=provider.value, model=model or DEFAULT_MODELS[provider],
                                  language=language_name(language), learner_language=language_name(learner_language))
