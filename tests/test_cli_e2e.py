@@ -166,6 +166,21 @@ def test_a_bad_option_is_one_error_line_with_where_to_look(args: list[str], says
     assert line.startswith(f"error: {says}") and line.endswith(" --help`)"), line
 
 
+def test_an_interrupted_force_run_resumes_and_a_finished_one_starts_afresh(tmp_path: Path, sqlite_url: str) -> None:
+    source = words(tmp_path, [f"{i},낱말{i},noun" for i in range(1, 9)])
+    base = ["process", str(source), "--provider", "simulated", "--db", sqlite_url, "-o", str(tmp_path / "o.jsonl"),
+            "--concurrency", "1"]
+    assert run_cli(*base)[0] == 0
+    code, stdout, _ = run_cli(*base, "--force", "--max-cost", "0.002")
+    assert code == 3 and "run 2: aborted" in stdout, "a budget stop stands for any interruption"
+    done_before = int(re.search(r"(\d+)/8 items done", stdout).group(1))  # type: ignore[union-attr]
+    code, stdout, _ = run_cli(*base, "--force")
+    assert code == 0 and "run 2: completed" in stdout, "the same --force command resumed run 2"
+    assert f"({done_before} before this run)" in stdout and "0 cache hits" in stdout, "still ignoring the cache"
+    code, stdout, _ = run_cli(*base, "--force")
+    assert code == 0 and "run 3: completed" in stdout and "16 API calls" in stdout, "a finished one is not reused"
+
+
 def test_a_list_in_another_encoding_is_read_with_encoding(tmp_path: Path, sqlite_url: str) -> None:
     source = tmp_path / "euc.csv"
     source.write_bytes("position,term,type\n1,학교,noun\n2,먹다,verb\n".encode("euc-kr"))

@@ -52,6 +52,7 @@ from flashcard_pipeline.stages import (
 )
 from flashcard_pipeline.storage.db import open_database, pool_monitor
 from flashcard_pipeline.storage.ledger import Ledger, RunRecord
+from flashcard_pipeline.storage.schema import RunStatus
 
 DEFAULT_MODELS = {
     ProviderName.OPENROUTER: "openai/gpt-4o-mini",
@@ -247,7 +248,10 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
 
         input_sha = await asyncio.to_thread(file_sha256, options.input_path)
         run_key = _run_key(options, settings, input_sha, provider)
-        run = None if options.force else await asyncio.to_thread(ledger.find_run, run_key)
+        run = await asyncio.to_thread(ledger.find_run, run_key)
+        if options.force and run is not None and not (run.settings.get("force")
+                                                      and run.status != RunStatus.COMPLETED):
+            run = None  # --force starts afresh, but an interrupted --force run of this command resumes
         resumed = run is not None
         problems: list[RowProblem] = []
         if run is None:
@@ -255,7 +259,7 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
                 ledger.create_run, run_key=run_key, input_path=str(options.input_path.resolve()),
                 input_sha256=input_sha, provider=settings.provider, model=settings.model,
                 settings={"prompts": settings.prompt_versions, "limit": options.limit,
-                          "start_from": options.start_from},
+                          "start_from": options.start_from, "force": options.force},
                 target_language=settings.language, learner_language=settings.learner_language,
                 simulated=provider.name is ProviderName.SIMULATED, items=_selected(reader, options))
             problems = list(reader.problems)

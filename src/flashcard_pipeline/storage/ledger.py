@@ -135,6 +135,7 @@ class RunRecord:
     target_language: str
     learner_language: str
     created_at: datetime
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -450,7 +451,7 @@ class Ledger:
         return RunRecord(id=row.id, run_key=row.run_key, status=row.status, total_items=row.total_items,
                          simulated=row.simulated, provider=row.provider, model=row.model,
                          target_language=row.target_language, learner_language=row.learner_language,
-                         created_at=row.created_at)
+                         created_at=row.created_at, settings=json.loads(row.settings_json or "{}"))
 
 
 def _stage_columns(stage: str) -> tuple[Any, Any]:
