@@ -345,6 +345,9 @@ def test_progress_display_on_a_terminal_and_in_a_log() -> None:
     assert "done 7/10" in plain and "\x1b" not in plain
     live = asyncio.run(show(Console(record=True, force_terminal=True, width=200)))
     assert "done 7/10" in live and "cards" in live
+    narrow = asyncio.run(show(Console(record=True, force_terminal=True, width=60)))
+    assert "8/10" in narrow, "the bar's count (done + failed) survives a narrow terminal"
+    assert "cache hits 3" in narrow.replace("\n", " ") and "paused: circuit open" in narrow.replace("\n", " ")
 
 
 def test_a_list_with_nothing_to_process_is_a_usage_error_not_an_empty_success(tmp_path: Path, sqlite_url: str) -> None:

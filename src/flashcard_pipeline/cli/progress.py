@@ -8,10 +8,12 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from flashcard_pipeline.ingest import RowProblem
 from flashcard_pipeline.pipeline import RunStats
@@ -38,6 +40,19 @@ def describe(stats: RunStats, now: float | None = None) -> str:
         text += (f" · paused: {stats.rate_limit_label} answered 429 (rate limit), "
                  f"every call waits {math.ceil(wait)} s")
     return text
+
+
+class _RunProgress(Progress):
+    """The bar on one line and the counters below it, wrapped to the terminal's width, so a narrow terminal
+    loses neither (one long line would squeeze the bar away and cut the counters off)."""
+
+    def __init__(self, stats: RunStats, *columns: Any, **kwargs: Any) -> None:
+        self.stats = stats  # before Progress starts asking for renderables
+        super().__init__(*columns, **kwargs)
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        yield Text(describe(self.stats))
 
 
 class ConsoleReporter:
@@ -70,15 +85,14 @@ class ConsoleReporter:
 
     @contextlib.asynccontextmanager
     async def _rich(self, stats: RunStats) -> AsyncIterator[None]:
-        progress = Progress(TextColumn("[bold]cards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.description}"), console=self.console,
-                            refresh_per_second=4, transient=False)
-        task = progress.add_task(describe(stats), total=stats.total or None)
+        progress = _RunProgress(stats, TextColumn("[bold]cards"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+                                refresh_per_second=4, transient=False)
+        task = progress.add_task("cards", total=stats.total or None)
 
         async def refresh() -> None:
             while True:
-                progress.update(task, completed=stats.done + stats.failed, total=stats.total or None,
-                                description=describe(stats))
+                progress.update(task, completed=stats.done + stats.failed, total=stats.total or None)
                 await asyncio.sleep(0.25)
 
         with progress:
@@ -89,7 +103,7 @@ class ConsoleReporter:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
-                progress.update(task, completed=stats.done + stats.failed, description=describe(stats))
+                progress.update(task, completed=stats.done + stats.failed)
 
     @contextlib.asynccontextmanager
     async def _plain(self, stats: RunStats) -> AsyncIterator[None]:
