@@ -373,6 +373,17 @@ def test_each_skipped_row_is_one_line_even_when_its_term_holds_a_newline() -> No
         "skipped row 2 (학\\n교): term contains a control character (U+000A)", "skipped row 4: empty term"]
 
 
+def test_every_skipped_row_reaches_a_log_and_a_terminal_sees_the_first_20() -> None:
+    problems = [RowProblem(row, "empty term") for row in range(2, 32)]
+    log = Console(record=True, force_terminal=False, width=200)
+    ConsoleReporter(log).problems(problems)
+    assert log.export_text().splitlines() == [f"skipped row {row}: empty term" for row in range(2, 32)]
+    terminal = Console(record=True, force_terminal=True, width=200)
+    ConsoleReporter(terminal).problems(problems)
+    lines = terminal.export_text().splitlines()
+    assert len(lines) == 21 and lines[-1].startswith("… and 10 more skipped rows") and "2> skipped.txt" in lines[-1]
+
+
 def test_the_simulators_limits_are_known_not_discovered(tmp_path: Path) -> None:
     def limiter(options: ProcessOptions) -> RateLimitPolicy:
         policy = default_policy(options)

@@ -63,11 +63,14 @@ class ConsoleReporter:
         self.plain_interval = plain_interval
 
     def problems(self, problems: list[RowProblem]) -> None:
-        for problem in problems[:MAX_PROBLEMS_SHOWN]:
+        """Every skipped row into a log or a pipe; on a terminal the first 20, and how to see them all."""
+        shown = problems[:MAX_PROBLEMS_SHOWN] if self.console.is_terminal else problems
+        for problem in shown:
             term = f" ({_visible(problem.term)})" if problem.term else ""
             self.console.print(f"[yellow]skipped row {problem.row}{term}: {problem.reason}[/]", highlight=False)
-        if len(problems) > MAX_PROBLEMS_SHOWN:
-            self.console.print(f"[yellow]… and {len(problems) - MAX_PROBLEMS_SHOWN} more skipped rows[/]")
+        if len(problems) > len(shown):
+            self.console.print(f"[yellow]… and {len(problems) - len(shown)} more skipped rows (all of them are "
+                               "listed when stderr goes to a file: 2> skipped.txt)[/]", highlight=False)
 
     def started(self, run: RunRecord, *, resumed: bool, to_process: int) -> None:
         verb = "resuming" if resumed else "starting"
