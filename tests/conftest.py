@@ -23,10 +23,14 @@ settings.load_profile("ci" if UNDER_CI else "dev")
 
 
 def shared_file(name: str) -> Path:
-    """A file of ../shared/data, or a skip (with the reason) when the checkout has none beside it."""
+    """A file of ../shared/data, or a skip (with the reason) when the checkout has none beside it; under CI,
+    where ../shared always sits beside the clone, its absence is a failure."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"{path} not found: the shared test data sits beside the checkout")
+        message = f"{path} not found: the shared test data sits beside the checkout"
+        if UNDER_CI:
+            pytest.fail(message + "; CI must run this test")
+        pytest.skip(message)
     return path
 
 

@@ -304,12 +304,21 @@ def test_simulate_serves_a_separate_process_run(tmp_path: Path, sqlite_url: str)
         assert match, line
         base_url = match.group(1)
         out = tmp_path / "cards.jsonl"
+        secret = "sk-live-0123456789abcdef"
         proc = subprocess.run([sys.executable, "-m", "flashcard_pipeline", "process",
                                str(words(tmp_path, ["1,학교,noun", "2,먹다,verb"])), "--provider",
-                               "openai-compatible", "--base-url", base_url, "--db", sqlite_url, "-o", str(out)],
+                               "openai-compatible", "--base-url", base_url, "--api-key", secret,
+                               "--db", sqlite_url, "-o", str(out)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert_cards_for_every_term(out, ["학교", "먹다"], simulated=False)
+        # A successful run with a key stores answers, cache entries and cards: none of them may hold it.
+        assert secret not in proc.stdout + proc.stderr
+        assert_secret_not_stored(sqlite_url, secret)
+        for name in ("deck.apkg", "deck.tsv", "deck.csv"):
+            assert run_cli("export", "--db", sqlite_url, "-o", str(tmp_path / name))[0] == 0
+            assert secret.encode() not in (tmp_path / name).read_bytes()
+        assert secret.encode() not in out.read_bytes()
         stats = httpx.get(base_url.removesuffix("/v1") + "/stats", timeout=5).json()
         assert stats["total"] == 4 and stats["term_successes"] == {"학교": 2, "먹다": 2}
     finally:

@@ -40,11 +40,12 @@ class ScriptedClient:
     """Answers like a good model unless ``faults`` says otherwise for a (term, stage)."""
 
     def __init__(self, faults: dict[tuple[str, str], Callable[[], Any]] | None = None,
-                 cost: float = 0.001, delay: float = 0.0) -> None:
+                 cost: float = 0.001, delay: float = 0.0, delays: dict[str, float] | None = None) -> None:
         self.faults = faults or {}
         self.calls: list[tuple[str, str]] = []
         self.cost = cost
         self.delay = delay
+        self.delays = delays or {}
         self.active = 0
         self.max_active = 0
 
@@ -56,7 +57,7 @@ class ScriptedClient:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delays.get(term, self.delay))
         finally:
             self.active -= 1
         fault = self.faults.get((term, stage))
@@ -103,9 +104,14 @@ def pipeline(ledger: Ledger, client: ScriptedClient, **kw: Any) -> Pipeline:
 
 async def test_every_item_gets_cards_in_input_order(ledger: Ledger) -> None:
     run = new_run(ledger)
-    client = ScriptedClient()
+    # Earlier terms answer slower, so they finish after later ones.
+    slow = {term: 0.004 * (len(TERMS) - index) for index, term in enumerate(TERMS)}
+    client = ScriptedClient(delays=slow)
     outcome = await pipeline(ledger, client, concurrency=4).run(run)
     assert outcome.status is RunStatus.COMPLETED
+    finished = [c for c in sorted(ledger.api_calls(run.id), key=lambda c: c.id) if c.stage == "cards"]
+    assert [c.item_id for c in finished] != sorted(c.item_id for c in finished), "completion order differed"
+    assert min(c.latency_ms for c in ledger.api_calls(run.id)) >= 1000 * min(slow.values()), "latency is recorded"
     results = list(ledger.results(run.id))
     assert [r.item.term for r in results] == TERMS
     assert all(2 <= len(r.cards) <= 4 for r in results)

@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from flashcard_pipeline.config import DatabaseSettings
 from flashcard_pipeline.errors import ConfigurationError
+from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.storage.db import (
     create_db_engine,
     default_database_path,
@@ -130,6 +131,24 @@ def test_pool_monitor_measures_waiting_for_a_busy_pool(sqlite_url: str) -> None:
     snap = monitor.snapshot()
     assert snap.wait_max_s >= 0.04 and snap.served_idle < snap.checkouts
     engine.dispose()
+
+
+async def test_writes_are_batched_into_few_transactions(db_url: str) -> None:
+    ledger = Ledger(open_database(db_url))
+    items = [VocabularyItem(position=i, term=f"낱말{i}") for i in range(1, 4)]
+    run = ledger.create_run(run_key="k", input_path="x.csv", input_sha256="0" * 64, provider="p", model="m",
+                            settings={}, target_language="Korean", learner_language="English", simulated=False,
+                            items=items)
+    ids = [pending.id for pending in ledger.pending_items(run.id)]
+    async with LedgerWriter(ledger, flush_interval=60.0, max_batch=512) as writer:
+        for _ in range(400):  # 1,200 operations, as a busy run makes them
+            writer.submit(*(StageStarted(item_id=i, stage="nuance") for i in ids))
+    assert writer.batches_written <= 3, "1,200 operations, at most 512 per transaction"
+    assert [p.item.term for p in ledger.pending_items(run.id)] == [i.term for i in items]
+    with ledger.engine.connect() as connection:
+        attempts = connection.execute(text("SELECT nuance_attempts FROM items ORDER BY id")).scalars().all()
+    assert attempts == [400, 400, 400], "every operation was applied"
+    ledger.engine.dispose()
 
 
 async def test_writer_surfaces_a_failed_commit(sqlite_url: str) -> None:
