@@ -592,6 +592,28 @@ async def test_isolate_with_a_probe_in_flight_holds_it_open_until_closed(caplog:
     assert any("incident over" in m and "bob" in m for m in logged)
 
 
+async def test_reset_and_closing_a_closed_circuit_are_logged_with_their_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    breaker, _, seen = make()
+    caplog.set_level(logging.WARNING, logger="flashcard_pipeline.resilience.circuit_breaker")
+    breaker.manual_control.close("double-checking after the incident", source="carol")
+    await trip(breaker)
+    breaker.manual_control.reset("counters for the new day", source="dave")
+    breaker.manual_control.reset("again, already closed", source="erin")
+    manual = [(t.from_state, t.to_state, t.reason, t.source) for t in seen if t.manual]
+    assert manual == [
+        (CircuitState.CLOSED, CircuitState.CLOSED, "closed by hand: double-checking after the incident", "carol"),
+        (CircuitState.OPEN, CircuitState.CLOSED, "reset by hand: counters for the new day", "dave"),
+        (CircuitState.CLOSED, CircuitState.CLOSED, "reset by hand: again, already closed", "erin")]
+    logged = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and r.name == "flashcard_pipeline.resilience.circuit_breaker"]
+    for who, why in (("carol", "double-checking after the incident"), ("dave", "counters for the new day"),
+                     ("erin", "again, already closed")):
+        assert any(f"({who})" in m and why in m for m in logged), (who, logged)
+    assert any("closed -> closed (carol)" in m for m in logged), "a no-op close is still on record"
+    assert breaker.state_provider.state is CircuitState.CLOSED and breaker.state_provider.failure_count == 0
+
+
 async def test_close_and_reset_clear_the_window_and_the_back_off_and_reset_zeroes_counters() -> None:
     breaker, clock, _ = make(break_duration=5.0)
     await trip(breaker)
@@ -730,6 +752,28 @@ async def test_one_breaker_per_provider_and_model() -> None:
     assert policy.breaker_named("simulated/simulated/flashcard-sim").name == "simulated/simulated/flashcard-sim"
     with pytest.raises(ValueError, match="provider/model"):
         policy.breaker_named("no-model")
+
+
+async def test_a_creation_listener_sees_each_circuit_once_before_its_first_call(
+        caplog: pytest.LogCaptureFixture) -> None:
+    policy, _ = policy_with(FakeClock(autojump=False), max_wait=0.0)
+    made: list[str] = []
+
+    def hold(breaker: CircuitBreaker) -> None:
+        made.append(breaker.name)
+        breaker.manual_control.isolate("held from the start")
+
+    def broken(breaker: CircuitBreaker) -> None:
+        raise RuntimeError("dashboard is down")
+
+    policy.add_creation_listener(broken)
+    policy.add_creation_listener(hold)
+    with pytest.raises(CircuitWaitExceededError, match="held from the start"):
+        await policy.execute(ok, CTX)
+    policy.breaker_named("openrouter/m")
+    assert made == ["openrouter/m"] and any("creation listener failed" in r.getMessage() for r in caplog.records)
+    policy.remove_creation_listener(hold)
+    assert await policy.execute(ok, OTHER_MODEL) == "ok" and made == ["openrouter/m"]
 
 
 async def test_while_open_calls_wait_for_half_open_instead_of_failing() -> None:

@@ -24,6 +24,7 @@ from flashcard_pipeline.resilience.circuit_breaker import (
     CircuitBreakerConfig,
     CircuitBreakerPolicy,
     CircuitState,
+    CircuitWaitExceededError,
     breaker_policies,
 )
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
@@ -171,6 +172,67 @@ async def test_the_sync_applies_commands_records_transitions_and_survives_databa
     store.engine.dispose()
 
 
+async def ok() -> str:
+    return "ok"
+
+
+async def test_commands_for_circuits_this_process_does_not_use_leave_its_snapshots_alone(
+        store: BreakerStore, db_url: str) -> None:
+    other = "openrouter/anthropic/claude-3-haiku"
+    store.add_command(other, "isolate", "standing isolation of another model")
+    policy = CircuitBreakerPolicy(CircuitBreakerConfig(), clock=FakeClock(autojump=False))
+    async with BreakerSync(store, [policy], poll_interval=0.02, owner="me:1") as sync:
+        assert await policy.execute(ok, CTX) == "ok"
+        for action in ("close", "reset", "isolate"):
+            store.add_command(other, action, f"{action} the other model")
+        store.add_command(SIM_CIRCUIT, "close", "another process's circuit")
+        await wait_until(lambda: len(sync.applied) == 5)
+        await wait_until(lambda: {s.circuit for s in store.snapshots()} == {CIRCUIT})
+        assert set(policy.breakers) == {CIRCUIT}, "a command never makes a circuit"
+    assert [(s.circuit, s.owner) for s in store.snapshots()] == [(CIRCUIT, "me:1")]
+    assert store.events() == [], "nothing happened to a circuit this process has"
+    data = json.loads(cli("breaker", "status", "--db", db_url, "--json", "--all")[1])
+    assert [c["circuit"] for c in data["circuits"]] == [CIRCUIT] and list(data["isolated"]) == [other]
+    store.engine.dispose()
+
+
+async def test_a_standing_isolation_holds_a_circuit_first_made_after_the_command(store: BreakerStore) -> None:
+    standing = store.add_command(CIRCUIT, "isolate", "provider incident", requested_by="alice@ops")
+    policy = CircuitBreakerPolicy(CircuitBreakerConfig(max_wait=0.0), clock=FakeClock(autojump=False))
+    calls: list[str] = []
+
+    async def counted() -> str:
+        calls.append("sent")
+        return "ok"
+
+    async with BreakerSync(store, [policy], poll_interval=0.02, owner="me:1") as sync:
+        assert policy.breakers == {}, "not made at start"
+        with pytest.raises(CircuitWaitExceededError, match="provider incident"):
+            await policy.execute(counted, CTX)
+        assert calls == [], "the first call is held, not sent"
+        breaker = policy.breakers[CIRCUIT]
+        assert breaker.state_provider.transitions[-1].source == f"command #{standing.id} from alice@ops"
+
+        later = CallContext(stage="nuance", item_key="학교", provider="openrouter", model="later", estimated_tokens=1)
+        store.add_command("openrouter/later", "isolate", "isolated while the run was going")
+        released = CallContext(stage="nuance", item_key="학교", provider="openrouter", model="back",
+                               estimated_tokens=1)
+        store.add_command("openrouter/back", "isolate", "drill")
+        store.add_command("openrouter/back", "close", "drill over")
+        await wait_until(lambda: len(sync.applied) == 4)
+        assert set(policy.breakers) == {CIRCUIT}
+        with pytest.raises(CircuitWaitExceededError, match="isolated while the run was going"):
+            await policy.execute(counted, later)
+        assert await policy.execute(counted, released) == "ok" and calls == ["sent"], "a closed isolation is over"
+        await wait_until(lambda: len(store.events(limit=50)) == 2)
+    assert [(e.circuit, e.to_state, e.reason) for e in store.events()] == [
+        (CIRCUIT, "isolated", "isolated by hand: provider incident"),
+        ("openrouter/later", "isolated", "isolated by hand: isolated while the run was going")]
+    assert {s.circuit: s.state for s in store.snapshots()} == {
+        CIRCUIT: "isolated", "openrouter/later": "isolated", "openrouter/back": "closed"}
+    store.engine.dispose()
+
+
 # -- the command line ---------------------------------------------------------------------------------------
 
 
@@ -187,7 +249,7 @@ def test_status_isolate_close_and_reset_on_the_command_line(tmp_path: Path, db_u
     assert code == 2 and "must not be empty" in stderr
 
     code, stdout, _ = cli("breaker", "isolate", CIRCUIT, "--db", db_url, "--reason", "upstream incident")
-    assert code == 0 and "command #1" in stdout and "next run starts with it isolated" in stdout
+    assert code == 0 and "command #1" in stdout and "isolated from its first call (also in later runs)" in stdout
     code, stdout, _ = cli("breaker", "status", "--db", db_url, "--json")
     data = json.loads(stdout)
     assert data["isolated"][CIRCUIT]["reason"] == "upstream incident" and data["circuits"] == []
@@ -267,10 +329,22 @@ def test_the_default_policy_is_retry_around_breaker_from_the_environment(monkeyp
         default_policy(options)
 
 
+async def status_from_another_terminal(db: str) -> dict[str, Any]:
+    """`breaker status --json` as its own process, as an operator would run it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "flashcard_pipeline", "breaker", "status", "--json", "--db", db,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, out.decode() + err.decode()
+    data: dict[str, Any] = json.loads(out)
+    return data
+
+
 async def test_a_second_terminal_isolates_a_running_process_within_two_seconds(tmp_path: Path,
                                                                               sqlite_url: str) -> None:
     """The default poll interval (1 s) is what is measured: `breaker isolate` runs as a subprocess, then the
-    running process's breaker is watched; the run pauses (the display says why) and goes on once closed.
+    running process's breaker is watched; the run pauses (the display says why, and `breaker status --json` in
+    another process shows the circuit as live) and goes on once closed.
     Real time, so SQLite only: the database code is covered on both backends above."""
     source = words(tmp_path, 200)
     policy = PolicyPipeline([RetryPolicy(RetryConfig(max_attempts=2)), CircuitBreakerPolicy(CircuitBreakerConfig())])
@@ -297,6 +371,12 @@ async def test_a_second_terminal_isolates_a_running_process_within_two_seconds(t
         # Both workers must be parked at the breaker: a call already past it when the circuit was isolated still
         # finishes, and its item is counted once the ledger's batch (at most 100 ms) commits.
         await wait_until(lambda: "(provider incident); 2 calls waiting" in (watch.stats.pause_reason or ""))
+        # The paused run is still running: `breaker status` from another terminal shows its circuit as live.
+        await wait_until(lambda: any(s.state == "isolated" for s in store.snapshots()))
+        (seen,) = (await status_from_another_terminal(sqlite_url))["circuits"]
+        assert (seen["circuit"], seen["owner"], seen["state"], seen["active"], seen["live"]) == (
+            circuit, process_owner(), "isolated", True, True)
+        assert seen["stats"]["isolation_reason"] == "provider incident"
         await asyncio.sleep(0.3)
         assert watch.stats is not None
         paused_at = watch.stats.done

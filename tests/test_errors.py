@@ -121,6 +121,34 @@ def test_to_dict_is_strict_json_whatever_the_details_hold() -> None:
     assert error.details["pair"] == (1, 2), "serialising does not change the live error"
 
 
+def test_a_non_finite_retry_after_is_strict_json_and_an_endless_wait_survives_the_round_trip() -> None:
+    endless = RateLimitError("slow down", status_code=429, retry_after=float("inf"),
+                             details={"limits": [1.5, float("inf"), {"reset": float("-inf")}]})
+    text = json.dumps(endless.to_dict(), allow_nan=False)
+    data = json.loads(text)
+    assert data["retry_after"] == "inf" and data["details"]["limits"] == [1.5, None, {"reset": None}]
+    loaded = error_from_dict(data)
+    assert type(loaded) is RateLimitError and loaded.retry_after == float("inf"), "still too long to wait"
+    assert loaded.status_code == 429 and loaded.to_dict() == endless.to_dict()
+    assert error_from_dict(json.loads(json.dumps(ServerError("x", retry_after=float("-inf")).to_dict(),
+                                                 allow_nan=False))).retry_after == float("-inf")
+
+    meaningless = ServerError("x", retry_after=float("nan"), details={"ratio": float("nan")})
+    data = json.loads(json.dumps(meaningless.to_dict(), allow_nan=False))
+    assert data["retry_after"] is None and data["details"] == {"ratio": None}
+    assert error_from_dict(data).retry_after is None
+    assert endless.retry_after == float("inf"), "serialising does not change the live error"
+
+
+@pytest.mark.parametrize(("written", "read"), [(None, None), (3, 3.0), ("2.5", 2.5), ("Infinity", float("inf")),
+                                               ("soon", None), ([1], None), (True, None), (10**400, float("inf"))],
+                         ids=["none", "int", "text", "Infinity", "soon", "list", "bool", "huge-int"])
+def test_the_loader_reads_what_it_can_of_retry_after(written: Any, read: float | None) -> None:
+    loaded = error_from_dict({"type": "RateLimitError", "message": "m", "retry_after": written})
+    assert loaded.retry_after == read
+    json.dumps(loaded.to_dict(), allow_nan=False)
+
+
 def test_an_unknown_type_loads_as_the_most_general_class_of_its_category() -> None:
     data = RateLimitError("throttled", retry_after=3.0).to_dict() | {"type": "FutureThrottleError"}
     loaded = error_from_dict(data)

@@ -46,6 +46,29 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _seconds(value: Any) -> float | None:
+    """``value`` as a float, None if it is none or NaN (a wait that says nothing); an int too big for a float
+    is the endless wait it means."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(seconds) else seconds
+
+
+def _json_retry_after(value: float | None) -> float | str | None:
+    """``retry_after`` as strict JSON: an endless wait is ``"inf"``, which :func:`error_from_dict` reads back,
+    so the retry policy still sees a wait too long to make instead of no wait at all."""
+    seconds = _seconds(value)
+    if seconds is None or math.isfinite(seconds):
+        return seconds
+    return "inf" if seconds > 0 else "-inf"
+
+
 class StructuredError(Exception):
     """Base of every error the pipeline raises on purpose."""
 
@@ -88,13 +111,15 @@ class StructuredError(Exception):
         return self._cause_text
 
     def to_dict(self) -> dict[str, Any]:
+        """Strict JSON (``json.dumps(..., allow_nan=False)`` accepts it): a log line or dead-letter record never
+        fails to be written because of what the error carries."""
         data: dict[str, Any] = {
             "type": type(self).__name__,
             "category": self.category.value,
             "code": self.code,
             "message": self.message,
             "details": _jsonable(self.details),
-            "retry_after": self.retry_after,
+            "retry_after": _json_retry_after(self.retry_after),
             "retryable": self.retryable,
             "aborts_run": self.aborts_run,
             "timestamp": self.timestamp.isoformat(),
@@ -136,11 +161,10 @@ def error_from_dict(data: Mapping[str, Any]) -> StructuredError:
     if cls is None:
         cls = next((c for c in classes if c.category.value == category), StructuredError)
     timestamp = data.get("timestamp")
-    retry_after = data.get("retry_after")
     kwargs: dict[str, Any] = {
         "code": data.get("code"),
         "details": dict(data.get("details") or {}),
-        "retry_after": None if retry_after is None else float(retry_after),
+        "retry_after": _seconds(data.get("retry_after")),
         "timestamp": datetime.fromisoformat(timestamp) if isinstance(timestamp, str) else None,
         "cause": data.get("cause"),
     }

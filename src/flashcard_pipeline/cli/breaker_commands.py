@@ -156,7 +156,8 @@ def _command(action: str, circuit: str | None, reason: str, every: bool, db: str
             if name in running:
                 typer.echo(f"; running processes apply it within {_poll_interval():g} s")
             elif action == "isolate":
-                typer.echo("; no running process uses this circuit now, the next run starts with it isolated")
+                typer.echo("; no running process uses this circuit now, it is isolated from its first call "
+                           "(also in later runs)")
             else:
                 typer.echo("; no running process uses this circuit now")
     finally:

@@ -3,8 +3,9 @@ from a second terminal against a running ``process`` (or several, sharing one Po
 
 * ``circuit_breaker_commands`` is a broadcast log of operator commands. Every running process polls
   it (every ``CB_POLL_INTERVAL`` seconds, 1 by default) and applies each new command to its own
-  breaker of that name; a process that starts while a circuit's latest command is ``isolate``
-  starts with it isolated, because isolation holds until someone closes the circuit.
+  breaker of that name, if it has one: a command never makes a circuit, so a process reports only
+  the circuits it calls. Isolation holds until someone closes the circuit, so a circuit whose latest
+  command is ``isolate`` is isolated the moment a process makes it (at start or at its first call).
 * ``circuit_breaker_events`` keeps every transition and manual action with its reason.
 * ``circuit_breaker_states`` holds each process's latest view of each circuit, refreshed on every
   transition and every few seconds while it runs, so ``status`` can tell live from stale.
@@ -31,7 +32,7 @@ from sqlalchemy import Engine, delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerPolicy, CircuitTransition
+from flashcard_pipeline.resilience.circuit_breaker import CircuitBreaker, CircuitBreakerPolicy, CircuitTransition
 from flashcard_pipeline.resilience.clock import Clock, SystemClock
 from flashcard_pipeline.storage.schema import (
     CircuitBreakerCommand,
@@ -259,6 +260,17 @@ class BreakerStore:
                               requested_by=row.requested_by, created_at=_aware(row.created_at) or utcnow())
 
 
+def _steer(breaker: CircuitBreaker, command: BreakerCommand) -> None:
+    source = f"command #{command.id} from {command.requested_by}"
+    control = breaker.manual_control
+    if command.action == "isolate":
+        control.isolate(command.reason, source=source)
+    elif command.action == "close":
+        control.close(command.reason, source=source)
+    else:
+        control.reset(command.reason, source=source)
+
+
 def _upsert(dialect: str, values: dict[str, Any]) -> Any:
     module = postgresql if dialect == "postgresql" else sqlite
     stmt = module.insert(CircuitBreakerSnapshot.__table__).values(**values)
@@ -270,10 +282,11 @@ def _upsert(dialect: str, values: dict[str, Any]) -> Any:
 class BreakerSync:
     """Connects the breakers of a running process to the database for as long as the block lasts.
 
-    On entry it applies standing isolations; every ``poll_interval`` seconds it applies new operator
-    commands and writes the transitions since the last poll and the snapshot of any circuit first used
-    since; every ``heartbeat`` seconds it refreshes the snapshots even when nothing happened. A database
-    error is logged and retried at the next poll: it never stops the run.
+    On entry it applies standing isolations (to circuits made later as they are made); every
+    ``poll_interval`` seconds it applies new operator commands and writes the transitions since the last
+    poll and the snapshot of any circuit first used since; every ``heartbeat`` seconds it refreshes the
+    snapshots even when nothing happened. A database error is logged and retried at the next poll: it
+    never stops the run.
     """
 
     def __init__(self, store: BreakerStore, policies: Sequence[CircuitBreakerPolicy], *, run_id: int | None = None,
@@ -287,6 +300,8 @@ class BreakerSync:
         self.heartbeat = heartbeat
         self.owner = owner or process_owner()
         self.applied: list[BreakerCommand] = []
+        #: The standing isolations by circuit (newest command ``isolate``): applied to a circuit when it is made.
+        self._isolations: dict[str, BreakerCommand] = {}
         self._pending: list[CircuitTransition] = []
         self._last_id = 0
         self._beat = -float("inf")
@@ -306,6 +321,7 @@ class BreakerSync:
         standing = await asyncio.to_thread(store.latest_commands)
         for policy in self.policies:
             policy.add_listener(self._record)
+            policy.add_creation_listener(self._on_created)
         for command in standing.values():
             if command.action == "isolate":
                 self._apply(command)
@@ -321,6 +337,8 @@ class BreakerSync:
         for policy in self.policies:
             with contextlib.suppress(ValueError):
                 policy.remove_listener(self._record)
+            with contextlib.suppress(ValueError):
+                policy.remove_creation_listener(self._on_created)
         try:
             await self._flush(force=True, active=False)
         except Exception as exc:
@@ -347,24 +365,25 @@ class BreakerSync:
         self._pending.append(transition)
 
     def _apply(self, command: BreakerCommand) -> None:
-        source = f"command #{command.id} from {command.requested_by}"
+        """Apply ``command`` to the circuits of that name this process has; remember an isolation for the rest."""
+        if command.action not in ACTIONS:
+            log.warning("ignoring breaker command #%d: unknown action %r", command.id, command.action)
+            self.applied.append(command)
+            return
+        if command.action == "isolate":
+            self._isolations[command.circuit] = command
+        else:
+            self._isolations.pop(command.circuit, None)
         for policy in self.policies:
-            try:
-                breaker = policy.breaker_named(command.circuit)
-            except ValueError as exc:
-                log.warning("ignoring breaker command #%d: %s", command.id, exc)
-                continue
-            control = breaker.manual_control
-            if command.action == "isolate":
-                control.isolate(command.reason, source=source)
-            elif command.action == "close":
-                control.close(command.reason, source=source)
-            elif command.action == "reset":
-                control.reset(command.reason, source=source)
-            else:
-                log.warning("ignoring breaker command #%d: unknown action %r", command.id, command.action)
-                continue
+            breaker = policy.breakers.get(command.circuit)
+            if breaker is not None:
+                _steer(breaker, command)
         self.applied.append(command)
+
+    def _on_created(self, breaker: CircuitBreaker) -> None:
+        command = self._isolations.get(breaker.name)
+        if command is not None:
+            _steer(breaker, command)
 
     async def _flush(self, *, force: bool = False, active: bool = True) -> None:
         events, self._pending = self._pending, []

@@ -863,6 +863,7 @@ class CircuitBreakerPolicy:
         self._generator = break_duration_generator
         self._classify = classify
         self._listeners: list[Callable[[CircuitTransition], Any]] = [on_transition] if on_transition else []
+        self._creation_listeners: list[Callable[[CircuitBreaker], Any]] = []
         self.on_pause = on_pause
         self.manual_control = CircuitBreakerManualControl()
         self.stats = BreakerWaitStats()
@@ -890,6 +891,11 @@ class CircuitBreakerPolicy:
         self._breakers[(provider, model)] = breaker
         self._by_name[breaker.name] = breaker
         self.manual_control.attach(breaker)
+        for listener in tuple(self._creation_listeners):
+            try:
+                listener(breaker)
+            except Exception:
+                log.exception("circuit %s: a creation listener failed", breaker.name)
         return breaker
 
     def breaker_named(self, name: str) -> CircuitBreaker:
@@ -908,6 +914,14 @@ class CircuitBreakerPolicy:
 
     def remove_listener(self, listener: Callable[[CircuitTransition], Any]) -> None:
         self._listeners.remove(listener)
+
+    def add_creation_listener(self, listener: Callable[[CircuitBreaker], Any]) -> None:
+        """Call ``listener`` with each circuit as it is made, before its first call is admitted, so a standing
+        isolation can hold it from the start; an exception it raises is logged."""
+        self._creation_listeners.append(listener)
+
+    def remove_creation_listener(self, listener: Callable[[CircuitBreaker], Any]) -> None:
+        self._creation_listeners.remove(listener)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {name: breaker.state_provider.stats() for name, breaker in self._by_name.items()}
