@@ -275,6 +275,89 @@ async def test_sharded_reservations_cancel_on_every_shard() -> None:
     assert limiter.available() == pytest.approx(before)
 
 
+
+def _levels(limiter: ShardedRateLimiter) -> list[float]:
+    now = limiter.clock.monotonic()
+    return [shard.available(now) for shard in limiter._shards]
+
+
+@pytest.mark.parametrize(("drained", "served"), [(0, 1), (1, 0)])
+async def test_power_of_two_choices_takes_from_the_fuller_of_the_key_s_two_shards(drained: int, served: int) -> None:
+    limiter = ShardedRateLimiter(40, 40, shards=4, clock=FakeClock())
+    pair = shard_choices("k", 4)
+    limiter._shards[pair[drained]].reserve(0.0, 4, 0.0)
+    before = _levels(limiter)
+    assert await limiter.try_acquire(key="k")
+    expected = list(before)
+    expected[pair[served]] -= 1
+    assert _levels(limiter) == pytest.approx(expected), "the fuller shard pays, whichever MD5 named first"
+
+
+async def test_a_split_call_whose_second_half_fails_gives_the_first_half_back() -> None:
+    limiter = ShardedRateLimiter(40, 40, shards=4, algorithm="sliding_window", clock=FakeClock())
+    first, second = (limiter._shards[i] for i in shard_choices("k", 4))
+    # A cancelled queued reservation: the second shard holds 8 but nothing can act before it (FIFO) at 1.0.
+    second.reserve(0.0, 2, 0.0)
+    second.cancel(0.0, second.reserve(0.0, 10, INF))
+    assert (first.available(0.0), second.available(0.0)) == (10.0, 8.0)
+    assert await limiter.try_acquire(15, key="k") is False
+    assert first.available(0.0) == 10.0, "the 10 taken from the first shard went back"
+
+
+# (case, tokens used on every shard first, n, max_wait, delay or None): 10 shards of 10 tokens, 10 per second each.
+SHARDED_RESERVE_TABLE = [
+    ("one shard's worth from a full limiter", 0.0, 10, 0.0, 0.0),
+    ("five shards' worth at once", 0.0, 50, 0.0, 0.0),
+    ("the whole global burst at once", 0.0, 100, 0.0, 0.0),
+    ("more than the key's two shards hold now, less than all of them", 5.0, 15, 0.0, 0.0),
+    ("more than one shard holds, everything drained: all refill together", 10.0, 15, INF, 0.15),
+    ("max_wait exactly that delay", 10.0, 15, 0.15, 0.15),
+    ("max_wait just short of it", 10.0, 15, 0.1499, None),
+    ("the global burst from drained shards waits until all are full", 10.0, 100, INF, 1.0),
+    ("the global burst, not within max_wait", 10.0, 100, 0.5, None),
+    ("more than the global burst", 0.0, 101, INF, None),
+]
+
+
+@pytest.mark.parametrize(("case", "used", "amount", "max_wait", "delay"), SHARDED_RESERVE_TABLE,
+                         ids=[row[0] for row in SHARDED_RESERVE_TABLE])
+async def test_sharded_reserve_honours_anything_within_the_global_burst(case: str, used: float, amount: float,
+                                                                         max_wait: float,
+                                                                         delay: float | None) -> None:
+    limiter = ShardedRateLimiter(100, 100, shards=10, clock=FakeClock())
+    for shard in limiter._shards:
+        shard.reserve(0.0, used, 0.0)
+    before = _levels(limiter)
+    at = delay or 0.0
+    before_at = sum(shard.available(at) for shard in limiter._shards)
+    reservation = await limiter.reserve(amount, max_wait, key="k")
+    if delay is None:
+        assert not reservation.ok and reservation.state is ReservationState.REFUSED
+        assert _levels(limiter) == before, "a refused reservation changes no shard"
+        return
+    assert reservation.ok and reservation.delay == pytest.approx(delay, abs=1e-9)
+    parts = reservation._parts
+    assert {take.time_to_act for _, take in parts} == {reservation.time_to_act}, "every part acts at one instant"
+    assert sum(take.amount for _, take in parts) == pytest.approx(amount)
+    after_at = sum(shard.available(reservation.time_to_act) for shard in limiter._shards)
+    assert after_at == pytest.approx(before_at - amount), "the shards account exactly n at the time to act"
+    assert await reservation.cancel() == pytest.approx(amount)
+    assert _levels(limiter) == pytest.approx(before), "cancelling gives every shard back"
+
+
+async def test_large_sharded_reservations_queue_within_the_global_bound() -> None:
+    limiter = ShardedRateLimiter(100, 100, shards=10, clock=FakeClock())
+    times = []
+    for i in range(6):
+        reservation = await limiter.reserve(60, key=f"k{i}")
+        assert reservation.ok
+        times.append(reservation.time_to_act)
+    assert times == sorted(times) and times[0] == 0.0
+    for i, start in enumerate(times):
+        for j in range(i, len(times)):
+            assert 60 * (j - i + 1) <= 100 * (times[j] - start) + 100 + 1e-6
+
+
 # -- threads -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shards", [1, 4])

@@ -125,6 +125,26 @@ async def test_redis_reservations_cancel_execute_and_expire(redis_prefix) -> Non
     assert (metrics.made, metrics.refused, metrics.executed, metrics.cancelled, metrics.expired) == (4, 1, 1, 2, 1)
 
 
+
+async def test_redis_reservations_never_used_are_counted_as_expired(redis_prefix) -> None:
+    client, prefix = redis_prefix
+    clock = FakeClock()
+    bucket = limiter(client, prefix, clock, 10.0, 10.0, reservation_ttl=1.0)
+    abandoned = [await bucket.reserve(1) for _ in range(3)]
+    assert (await bucket.state())["pending_reservations"] == 3
+    clock.advance(5)
+    state = await bucket.state()
+    assert state["reservations"]["expired"] == 3 and state["pending_reservations"] == 0
+    assert all(r.state is ReservationState.EXPIRED for r in abandoned)
+    for _ in range(2):
+        await bucket.reserve(1)
+    clock.advance(5)
+    kept = await bucket.reserve(1)
+    assert bucket.reservation_metrics.expired == 5, "a new reservation sweeps the stale ones too"
+    assert (await bucket.state())["pending_reservations"] == 1
+    assert await kept.execute(lambda: "ran") == "ran"
+    assert bucket.reservation_metrics.expired == 5 and not bucket._pending
+
 async def test_a_late_cancel_returns_nothing(redis_prefix) -> None:
     client, prefix = redis_prefix
     clock = FakeClock()

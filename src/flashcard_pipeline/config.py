@@ -78,8 +78,11 @@ class CircuitBreakerSettings(BaseSettings, CircuitBreakerConfig):
 class RateLimitSettings(BaseSettings):
     """RL_REQUESTS_PER_MINUTE, RL_TOKENS_PER_MINUTE, RL_ALGORITHM, RL_SHARDS, RL_BACKEND, ... (see docs/operations.md).
 
-    An unset per-minute limit is unknown: the requests limit is then found adaptively from
-    ``initial_requests_per_minute``, the tokens limit only once a 429 shows it binds.
+    An unset per-minute limit is unknown. The requests limit is then found adaptively from
+    ``initial_requests_per_minute`` and cut on 429s. An unknown tokens limit stays unlimited: a 429
+    never lowers it; only ``tokens_per_minute`` (``--tpm``) or an ``x-ratelimit-limit-tokens`` header
+    sets it. Tokens are bounded all the same by the requests rate, since every call has a bounded size
+    (prompt estimate plus ``max_tokens``).
     """
 
     model_config = SettingsConfigDict(env_prefix="RL_", extra="ignore", frozen=True)

@@ -17,6 +17,7 @@ requests and tokens limits around each call is in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import itertools
@@ -392,7 +393,7 @@ class RateLimiter:
         if n < 0 or math.isnan(n):
             raise ValueError(f"cannot reserve {n!r} tokens")
         now = self._monotonic()
-        parts, _ = self._take_now(now, n, key, max_wait)
+        parts, _ = self._reserve_parts(now, n, key, max_wait)
         metrics = self.reservation_metrics
         if parts is None:
             metrics.refused += 1
@@ -427,6 +428,10 @@ class RateLimiter:
 
     async def _frozen(self, parts: Sequence[Any]) -> float:
         return max((p[0].frozen_total for p in parts), default=0.0)
+
+    def _reserve_parts(self, now: float, n: float, key: str | None,
+                       max_wait: float) -> tuple[list[Part] | None, float]:
+        return self._take_now(now, n, key, max_wait)
 
     # -- what the per-call policy uses ---------------------------------------------------------------
 
@@ -557,8 +562,11 @@ class ShardedRateLimiter(RateLimiter):
 
     A call with ``key`` goes to the less loaded of the key's two MD5-chosen shards (power of two
     choices), falls back to the other when the first cannot serve it now, and takes from both
-    when neither alone can (only at once: a split call never waits as a reservation, it polls).
-    The shards' limits add up to the global one, so the global limit holds whatever the split.
+    when neither alone can (``acquire`` and the policy only at once: a split acquire polls). A
+    ``reserve`` those two cannot honour within ``max_wait`` is spread over as many shards as it
+    takes, every part acting at the same instant, so any ``n`` up to the global burst is honoured
+    as Go's limiter would. The shards' limits add up to the global one, so the global limit holds
+    whatever the split.
     ``shards`` defaults to :func:`shard_count` (``max_qps / 2``, at least 10 tokens per shard). Calls
     without a key are spread round-robin.
     """
@@ -669,6 +677,60 @@ class ShardedRateLimiter(RateLimiter):
         share = _balanced_share(now, n, first, second)
         return None, max(first.wait_for(now, share), second.wait_for(now, n - share), MIN_SPLIT_WAIT)
 
+    def _reserve_parts(self, now: float, n: float, key: str | None,
+                       max_wait: float) -> tuple[list[Part] | None, float]:
+        parts, wait = self._take_now(now, n, key, max_wait)
+        if parts is not None or len(self._shards) == 1 or n <= 0 or not max_wait >= 0:
+            return parts, wait
+        return self._spread(now, n, key, max_wait)
+
+    def _spread(self, now: float, n: float, key: str | None, max_wait: float) -> tuple[list[Part] | None, float]:
+        """Reserve ``n`` on as many shards as it takes, all parts acting at the earliest instant they
+        can together (each part accounted as acting then, so no shard admits more than its own bound).
+
+        The key's two shards are used first, then the fullest others. Nothing changes unless it fits
+        within ``max_wait``.
+        """
+        shards = self._shards
+        preferred = set(self._pair(key)) if key is not None else set()
+        with contextlib.ExitStack() as stack:
+            for shard in shards:  # in shard order, as everywhere else: no deadlock
+                stack.enter_context(shard.lock)
+
+            def split(at: float) -> list[tuple[Algorithm, float]] | None:
+                caps = sorted((i not in preferred, -shard.capacity_at(now, at), i) for i, shard in enumerate(shards))
+                plan: list[tuple[Algorithm, float]] = []
+                left = n
+                for _, negative_cap, index in caps:
+                    if left <= 0:
+                        break
+                    if negative_cap < 0:
+                        part = min(-negative_cap, left)
+                        plan.append((shards[index], part))
+                        left -= part
+                # What float rounding leaves of a sum of shard bursts is not a shortfall.
+                return plan if left <= n * 1e-12 else None
+
+            at = now
+            plan = split(now)
+            if plan is None:
+                fills = (shard.wait_for(now, shard.burst) for shard in shards)
+                latest = now + max((wait for wait in fills if wait < INF), default=0.0)
+                if split(latest) is None:
+                    return None, INF
+                deadline = now + max_wait
+                if deadline < latest and split(deadline) is None:
+                    return None, _earliest(split, deadline, latest) - now
+                at = _earliest(split, now, min(latest, deadline))
+                plan = split(at)
+            parts: list[Part] = []
+            for shard, amount in plan or ():
+                take = shard.reserve_at(now, amount, at)
+                if take is None:
+                    raise RuntimeError(f"{self.name}: a shard refused the share its own capacity allowed")
+                parts.append((shard, take))
+        return parts, 0.0
+
     def _take_wait(self, now: float, n: float, key: str | None) -> float:
         if len(self._shards) == 1:
             return super()._take_wait(now, n, key)
@@ -691,6 +753,20 @@ class ShardedRateLimiter(RateLimiter):
         with target.lock:
             target.refund(now, None, n)
         self.metrics.refunded += n
+
+
+def _earliest(fits: Callable[[float], object | None], low: float, high: float) -> float:
+    """The earliest instant in ``(low, high]`` where ``fits`` is not None, given it is at ``high`` and not at
+    ``low`` (it only ever starts to fit as time passes): bisection down to adjacent floats."""
+    for _ in range(200):
+        middle = (low + high) / 2
+        if not low < middle < high:
+            break
+        if fits(middle) is None:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def _balanced_share(now: float, n: float, first: Algorithm, second: Algorithm) -> float:

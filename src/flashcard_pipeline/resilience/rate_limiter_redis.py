@@ -435,8 +435,15 @@ class RedisRateLimiter:
             ok=True, tokens=n, time_to_act=local + delay, delay=delay, expires_at=local + delay + self.reservation_ttl,
             made_at=local, _host=self, _parts=(RedisPart(self, n, when, rate),), _frozen_seen=frozen)
         self.reservation_metrics.made += 1
+        self._sweep(local)
         self._pending[id(reservation)] = reservation
         return reservation
+
+    def _sweep(self, now: float) -> None:
+        """As in memory: reservations nobody executed or cancelled in time count as expired and are dropped
+        (their tokens stay spent), so abandoned ones neither pile up nor go uncounted."""
+        for reservation in [r for r in self._pending.values() if now > r.expires_at]:
+            reservation._expire()
 
     def _forget(self, reservation: TokenReservation) -> None:
         self._pending.pop(id(reservation), None)
@@ -514,6 +521,7 @@ class RedisRateLimiter:
 
     async def state(self) -> dict[str, Any]:
         """Live state from Redis (every process's tokens) plus this process's metrics."""
+        self._sweep(self.clock.monotonic())
         state = await self._bucket_state()
         rate = state["rate"]
         return {
