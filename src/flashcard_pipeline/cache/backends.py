@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, text, update
@@ -71,27 +71,12 @@ class DatabaseCacheBackend:
         else:
             await asyncio.to_thread(self.ledger.write_batch, list(ops))
 
-    def _read(self, key: str) -> StoredValue | None:
-        """The live entry with its expiry (``Ledger.cache_get`` drops it), so memory never outlives the row."""
-        table = CacheEntry.__table__
-        with self.engine.connect() as conn:
-            row = conn.execute(select(table.c.codec, table.c.value, table.c.expires_at)
-                               .where(table.c.key == key)).first()
-        if row is None:
-            return None
-        expires = row.expires_at
-        if expires is not None and expires.tzinfo is None:
-            expires = expires.replace(tzinfo=UTC)
-        if expires is not None and expires <= utcnow():
-            return None
-        return StoredValue(row.codec, row.value, expires)
-
     async def get(self, key: str) -> StoredValue | None:
-        stored = await asyncio.to_thread(self._read, key)
-        if stored is None:
+        found = await asyncio.to_thread(self.ledger.cache_get, key)
+        if found is None:
             return None
         await self._write(CacheHit(key))
-        return stored
+        return StoredValue(found.codec, found.value, found.expires_at)  # the expiry, so memory never outlives it
 
     async def put(self, entry: StoredEntry) -> None:
         await self._write(_put_op(entry))

@@ -116,6 +116,15 @@ def _check(rate: float, burst: float) -> None:
         raise ValueError(f"burst must be a finite number >= 0, got {burst!r}")
 
 
+def _free_take(rate: float, amount: float, at: float) -> Take | None:
+    """What every algorithm grants as it is: any amount from an unlimited limit, nothing from any limit."""
+    if rate == INF:
+        return Take(amount, at, INF)
+    if amount <= 0:
+        return Take(0.0, at, rate)
+    return None
+
+
 class TokenBucket:
     """Go's ``rate.Limiter`` on explicit time, plus a pause.
 
@@ -219,10 +228,8 @@ class TokenBucket:
         return self._advance(at)
 
     def reserve_at(self, now: float, amount: float, at: float) -> Take | None:
-        if self.rate == INF:
-            return Take(amount, at, INF)
-        if amount <= 0:
-            return Take(0.0, at, self.rate)
+        if (free := _free_take(self.rate, amount, at)) is not None:
+            return free
         if amount > self.burst or amount > self.capacity_at(now, at):
             return None
         left = self._advance(at) - amount
@@ -414,10 +421,8 @@ class SlidingWindowLog:
         return self.burst - sum(entry.amount for entry in self.entries if entry.time_to_act > horizon)
 
     def reserve_at(self, now: float, amount: float, at: float) -> Take | None:
-        if self.rate == INF:
-            return Take(amount, at, INF)
-        if amount <= 0:
-            return Take(0.0, at, self.rate)
+        if (free := _free_take(self.rate, amount, at)) is not None:
+            return free
         if amount > self.burst or amount > self.capacity_at(now, at):
             return None
         entry = _Entry(amount, at, self.rate)

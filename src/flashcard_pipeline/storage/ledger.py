@@ -142,6 +142,7 @@ class RunRecord:
 class CachedValue:
     codec: str
     value: bytes
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -378,7 +379,7 @@ class Ledger:
                 expires = expires.replace(tzinfo=UTC)
             if expires <= utcnow():
                 return None
-        return CachedValue(row.codec, row.value)
+        return CachedValue(row.codec, row.value, expires)
 
     # writes -----------------------------------------------------------------------------------
 
