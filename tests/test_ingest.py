@@ -358,8 +358,9 @@ def test_hints_kept_bookkeeping_dropped_and_values_truncated(tmp_path: Path) -> 
     path = write(tmp_path, "vocab.csv", f"{header}\n{row}\n")
     reader = VocabularyReader(path, max_hint_chars=10)
     items = list(reader)
-    assert items[0].hints == {"Definition": "I", "Usage_Hint": "x" * 9 + "…", "Frequency": "1"}
-    assert reader.detect().dropped_columns == ("quality score", "PROCESSED", "Total-Tokens", "Frequency_Number")
+    assert items[0].hints == {"Definition": "I", "Usage_Hint": "x" * 9 + "…"}
+    assert reader.detect().dropped_columns == ("quality score", "PROCESSED", "Total-Tokens", "Frequency",
+                                               "Frequency_Number")
 
 
 def test_overlong_type_becomes_a_hint(tmp_path: Path) -> None:

@@ -38,6 +38,10 @@ BOOKKEEPING_COLUMNS = (
     "quality_score",
     "hsk_compliance",
     "frequency_number",
+    # A frequency rank is the row's position in frequency-ordered lists (all of korean_10k.csv): in a prompt it
+    # tells the model nothing, and in the cache key it would tie an answer to the word's place in one file.
+    "frequency",
+    "rank",
 )
 
 _HEAD_BYTES = 8192
