@@ -23,6 +23,7 @@ import pytest
 from flashcard_pipeline.errors import (
     AuthenticationError,
     BadRequestError,
+    BudgetExceededError,
     CircuitBreakerError,
     ConfigurationError,
     ErrorCategory,
@@ -444,6 +445,22 @@ async def test_provider_and_network_failures_count_bad_requests_do_not(error: St
     provider = breaker.state_provider
     assert (provider.state is CircuitState.OPEN) is counts
     assert (provider.failure_count, provider.success_count) == ((4, 0) if counts else (0, 4))
+
+
+async def test_a_spent_budget_gives_no_verdict_so_it_cannot_close_a_half_open_circuit() -> None:
+    breaker, clock, _ = make(min_throughput=2, break_duration=5.0)
+    await play(breaker, "ff")
+    assert breaker.state_provider.state is CircuitState.OPEN
+    clock.advance(5.0)
+
+    async def refused() -> str:
+        raise BudgetExceededError("budget reached")  # raised before anything was sent
+
+    with pytest.raises(BudgetExceededError):
+        await breaker.execute(refused)
+    provider = breaker.state_provider
+    assert provider.state is not CircuitState.CLOSED, "a probe that sent nothing proved nothing"
+    assert (provider.failure_count, provider.success_count) == (2, 0), "nor counted as a success"
 
 
 async def test_which_errors_count_is_configurable() -> None:

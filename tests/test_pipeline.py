@@ -21,6 +21,8 @@ from flashcard_pipeline.llm.policy import CallContext
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse, Usage
 from flashcard_pipeline.models import TermAnalysis, VocabularyItem
 from flashcard_pipeline.pipeline import Pipeline
+from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
+from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.simulator.content import analysis_for, cards_for
 from flashcard_pipeline.stages import StageSettings
 from flashcard_pipeline.storage.db import open_database
@@ -216,21 +218,14 @@ async def test_the_budget_is_the_runs_across_invocations_and_checked_before_ever
     assert "this run has spent $0.0400" in (outcome.abort_reason or "")
     assert outcome.stats.in_flight == 0
 
-    class RetryForever:
-        async def execute(self, call: Callable[[], Awaitable[Any]], context: CallContext) -> Any:
-            while True:
-                try:
-                    return await call()
-                except StructuredError as error:
-                    if not error.retryable:
-                        raise
-
     billed = TruncatedOutputError("cut", details={"usage": {"prompt_tokens": 100, "completion_tokens": 900,
                                                             "cost_usd": 0.02}, "http_status": 200})
     client = ScriptedClient(faults={("새말", "nuance"): raise_(billed)})
     other = new_run(ledger, ["새말"], key="run-b")
-    outcome = await pipeline(ledger, client, policy=RetryForever(), max_cost=0.05).run(other)
+    retry = RetryPolicy(RetryConfig(max_attempts=100), clock=FakeClock())
+    outcome = await pipeline(ledger, client, policy=retry, max_cost=0.05).run(other)
     assert outcome.status is RunStatus.ABORTED and len(client.calls) == 3, "paid failures count against it"
+    assert retry.stats.attempts == 3, "the refused retry was never started"
     calls = ledger.api_calls(other.id)
     assert [(c.tokens_in, c.tokens_out, c.cost_usd, c.http_status) for c in calls] == [(100, 900, 0.02, 200)] * 3
     assert ledger.summary(other.id).cost_usd == pytest.approx(0.06)

@@ -6,6 +6,7 @@ Nothing here sleeps for real: every policy runs on a FakeClock and a seeded rand
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -352,6 +353,23 @@ def raising(error: type[httpx.RequestError]) -> Callable[[httpx.Request], httpx.
         raise error("boom", request=request)
 
     return handler
+
+
+async def test_before_retry_runs_before_each_retry_and_can_end_the_loop() -> None:
+    policy, _, _ = make_policy(max_attempts=10, **NO_JITTER)
+    checks: list[int] = []
+    script = Script(ServerError("503", status_code=503))
+
+    def budget() -> None:
+        checks.append(script.calls)
+        if len(checks) == 3:
+            raise BudgetExceededError("budget reached")
+
+    context = dataclasses.replace(CTX, before_retry=budget)
+    with pytest.raises(BudgetExceededError):
+        await policy.execute(script, context)
+    assert checks == [1, 2, 3] and script.calls == 3, "checked before every retry, never before the first call"
+    assert policy.stats.attempts == 3
 
 
 @pytest.mark.parametrize(("first", "calls"), [

@@ -238,10 +238,10 @@ class Pipeline:
                 return cached
             self._check_budget()  # not even a rate-limit slot once the budget is spent
             context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
-                                  model=self.settings.model, estimated_tokens=estimate_request_tokens(staged.request))
+                                  model=self.settings.model, estimated_tokens=estimate_request_tokens(staged.request),
+                                  before_retry=self._check_budget)
 
             async def attempt() -> tuple[T, ChatResponse]:
-                self._check_budget()  # before every attempt: a retry costs money too
                 return await self._call(pending, staged, parse)
 
             result, response = await self.policy.execute(attempt, context)

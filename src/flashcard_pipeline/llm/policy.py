@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
@@ -25,6 +25,10 @@ class CallContext:
     model: str
     #: Prompt estimate plus ``max_tokens``: the most this call can draw from a token budget.
     estimated_tokens: int
+    #: Run by a retry policy before each retry, outside every inner layer; an error it raises ends the loop
+    #: (the pipeline's budget check: a retry costs money, but refusing it must not look like a provider outcome
+    #: to a breaker or take a rate-limit slot).
+    before_retry: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @runtime_checkable

@@ -264,14 +264,15 @@ class Permit:
 
 def default_classifier(categories: Iterable[ErrorCategory] = DEFAULT_FAILURE_CATEGORIES) -> Classifier:
     """Failures are structured errors of ``categories``; other structured errors mean the provider answered;
-    an open circuit further in, a cancellation or a bug gives no verdict."""
+    an open circuit further in, a spent budget (nothing was sent), a cancellation or a bug gives no verdict."""
     counted = frozenset(categories)
+    unsent = frozenset({ErrorCategory.CIRCUIT_OPEN, ErrorCategory.BUDGET})
 
     def classify(error: BaseException) -> bool | None:
         if isinstance(error, StructuredError):
             if error.category in counted:
                 return True
-            return None if error.category is ErrorCategory.CIRCUIT_OPEN else False
+            return None if error.category in unsent else False
         return None
 
     return classify

@@ -304,6 +304,8 @@ class RetryPolicy:
             if delay > 0:
                 await self.clock.sleep(delay)
                 self.stats.waited += delay
+            if context.before_retry is not None:
+                context.before_retry()
             calls += 1
             self.stats.attempts += 1
             if action == "retry":
