@@ -242,7 +242,10 @@ class FakeAnki:
                 return {"result": [self._info(i) for i in params["notes"]], "error": None}
             if action == "multi":
                 assert all(a.get("version") == 6 for a in params["actions"]), "unversioned answers are unwrapped"
-                return {"result": [self._update(a["params"]["note"]) if a["action"] == "updateNoteFields"
+                # AnkiConnect runs each inner action through its handler, key check included.
+                return {"result": [{"result": None, "error": "valid api key must be provided"}
+                                   if self.require_key and a.get("key") != self.require_key
+                                   else self._update(a["params"]["note"]) if a["action"] == "updateNoteFields"
                                    else {"result": None, "error": "unsupported action"}
                                    for a in params["actions"]], "error": None}
             return {"result": None, "error": "unsupported action"}
@@ -345,6 +348,14 @@ def test_a_second_push_rewrites_changed_notes_in_place_and_leaves_the_rest(tmp_p
     assert len(anki.actions("findNotes")) == 1, "the deck is read once per push, not once per note"
     updates = [a["params"]["note"]["id"] for m in anki.actions("multi") for a in m["params"]["actions"]]
     assert updates == [i + 1 for i in stale], "only the changed notes are written"
+
+    anki.require_key = "secret"
+    anki.notes[5]["fields"]["Front"] = "edited"
+    code, stdout, _ = run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck, "--subdecks", "level",
+                              "--key", "secret")
+    assert code == 0 and "1 updated" in stdout, "with an API key set, the updates inside multi carry it too"
+    assert [n["fields"] for n in anki.notes] == pushed
+    anki.require_key = None
 
     anki.notes[7]["fields"]["Front"] = "edited"
     anki.refuse_updates = True

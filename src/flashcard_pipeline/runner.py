@@ -8,6 +8,7 @@ same command again resumes the same run (and a finished run costs nothing).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hashlib
 import itertools
@@ -166,6 +167,10 @@ def _selected(reader: VocabularyReader, options: ProcessOptions) -> Iterator[Voc
     return items
 
 
+#: Runs that stopped before their end: killed (still marked running) or aborted (budget, refused key).
+_INTERRUPTED = frozenset({RunStatus.RUNNING, RunStatus.ABORTED})
+
+
 def _nothing_selected(options: ProcessOptions, skipped: int) -> str:
     if options.start_from is not None:
         why = f"no term at position {options.start_from} or after it"
@@ -217,6 +222,8 @@ def _run_key(options: ProcessOptions, settings: StageSettings, input_sha: str, p
         "base_url": provider.base_url if provider.name is ProviderName.OPENAI_COMPATIBLE else None,
         "language": settings.language, "learner": settings.learner_language, "prompts": settings.prompt_versions,
         "limit": options.limit, "start_from": options.start_from,
+        # The encoding decides what the terms are: a list re-read in the right one is a different run.
+        "encoding": codecs.lookup(options.encoding).name,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
@@ -249,23 +256,26 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
         input_sha = await asyncio.to_thread(file_sha256, options.input_path)
         run_key = _run_key(options, settings, input_sha, provider)
         run = await asyncio.to_thread(ledger.find_run, run_key)
-        if options.force and run is not None and not (run.settings.get("force")
-                                                      and run.status != RunStatus.COMPLETED):
+        if options.force and run is not None and not (run.settings.get("force") and run.status in _INTERRUPTED):
             run = None  # --force starts afresh, but an interrupted --force run of this command resumes
         resumed = run is not None
         problems: list[RowProblem] = []
         if run is None:
+            items = _selected(reader, options)
+            first = await asyncio.to_thread(next, items, None)
+            if first is None:  # refused before a run exists, so `export` and the rest never pick an empty one
+                problems = list(reader.problems)
+                reporter.problems(problems)
+                raise InputError(_nothing_selected(options, skipped=len(problems)))
             run = await asyncio.to_thread(
                 ledger.create_run, run_key=run_key, input_path=str(options.input_path.resolve()),
                 input_sha256=input_sha, provider=settings.provider, model=settings.model,
                 settings={"prompts": settings.prompt_versions, "limit": options.limit,
                           "start_from": options.start_from, "force": options.force},
                 target_language=settings.language, learner_language=settings.learner_language,
-                simulated=provider.name is ProviderName.SIMULATED, items=_selected(reader, options))
+                simulated=provider.name is ProviderName.SIMULATED, items=itertools.chain([first], items))
             problems = list(reader.problems)
             reporter.problems(problems)
-        if run.total_items == 0:
-            raise InputError(_nothing_selected(options, skipped=len(problems)))
         to_process = await asyncio.to_thread(ledger.prepare_resume, run.id)
         reporter.started(run, resumed=resumed, to_process=to_process)
 

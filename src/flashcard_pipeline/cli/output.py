@@ -40,12 +40,25 @@ class OneLineErrors(TyperGroup):
     ``RL_*`` variable read when the limiter starts, say), ends as one ``error:`` line and exit code 2, not a
     traceback or a framed box."""
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except _USAGE_ERROR as exc:  # an unknown option before the command: `flashcard-pipeline --bogus`
+            raise _one_line(exc, ctx) from None
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except (ConfigurationError, InputError) as exc:
             raise fail(str(exc)) from None
         except _USAGE_ERROR as exc:
-            where = getattr(getattr(exc, "ctx", None), "command_path", None) or ctx.command_path
-            message = exc.format_message().replace("Value error, ", "")  # type: ignore[attr-defined]
-            raise fail(f"{message} (see `{where} --help`)") from None
+            raise _one_line(exc, ctx) from None
+
+
+def _one_line(exc: Exception, ctx: Any) -> Exception:
+    """``error: <what> (see `<command> --help`)``; a group called without a command shows its help as before."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed; nothing went wrong
+        return exc
+    where = getattr(getattr(exc, "ctx", None), "command_path", None) or ctx.command_path
+    message = exc.format_message().replace("Value error, ", "")  # type: ignore[attr-defined]
+    return fail(f"{message} (see `{where} --help`)")

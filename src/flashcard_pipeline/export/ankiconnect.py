@@ -57,10 +57,16 @@ class AnkiConnect:
     def close(self) -> None:
         self._client.close()
 
-    def invoke(self, action: str, **params: Any) -> Any:
+    def request(self, action: str, **params: Any) -> dict[str, Any]:
+        """One action as AnkiConnect wants it, key included: also each action inside ``multi``, which AnkiConnect
+        checks one by one (and answers unwrapped, in version 4's form, unless each names its version)."""
         payload: dict[str, Any] = {"action": action, "version": PROTOCOL_VERSION, "params": params}
         if self._key:
             payload["key"] = self._key
+        return payload
+
+    def invoke(self, action: str, **params: Any) -> Any:
+        payload = self.request(action, **params)
         try:
             response = self._client.post(self.url, json=payload)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -185,10 +191,8 @@ def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: Not
             for _, note in changed:
                 upload(note)
             if changed:
-                # Each inner action names its version, or AnkiConnect answers it in the unwrapped version 4 form.
                 answers = client.invoke("multi", actions=[
-                    {"action": "updateNoteFields", "version": PROTOCOL_VERSION,
-                     "params": {"note": {"id": note_id, "fields": note.field_map()}}}
+                    client.request("updateNoteFields", note={"id": note_id, "fields": note.field_map()})
                     for note_id, note in changed])
                 if not isinstance(answers, list) or len(answers) != len(changed):
                     raise AnkiConnectError("AnkiConnect answered multi with an unexpected result")
