@@ -190,6 +190,37 @@ async def test_a_429_pauses_every_caller_of_that_limit_and_lowers_it_once() -> N
     assert started[-1] == ("c", pytest.approx(5.0, abs=0.6)), "nobody calls before the Retry-After"
 
 
+async def test_429s_from_traffic_still_in_the_providers_window_do_not_compound_the_cut() -> None:
+    """A sliding-window provider refuses for up to a minute after an overshoot, whatever we send now: below
+    what it accepted in that minute, we wait the 429s out instead of cutting 3% per refusal."""
+    clock = FakeClock()
+    policy = RateLimitPolicy(RateLimitSettings(initial_requests_per_minute=600, probe_step=1e-6), clock=clock)
+    group = policy.group("p", "m")
+
+    async def accepted() -> tuple[str, ChatResponse]:
+        return "ok", response()
+
+    async def refused() -> None:
+        raise RateLimitError("429", status_code=429, retry_after=1.0)
+
+    for i in range(590):  # a minute's worth at the plan
+        await policy.execute(accepted, context(key=f"k{i}"))
+    with pytest.raises(RateLimitError):
+        await policy.execute(refused, context())
+    settled = group.requests.planned
+    assert settled == pytest.approx(590 * 0.97, rel=0.02), "cut once, to just under what was accepted"
+    for _ in range(6):  # refusals of calls granted after the cut, while the provider's window is still full
+        with pytest.raises(RateLimitError):
+            await policy.execute(refused, context())
+    assert group.requests.planned == settled and group.requests.decreases == 1
+    assert group.rate_limited == 7 and group.paused_total >= 7.0, "every refusal still paused every caller"
+
+    clock.advance(61.0)  # nothing accepted for a minute: the provider's limit really is lower now
+    with pytest.raises(RateLimitError):
+        await policy.execute(refused, context())
+    assert group.requests.planned < settled and group.requests.decreases == 2
+
+
 async def test_a_429_without_retry_after_pauses_for_the_default() -> None:
     clock = FakeClock()
     policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600, default_pause=2.5), clock=clock)

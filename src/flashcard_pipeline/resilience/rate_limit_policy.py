@@ -511,6 +511,12 @@ class LimitGroup:
         minute: that much it demonstrably takes, so the loop settles just under the limit instead of
         oscillating between half of it and all of it."""
         before = view.planned
+        if (view.ceiling is not None and view.now - view.decreased_at < WINDOW
+                and before <= view.ceiling * SETTLE):
+            # Cut within the last minute to under what the provider had accepted: this 429 answers traffic
+            # still in its window (the overshoot that caused the cut), not our rate. The pause waits it out;
+            # cutting 3% per refusal would compound. One cut per window, as TCP cuts once per round trip.
+            return
         new = max(before * self.settings.decrease_factor, view.used * SETTLE)
         new = max(min(new, before * SETTLE), self._floor(dim))
         if await self._commit(dim, view, planned=new, ceiling=view.used if view.used > 0 else before,
