@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flashcard_pipeline.resilience.rate_limiter import (
@@ -397,6 +397,9 @@ def test_admitted_never_exceeds_rate_times_t_plus_burst(algorithm: str, rate: fl
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(algorithm=st.sampled_from(["token_bucket", "sliding_window"]),
        rate=st.sampled_from([0.5, 1.0, 7.0, 100.0]), burst=st.sampled_from([1.0, 3.0, 10.0]), ops=OPS)
+@example(algorithm="token_bucket", rate=0.5, burst=1.0,  # a later take booked before an earlier one, then cancelled
+         ops=[("reserve", 1.0, 0.0, 0.0), ("reserve", 1.0, 1.0, 0.5), ("reserve", 1.0, 0.0, 0.0),
+              ("cancel", 0.0, 0.0, 0.5), ("reserve", 2.0, 0.0, 0.0)])
 def test_takes_made_to_act_at_a_later_instant_keep_the_bound(algorithm: str, rate: float, burst: float,
                                                              ops) -> None:
     """``reserve_at`` (a shard's part of a spread reservation) mixed with ordinary reservations."""

@@ -210,8 +210,10 @@ class TokenBucket:
         self.tokens = tokens
         if now > self.last:
             self.last = now
-        self.last_event = now + delay
-        return Take(amount, self.last_event, self.rate)
+        act = now + delay
+        if act > self.last_event:  # a take booked for later (``reserve_at``) stays the last event
+            self.last_event = act
+        return Take(amount, act, self.rate)
 
     def wait_for(self, now: float, amount: float) -> float:
         if self.rate == INF or amount <= 0:
@@ -247,7 +249,8 @@ class TokenBucket:
         # Go's CancelAt: tokens reserved after this one cannot move forward, so only the rest returns.
         if self.rate == INF or take.amount <= 0 or take.time_to_act < now:
             return 0.0
-        restore = take.amount - (self.last_event - take.time_to_act) * take.rate
+        later = self.last_event - take.time_to_act
+        restore = take.amount - later * take.rate if later > 0 else take.amount
         if restore <= 0:
             return 0.0
         before = self._advance(now)
