@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -44,6 +49,32 @@ def require_service(host: str, port: int, name: str) -> None:
         if UNDER_CI:
             pytest.fail(message + "; CI must run this test")
         pytest.skip(message)
+
+
+@contextlib.contextmanager
+def json_server(answer: Callable[[Any], tuple[int, Any]]) -> Iterator[str]:
+    """A local HTTP server whose every POST gets ``answer(request JSON)`` as (status, JSON body); yields its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            status, reply = answer(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or "null"))
+            body = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 POSTGRES_URL = os.environ.get("FLASHCARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

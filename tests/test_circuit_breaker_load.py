@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 import pytest
 
 from flashcard_pipeline.errors import StructuredError
-from flashcard_pipeline.ingest import RowProblem
 from flashcard_pipeline.llm.policy import CallContext, PolicyPipeline
 from flashcard_pipeline.pipeline import RunStats
 from flashcard_pipeline.resilience.breaker_store import BreakerStore
@@ -39,10 +38,9 @@ from flashcard_pipeline.resilience.circuit_breaker import (
 )
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.resilience.testing import FakeClock
-from flashcard_pipeline.runner import ProcessOptions, process
+from flashcard_pipeline.runner import ProcessOptions, SilentReporter, process
 from flashcard_pipeline.simulator import Simulator, SimulatorConfig, run_simulator
 from flashcard_pipeline.storage.db import open_database
-from flashcard_pipeline.storage.ledger import RunRecord
 from flashcard_pipeline.storage.schema import RunStatus
 
 T = TypeVar("T")
@@ -99,17 +97,11 @@ class Recorder:
             raise
 
 
-class Watch:
+class Watch(SilentReporter):
     """A Reporter that hands the live RunStats to the driver."""
 
     def __init__(self) -> None:
         self.stats: RunStats | None = None
-
-    def problems(self, problems: list[RowProblem]) -> None:
-        pass
-
-    def started(self, run: RunRecord, *, resumed: bool, to_process: int) -> None:
-        pass
 
     @contextlib.asynccontextmanager
     async def live(self, stats: RunStats) -> AsyncIterator[None]:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import http.server
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +32,7 @@ from flashcard_pipeline.simulator import SimulatorConfig
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import Base
-from tests.conftest import shared_file
+from tests.conftest import json_server, shared_file
 
 runner = CliRunner()
 
@@ -221,24 +219,9 @@ def test_a_hung_call_times_out_after_timeout_seconds(tmp_path: Path, sqlite_url:
 
 @pytest.fixture
 def refusing_server() -> Iterator[str]:
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            body = b'{"error": {"code": 401, "message": "No auth credentials found"}}'
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    refusal = {"error": {"code": 401, "message": "No auth credentials found"}}
+    with json_server(lambda request: (401, refusal)) as url:
+        yield url + "/v1"
 
 
 def test_refused_key_aborts_with_exit_3_and_never_leaks_it(tmp_path: Path, db_url: str,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import http.server
-import json
 import re
 import shutil
 import socket
@@ -29,6 +27,7 @@ from flashcard_pipeline.models import CardType, Flashcard, TermResult, Vocabular
 from flashcard_pipeline.simulator.content import analysis_for
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
+from tests.conftest import json_server
 
 runner = CliRunner()
 
@@ -274,26 +273,8 @@ class FakeAnki:
 @pytest.fixture
 def fake_anki() -> Iterator[tuple[FakeAnki, str]]:
     anki = FakeAnki()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            body = json.dumps(anki.handle(request)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    yield anki, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with json_server(lambda request: (200, anki.handle(request))) as url:
+        yield anki, url
 
 
 def test_push_adds_the_notes_then_finds_them_already_there(tmp_path: Path,

@@ -187,10 +187,7 @@ def simulate_command(
                                                         "server_error_rate=0.1, seed=1, ...).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible simulated provider with fault injection (Ctrl-C stops it)."""
-    try:
-        config = parse_sim_options(sim or [])
-    except ConfigurationError as exc:
-        raise fail(str(exc), ExitCode.USAGE) from None
+    config = parse_sim_options(sim or [])
     err = stderr_console()
 
     def announce(simulator: Simulator) -> None:

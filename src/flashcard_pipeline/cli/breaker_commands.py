@@ -30,10 +30,7 @@ AllOption = Annotated[bool, typer.Option("--all", help="Every known circuit.")]
 
 
 def _store(db: str | None) -> BreakerStore:
-    try:
-        return BreakerStore(open_database(db))
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
+    return BreakerStore(open_database(db))
 
 
 def _when(value: datetime | None) -> str:

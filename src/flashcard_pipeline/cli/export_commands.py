@@ -10,7 +10,6 @@ from rich.console import Console
 
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
-from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export import (
     FORMATS,
     AudioEngine,
@@ -64,20 +63,15 @@ def export_command(
 ) -> None:
     """Write a stored run's cards to .apkg, Anki text (TSV), CSV or JSONL; makes no API call."""
     err = stderr_console()
-    try:
-        chosen = resolve_format(format, output)
-        check_writable(output)
-        engine = open_database(db)
-    except ConfigurationError as exc:
-        raise fail(str(exc), ExitCode.USAGE) from None
+    chosen = resolve_format(format, output)
+    check_writable(output)
+    engine = open_database(db)
     try:
         ledger = Ledger(engine)
         run = _select_run(ledger, run_id)
         report = write_export(chosen, ledger.results(run.id), output, deck_name=deck_name, subdecks=subdecks,
                               language=run.target_language, simulated=run.simulated,
                               audio=audio.value if audio else None)
-    except ConfigurationError as exc:
-        raise fail(str(exc), ExitCode.USAGE) from None
     except OSError as exc:
         raise fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.USAGE) from None
     finally:
@@ -106,10 +100,7 @@ def push_command(
 ) -> None:
     """Send a stored run's cards to a running Anki through AnkiConnect (creates the deck and note type)."""
     err = stderr_console()
-    try:
-        engine = open_database(db)
-    except ConfigurationError as exc:
-        raise fail(str(exc), ExitCode.USAGE) from None
+    engine = open_database(db)
     try:
         ledger = Ledger(engine)
         run = _select_run(ledger, run_id)

@@ -17,7 +17,7 @@ from flashcard_pipeline.cache.backends import CacheTypeStats, DatabaseCacheBacke
 from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache
 from flashcard_pipeline.cli.output import fail
 from flashcard_pipeline.config import CacheSettings, DatabaseSettings, read_settings
-from flashcard_pipeline.errors import ConfigurationError, InputError, InvalidResponseError
+from flashcard_pipeline.errors import ConfigurationError, InvalidResponseError
 from flashcard_pipeline.ingest import VocabularyReader
 from flashcard_pipeline.llm.providers import ProviderName
 from flashcard_pipeline.runner import DEFAULT_MODELS
@@ -52,10 +52,7 @@ def parse_age(text: str) -> timedelta:
 
 
 def _open(db: str | None) -> Ledger:
-    try:
-        return Ledger(open_database(db))
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
+    return Ledger(open_database(db))
 
 
 def _print_json(data: Any) -> None:
@@ -153,10 +150,7 @@ def cache_clear(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete cached answers (all, by type, or by age). Stored run results are kept."""
-    try:
-        age = parse_age(older_than) if older_than else None
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
+    age = parse_age(older_than) if older_than else None
     if cache_type is not None and cache_type not in (NUANCE, CARDS):
         raise fail(f"unknown cache type {cache_type!r}; use {NUANCE} or {CARDS}")
     if not yes and not typer.confirm("Delete these cached answers? Getting them again costs money", default=False):
@@ -201,13 +195,10 @@ def cache_warm(
 ) -> None:
     """Fill the cache for INPUT from answers already paid for (stored run results, or the database cache when
     the cache lives in Redis). Never calls a provider; reports what would still need a call."""
-    try:
-        reader = VocabularyReader(input_path, encoding=encoding)
-        reader.detect()
-        settings = StageSettings(provider=provider.value, model=model or DEFAULT_MODELS[provider],
-                                 language=language_name(language), learner_language=language_name(learner_language))
-    except (InputError, ConfigurationError) as exc:
-        raise fail(str(exc)) from None
+    reader = VocabularyReader(input_path, encoding=encoding)
+    reader.detect()
+    settings = StageSettings(provider=provider.value, model=model or DEFAULT_MODELS[provider],
+                             language=language_name(language), learner_language=language_name(learner_language))
     ledger, cache = _backend(db)
     report = asyncio.run(_warm(reader, settings, ledger, cache))
     ledger.engine.dispose()

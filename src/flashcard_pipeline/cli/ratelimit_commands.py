@@ -21,7 +21,6 @@ from rich.table import Table
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.output import ExitCode, fail
 from flashcard_pipeline.config import RateLimitSettings
-from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.resilience.rate_limit_policy import settings_from_env
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
@@ -123,11 +122,8 @@ def ratelimit_status(
 ) -> None:
     """Each limit's rate, tokens available, waits and reservation metrics, as the running process last published
     them (and the live Redis buckets with RL_BACKEND=redis)."""
-    try:
-        settings = settings_from_env()
-        ledger = Ledger(open_database(db))
-    except ConfigurationError as exc:
-        raise fail(str(exc), ExitCode.USAGE) from None
+    settings = settings_from_env()
+    ledger = Ledger(open_database(db))
     try:
         record = ledger.get_run(run)
         if run is not None and record is None:

@@ -197,10 +197,8 @@ class TokenBucket:
         return True
 
     def reserve(self, now: float, amount: float, max_wait: float = INF) -> Take | None:
-        if self.rate == INF:
-            return Take(amount, now, INF)
-        if amount <= 0:
-            return Take(0.0, now, self.rate)
+        if (free := _free_take(self.rate, amount, now)) is not None:
+            return free
         if amount > self.burst:
             return None
         tokens = self._advance(now) - amount
@@ -389,10 +387,8 @@ class SlidingWindowLog:
         return start
 
     def reserve(self, now: float, amount: float, max_wait: float = INF) -> Take | None:
-        if self.rate == INF:
-            return Take(amount, now, INF)
-        if amount <= 0:
-            return Take(0.0, now, self.rate)
+        if (free := _free_take(self.rate, amount, now)) is not None:
+            return free
         if amount > self.burst:
             return None
         when = self._earliest(now, amount)
