@@ -275,3 +275,63 @@ async def test_a_policy_may_retry_and_every_attempt_is_recorded(ledger: Ledger) 
     assert outcome.status is RunStatus.COMPLETED
     statuses = [c.status for c in ledger.api_calls(run.id) if c.stage == "nuance" and c.item_id == 2]
     assert statuses == ["error", "error", "ok"]
+
+
+class RefusingBackend:
+    """A cache backend whose writes fail (Redis gone, a codec file missing) while reads find nothing."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+
+    def attach(self, sink: Any) -> None:
+        pass
+
+    async def get(self, key: str) -> None:
+        return None
+
+    async def put(self, entry: Any) -> None:
+        self.puts += 1
+        raise ConnectionError("cache server went away")
+
+    async def record_counts(self, counts: Any) -> None:
+        pass
+
+
+async def test_a_failed_cache_write_keeps_the_paid_answer_and_the_next_run_does_not_pay_again(
+        ledger: Ledger, caplog: pytest.LogCaptureFixture) -> None:
+    from flashcard_pipeline.cache.compressed_cache import CompressedCache
+    from flashcard_pipeline.config import CacheSettings
+
+    backend = RefusingBackend()
+    cache = CompressedCache(backend, CacheSettings())
+    run = new_run(ledger)
+    client = ScriptedClient()
+    with caplog.at_level("WARNING", logger="flashcard_pipeline.cache"):
+        outcome = await pipeline(ledger, client, cache=cache).run(run)
+    assert outcome.status is RunStatus.COMPLETED and outcome.failures == []
+    assert [r.item.term for r in ledger.results(run.id)] == TERMS
+    assert backend.puts == 2 * len(TERMS)
+    assert {t: m["write_errors"] for t, m in cache.stats().items()} == {"nuance": len(TERMS), "cards": len(TERMS)}
+    assert "cache write failed" in caplog.text and "kept in the ledger" in caplog.text
+
+    # Another run over the same terms, with the cache still refusing: the answers come from the ledger.
+    again = ScriptedClient()
+    other = new_run(ledger, list(reversed(TERMS)), key="run-b", first_position=50)
+    second = await pipeline(ledger, again, cache=CompressedCache(RefusingBackend(), CacheSettings())).run(other)
+    assert again.calls == [] and second.stats.cache_hits == 2 * len(TERMS)
+    assert [r.item.term for r in ledger.results(other.id)] == list(reversed(TERMS))
+    assert ledger.summary(other.id).api_calls == 0
+
+
+async def test_an_answer_the_cache_ttl_retired_is_not_brought_back_from_the_ledger(ledger: Ledger) -> None:
+    from flashcard_pipeline.cache.compressed_cache import CompressedCache
+    from flashcard_pipeline.config import CacheSettings
+
+    await pipeline(ledger, ScriptedClient(), cache=CompressedCache(RefusingBackend(), CacheSettings())).run(
+        new_run(ledger))
+    await asyncio.sleep(0.05)
+    expiring = CacheSettings(ttl_nuance=0.01, ttl_cards=0.01)
+    again = ScriptedClient()
+    await pipeline(ledger, again, cache=CompressedCache(RefusingBackend(), expiring)).run(
+        new_run(ledger, key="run-b", first_position=50))
+    assert len(again.calls) == 2 * len(TERMS)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
@@ -51,7 +52,7 @@ from flashcard_pipeline.storage.ledger import (
     StageFailed,
     StageStarted,
 )
-from flashcard_pipeline.storage.schema import RunStatus
+from flashcard_pipeline.storage.schema import RunStatus, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -236,6 +237,8 @@ class Pipeline:
             # A concurrent task may have paid for this very answer while we waited.
             if not self.force and (cached := await self._cached(pending, staged, parse, recheck=True)) is not None:
                 return cached
+            if not self.force and (recorded := await self._recorded(pending, staged, parse)) is not None:
+                return recorded
             self._check_budget()  # not even a rate-limit slot once the budget is spent
             context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
                                   model=self.settings.model, estimated_tokens=estimate_request_tokens(staged.request),
@@ -245,12 +248,9 @@ class Pipeline:
                 return await self._call(pending, staged, parse)
 
             result, response = await self.policy.execute(attempt, context)
-            await self.cache.put(CacheRecord(
-                key=staged.cache_key, cache_type=staged.stage, value=result.model_dump_json().encode("utf-8"),
-                provider=self.settings.provider, model=self.settings.model, prompt_version=staged.prompt_version,
-                tokens_in=response.usage.prompt_tokens, tokens_out=response.usage.completion_tokens,
-                cost_usd=response.usage.cost_usd))
-        writer.submit(self._completed(pending, staged, result, False))
+            # The ledger gets the answer first; the cache copy is best effort (a failed write is counted).
+            writer.submit(self._completed(pending, staged, result, False))
+            await self.cache.put(self._cache_record(staged, result.model_dump_json().encode("utf-8"), response))
         return result
 
     async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
@@ -268,6 +268,34 @@ class Pipeline:
         self.stats.cache_hits += 1
         self._writer.submit(self._completed(pending, staged, result, True))
         return result
+
+    async def _recorded(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T]) -> T | None:
+        """An answer some run already paid for whose cache copy is missing (the cache write failed, the cache
+        was cleared, or it lives in a Redis that lost it): taken from the ledger and put back in the cache."""
+        assert self._writer is not None
+        ttl = self.cache.settings.ttl_for(staged.stage)
+        newer_than = None if ttl is None else utcnow() - timedelta(seconds=ttl)
+        payload = await asyncio.to_thread(self.ledger.payload_for_cache_key, staged.cache_key,
+                                          newer_than=newer_than)
+        if payload is None:
+            return None
+        try:
+            result = parse(payload)
+        except InvalidResponseError:
+            return None
+        self.stats.cache_hits += 1
+        await self.cache.put(self._cache_record(staged, payload.encode("utf-8")))
+        self._writer.submit(self._completed(pending, staged, result, True))
+        return result
+
+    def _cache_record(self, staged: StageRequest, value: bytes, response: ChatResponse | None = None) -> CacheRecord:
+        usage = response.usage if response is not None else None
+        return CacheRecord(key=staged.cache_key, cache_type=staged.stage, value=value,
+                           provider=self.settings.provider, model=self.settings.model,
+                           prompt_version=staged.prompt_version,
+                           tokens_in=usage.prompt_tokens if usage else 0,
+                           tokens_out=usage.completion_tokens if usage else 0,
+                           cost_usd=usage.cost_usd if usage else None)
 
     def _completed(self, pending: PendingItem, staged: StageRequest, result: BaseModel,
                    from_cache: bool) -> StageCompleted:

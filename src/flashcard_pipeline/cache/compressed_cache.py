@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,8 @@ from typing import Any, Protocol
 
 from flashcard_pipeline.cache.codec import Codec, CodecError
 from flashcard_pipeline.config import CacheSettings, read_settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class CacheTypeMetrics:
     raw_bytes: int = 0
     stored_bytes: int = 0
     decode_errors: int = 0
+    #: Puts the backend refused (Redis down, a codec file missing): the answer lives on in the ledger.
+    write_errors: int = 0
 
     @property
     def hits(self) -> int:
@@ -182,8 +187,7 @@ class CompressedCache:
 
     def _read_expiry(self, cache_type: str, stored: StoredValue) -> datetime | None:
         """The backend's expiry when it reports one, capped at the type's TTL from now for backends that do not."""
-        base = self.settings.ttl_for(cache_type)
-        bound = None if base is None else self._now() + timedelta(seconds=base)
+        bound = self._expiry_from_now(cache_type)
         if stored.expires_at is None:
             return bound
         return stored.expires_at if bound is None else min(stored.expires_at, bound)
@@ -208,18 +212,34 @@ class CompressedCache:
         expires = None if ttl is None else self._now() + timedelta(seconds=ttl)
         return StoredEntry(record=record, codec=codec, data=data, expires_at=expires)
 
-    async def put(self, record: CacheRecord) -> StoredEntry:
-        entry = self.encode(record)
-        await self.backend.put(entry)
+    async def put(self, record: CacheRecord) -> StoredEntry | None:
+        """Store ``record``; best effort. A failed write is logged and counted, never raised: the caller has
+        already recorded the paid answer in the ledger, which later runs fall back on, so losing the cache
+        copy must not lose the answer (or fail the item that paid for it). Returns None when it failed."""
         metrics = self._metrics(record.cache_type)
-        metrics.puts += 1
-        metrics.raw_bytes += entry.raw_bytes
-        metrics.stored_bytes += entry.stored_bytes
-        held = _Held(record.value, entry.expires_at)
+        entry: StoredEntry | None = None
+        try:
+            entry = self.encode(record)
+            await self.backend.put(entry)
+        except Exception as exc:
+            metrics.write_errors += 1
+            log.warning("cache write failed for %s (%s): %s: %s; the answer is kept in the ledger",
+                        record.key[:12], record.cache_type, type(exc).__name__, exc)
+            entry = None
+        else:
+            metrics.puts += 1
+            metrics.raw_bytes += entry.raw_bytes
+            metrics.stored_bytes += entry.stored_bytes
+        expires = entry.expires_at if entry is not None else self._expiry_from_now(record.cache_type)
+        held = _Held(record.value, expires)
         if (flight := self._flights.get(record.key)) is not None:
             flight.held = held
         self._remember(record.key, held)
         return entry
+
+    def _expiry_from_now(self, cache_type: str) -> datetime | None:
+        base = self.settings.ttl_for(cache_type)
+        return None if base is None else self._now() + timedelta(seconds=base)
 
     def _remember(self, key: str, held: _Held) -> None:
         if self.settings.memory_entries <= 0:
@@ -257,7 +277,7 @@ class CompressedCache:
         return {cache_type: {"hits": m.hits, "hits_memory": m.hits_memory, "misses": m.misses,
                              "hit_rate": round(m.hit_rate, 4), "puts": m.puts, "raw_bytes": m.raw_bytes,
                              "stored_bytes": m.stored_bytes, "compression_ratio": round(m.compression_ratio, 4),
-                             "decode_errors": m.decode_errors}
+                             "decode_errors": m.decode_errors, "write_errors": m.write_errors}
                 for cache_type, m in sorted(self.metrics.items())}
 
 

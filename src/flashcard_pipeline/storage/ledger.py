@@ -287,11 +287,14 @@ class Ledger:
             return session.scalar(select(StageResult.payload).where(StageResult.item_id == item_id,
                                                                     StageResult.stage == stage))
 
-    def payload_for_cache_key(self, cache_key: str) -> str | None:
-        """A stored stage answer made by the request with this cache key, from any run."""
+    def payload_for_cache_key(self, cache_key: str, *, newer_than: datetime | None = None) -> str | None:
+        """A stored stage answer made by the request with this cache key, from any run (``newer_than``: only
+        one stored after that instant, so an answer the cache's TTL has retired is not brought back)."""
+        query = select(StageResult.payload).where(StageResult.cache_key == cache_key)
+        if newer_than is not None:
+            query = query.where(StageResult.created_at > newer_than)
         with Session(self.engine) as session:
-            return session.scalars(select(StageResult.payload).where(StageResult.cache_key == cache_key)
-                                   .order_by(StageResult.id.desc()).limit(1)).first()
+            return session.scalars(query.order_by(StageResult.id.desc()).limit(1)).first()
 
     def results(self, run_id: int, *, page: int = 500) -> Iterator[TermResult]:
         """Every completed item of the run, in input order, streamed page by page."""
