@@ -136,6 +136,24 @@ def test_apkg_imports_into_a_fresh_collection_with_every_field_and_tag(tmp_path:
     assert "Korean vocabulary (simulated)" in [d.name for d in col.decks.all_names_and_ids()]
 
 
+def test_a_real_deck_imported_after_a_simulated_one_adds_its_own_notes(tmp_path: Path, col: Collection) -> None:
+    results = [make_result("학교", 1), make_result("먹다", 2)]
+    simulated, real = tmp_path / "sim.apkg", tmp_path / "real.apkg"
+    write_export("apkg", results, simulated, simulated=True, timestamp=T0)
+    write_export("apkg", results, real, simulated=False, timestamp=T0 + 3600)
+    import_apkg(col, simulated)
+    log = import_apkg(col, real)
+    assert_no_import_errors(log)
+    cards = sum(len(r.cards) for r in results)
+    assert len(log.new) == cards and len(log.updated) == 0, "real notes never update simulated ones"
+    assert col.note_count() == 2 * cards
+
+    # Deleting the simulated deck, as a user does once real cards arrive, leaves every real card.
+    col.decks.remove([col.decks.id_for_name("Korean vocabulary (simulated)")])
+    check_collection_matches(col, results, simulated=False)
+    assert not any(SIMULATED_TAG in col.get_note(nid).tags for nid in col.find_notes(""))
+
+
 def test_reimporting_a_changed_deck_updates_the_note_in_place_and_keeps_its_reviews(tmp_path: Path,
                                                                                      col: Collection) -> None:
     results = [make_result("학교", 1), make_result("먹다", 2)]

@@ -81,9 +81,15 @@ def deck_for(result: TermResult, root: str, subdecks: Subdecks) -> str:
     return root
 
 
-def note_guid(language: str, term: str, card_type: str, ordinal: int) -> str:
+def note_guid(language: str, term: str, card_type: str, ordinal: int, *, simulated: bool = False) -> str:
     """Stable across runs and exports: (language, term, card type) and the card's ordinal among that term's
-    cards of the same type, so re-importing an updated deck updates notes instead of adding new ones."""
+    cards of the same type, so re-importing an updated deck updates notes instead of adding new ones.
+
+    Simulated notes live in a GUID space of their own: a real deck imported after a simulated one must add
+    real notes, not update the simulated ones in place (they would stay in the "(simulated)" deck, which a
+    user deletes, taking the real cards with it)."""
+    if simulated:
+        return genanki.guid_for("simulated", language, term, card_type, ordinal)
     return genanki.guid_for(language, term, card_type, ordinal)
 
 
@@ -145,7 +151,7 @@ def build_notes(results: Iterable[TermResult], *, language: str, root_deck: str,
                 "Analysis": analysis,
                 "Audio": f"[sound:{sound}]" if sound else "",
             }
-            yield AnkiNote(guid=note_guid(language, term, card_type, ordinal), deck=deck,
+            yield AnkiNote(guid=note_guid(language, term, card_type, ordinal, simulated=simulated), deck=deck,
                            fields=tuple(values[name] for name in FIELDS),
                            tags=anki_tags(card_tags(card, simulated=simulated)), term=term,
                            position=result.item.position, sound=sound)
