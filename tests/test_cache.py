@@ -139,9 +139,9 @@ class DeferredBackend(MemoryCacheBackend):
         super().__init__()
         self.queued: list[StoredEntry] = []
 
-    async def get(self, key: str) -> StoredValue | None:
+    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
         await asyncio.sleep(0)  # a real read yields (to a thread): let the other tasks interleave
-        return await super().get(key)
+        return await super().get(key, count=count)
 
     async def put(self, entry: StoredEntry) -> None:
         self.queued.append(entry)

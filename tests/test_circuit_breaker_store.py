@@ -237,6 +237,10 @@ async def test_a_standing_isolation_holds_a_circuit_first_made_after_the_command
 
 
 def test_status_isolate_close_and_reset_on_the_command_line(tmp_path: Path, db_url: str) -> None:
+    if db_url.startswith("sqlite"):
+        code, _, stderr = cli("breaker", "status", "--db", db_url)
+        assert code == 2 and "no database at" in stderr, "a mistyped --db is not a new empty database"
+    open_database(db_url).dispose()
     code, stdout, _ = cli("breaker", "status", "--db", db_url)
     assert code == 0 and "no circuit reported yet" in stdout
     code, _, stderr = cli("breaker", "isolate", "--db", db_url, "-r", "x")
@@ -248,7 +252,10 @@ def test_status_isolate_close_and_reset_on_the_command_line(tmp_path: Path, db_u
     code, _, stderr = cli("breaker", "isolate", CIRCUIT, "--db", db_url, "-r", "   ")
     assert code == 2 and "must not be empty" in stderr
 
-    code, stdout, _ = cli("breaker", "isolate", CIRCUIT, "--db", db_url, "--reason", "upstream incident")
+    code, _, stderr = cli("breaker", "isolate", CIRCUIT, "--db", db_url, "--reason", "upstream incident")
+    assert code == 2 and f"unknown circuit {CIRCUIT!r}" in stderr and "--new" in stderr
+    assert json.loads(cli("breaker", "status", "--db", db_url, "--json")[1])["commands"] == []
+    code, stdout, _ = cli("breaker", "isolate", CIRCUIT, "--new", "--db", db_url, "--reason", "upstream incident")
     assert code == 0 and "command #1" in stdout and "isolated from its first call (also in later runs)" in stdout
     code, stdout, _ = cli("breaker", "status", "--db", db_url, "--json")
     data = json.loads(stdout)
@@ -260,13 +267,15 @@ def test_status_isolate_close_and_reset_on_the_command_line(tmp_path: Path, db_u
     code, stdout, _ = cli("breaker", "reset", "--all", "--db", db_url, "-r", "clean slate")
     assert code == 0 and f"reset {CIRCUIT}" in stdout
     assert cli("breaker", "close", CIRCUIT, "--all", "--db", db_url, "-r", "x")[0] == 2
+    code, _, stderr = cli("breaker", "close", CIRCUIT + "x", "--db", db_url, "-r", "typo")
+    assert code == 2 and "unknown circuit" in stderr and "--new" not in stderr
     data = json.loads(cli("breaker", "status", "--db", db_url, "--json")[1])
     assert data["isolated"] == {} and [c["action"] for c in data["commands"]] == ["isolate", "close", "reset"]
 
 
 def test_process_fails_items_clearly_after_the_max_wait_and_runs_once_closed(tmp_path: Path, db_url: str) -> None:
     source = words(tmp_path, 3)
-    assert cli("breaker", "isolate", SIM_CIRCUIT, "--db", db_url, "-r", "fire drill")[0] == 0
+    assert cli("breaker", "isolate", SIM_CIRCUIT, "--new", "--db", db_url, "-r", "fire drill")[0] == 0
     started = time.monotonic()
     code, stdout, stderr = cli("process", str(source), "--provider", "simulated", "--db", db_url, "-o",
                                str(tmp_path / "a.jsonl"), "--breaker-max-wait", "0.2")

@@ -35,8 +35,11 @@ def process(source: Path, db: str, out: Path) -> str:
 
 
 def test_db_stats_reports_the_pool_of_the_last_run(tmp_path: Path, db_url: str) -> None:
-    code, stdout, _ = cli("db", "stats", "--db", db_url)
-    assert code == 0 and "no pool statistics recorded yet" in stdout
+    code, stdout, stderr = cli("db", "stats", "--db", db_url)
+    if db_url.startswith("sqlite"):  # a file no run made is a typo, not a new empty database
+        assert code == 2 and "no database at" in stderr and not (tmp_path / "ledger.db").exists()
+    else:
+        assert code == 0 and "no pool statistics recorded yet" in stdout
     process(words(tmp_path), db_url, tmp_path / "o.jsonl")
     code, stdout, _ = cli("db", "stats", "--db", db_url, "--json")
     data = json.loads(stdout)

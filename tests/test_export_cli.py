@@ -142,8 +142,19 @@ def test_export_usage_errors_are_one_line_and_exit_2(tmp_path: Path, small_run: 
 
 
 def test_export_of_an_empty_database_says_to_run_process_first(tmp_path: Path) -> None:
-    code, _, stderr = run_cli("export", "--db", f"sqlite:///{tmp_path / 'empty.db'}", "-o", str(tmp_path / "x.csv"))
+    empty = tmp_path / "empty.db"
+    open_database(f"sqlite:///{empty}").dispose()
+    code, _, stderr = run_cli("export", "--db", f"sqlite:///{empty}", "-o", str(tmp_path / "x.csv"))
     assert code == 2 and "no runs yet" in stderr
+
+
+@pytest.mark.parametrize("db", ["missing.db", "sqlite:///{tmp}/missing.db"])
+def test_export_from_a_database_that_does_not_exist_says_so_and_creates_nothing(tmp_path: Path, db: str) -> None:
+    code, _, stderr = run_cli("export", "--db", db.format(tmp=tmp_path), "-o", str(tmp_path / "x.csv"))
+    assert code == 2 and "no database at" in stderr and "missing.db" in stderr
+    assert not (tmp_path / "missing.db").exists() and not (Path.cwd() / "missing.db").exists()
+    code, _, stderr = run_cli("export", "-o", str(tmp_path / "x.csv"))  # the default database, never made
+    assert code == 2 and "run `flashcard-pipeline process` first" in stderr
 
 
 def test_export_of_a_run_with_nothing_finished_is_exit_1(tmp_path: Path) -> None:

@@ -286,7 +286,7 @@ class RefusingBackend:
     def attach(self, sink: Any) -> None:
         pass
 
-    async def get(self, key: str) -> None:
+    async def get(self, key: str, *, count: bool = True) -> None:
         return None
 
     async def put(self, entry: Any) -> None:

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
@@ -52,7 +51,7 @@ from flashcard_pipeline.storage.ledger import (
     StageFailed,
     StageStarted,
 )
-from flashcard_pipeline.storage.schema import RunStatus, utcnow
+from flashcard_pipeline.storage.schema import RunStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -82,6 +81,8 @@ class RunStats:
     rate_limited: int = 0
     rate_limit_label: str | None = None
     rate_limit_until: float = 0.0
+    #: The simulated provider spends no money: its cost is what the named model would have cost.
+    simulated: bool = False
 
     def note_rate_limit(self, label: str, seconds: float, now: float | None = None) -> None:
         """A 429 made every caller of ``label``'s limits wait ``seconds``."""
@@ -273,10 +274,8 @@ class Pipeline:
         """An answer some run already paid for whose cache copy is missing (the cache write failed, the cache
         was cleared, or it lives in a Redis that lost it): taken from the ledger and put back in the cache."""
         assert self._writer is not None
-        ttl = self.cache.settings.ttl_for(staged.stage)
-        newer_than = None if ttl is None else utcnow() - timedelta(seconds=ttl)
         payload = await asyncio.to_thread(self.ledger.payload_for_cache_key, staged.cache_key,
-                                          newer_than=newer_than)
+                                          newer_than=self.cache.retired_before(staged.stage))
         if payload is None:
             return None
         try:

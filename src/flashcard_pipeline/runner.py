@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from flashcard_pipeline.cache.backends import RedisCacheBackend, make_cache
-from flashcard_pipeline.cache.codec import Codec
+from flashcard_pipeline.cache.backends import make_cache
+from flashcard_pipeline.cache.compressed_cache import CompressedCache
 from flashcard_pipeline.config import CacheSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
@@ -41,10 +41,12 @@ from flashcard_pipeline.resilience.breaker_store import BreakerStore, BreakerSyn
 from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig, CircuitBreakerPolicy, breaker_policies
 from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy, rate_limit_policies, settings_from_env
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
+from flashcard_pipeline.services import check_redis
 from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
 from flashcard_pipeline.stages import (
     CARDS,
     NUANCE,
+    StageRequest,
     StageSettings,
     build_cards_request,
     build_nuance_request,
@@ -111,7 +113,7 @@ class Reporter(Protocol):
     """What the CLI shows; tests pass a silent one."""
 
     def problems(self, problems: list[RowProblem]) -> None: ...
-    def started(self, run: RunRecord, *, resumed: bool, to_process: int) -> None: ...
+    def started(self, run: RunRecord, *, resumed: bool, to_process: int, database: str) -> None: ...
     def live(self, stats: RunStats) -> contextlib.AbstractAsyncContextManager[None]: ...
 
 
@@ -119,7 +121,7 @@ class SilentReporter:
     def problems(self, problems: list[RowProblem]) -> None:
         pass
 
-    def started(self, run: RunRecord, *, resumed: bool, to_process: int) -> None:
+    def started(self, run: RunRecord, *, resumed: bool, to_process: int, database: str) -> None:
         pass
 
     @contextlib.asynccontextmanager
@@ -137,6 +139,8 @@ class DryRunEstimate:
     max_completion_tokens: int
     cost_usd: float | None
     problems: list[RowProblem]
+    #: The simulated provider would spend nothing: the cost is the named model's, as an estimate.
+    simulated: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,27 @@ class ProcessResult:
     resumed: bool = False
     estimate: DryRunEstimate | None = None
     export: ExportReport | None = None
+    #: The database the run lives in (password hidden), so the user knows where `export` finds it.
+    database: str = ""
+    #: Cache writes that failed this invocation (the answers are in the ledger all the same).
+    cache_write_errors: int = 0
+    model: str | None = None
+
+    @property
+    def incomplete(self) -> str | None:
+        """Why the written deck lacks terms (or why none was written), or None when it holds the whole run."""
+        if self.outcome is None:
+            return None
+        stats = self.outcome.stats
+        missing = stats.total - stats.done
+        if self.output is None:
+            return (f"no deck written: none of the run's {stats.total} terms has cards yet; "
+                    "run the same command again to finish it")
+        if missing <= 0:
+            return None
+        return (f"the deck is partial: {stats.done} of {stats.total} terms ({missing} missing: "
+                f"{stats.failed} failed, {max(0, missing - stats.failed)} not processed); "
+                "run the same command again to complete it")
 
 
 def file_sha256(path: Path) -> str:
@@ -181,6 +206,13 @@ def _nothing_selected(options: ProcessOptions, skipped: int) -> str:
     return f"{options.input_path}: nothing to process: {why}"
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def _validate(options: ProcessOptions) -> None:
     if options.concurrency < 1:
         raise ConfigurationError("--concurrency must be at least 1")
@@ -193,6 +225,9 @@ def _validate(options: ProcessOptions) -> None:
     options.export_format  # noqa: B018 - validates the format early
     check_options(options.subdecks, options.audio)
     if not options.dry_run:
+        if _same_file(options.output_path, options.input_path):
+            raise ConfigurationError(f"-o {options.output_path} is the input list: the cards would overwrite your "
+                                     "vocabulary; choose another output file")
         check_writable(options.output_path)
 
 
@@ -243,15 +278,21 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
     reader.detect()
     provider = _provider(options, None)
     settings = _settings(options, provider)
+    await asyncio.to_thread(_check_services, cache_settings, [] if options.dry_run else rate_limit_policies(policy))
 
     engine = await asyncio.to_thread(open_database, options.db_url)
+    database = engine.url.render_as_string(hide_password=True)
     try:
         ledger = Ledger(engine)
         if options.dry_run:
-            estimate = await asyncio.to_thread(_estimate, options, reader, settings, ledger)
+            cache = make_cache(ledger, cache_settings)
+            try:
+                estimate = await _estimate(options, reader, settings, ledger, cache)
+            finally:
+                await cache.aclose()
             reporter.problems(estimate.problems)
             return ProcessResult(outcome=None, output=None, cards_written=0, problems=estimate.problems,
-                                 estimate=estimate)
+                                 estimate=estimate, database=database)
 
         input_sha = await asyncio.to_thread(file_sha256, options.input_path)
         run_key = _run_key(options, settings, input_sha, provider)
@@ -277,10 +318,16 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
             problems = list(reader.problems)
             reporter.problems(problems)
         to_process = await asyncio.to_thread(ledger.prepare_resume, run.id)
-        reporter.started(run, resumed=resumed, to_process=to_process)
+        reporter.started(run, resumed=resumed, to_process=to_process, database=database)
 
-        outcome = await _execute(options, provider, settings, ledger, run, reporter, policy, to_process,
-                                 cache_settings)
+        if to_process:
+            outcome, cache_stats = await _execute(options, provider, settings, ledger, run, reporter, policy,
+                                                  cache_settings)
+        else:  # nothing left to do: the statistics of the invocation that did the work stay as they are
+            outcome, cache_stats = await asyncio.to_thread(_finished, ledger, run), {}
+        if outcome.stats.done == 0:
+            return ProcessResult(outcome=outcome, output=None, cards_written=0, problems=problems, resumed=resumed,
+                                 database=database, model=run.model)
         output = options.output_path
         results = ledger.results(run.id)
         try:
@@ -291,10 +338,31 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
         except OSError as exc:  # the folder went away or filled up during the run; the cards are stored
             raise ConfigurationError(f"cannot write {output}: {exc.strerror or exc}; the cards are stored, "
                                      f"`flashcard-pipeline export --run {run.id} -o FILE` writes them") from exc
+        write_errors = sum(int(m.get("write_errors", 0)) for m in cache_stats.values())
         return ProcessResult(outcome=outcome, output=output, cards_written=report.cards, problems=problems,
-                             resumed=resumed, export=report)
+                             resumed=resumed, export=report, database=database, cache_write_errors=write_errors,
+                             model=run.model)
     finally:
         engine.dispose()
+
+
+def _check_services(cache: CacheSettings, limiters: list[RateLimitPolicy]) -> None:
+    """Every Redis the run will use answers, or one line says which and why, before any call."""
+    if cache.backend == "redis":
+        check_redis(cache.redis_url, "CACHE_BACKEND=redis")
+    for limiter in limiters:
+        if limiter.settings.backend == "redis":
+            check_redis(limiter.settings.redis_url, "RL_BACKEND=redis")
+
+
+def _finished(ledger: Ledger, run: RunRecord) -> RunOutcome:
+    """The outcome of a run with nothing left to process, without touching what its working runs recorded."""
+    summary = ledger.summary(run.id)
+    if run.status != RunStatus.COMPLETED:
+        ledger.set_run_status(run.id, RunStatus.COMPLETED)
+    stats = RunStats(total=summary.total, done=summary.done, already_done=summary.done,
+                     simulated=run.simulated)
+    return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[])
 
 
 def default_policy(options: ProcessOptions) -> CallPolicy:
@@ -332,18 +400,18 @@ def _show_pauses(stats: RunStats, breakers: list[CircuitBreakerPolicy]) -> None:
 
 
 async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: StageSettings, ledger: Ledger,
-                   run: RunRecord, reporter: Reporter, policy: CallPolicy | None, to_process: int,
-                   cache_settings: CacheSettings) -> RunOutcome:
+                   run: RunRecord, reporter: Reporter, policy: CallPolicy | None,
+                   cache_settings: CacheSettings) -> tuple[RunOutcome, dict[str, Any]]:
     async with contextlib.AsyncExitStack() as stack:
-        if provider.name is ProviderName.SIMULATED and to_process:
+        if provider.name is ProviderName.SIMULATED:
             simulator = await stack.enter_async_context(run_simulator(options.simulator))
             provider = _provider(options, simulator.base_url)
         client = await stack.enter_async_context(LLMClient(provider, max_connections=max(options.concurrency, 10)))
         cache = make_cache(ledger, cache_settings)
-        if isinstance(cache.backend, RedisCacheBackend):
-            stack.push_async_callback(cache.backend.aclose)
+        stack.push_async_callback(cache.aclose)
         pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy, cache=cache,
                             concurrency=options.concurrency, force=options.force, max_cost=options.max_cost)
+        pipeline.stats.simulated = run.simulated
         breakers = breaker_policies(policy)
         if breakers:
             _show_pauses(pipeline.stats, breakers)
@@ -362,23 +430,34 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
         if breakers:
             metrics["circuit_breakers"] = {name: stats for b in breakers for name, stats in b.snapshot().items()}
         await asyncio.to_thread(ledger.merge_run_metrics, run.id, metrics)
-        return outcome
+        return outcome, metrics["cache"]
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _estimate(options: ProcessOptions, reader: VocabularyReader, settings: StageSettings,
-              ledger: Ledger) -> DryRunEstimate:
+async def _estimate(options: ProcessOptions, reader: VocabularyReader, settings: StageSettings, ledger: Ledger,
+                    cache: CompressedCache) -> DryRunEstimate:
+    """What a run would send, reading answers already paid for where a run would find them: the configured
+    cache (Redis included), else the answers stored with earlier runs."""
+
+    async def paid(staged: StageRequest) -> str | None:
+        if options.force:
+            return None
+        value = await cache.get(staged.cache_key, staged.stage, count=False)
+        if value is not None:
+            return value.decode("utf-8")
+        return await asyncio.to_thread(ledger.payload_for_cache_key, staged.cache_key,
+                                       newer_than=cache.retired_before(staged.stage))
+
     items = requests = cached = prompt_tokens = completion_tokens = max_completion = 0
-    for item in _selected(reader, options):
+    for item in await asyncio.to_thread(list, _selected(reader, options)):
         items += 1
         staged = build_nuance_request(item, settings)
         prompt = estimate_request_tokens(staged.request) - staged.request.max_tokens
-        entry = None if options.force else ledger.cache_get(staged.cache_key)
-        if entry is not None:
+        answer = await paid(staged)
+        if answer is not None:
             cached += 1
-            analysis = parse_nuance(Codec.decode(entry.codec, entry.value).decode("utf-8"), item)
-            cards = build_cards_request(item, analysis, settings)
-            if ledger.cache_get(cards.cache_key) is not None:
+            cards = build_cards_request(item, parse_nuance(answer, item), settings)
+            if await paid(cards) is not None:
                 cached += 1
                 continue
         else:
@@ -395,4 +474,5 @@ def _estimate(options: ProcessOptions, reader: VocabularyReader, settings: Stage
     cost = price.cost(prompt_tokens, completion_tokens) if price else None
     return DryRunEstimate(items=items, requests=requests, cached_stages=cached, prompt_tokens=prompt_tokens,
                           completion_tokens=completion_tokens, max_completion_tokens=max_completion,
-                          cost_usd=cost, problems=list(reader.problems))
+                          cost_usd=cost, problems=list(reader.problems),
+                          simulated=settings.provider == ProviderName.SIMULATED)

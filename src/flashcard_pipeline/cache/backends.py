@@ -71,11 +71,12 @@ class DatabaseCacheBackend:
         else:
             await asyncio.to_thread(self.ledger.write_batch, list(ops))
 
-    async def get(self, key: str) -> StoredValue | None:
+    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
         found = await asyncio.to_thread(self.ledger.cache_get, key)
         if found is None:
             return None
-        await self._write(CacheHit(key))
+        if count:
+            await self._write(CacheHit(key))
         return StoredValue(found.codec, found.value, found.expires_at)  # the expiry, so memory never outlives it
 
     async def put(self, entry: StoredEntry) -> None:
@@ -127,13 +128,16 @@ class DatabaseCacheBackend:
             return set(session.scalars(select(CacheEntry.key).where(CacheEntry.key.in_(keys))))
 
 
-# The value, its codec and its remaining life in ms (-1: none), counting the hit only on a key that exists.
+# The value, its codec and its remaining life in ms (-1: none), counting the hit (ARGV[1] == '1') only on a key
+# that exists.
 _READ_SCRIPT = """
 local found = redis.call('HMGET', KEYS[1], 'codec', 'data')
 if not found[1] or not found[2] then
   return false
 end
-redis.call('HINCRBY', KEYS[1], 'hits', 1)
+if ARGV[1] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'hits', 1)
+end
 return {found[1], found[2], redis.call('PTTL', KEYS[1])}
 """
 
@@ -155,12 +159,12 @@ class RedisCacheBackend:
     def _key(self, key: str) -> str:
         return f"{self.prefix}{key}"
 
-    async def get(self, key: str) -> StoredValue | None:
+    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
         """Read and count the hit in one script: a key expiring between two commands would otherwise be
         recreated by the hit counter without a TTL and without a value (an orphan of type "?")."""
         if self._read_script is None:
             self._read_script = self.client.register_script(_READ_SCRIPT)
-        found = await self._read_script(keys=[self._key(key)])
+        found = await self._read_script(keys=[self._key(key)], args=["1" if count else "0"])
         if not found:
             return None
         codec, data, pttl = found

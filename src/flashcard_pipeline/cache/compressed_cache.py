@@ -84,7 +84,10 @@ class CacheBackend(Protocol):
         """Let a backend route its writes into the ledger writer's batches (None: write directly)."""
         ...
 
-    async def get(self, key: str) -> StoredValue | None: ...
+    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
+        """The stored value; ``count=False`` reads without adding to the entry's hit count (a dry run)."""
+        ...
+
     async def put(self, entry: StoredEntry) -> None: ...
     async def record_counts(self, counts: dict[str, tuple[int, int]]) -> None:
         """Add (hits, misses) per cache type to the persistent counters."""
@@ -102,6 +105,7 @@ class CacheTypeMetrics:
     decode_errors: int = 0
     #: Puts the backend refused (Redis down, a codec file missing): the answer lives on in the ledger.
     write_errors: int = 0
+    read_errors: int = 0
 
     @property
     def hits(self) -> int:
@@ -149,7 +153,12 @@ class CompressedCache:
             if count:
                 self._count(cache_type, hit=True)
             return held.value
-        stored = await self.backend.get(key)
+        try:
+            stored = await self.backend.get(key, count=count)
+        except Exception as exc:  # the cache is best effort: an unreachable backend is a miss, not a failed item
+            metrics.read_errors += 1
+            log.warning("cache read failed for %s (%s): %s: %s", key[:12], cache_type, type(exc).__name__, exc)
+            stored = None
         value = None
         if stored is not None:
             try:
@@ -237,6 +246,11 @@ class CompressedCache:
         self._remember(record.key, held)
         return entry
 
+    def retired_before(self, cache_type: str) -> datetime | None:
+        """Answers of this type stored before this instant are past their TTL (None: they never expire)."""
+        base = self.settings.ttl_for(cache_type)
+        return None if base is None else self._now() - timedelta(seconds=base)
+
     def _expiry_from_now(self, cache_type: str) -> datetime | None:
         base = self.settings.ttl_for(cache_type)
         return None if base is None else self._now() + timedelta(seconds=base)
@@ -265,6 +279,12 @@ class CompressedCache:
             if flight.users == 0:
                 del self._flights[key]
 
+    async def aclose(self) -> None:
+        """Release the backend's connections (a Redis client); the database backend has none of its own."""
+        close = getattr(self.backend, "aclose", None)
+        if close is not None:
+            await close()
+
     async def flush_counts(self) -> None:
         """Persist the hits and misses counted since the last flush."""
         if not self._unreported:
@@ -277,7 +297,8 @@ class CompressedCache:
         return {cache_type: {"hits": m.hits, "hits_memory": m.hits_memory, "misses": m.misses,
                              "hit_rate": round(m.hit_rate, 4), "puts": m.puts, "raw_bytes": m.raw_bytes,
                              "stored_bytes": m.stored_bytes, "compression_ratio": round(m.compression_ratio, 4),
-                             "decode_errors": m.decode_errors, "write_errors": m.write_errors}
+                             "decode_errors": m.decode_errors, "write_errors": m.write_errors,
+                             "read_errors": m.read_errors}
                 for cache_type, m in sorted(self.metrics.items())}
 
 
@@ -292,7 +313,7 @@ class MemoryCacheBackend:
     def attach(self, sink: Callable[..., None] | None) -> None:
         pass
 
-    async def get(self, key: str) -> StoredValue | None:
+    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
         entry = self.entries.get(key)
         if entry is None or (entry.expires_at is not None and entry.expires_at <= self.now()):
             return None

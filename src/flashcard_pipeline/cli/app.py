@@ -18,7 +18,7 @@ from rich.table import Table
 
 from flashcard_pipeline.cli.breaker_commands import breaker_app
 from flashcard_pipeline.cli.maintenance import cache_app, db_app
-from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, stderr_console
+from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, money, stderr_console
 from flashcard_pipeline.cli.progress import ConsoleReporter
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
 from flashcard_pipeline.export import AudioEngine, Subdecks
@@ -47,7 +47,18 @@ def parse_sim_options(pairs: list[str]) -> SimulatorConfig:
         if not sep or not key.strip():
             raise ConfigurationError(f"--sim expects KEY=VALUE, got {pair!r}")
         key = key.strip().replace("-", "_")
-        values[key] = [float(v) for v in value.split(",")] if "," in value else value.strip()
+        if "," in value:
+            parts = [v.strip() for v in value.split(",")]
+            if any("=" in part for part in parts):
+                raise ConfigurationError(f"--sim takes one KEY=VALUE each; repeat --sim for every setting "
+                                         f"(e.g. --sim {pair.split(',')[0]} --sim {parts[1]}), got {pair!r}")
+            try:
+                values[key] = [float(part) for part in parts]
+            except ValueError:
+                raise ConfigurationError(f"--sim {key}: a comma-separated value is a range of numbers (e.g. "
+                                         f"latency=0.01,0.05), got {value!r}") from None
+        else:
+            values[key] = value.strip()
     try:
         return SimulatorConfig.model_validate(values)
     except Exception as exc:
@@ -154,17 +165,25 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
         table.add_row("requests", f"{e.requests:,} ({e.cached_stages:,} stage answers already cached)")
         table.add_row("prompt tokens (est.)", f"{e.prompt_tokens:,}")
         table.add_row("completion tokens (est.)", f"{e.completion_tokens:,} (at most {e.max_completion_tokens:,})")
-        table.add_row("cost (est.)", "unknown for this model" if e.cost_usd is None else f"${e.cost_usd:.4f}")
+        table.add_row("cost (est.)", "unknown for this model" if e.cost_usd is None
+                      else money(e.cost_usd, simulated=e.simulated))
         out.print(table)
+        out.print(f"database {result.database}", highlight=False, markup=False)
         return ExitCode.OK
     outcome = result.outcome
     assert outcome is not None
     stats = outcome.stats
     out.print(f"run {outcome.run_id}: {outcome.status} · {stats.done}/{stats.total} items done "
               f"({stats.already_done} before this run) · {stats.requests} API calls · "
-              f"{stats.cache_hits} cache hits · ${stats.cost_usd:.4f}", highlight=False)
+              f"{stats.cache_hits} cache hits · {money(stats.cost_usd, simulated=stats.simulated, model=result.model)}",
+              highlight=False, markup=False)
     if result.output is not None:
         out.print(f"wrote {result.cards_written} cards to {result.output}", highlight=False)
+    if (incomplete := result.incomplete) is not None:
+        err.print(f"[yellow]warning:[/] {incomplete}", highlight=False)
+    if result.cache_write_errors:
+        err.print(f"[yellow]warning:[/] {result.cache_write_errors} answers could not be written to the cache "
+                  "(see the log); they are kept with the run, and later runs reuse them", highlight=False)
     for warning in result.export.warnings if result.export else ():
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if outcome.failures:

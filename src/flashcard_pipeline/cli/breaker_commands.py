@@ -16,6 +16,7 @@ from flashcard_pipeline.config import CircuitBreakerSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.resilience.breaker_store import BreakerStore, CircuitSnapshotRecord
 from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import utcnow
 
 breaker_app = typer.Typer(help="Circuit breakers: state and history; isolate or close a circuit, also while a "
@@ -29,8 +30,9 @@ ReasonOption = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded
 AllOption = Annotated[bool, typer.Option("--all", help="Every known circuit.")]
 
 
-def _store(db: str | None) -> BreakerStore:
-    return BreakerStore(open_database(db))
+def _store(db: str | None, *, create: bool = False) -> BreakerStore:
+    """The breaker tables; only an isolation of a ``--new`` circuit may be the first thing a database holds."""
+    return BreakerStore(open_database(db, must_exist=not create))
 
 
 def _when(value: datetime | None) -> str:
@@ -113,8 +115,11 @@ def _current(snapshots: list[CircuitSnapshotRecord], now: datetime) -> list[Circ
     return kept
 
 
-def _targets(store: BreakerStore, circuit: str | None, every: bool) -> list[str]:
-    known = store.known_circuits()
+def _targets(store: BreakerStore, circuit: str | None, every: bool, new: bool = False) -> list[str]:
+    """The circuits to act on. A name no process, command or run has used is refused (exit 2) unless ``new``
+    says it is meant: a typo must not be stored as an isolation that waits for a circuit that never comes."""
+    known = sorted({*store.known_circuits(),
+                    *(f"{provider}/{model}" for provider, model in Ledger(store.engine).models_used())})
     if every:
         if circuit is not None:
             raise fail("give a circuit or --all, not both")
@@ -129,6 +134,10 @@ def _targets(store: BreakerStore, circuit: str | None, every: bool) -> list[str]
     provider, _, model = circuit.partition("/")
     if not provider or not model:
         raise fail(f"a circuit is named provider/model (e.g. openrouter/openai/gpt-4o-mini), got {circuit!r}")
+    if circuit not in known and not new:
+        listed = ", ".join(known) if known else "none yet"
+        hint = "; to isolate a model before its first run, add --new" if new is not None else ""
+        raise fail(f"unknown circuit {circuit!r}; known circuits: {listed}{hint}")
     return [circuit]
 
 
@@ -139,12 +148,13 @@ def _poll_interval() -> float:
         return CircuitBreakerSettings.model_fields["poll_interval"].default
 
 
-def _command(action: str, circuit: str | None, reason: str, every: bool, db: str | None) -> None:
+def _command(action: str, circuit: str | None, reason: str, every: bool, db: str | None,
+             new: bool | None = None) -> None:
     if not reason.strip():
         raise fail("--reason must not be empty")
-    store = _store(db)
+    store = _store(db, create=bool(new))
     try:
-        targets = _targets(store, circuit, every)
+        targets = _targets(store, circuit, every, new)
         now = utcnow()
         running = {s.circuit for s in store.snapshots() if s.live(now)}
         for name in targets:
@@ -163,9 +173,11 @@ def _command(action: str, circuit: str | None, reason: str, every: bool, db: str
 
 @breaker_app.command("isolate")
 def isolate(circuit: CircuitArgument = None, reason: ReasonOption = ..., every: AllOption = False,
+            new: Annotated[bool, typer.Option("--new", help="The circuit is one no run has used yet (without "
+                                                            "it an unknown name is refused as a typo).")] = False,
             db: DbOption = None) -> None:
     """Hold a circuit open: its calls wait (up to CB_MAX_WAIT) until `breaker close`, also in later runs."""
-    _command("isolate", circuit, reason, every, db)
+    _command("isolate", circuit, reason, every, db, new)
 
 
 @breaker_app.command("close")

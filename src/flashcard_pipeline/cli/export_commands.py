@@ -65,7 +65,7 @@ def export_command(
     err = stderr_console()
     chosen = resolve_format(format, output)
     check_writable(output)
-    engine = open_database(db)
+    engine = open_database(db, must_exist=True)
     try:
         ledger = Ledger(engine)
         run = _select_run(ledger, run_id)
@@ -100,7 +100,7 @@ def push_command(
 ) -> None:
     """Send a stored run's cards to a running Anki through AnkiConnect (creates the deck and note type)."""
     err = stderr_console()
-    engine = open_database(db)
+    engine = open_database(db, must_exist=True)
     try:
         ledger = Ledger(engine)
         run = _select_run(ledger, run_id)

@@ -21,6 +21,7 @@ from flashcard_pipeline.errors import ConfigurationError, InvalidResponseError
 from flashcard_pipeline.ingest import VocabularyReader
 from flashcard_pipeline.llm.providers import ProviderName
 from flashcard_pipeline.runner import DEFAULT_MODELS
+from flashcard_pipeline.services import check_redis
 from flashcard_pipeline.stages import (
     CARDS,
     NUANCE,
@@ -52,7 +53,7 @@ def parse_age(text: str) -> timedelta:
 
 
 def _open(db: str | None) -> Ledger:
-    return Ledger(open_database(db))
+    return Ledger(open_database(db, must_exist=True))
 
 
 def _print_json(data: Any) -> None:
@@ -103,13 +104,15 @@ def _stats_rows(stats: list[CacheTypeStats]) -> list[dict[str, Any]]:
 
 
 def _backend(db: str | None) -> tuple[Ledger, CompressedCache]:
+    settings = read_settings(CacheSettings)
+    if settings.backend == "redis":
+        check_redis(settings.redis_url, "CACHE_BACKEND=redis")
     ledger = _open(db)
-    return ledger, make_cache(ledger, read_settings(CacheSettings))
+    return ledger, make_cache(ledger, settings)
 
 
 async def _close(cache: CompressedCache) -> None:
-    if isinstance(cache.backend, RedisCacheBackend):
-        await cache.backend.aclose()
+    await cache.aclose()
 
 
 @cache_app.command("stats")
@@ -153,7 +156,8 @@ def cache_clear(
     age = parse_age(older_than) if older_than else None
     if cache_type is not None and cache_type not in (NUANCE, CARDS):
         raise fail(f"unknown cache type {cache_type!r}; use {NUANCE} or {CARDS}")
-    if not yes and not typer.confirm("Delete these cached answers? Getting them again costs money", default=False):
+    if not yes and not typer.confirm("Delete these cached answers? Answers stored with runs stay and are reused "
+                                     "(--force asks the provider again, at a cost)", default=False):
         raise typer.Exit(1)
     ledger, cache = _backend(db)
     backend = cache.backend

@@ -25,6 +25,16 @@ def stderr_console() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
+def money(cost: float, *, simulated: bool, model: str | None = None) -> str:
+    """A run's cost as a user must read it: a simulated run spent nothing, its figure is what the named model
+    would have cost."""
+    if not simulated:
+        return f"${cost:.4f}"
+    if model is None:
+        return f"${cost:.4f} est. (simulated: no money spent)"
+    return f"${cost:.4f} est., what {model} would have cost (simulated: no money spent)"
+
+
 def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     """Print ``error: message`` on stderr; the caller raises the returned Exit."""
     stderr_console().print(f"[red]error:[/] {message}", highlight=False)

@@ -15,6 +15,7 @@ from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
+from flashcard_pipeline.cli.output import money
 from flashcard_pipeline.ingest import RowProblem
 from flashcard_pipeline.pipeline import RunStats
 from flashcard_pipeline.storage.ledger import RunRecord
@@ -31,7 +32,7 @@ def _visible(text: str) -> str:
 def describe(stats: RunStats, now: float | None = None) -> str:
     text = (f"done {stats.done}/{stats.total} · failed {stats.failed} · in flight {stats.in_flight} · "
             f"{stats.requests_per_minute(now):.0f} req/min · tokens {stats.tokens_in + stats.tokens_out:,} · "
-            f"${stats.cost_usd:.4f} · cache hits {stats.cache_hits}")
+            f"{money(stats.cost_usd, simulated=stats.simulated)} · cache hits {stats.cache_hits}")
     if stats.api_errors:
         text += f" · API errors {stats.api_errors}"
     if stats.pause_reason:
@@ -72,10 +73,10 @@ class ConsoleReporter:
             self.console.print(f"[yellow]… and {len(problems) - len(shown)} more skipped rows (all of them are "
                                "listed when stderr goes to a file: 2> skipped.txt)[/]", highlight=False)
 
-    def started(self, run: RunRecord, *, resumed: bool, to_process: int) -> None:
+    def started(self, run: RunRecord, *, resumed: bool, to_process: int, database: str) -> None:
         verb = "resuming" if resumed else "starting"
         self.console.print(f"{verb} run {run.id}: {run.total_items} items, {to_process} to process "
-                           f"({run.provider}, {run.model})", highlight=False)
+                           f"({run.provider}, {run.model}) · database {database}", highlight=False, markup=False)
 
     @contextlib.asynccontextmanager
     async def live(self, stats: RunStats) -> AsyncIterator[None]:

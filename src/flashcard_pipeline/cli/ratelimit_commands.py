@@ -123,7 +123,7 @@ def ratelimit_status(
     """Each limit's rate, tokens available, waits and reservation metrics, as the running process last published
     them (and the live Redis buckets with RL_BACKEND=redis)."""
     settings = settings_from_env()
-    ledger = Ledger(open_database(db))
+    ledger = Ledger(open_database(db, must_exist=True))
     try:
         record = ledger.get_run(run)
         if run is not None and record is None:

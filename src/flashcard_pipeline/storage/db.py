@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,43 @@ def default_database_path(env: dict[str, str] | None = None) -> Path:
     return base / "flashcard-pipeline" / "flashcards.db"
 
 
+#: What a bare SQLite file name ends with; anything else that is not an existing file is taken for a typo.
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".db3")
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
 def resolve_database_url(url: str | None = None, env: dict[str, str] | None = None) -> str:
+    """A SQLAlchemy URL for ``--db`` / FLASHCARD_DATABASE_URL / the default file.
+
+    A bare value is a SQLite file only when it looks like one (an existing file, or a name ending in .db,
+    .sqlite, .sqlite3 or .db3): a mistyped URL such as ``postgresql:/x`` or ``not a url`` must not quietly
+    become a new SQLite file in the current folder, with the user's runs in the other database.
+    """
     env = dict(os.environ) if env is None else env
-    chosen = url or env.get(DATABASE_URL_ENV)
-    if chosen:
-        if "://" not in chosen:
-            return f"sqlite:///{Path(chosen).expanduser().resolve()}"
+    chosen = (url or env.get(DATABASE_URL_ENV) or "").strip()
+    if not chosen:
+        return f"sqlite:///{default_database_path(env)}"
+    source = "--db" if url else DATABASE_URL_ENV
+    if "://" in chosen:
         return chosen
-    return f"sqlite:///{default_database_path(env)}"
+    path = Path(chosen).expanduser()
+    looks_like_url = ":" in chosen and not _DRIVE.match(chosen)
+    if looks_like_url or not (path.is_file() or path.suffix.lower() in SQLITE_SUFFIXES):
+        raise ConfigurationError(
+            f"{source} {chosen!r} is neither a database URL nor a SQLite file: use a URL such as "
+            f"postgresql://USER@HOST/DB or sqlite:///PATH, or a file name ending in {', '.join(SQLITE_SUFFIXES)}")
+    return f"sqlite:///{path.resolve()}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a file-backed SQLite URL, else None."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -101,8 +131,15 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-def open_database(url: str | None = None) -> Engine:
-    engine = create_db_engine(resolve_database_url(url))
+def open_database(url: str | None = None, *, must_exist: bool = False) -> Engine:
+    """The migrated database. ``must_exist`` is for commands that only read what runs stored: a SQLite file
+    that is not there is a usage error (a typo in ``--db``), not a new empty database."""
+    settings = read_settings(DatabaseSettings)
+    resolved = resolve_database_url(url)
+    if must_exist and (path := sqlite_path(resolved)) is not None and not path.exists():
+        hint = "" if url else "; run `flashcard-pipeline process` first, or name one with --db"
+        raise ConfigurationError(f"no database at {path}{hint}")
+    engine = create_db_engine(resolved, settings)
     try:
         migrate(engine)
     except Exception as exc:

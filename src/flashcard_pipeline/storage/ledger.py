@@ -238,6 +238,11 @@ class Ledger:
             session.flush()
             return self._run_record(run)
 
+    def models_used(self) -> list[tuple[str, str]]:
+        """Every (provider, model) some run was made with."""
+        with Session(self.engine) as session:
+            return [(p, m) for p, m in session.execute(select(Run.provider, Run.model).distinct())]
+
     def set_run_status(self, run_id: int, status: RunStatus) -> None:
         finished = None if status == RunStatus.RUNNING else utcnow()
         with Session(self.engine) as session, session.begin():
