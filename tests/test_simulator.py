@@ -15,6 +15,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from flashcard_pipeline.cli.app import parse_sim_options
+from flashcard_pipeline.errors import BadRequestError, ConfigurationError, RateLimitError, ServerError
+from flashcard_pipeline.llm import ChatMessage, ChatRequest, LLMClient, resolve_provider
 from flashcard_pipeline.models import (
     CardType,
     FlashcardSet,
@@ -25,7 +28,9 @@ from flashcard_pipeline.models import (
 )
 from flashcard_pipeline.simulator import (
     COMPLETION_PRICE_PER_MILLION,
+    MODEL_IDS,
     PROMPT_PRICE_PER_MILLION,
+    Flavor,
     Simulator,
     SimulatorConfig,
     analysis_for,
@@ -242,6 +247,125 @@ async def test_stage_requests_without_usable_input_get_400(body: dict[str, Any])
         assert sim.stats().outcomes["ok"] == 0
 
 
+# -- provider dialects ----------------------------------------------------------------------------
+
+FLAVORS: tuple[Flavor, ...] = ("openai", "openrouter")
+STREAM_BODY = {**analysis_body(), "stream": True}
+#: (config, method, path, body, status): one of every error the simulator sends.
+PROVOKED_ERRORS: list[tuple[dict[str, Any], str, str, dict[str, Any] | None, int]] = [
+    ({}, "POST", "/chat/completions", {"model": "x", "messages": []}, 400),
+    ({}, "POST", "/chat/completions", STREAM_BODY, 400),
+    ({}, "POST", "/embeddings", {"model": "x", "input": "y"}, 404),
+    ({}, "GET", "/models/no-such-model", None, 404),
+    ({}, "GET", "/chat/completions", None, 405),
+    ({"rate_limit_rate": 1.0}, "POST", "/chat/completions", analysis_body(), 429),
+    ({"server_error_rate": 1.0}, "POST", "/chat/completions", analysis_body(), 500),
+]
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize(("config", "method", "path", "body", "status"), PROVOKED_ERRORS,
+                         ids=["invalid", "stream", "unknown-path", "unknown-model", "wrong-method", "429", "5xx"])
+async def test_every_error_body_takes_the_flavors_shape(flavor: Flavor, config: dict[str, Any], method: str,
+                                                        path: str, body: dict[str, Any] | None, status: int) -> None:
+    async with started(SimulatorConfig(flavor=flavor, **config)) as (_sim, client):
+        response = await client.request(method, path, json=body)
+    assert response.status_code == status or (status == 500 and response.status_code in (502, 503))
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    if flavor == "openai":
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == {429: "rate_limit_error", 500: "server_error"}.get(status, "invalid_request_error")
+    else:
+        assert set(error) == {"code", "message", "metadata"}
+        assert error["code"] == response.status_code
+        assert isinstance(error["metadata"], dict)
+    assert error["message"]
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_stream_true_is_refused_naming_the_parameter(flavor: Flavor) -> None:
+    async with started(SimulatorConfig(flavor=flavor)) as (sim, client):
+        response = await client.post("/chat/completions", json=STREAM_BODY)
+        assert sim.stats().outcomes["bad_request"] == 1
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "stream" in error["message"] and "not supported" in error["message"]
+    param = error["param"] if flavor == "openai" else error["metadata"]["param"]
+    assert param == "stream"
+
+
+async def test_stream_false_is_answered() -> None:
+    async with started() as (_sim, client):
+        assert content_of(await client.post("/chat/completions", json={**analysis_body(), "stream": False}))
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("path", ["/v1/models", "/api/v1/models"])
+async def test_models_are_listed_on_both_prefixes(flavor: Flavor, path: str) -> None:
+    async with started(SimulatorConfig(flavor=flavor)) as (sim, client):
+        response = await client.get(f"http://127.0.0.1:{sim.port}{path}")
+        one = await client.get(f"http://127.0.0.1:{sim.port}{path}/{MODEL_IDS[0]}")
+    assert response.status_code == 200
+    listing = response.json()
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == list(MODEL_IDS) == ["simulated/flashcard-sim"]
+    model = listing["data"][0]
+    assert model["object"] == "model" and isinstance(model["created"], int) and model["owned_by"]
+    assert one.json() == model
+    if flavor == "openrouter":
+        assert float(model["pricing"]["prompt"]) == pytest.approx(PROMPT_PRICE_PER_MILLION / 1e6)
+        assert float(model["pricing"]["completion"]) == pytest.approx(COMPLETION_PRICE_PER_MILLION / 1e6)
+    else:
+        assert "pricing" not in model
+
+
+def test_the_flavor_is_a_sim_option() -> None:
+    assert SimulatorConfig().flavor == "openai"
+    assert parse_sim_options(["flavor=openrouter"]).flavor == "openrouter"
+    assert parse_sim_options(["flavor=openai", "seed=3"]).flavor == "openai"
+    with pytest.raises(ConfigurationError, match="flavor"):
+        parse_sim_options(["flavor=anthropic"])
+
+
+@contextlib.asynccontextmanager
+async def project_client(config: SimulatorConfig) -> AsyncIterator[LLMClient]:
+    """The pipeline's own LLM client pointed at a simulator, as ``--provider simulated`` wires it."""
+    async with run_simulator(config) as sim, LLMClient(resolve_provider("simulated", base_url=sim.base_url)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_the_projects_client_classifies_both_flavors_errors(flavor: Flavor) -> None:
+    """What the pipeline's retry policy sees must not depend on the dialect the errors came in."""
+    term = ChatMessage("user", "<input>" + json.dumps(stage1_payload(), ensure_ascii=False) + "</input>")
+    request = ChatRequest(model="simulated/flashcard-sim", messages=(term,),
+                          response_format=analysis_body()["response_format"])
+    no_input = ChatRequest(model="simulated/flashcard-sim", messages=(ChatMessage("user", "내가"),),
+                           response_format=request.response_format)
+    cases: list[tuple[dict[str, Any], ChatRequest, type[Exception]]] = [
+        ({"rate_limit_rate": 1.0, "retry_after_seconds": 7}, request, RateLimitError),
+        ({"server_error_rate": 1.0}, request, ServerError),
+        ({}, no_input, BadRequestError),
+    ]
+    for config, sent, expected in cases:
+        async with project_client(SimulatorConfig(flavor=flavor, **config)) as client:
+            with pytest.raises(expected) as info:
+                await client.complete(sent)
+        error = info.value
+        assert type(error) is expected
+        assert error.details["provider"] == "simulated"
+        if expected is RateLimitError:
+            assert error.retry_after == 7
+            assert error.details["provider_code"] == ("rate_limit_exceeded" if flavor == "openai" else 429)
+        if expected is ServerError:
+            assert error.details["status_code"] in (500, 502, 503)
+        if expected is BadRequestError:
+            assert error.details["status_code"] == 400 and "input" in str(error)
+    async with project_client(SimulatorConfig(flavor=flavor)) as client:
+        assert TermAnalysis.model_validate_json((await client.complete(request)).content).term == "내가"
+
+
 # -- faults ---------------------------------------------------------------------------------------
 
 
@@ -271,8 +395,10 @@ async def test_injected_rate_limit_sends_retry_after() -> None:
     assert sim.stats().outcomes["rate_limit"] == 1
 
 
-async def test_error_inside_a_200_body_has_no_choices() -> None:
-    response, sim = await _faulty("error_in_body_rate")
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_error_inside_a_200_body_has_no_choices(flavor: Flavor) -> None:
+    """OpenRouter's shape in both flavors: only OpenRouter reports an upstream failure inside a 200."""
+    response, sim = await _faulty("error_in_body_rate", flavor=flavor)
     assert response.status_code == 200
     body = response.json()
     assert "choices" not in body

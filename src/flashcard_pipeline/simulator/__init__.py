@@ -5,7 +5,9 @@ from flashcard_pipeline.simulator.content import analysis_for, cards_for, hangul
 from flashcard_pipeline.simulator.server import (
     COMPLETION_PRICE_PER_MILLION,
     DEFAULT_PORT,
+    MODEL_IDS,
     PROMPT_PRICE_PER_MILLION,
+    Flavor,
     Outcome,
     Simulator,
     SimulatorConfig,
@@ -19,7 +21,9 @@ from flashcard_pipeline.simulator.server import (
 __all__ = [
     "COMPLETION_PRICE_PER_MILLION",
     "DEFAULT_PORT",
+    "MODEL_IDS",
     "PROMPT_PRICE_PER_MILLION",
+    "Flavor",
     "Outcome",
     "Simulator",
     "SimulatorConfig",

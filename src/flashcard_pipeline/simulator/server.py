@@ -5,6 +5,12 @@ from :mod:`.content`, faults from seeded RNGs) and can misbehave on purpose: eve
 client must survive (5xx, 429, hangs, dropped connections, broken or schema-violating JSON,
 OpenRouter-style errors inside a 200, empty or truncated output) has its own probability.
 
+Every HTTP error speaks the dialect of the provider being simulated (``SimulatorConfig.flavor``), so a
+client's error parsing is exercised against the bodies it will really meet: OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` or OpenRouter's ``{"error": {"code": <status>,
+"message", "metadata"}}``. Streaming is refused with a 400 rather than answered with a body the client
+cannot read as server-sent events.
+
 Token accounting is an estimate, not a tokenizer: one token per Hangul/CJK/kana character and one
 per 3.5 other non-space characters, plus 4 tokens of framing per message. That is close enough to
 real counts for budgets and rate limits to behave realistically.
@@ -23,7 +29,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,7 +41,9 @@ from flashcard_pipeline.simulator.content import analysis_for, cards_for
 __all__ = [
     "COMPLETION_PRICE_PER_MILLION",
     "DEFAULT_PORT",
+    "MODEL_IDS",
     "PROMPT_PRICE_PER_MILLION",
+    "Flavor",
     "Outcome",
     "Simulator",
     "SimulatorConfig",
@@ -51,6 +59,12 @@ PROMPT_PRICE_PER_MILLION = 0.15
 COMPLETION_PRICE_PER_MILLION = 0.60
 DEFAULT_PORT = 8765
 CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions")
+MODELS_PATHS = ("/v1/models", "/api/v1/models")
+#: What ``GET /v1/models`` lists: the simulated provider's default model (chat answers any model name).
+MODEL_IDS: tuple[str, ...] = ("simulated/flashcard-sim",)
+#: A fixed ``created`` stamp (2025-01-01 UTC) keeps the model list identical run to run.
+_MODELS_CREATED = 1_735_689_600
+_UPSTREAM = "simulated-upstream"
 WINDOW_SECONDS = 60.0
 #: Answer for a request with no known stage schema: valid JSON, so ``json_object`` mode clients cope.
 OTHER_STAGE_CONTENT = "{}"
@@ -59,6 +73,8 @@ _SHUTDOWN_TIMEOUT = 0.5
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[Any]]
+#: Whose wire dialect the simulator speaks in its error bodies (and model list).
+Flavor = Literal["openai", "openrouter"]
 
 
 class Stage(StrEnum):
@@ -105,6 +121,9 @@ class SimulatorConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     seed: int = 0
+    flavor: Flavor = Field(
+        default="openai", description="whose dialect to speak: OpenAI's error.type/param/code or OpenRouter's "
+                                      "error.code/message/metadata (and per-token prices in /v1/models)")
     latency: float | tuple[float, float] = Field(
         default=0.0, description="seconds before answering: fixed, or a (min, max) range drawn per request")
     requests_per_minute: int | None = Field(default=None, ge=1)
@@ -195,7 +214,15 @@ def _cost(prompt_tokens: int, completion_tokens: int) -> float:
 
 
 class _BadRequest(Exception):
-    """The client sent something no provider would accept; answered with 400, never simulated."""
+    """The client sent something no provider would accept; answered with 400, never simulated.
+
+    ``param`` names the offending request field, as OpenAI's ``error.param`` does.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
 class _Message(BaseModel):
@@ -218,6 +245,7 @@ class _ChatBody(BaseModel):
     messages: list[_Message] = Field(min_length=1)
     response_format: dict[str, Any] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    stream: bool | None = None
 
 
 class _AnalysisInput(BaseModel):
@@ -317,10 +345,42 @@ class _Window:
         return found
 
 
-def _error(status: int, message: str, type_: str, code: str | int,
-           headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "code": code}},
-                             status=status, headers=headers)
+@dataclass(frozen=True)
+class _Failure:
+    """One error reply, independent of the dialect it is rendered in.
+
+    ``code`` and ``param`` only reach OpenAI bodies (OpenRouter's code is the HTTP status);
+    ``metadata`` only OpenRouter's.
+    """
+
+    status: int
+    message: str
+    code: str | None = None
+    param: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def body(self, flavor: Flavor) -> dict[str, Any]:
+        if flavor == "openrouter":
+            return {"error": {"code": self.status, "message": self.message, "metadata": self.metadata}}
+        return {"error": {"message": self.message, "type": _openai_type(self.status), "param": self.param,
+                          "code": self.code}}
+
+
+def _openai_type(status: int) -> str:
+    """OpenAI's ``error.type`` for a status: the SDK and clients branch on it, not on the message."""
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def _http_failure(request: web.Request, exc: web.HTTPException) -> _Failure:
+    """aiohttp's own refusals (unknown path, wrong method, oversized body) as provider errors."""
+    where = f"{request.method} {request.path}"
+    if exc.status == 404:
+        return _Failure(404, f"Invalid URL ({where})")
+    if exc.status == 405:
+        return _Failure(405, f"Invalid method for URL ({where})")
+    return _Failure(exc.status, exc.text or exc.reason)
 
 
 class Simulator:
@@ -345,9 +405,12 @@ class Simulator:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._http_errors])
         for path in CHAT_PATHS:
             app.router.add_post(path, self._chat)
+        for path in MODELS_PATHS:
+            app.router.add_get(path, self._models)
+            app.router.add_get(path + "/{model:.+}", self._model)
         app.router.add_get("/stats", self._stats_handler)
         app.router.add_get("/health", self._health)
         return app
@@ -392,6 +455,41 @@ class Simulator:
 
     # -- handlers ------------------------------------------------------------------------------
 
+    def _reply(self, failure: _Failure, headers: dict[str, str] | None = None) -> web.Response:
+        return web.json_response(failure.body(self.config.flavor), status=failure.status, headers=headers)
+
+    @web.middleware
+    async def _http_errors(self, request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Turn aiohttp's plain-text 4xx into JSON error bodies a provider's SDK can parse."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            allow = exc.headers.get("Allow")
+            return self._reply(_http_failure(request, exc), headers={"Allow": allow} if allow else None)
+
+    async def _models(self, _request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_entry(m) for m in MODEL_IDS]})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model not in MODEL_IDS:
+            return self._reply(_Failure(404, f"The model '{model}' does not exist", code="model_not_found",
+                                        param="model"))
+        return web.json_response(self._model_entry(model))
+
+    def _model_entry(self, model: str) -> dict[str, Any]:
+        """OpenAI's model object; OpenRouter's list adds a display name and per-token prices."""
+        entry: dict[str, Any] = {"id": model, "object": "model", "created": _MODELS_CREATED,
+                                 "owned_by": "flashcard-pipeline"}
+        if self.config.flavor == "openrouter":
+            entry["name"] = f"Simulated: {model}"
+            entry["pricing"] = {"prompt": _per_token(PROMPT_PRICE_PER_MILLION),
+                                "completion": _per_token(COMPLETION_PRICE_PER_MILLION)}
+        return entry
+
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -405,17 +503,19 @@ class Simulator:
             chat = self._parse(await request.read())
         except _BadRequest as exc:
             stats.outcomes[Outcome.BAD_REQUEST] += 1
-            return _error(400, str(exc), "invalid_request_error", "invalid_request")
+            return self._reply(_Failure(400, str(exc), code=exc.code, param=exc.param,
+                                        metadata={"param": exc.param} if exc.param else {}))
         stats.stages[chat.stage] += 1
 
         entry, wait = self._window.admit(chat.prompt_tokens)
         if entry is None:
             stats.outcomes[Outcome.RATE_LIMITED] += 1
-            return _error(429, "Rate limit exceeded: "
-                          f"requests_per_minute={self.config.requests_per_minute}, "
-                          f"tokens_per_minute={self.config.tokens_per_minute}; retry later.",
-                          "rate_limit_error", "rate_limit_exceeded",
-                          headers={"Retry-After": str(max(1, math.ceil(wait))), **self._limit_headers()})
+            headers = {"Retry-After": str(max(1, math.ceil(wait))), **self._limit_headers()}
+            return self._reply(_Failure(429, "Rate limit exceeded: "
+                                        f"requests_per_minute={self.config.requests_per_minute}, "
+                                        f"tokens_per_minute={self.config.tokens_per_minute}; retry later.",
+                                        code="rate_limit_exceeded", metadata={"headers": headers}),
+                               headers=headers)
 
         rng = self._request_rng(chat)
         fault = self._pick_fault(rng)
@@ -436,12 +536,15 @@ class Simulator:
         if fault is Outcome.SERVER_ERROR:
             stats.outcomes[fault] += 1
             status = rng.choice((500, 502, 503))
-            return _error(status, f"Simulated upstream failure (HTTP {status}).", "server_error", status)
+            return self._reply(_Failure(status, f"Simulated upstream failure (HTTP {status}).", metadata={
+                "provider_name": _UPSTREAM, "raw": f"upstream answered HTTP {status}"}))
         if fault is Outcome.RATE_LIMIT:
             stats.outcomes[fault] += 1
-            return _error(429, "Simulated provider rate limit; retry later.", "rate_limit_error",
-                          "rate_limit_exceeded", headers={"Retry-After": str(self.config.retry_after_seconds)})
+            return self._reply(_Failure(429, "Simulated provider rate limit; retry later.", code="rate_limit_exceeded",
+                                        metadata={"provider_name": _UPSTREAM, "raw": "upstream rate limit"}),
+                               headers={"Retry-After": str(self.config.retry_after_seconds)})
         if fault is Outcome.ERROR_IN_BODY:
+            # OpenRouter-only behaviour, so OpenRouter's shape whatever the flavor: OpenAI has no error-in-200.
             stats.outcomes[fault] += 1
             return web.json_response({"error": {
                 "code": 502, "message": "upstream provider failed",
@@ -455,7 +558,11 @@ class Simulator:
         try:
             body = _ChatBody.model_validate_json(raw)
         except ValidationError as exc:
-            raise _BadRequest(f"invalid request body: {_first_error(exc)}") from exc
+            raise _BadRequest(f"invalid request body: {_first_error(exc)}", param=_param_of(exc)) from exc
+        if body.stream:
+            raise _BadRequest("stream=true is not supported by the simulator: it answers with one JSON body, "
+                              "never server-sent events; leave stream out or set it to false",
+                              param="stream", code="unsupported_parameter")
         schema = (body.response_format or {}).get("json_schema")
         name = schema.get("name") if isinstance(schema, dict) else None
         stage = Stage(name) if name in (Stage.TERM_ANALYSIS, Stage.FLASHCARD_SET) else Stage.OTHER
@@ -481,7 +588,7 @@ class Simulator:
                                        hints={str(k): str(v) for k, v in second.hints.items() if v is not None})
             except (ValidationError, ValueError) as exc:
                 detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
-                raise _BadRequest(f"invalid <input> for {stage.value}: {detail}") from exc
+                raise _BadRequest(f"invalid <input> for {stage.value}: {detail}", param="messages") from exc
             answer = result.model_dump(mode="json")
         return _Chat(model=body.model, stage=stage, term=term, answer=answer, prompt_tokens=prompt_tokens,
                      max_tokens=body.max_tokens)
@@ -555,19 +662,30 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}"
 
 
+def _param_of(exc: ValidationError) -> str | None:
+    """The top-level request field the first error is about, for ``error.param``."""
+    loc = exc.errors(include_url=False)[0]["loc"]
+    return loc[0] if loc and isinstance(loc[0], str) else None
+
+
+def _per_token(per_million: float) -> str:
+    """OpenRouter's price notation: USD per token as a plain decimal string."""
+    return f"{per_million / 1e6:.12f}".rstrip("0").rstrip(".")
+
+
 def _input_block(messages: list[_Message]) -> Any:
     """The JSON between ``<input>`` and ``</input>`` in the last user message."""
     user = next((m for m in reversed(messages) if m.role == "user"), None)
     if user is None:
-        raise _BadRequest("no user message")
+        raise _BadRequest("no user message", param="messages")
     text = user.text
     start, end = text.find("<input>"), text.rfind("</input>")
     if start < 0 or end < start:
-        raise _BadRequest("the last user message has no <input>...</input> block")
+        raise _BadRequest("the last user message has no <input>...</input> block", param="messages")
     try:
         return json.loads(text[start + len("<input>"): end])
     except json.JSONDecodeError as exc:
-        raise _BadRequest(f"the <input> block is not valid JSON: {exc}") from exc
+        raise _BadRequest(f"the <input> block is not valid JSON: {exc}", param="messages") from exc
 
 
 def _break_schema(chat: _Chat, rng: random.Random) -> dict[str, Any]:
