@@ -121,7 +121,7 @@ async def fail(client: LLMClient, request: ChatRequest | None = None) -> Structu
 # --- request shape -------------------------------------------------------------------------------
 
 
-async def test_openrouter_request_has_url_auth_attribution_and_usage_include(make_client: MakeClient) -> None:
+async def test_openrouter_request_has_url_auth_and_attribution(make_client: MakeClient) -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -137,7 +137,7 @@ async def test_openrouter_request_has_url_auth_attribution_and_usage_include(mak
     assert sent.method == "POST"
     assert str(sent.url) == "https://openrouter.ai/api/v1/chat/completions"
     assert sent.headers["authorization"] == f"Bearer {KEY}"
-    assert sent.headers["x-title"] == "flashcard-pipeline"
+    assert sent.headers["x-openrouter-title"] == "flashcard-pipeline"
     assert sent.headers["http-referer"]
     body = json.loads(sent.content)
     assert body["model"] == "openai/gpt-4o-mini"
@@ -146,7 +146,7 @@ async def test_openrouter_request_has_url_auth_attribution_and_usage_include(mak
     assert body["temperature"] == 0.2
     assert body["max_tokens"] == 800
     assert body["response_format"] == schema
-    assert body["usage"] == {"include": True}
+    assert "usage" not in body
     assert body["provider"] == {"sort": "price"}
 
 
@@ -559,8 +559,8 @@ def test_openrouter_key_from_argument_or_environment() -> None:
     from_env = resolve_provider("openrouter", env={"OPENROUTER_API_KEY": "env-key"})
     assert from_env.api_key is not None and from_env.api_key.get_secret_value() == "env-key"
     assert from_env.base_url == "https://openrouter.ai/api/v1"
-    assert from_env.extra_body == {"usage": {"include": True}}
-    assert {"HTTP-Referer", "X-Title"} <= set(from_env.extra_headers)
+    assert from_env.extra_body == {}
+    assert {"HTTP-Referer", "X-OpenRouter-Title"} <= set(from_env.extra_headers)
 
     explicit = resolve_provider(ProviderName.OPENROUTER, api_key=SecretStr("arg-key"),
                                 env={"OPENROUTER_API_KEY": "env-key"})

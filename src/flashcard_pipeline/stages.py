@@ -8,14 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from flashcard_pipeline.errors import ConfigurationError, MalformedJSONError, SchemaViolationError
-from flashcard_pipeline.llm.types import ChatMessage, ChatRequest
+from flashcard_pipeline.llm.capabilities import CHAT, ModelCapabilities, ModelKind, capabilities_for, parse_model_kind
+from flashcard_pipeline.llm.providers import ProviderName
+from flashcard_pipeline.llm.types import ChatMessage, ChatRequest, check_params
 from flashcard_pipeline.models import (
     FlashcardSet,
     TermAnalysis,
@@ -44,6 +47,36 @@ def language_name(value: str) -> str:
     return LANGUAGE_NAMES.get(value.lower(), value[:1].upper() + value[1:])
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON a provider accepts")
+
+
+def _param_value(raw: str) -> Any:
+    """JSON when it parses (``7``, ``0.9``, ``true``, ``{"effort": "high"}``), else the text itself (``high``)."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError:
+        return raw.strip()
+
+
+def parse_params(pairs: Iterable[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` options as body fields; a repeated key keeps its last value.
+
+    Raises :class:`ConfigurationError` for a pair without ``=`` or a key, and for keys the pipeline
+    sends itself (see :data:`~flashcard_pipeline.llm.types.RESERVED_PARAMS`).
+    """
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigurationError(f"--param expects KEY=VALUE (VALUE may be JSON), got {pair!r}",
+                                     code="invalid_param", details={"param": pair})
+        params[key] = _param_value(raw)
+    check_params(params)
+    return params
+
+
 @dataclass(frozen=True)
 class StageSettings:
     """Everything that shapes a stage request apart from the item itself."""
@@ -55,10 +88,33 @@ class StageSettings:
     nuance_prompt: PromptTemplate = field(default_factory=lambda: load_prompt(DEFAULT_PROMPTS[NUANCE]))
     cards_prompt: PromptTemplate = field(default_factory=lambda: load_prompt(DEFAULT_PROMPTS[CARDS]))
     extra_body: dict[str, Any] = field(default_factory=dict)
+    #: ``--param`` values, from :func:`parse_params`.
+    params: dict[str, Any] = field(default_factory=dict)
+    model_kind: ModelKind = ModelKind.AUTO
+
+    def __post_init__(self) -> None:
+        check_params(self.params)
+        object.__setattr__(self, "model_kind", parse_model_kind(self.model_kind))
 
     @property
     def prompt_versions(self) -> dict[str, str]:
         return {NUANCE: self.nuance_prompt.version, CARDS: self.cards_prompt.version}
+
+    @property
+    def capabilities(self) -> ModelCapabilities:
+        return capabilities_for(self.provider, self.model, self.model_kind)
+
+    @property
+    def run_key_material(self) -> dict[str, Any]:
+        """What ``--param`` and the model's kind add to a run's identity; empty for a chat model without
+        ``--param``, so run keys from before these options existed stay valid."""
+        material: dict[str, Any] = {}
+        if self.params:
+            material["params"] = self.params
+        if self.capabilities != CHAT:
+            material["capabilities"] = {"token_parameter": self.capabilities.token_parameter,
+                                        "temperature": self.capabilities.supports_temperature}
+        return material
 
 
 @dataclass(frozen=True)
@@ -86,12 +142,15 @@ def cache_key_for(provider: str, request: ChatRequest, prompt_version: str, upst
     """Hash of provider, model, every generation parameter, prompt version, messages and schema.
 
     The item's position is deliberately absent: the same term at another place in another list
-    is the same question and gets the same (already paid) answer.
+    is the same question and gets the same (already paid) answer. So is OpenRouter's default
+    ``require_parameters``: it picks who answers, not what is asked, and leaving it out keeps the keys
+    of answers cached before it was sent. A ``--param provider=...`` is the user's choice and counts.
     """
+    body = replace(request, require_parameters=False).to_body()
     material = {
         "provider": provider,
         "prompt_version": prompt_version,
-        "body": {k: v for k, v in request.to_body().items() if k not in ("usage", "stream")},
+        "body": {k: v for k, v in body.items() if k not in ("usage", "stream")},
         "upstream": upstream,
     }
     return sha256_text(_canonical(material))
@@ -101,12 +160,17 @@ def _build(stage: str, template: PromptTemplate, settings: StageSettings, payloa
            output: type[BaseModel], upstream: str | None = None) -> StageRequest:
     system, user = template.render(language=settings.language, learner_language=settings.learner_language,
                                    input_json=json.dumps(payload, ensure_ascii=False, sort_keys=True, indent=1))
+    capabilities = settings.capabilities
     request = ChatRequest(
         model=settings.model,
         messages=(ChatMessage("system", system), ChatMessage("user", user)),
         response_format=_response_format(stage, output),
-        temperature=template.temperature,
+        temperature=template.temperature if capabilities.supports_temperature else None,
         max_tokens=template.max_tokens,
+        token_parameter=capabilities.token_parameter,
+        params=settings.params,
+        # Without it OpenRouter may route to an upstream that ignores the schema.
+        require_parameters=settings.provider == ProviderName.OPENROUTER,
         extra_body=settings.extra_body,
     )
     return StageRequest(stage=stage, request=request, prompt_version=template.version,

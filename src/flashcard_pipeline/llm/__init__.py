@@ -1,5 +1,12 @@
 """LLM access: provider resolution, the async chat-completions client and the policy seam."""
 
+from flashcard_pipeline.llm.capabilities import (
+    ModelCapabilities,
+    ModelKind,
+    capabilities_for,
+    model_kind_of,
+    parse_model_kind,
+)
 from flashcard_pipeline.llm.client import (
     LLMClient,
     estimate_request_tokens,
@@ -9,9 +16,10 @@ from flashcard_pipeline.llm.client import (
 )
 from flashcard_pipeline.llm.policy import CallContext, CallPolicy, DirectPolicy, PolicyPipeline
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
-from flashcard_pipeline.llm.types import ChatMessage, ChatRequest, ChatResponse, Usage
+from flashcard_pipeline.llm.types import RESERVED_PARAMS, ChatMessage, ChatRequest, ChatResponse, Usage, check_params
 
 __all__ = [
+    "RESERVED_PARAMS",
     "CallContext",
     "CallPolicy",
     "ChatMessage",
@@ -19,12 +27,18 @@ __all__ = [
     "ChatResponse",
     "DirectPolicy",
     "LLMClient",
+    "ModelCapabilities",
+    "ModelKind",
     "PolicyPipeline",
     "ProviderConfig",
     "ProviderName",
     "Usage",
+    "capabilities_for",
+    "check_params",
     "estimate_request_tokens",
     "estimate_tokens",
+    "model_kind_of",
+    "parse_model_kind",
     "parse_retry_after",
     "redact",
     "resolve_provider",

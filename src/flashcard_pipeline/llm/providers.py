@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from flashcard_pipeline.errors import ConfigurationError
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
-#: OpenRouter attributes traffic to an app through these headers.
+#: OpenRouter attributes traffic to an app through ``HTTP-Referer`` and ``X-OpenRouter-Title``
+#: (``X-Title`` is the legacy name).
 APP_URL = "https://github.com/flashcard-pipeline/flashcard-pipeline"
 APP_TITLE = "flashcard-pipeline"
 
@@ -99,7 +100,6 @@ def resolve_provider(
         ) from None
 
     headers: dict[str, str] = {}
-    body: dict[str, Any] = {}
     if provider is ProviderName.OPENROUTER:
         url = base_url or OPENROUTER_BASE_URL
         key = _key_from(api_key, env, "OPENROUTER_API_KEY")
@@ -110,8 +110,8 @@ def resolve_provider(
                 code="missing_api_key",
                 details={"provider": provider.value, "env_var": "OPENROUTER_API_KEY"},
             )
-        headers = {"HTTP-Referer": APP_URL, "X-Title": APP_TITLE}
-        body = {"usage": {"include": True}}
+        # No ``usage: {include: true}``: OpenRouter deprecated it and now always reports ``usage.cost``.
+        headers = {"HTTP-Referer": APP_URL, "X-OpenRouter-Title": APP_TITLE}
     elif provider is ProviderName.OPENAI_COMPATIBLE:
         if not base_url:
             raise ConfigurationError(
@@ -139,7 +139,7 @@ def resolve_provider(
     }
     try:
         return ProviderConfig(
-            name=provider, base_url=url, api_key=key, extra_headers=headers, extra_body=body, **timeouts
+            name=provider, base_url=url, api_key=key, extra_headers=headers, **timeouts
         )
     except ValidationError as exc:
         problems = "; ".join(
