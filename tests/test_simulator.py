@@ -190,10 +190,12 @@ async def test_other_schemas_get_an_empty_json_object() -> None:
         assert sim.stats().stages["other"] == 1
 
 
-async def test_max_tokens_cuts_the_answer_with_finish_reason_length() -> None:
+@pytest.mark.parametrize("budget", ["max_tokens", "max_completion_tokens"])
+async def test_max_tokens_cuts_the_answer_with_finish_reason_length(budget: str) -> None:
     async with started() as (sim, client):
         body = analysis_body()
-        body["max_tokens"] = 20
+        body.pop("max_tokens", None)
+        body[budget] = 20
         response = await client.post("/chat/completions", json=body)
         choice = response.json()["choices"][0]
         assert choice["finish_reason"] == "length"

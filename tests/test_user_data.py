@@ -4,7 +4,10 @@ partial decks, unreachable services, and what a simulated run costs."""
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -14,7 +17,7 @@ from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.config import CacheSettings
 from flashcard_pipeline.storage.db import open_database, resolve_database_url
 from flashcard_pipeline.storage.ledger import Ledger
-from tests.conftest import REDIS_URL, require_service
+from tests.conftest import REDIS_URL, json_server, require_service
 
 runner = CliRunner()
 #: Nothing listens here, so a Redis URL pointing at it is unreachable at once.
@@ -189,3 +192,48 @@ def test_a_simulated_run_says_it_spent_no_money(tmp_path: Path, sqlite_url: str)
     code, _, stderr = simulated(words(tmp_path, 8, "more.csv"), sqlite_url, tmp_path / "p.jsonl",
                                 "--max-cost", "0.001")
     assert code == 3 and "budget" in stderr
+
+
+def _answering(bodies: list[dict]) -> Callable[[Any], tuple[int, Any]]:
+    """An OpenAI-compatible provider that records every request body and answers like a good model."""
+    from flashcard_pipeline.models import TermAnalysis
+    from flashcard_pipeline.simulator.content import analysis_for, cards_for
+
+    def answer(body: Any) -> tuple[int, Any]:
+        bodies.append(body)
+        data = json.loads(re.search(r"<input>\s*(.*?)\s*</input>", body["messages"][-1]["content"], re.S).group(1))
+        if "analysis" in data:
+            content = cards_for(data["term"], TermAnalysis.model_validate(data["analysis"])).model_dump_json()
+        else:
+            content = analysis_for(data["term"]).model_dump_json()
+        return 200, {"id": "x", "model": body["model"], "usage": {"prompt_tokens": 10, "completion_tokens": 10},
+                     "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+
+    return answer
+
+
+def test_param_and_model_kind_reach_the_wire_and_the_run_and_cache_keys(tmp_path: Path, sqlite_url: str) -> None:
+    source = words(tmp_path, 2)
+    bodies: list[dict] = []
+    with json_server(_answering(bodies)) as url:
+        base = ["process", str(source), "--provider", "openai-compatible", "--base-url", url, "--model", "my-model",
+                "--db", sqlite_url, "-o", str(tmp_path / "o.jsonl")]
+        code, stdout, stderr = run_cli(*base, "--param", "seed=7", "--param", 'reasoning={"effort": "low"}',
+                                       "--model-kind", "reasoning")
+        assert code == 0, stderr
+        assert len(bodies) == 4 and {b["seed"] for b in bodies} == {7}
+        assert all(b["reasoning"] == {"effort": "low"} and "temperature" not in b and "max_tokens" not in b
+                   and b["max_completion_tokens"] > 0 for b in bodies)
+        assert run_cli(*base, "--param", 'reasoning={"effort":"low"}', "--param", "seed=7",
+                       "--model-kind", "reasoning")[1].count("0 API calls") == 1, "the same settings resume the run"
+        code, stdout, _ = run_cli(*base, "--param", "seed=8", "--model-kind", "reasoning")
+        assert code == 0 and "run 2" in stdout and "4 API calls" in stdout, "other params are another run"
+        code, stdout, _ = run_cli(*base)
+        assert "run 3" in stdout and "4 API calls" in stdout and all(
+            "temperature" in b and "max_tokens" in b for b in bodies[-4:]), "a chat model by its name"
+        code, stdout, _ = run_cli("cache", "warm", str(source), "--provider", "openai-compatible", "--model",
+                                  "my-model", "--param", "seed=8", "--model-kind", "reasoning", "--db", sqlite_url,
+                                  "--json")
+        assert code == 0 and json.loads(stdout)["already_cached"] == 4, "cache warm addresses the same answers"
+    code, _, stderr = run_cli(*base, "--param", "noequals")
+    assert code == 2 and "--param" in stderr and len(stderr.strip().splitlines()) == 1

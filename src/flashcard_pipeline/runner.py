@@ -13,7 +13,8 @@ import contextlib
 import hashlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from flashcard_pipeline.export import (
     write_export,
 )
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
+from flashcard_pipeline.llm.capabilities import ModelKind
 from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
 from flashcard_pipeline.llm.policy import CallPolicy, PolicyPipeline
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
@@ -63,6 +65,7 @@ DEFAULT_MODELS = {
     ProviderName.SIMULATED: "simulated/flashcard-sim",
 }
 EXPORT_FORMATS = FORMATS
+MODEL_KIND_ENV = "FLASHCARD_MODEL_KIND"
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ class ProcessOptions:
     timeout: float | None = None
     #: The input file's text encoding.
     encoding: str = "utf-8"
+    #: Extra request body fields (``--param KEY=VALUE``): part of the run and cache keys.
+    params: dict[str, Any] = field(default_factory=dict)
+    #: ``auto`` (the model-name table), ``chat`` or ``reasoning``; ``None`` reads FLASHCARD_MODEL_KIND.
+    model_kind: str | None = None
 
     @property
     def export_format(self) -> str:
@@ -244,11 +251,17 @@ def _provider(options: ProcessOptions, simulator_url: str | None) -> ProviderCon
                             read_timeout=options.timeout, require_key=not options.dry_run, **kwargs)
 
 
+def model_kind_setting(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
+    """``--model-kind``, else FLASHCARD_MODEL_KIND, else ``auto``."""
+    return explicit or (os.environ if env is None else env).get(MODEL_KIND_ENV, "").strip() or ModelKind.AUTO.value
+
+
 def _settings(options: ProcessOptions, provider: ProviderConfig) -> StageSettings:
     model = options.model or DEFAULT_MODELS[provider.name]
     return StageSettings(provider=provider.name.value, model=model, language=language_name(options.language),
                          learner_language=language_name(options.learner_language),
-                         extra_body=dict(provider.extra_body))
+                         extra_body=dict(provider.extra_body), params=dict(options.params),
+                         model_kind=model_kind_setting(options.model_kind, options.env))
 
 
 def _run_key(options: ProcessOptions, settings: StageSettings, input_sha: str, provider: ProviderConfig) -> str:
@@ -259,6 +272,7 @@ def _run_key(options: ProcessOptions, settings: StageSettings, input_sha: str, p
         "limit": options.limit, "start_from": options.start_from,
         # The encoding decides what the terms are: a list re-read in the right one is a different run.
         "encoding": codecs.lookup(options.encoding).name,
+        **settings.run_key_material,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
@@ -312,7 +326,8 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
                 ledger.create_run, run_key=run_key, input_path=str(options.input_path.resolve()),
                 input_sha256=input_sha, provider=settings.provider, model=settings.model,
                 settings={"prompts": settings.prompt_versions, "limit": options.limit,
-                          "start_from": options.start_from, "force": options.force},
+                          "start_from": options.start_from, "force": options.force,
+                          **settings.run_key_material},
                 target_language=settings.language, learner_language=settings.learner_language,
                 simulated=provider.name is ProviderName.SIMULATED, items=itertools.chain([first], items))
             problems = list(reader.problems)

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from flashcard_pipeline.cli.breaker_commands import breaker_app
 from flashcard_pipeline.cli.maintenance import cache_app, db_app
+from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
 from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, money, stderr_console
 from flashcard_pipeline.cli.progress import ConsoleReporter
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
@@ -27,6 +28,7 @@ from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
 from flashcard_pipeline.resilience.retry import RetryConfig
 from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
 from flashcard_pipeline.simulator import Simulator, SimulatorConfig, serve
+from flashcard_pipeline.stages import parse_params
 from flashcard_pipeline.storage.schema import RunStatus
 
 app = typer.Typer(
@@ -136,6 +138,8 @@ def process_command(
                                                   min=0.001)] = None,
     encoding: Annotated[str, typer.Option(help="Text encoding of INPUT (utf-8 with or without BOM; or cp949, "
                                                "euc-kr, latin-1, ...).")] = "utf-8",
+    param: ParamOption = None,
+    model_kind: ModelKindOption = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
     err = stderr_console()
@@ -147,7 +151,7 @@ def process_command(
             max_cost=max_cost, simulator=parse_sim_options(sim or []), retry=_retry_config(max_attempts),
             breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
             deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout,
-            encoding=encoding)
+            encoding=encoding, params=parse_params(param or []), model_kind=model_kind)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None

@@ -15,12 +15,13 @@ from rich.table import Table
 
 from flashcard_pipeline.cache.backends import CacheTypeStats, DatabaseCacheBackend, RedisCacheBackend, make_cache
 from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache
+from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
 from flashcard_pipeline.cli.output import fail
 from flashcard_pipeline.config import CacheSettings, DatabaseSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError, InvalidResponseError
 from flashcard_pipeline.ingest import VocabularyReader
 from flashcard_pipeline.llm.providers import ProviderName
-from flashcard_pipeline.runner import DEFAULT_MODELS
+from flashcard_pipeline.runner import DEFAULT_MODELS, model_kind_setting
 from flashcard_pipeline.services import check_redis
 from flashcard_pipeline.stages import (
     CARDS,
@@ -31,6 +32,7 @@ from flashcard_pipeline.stages import (
     build_nuance_request,
     language_name,
     parse_nuance,
+    parse_params,
 )
 from flashcard_pipeline.storage.db import open_database, pool_monitor
 from flashcard_pipeline.storage.ledger import Ledger
@@ -195,6 +197,8 @@ def cache_warm(
     language: Annotated[str, typer.Option()] = "ko",
     learner_language: Annotated[str, typer.Option()] = "en",
     encoding: Annotated[str, typer.Option(help="Text encoding of INPUT.")] = "utf-8",
+    param: ParamOption = None,
+    model_kind: ModelKindOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fill the cache for INPUT from answers already paid for (stored run results, or the database cache when
@@ -202,7 +206,8 @@ def cache_warm(
     reader = VocabularyReader(input_path, encoding=encoding)
     reader.detect()
     settings = StageSettings(provider=provider.value, model=model or DEFAULT_MODELS[provider],
-                             language=language_name(language), learner_language=language_name(learner_language))
+                             language=language_name(language), learner_language=language_name(learner_language),
+                             params=parse_params(param or []), model_kind=model_kind_setting(model_kind))
     ledger, cache = _backend(db)
     report = asyncio.run(_warm(reader, settings, ledger, cache))
     ledger.engine.dispose()

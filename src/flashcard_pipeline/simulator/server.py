@@ -245,6 +245,8 @@ class _ChatBody(BaseModel):
     messages: list[_Message] = Field(min_length=1)
     response_format: dict[str, Any] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    #: What OpenAI's reasoning models take instead of ``max_tokens``; the same budget here.
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     stream: bool | None = None
 
 
@@ -591,7 +593,7 @@ class Simulator:
                 raise _BadRequest(f"invalid <input> for {stage.value}: {detail}", param="messages") from exc
             answer = result.model_dump(mode="json")
         return _Chat(model=body.model, stage=stage, term=term, answer=answer, prompt_tokens=prompt_tokens,
-                     max_tokens=body.max_tokens)
+                     max_tokens=body.max_completion_tokens or body.max_tokens)
 
     def _request_rng(self, chat: _Chat) -> random.Random:
         """An RNG per (stage, term, attempt): faults repeat run to run whatever the request order."""
