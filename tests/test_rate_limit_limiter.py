@@ -276,6 +276,31 @@ async def test_sharded_reservations_cancel_on_every_shard() -> None:
 
 
 
+async def test_a_burst_cut_below_one_call_per_shard_uses_fewer_shards_and_never_adds_tokens() -> None:
+    """An adaptive cut to 2.5 requests of burst over 4 shards would leave 0.625 each: no call could ever fit."""
+    clock = FakeClock()
+    limiter = ShardedRateLimiter(40 / 60, 40, shards=4, clock=clock, min_shard_burst=1.0)
+    assert limiter.shards == 4 and limiter.configured_shards == 4
+    await limiter.set_limit(2.5 / 60, 2.5)
+    assert limiter.shards == 2 and [s.burst for s in limiter._shards] == [1.25, 1.25]
+    assert limiter.available() <= 2.5
+    granted = sum([await limiter.try_acquire(key=f"k{i}") for i in range(50)])
+    assert granted == 2, "each shard in use holds one call; the set-aside ones admit nothing"
+    assert await limiter.acquire(key="waits") > 0, "a call is still granted (after a wait), never refused"
+    await limiter.set_limit(0.5 / 60, 0.5)
+    assert limiter.shards == 1, "under one call in all: a single shard, as unsharded"
+    await limiter.set_limit(40 / 60, 40)
+    assert limiter.shards == 4
+    assert [s.available(clock.monotonic()) for s in limiter._shards[1:]] == [0.0, 0.0, 0.0], \
+        "shards rejoin empty: changing how many are used never hands out a burst"
+
+
+async def test_without_a_minimum_a_sharded_limiter_keeps_every_shard() -> None:
+    limiter = ShardedRateLimiter(1.0, 40, shards=4, clock=FakeClock())
+    await limiter.set_limit(0.1, 2.0)
+    assert limiter.shards == 4 and limiter._shards[0].burst == 0.5, "fractional takes may use any shard"
+
+
 def _levels(limiter: ShardedRateLimiter) -> list[float]:
     now = limiter.clock.monotonic()
     return [shard.available(now) for shard in limiter._shards]

@@ -24,6 +24,7 @@ from flashcard_pipeline.config import RateLimitSettings
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError, ServerError
 from flashcard_pipeline.llm.policy import CallContext, DirectPolicy, PolicyPipeline
 from flashcard_pipeline.llm.types import ChatResponse, Usage
+from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig, CircuitBreakerPolicy
 from flashcard_pipeline.resilience.rate_limit_policy import (
     MemoryLimits,
     RateLimitHeaders,
@@ -440,3 +441,157 @@ def test_process_accepts_rpm_and_tpm_and_rejects_a_bad_environment(tmp_path: Pat
     monkeypatch.setenv("RL_SHARDS", "many")
     bad = cli.invoke(app, ["process", str(words), "--provider", "simulated", "--db", db])
     assert bad.exit_code == 2 and "RL_SHARDS" in bad.output
+
+
+# -- RL_SHARDS against the limit -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("settings", "named", "fits"), [
+    (RateLimitSettings(shards=4), "RL_INITIAL_REQUESTS_PER_MINUTE (where the adaptive limit starts) is 60", 1),
+    (RateLimitSettings(shards=4, requests_per_minute=150), "RL_REQUESTS_PER_MINUTE (--rpm) is 150", 3),
+])
+def test_shards_that_cannot_each_hold_one_call_are_refused_when_the_policy_is_built(settings: RateLimitSettings,
+                                                                                     named: str, fits: int) -> None:
+    """At 60/min the 2% burst is 1.2 requests: four shards of 0.3 would refuse every call."""
+    with pytest.raises(ConfigurationError) as refused:
+        RateLimitPolicy(settings, clock=FakeClock())
+    message = str(refused.value)
+    assert "\n" not in message and "tokens" not in message
+    assert message.startswith("RL_SHARDS=4 needs a requests limit of at least 200 per minute")
+    assert named in message and message.endswith(f"raise it or set RL_SHARDS={fits}")
+    assert refused.value.code == "requests_limit_too_small"
+
+
+async def test_at_the_stated_minimum_every_shard_holds_one_call() -> None:
+    policy = RateLimitPolicy(RateLimitSettings(shards=4, requests_per_minute=200, adaptive=False), clock=FakeClock())
+
+    async def call() -> str:
+        return "sent"
+
+    assert [await policy.execute(call, context(key=f"k{i}")) for i in range(4)] == ["sent"] * 4
+    limiter = policy.group("p", "m").requests.limiter
+    assert isinstance(limiter, ShardedRateLimiter) and limiter.shards == 4
+    assert all(shard.burst >= 1.0 for shard in limiter._shards)
+
+
+def test_shards_are_not_checked_against_a_limit_there_is_none_of_or_that_redis_holds() -> None:
+    RateLimitPolicy(RateLimitSettings(shards=64, adaptive=False), clock=FakeClock())  # unlimited: nothing to split
+    RateLimitPolicy(RateLimitSettings(shards=4, initial_requests_per_minute=200), clock=FakeClock())
+    # Redis keeps one shared bucket whatever RL_SHARDS says (nothing connects until the first call).
+    redis = RateLimitPolicy(RateLimitSettings(shards=4, backend="redis", redis_url="redis://127.0.0.1:1/0"))
+    assert redis.limits.name == "redis"
+
+
+def test_a_limit_too_small_for_one_call_is_refused_unsharded_too() -> None:
+    """0.985 x 1/min plans a bucket of 0.985 requests, which never grants one."""
+    with pytest.raises(ConfigurationError, match=r"^RL_REQUESTS_PER_MINUTE \(--rpm\) is 1: a requests limit under "
+                                                 r"1.02 per minute cannot hold one call"):
+        RateLimitPolicy(RateLimitSettings(requests_per_minute=1), clock=FakeClock())
+
+
+@pytest.mark.parametrize(("per_minute", "warned"), [(1000, True), (2000, False)])
+def test_fewer_than_ten_calls_per_shard_work_but_are_warned_about(per_minute: int, warned: bool,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="flashcard_pipeline.resilience.rate_limit"):
+        RateLimitPolicy(RateLimitSettings(shards=4, requests_per_minute=per_minute), clock=FakeClock())
+    assert any("RL_SHARDS=4 leaves 5 calls per shard" in r.getMessage() for r in caplog.records) is warned
+
+
+async def test_adaptive_cuts_below_what_the_shards_hold_never_make_every_call_fail() -> None:
+    """Each minute a 429 halves the limit, down to the floor; the shards follow and a call still goes through."""
+    clock = FakeClock()
+    policy = RateLimitPolicy(RateLimitSettings(shards=4, initial_requests_per_minute=200), clock=clock)
+    group = policy.group("p", "m")
+
+    async def refused() -> str:
+        raise RateLimitError("429", status_code=429, retry_after=1.0)
+
+    async def accepted() -> tuple[str, ChatResponse]:
+        return "sent", response()
+
+    planned = [group.requests.planned]
+    while True:
+        with pytest.raises(RateLimitError):
+            await policy.execute(refused, context())
+        clock.advance(61)  # one cut per window
+        if group.requests.planned == planned[-1]:
+            break
+        planned.append(group.requests.planned)
+    assert planned[:3] == [200, 100, 50] and len(planned) > 6
+    assert group.requests.planned == pytest.approx(1 / 0.985), "the floor still holds one call"
+    limiter = group.requests.limiter
+    assert isinstance(limiter, ShardedRateLimiter) and limiter.shards == 1 and limiter.configured_shards == 4
+    assert await policy.execute(accepted, context()) == ("sent", response())
+
+
+async def test_a_requests_limit_that_can_never_grant_a_call_says_so_instead_of_blaming_tokens() -> None:
+    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600, adaptive=False), clock=FakeClock())
+    group = policy.group("p", "m")
+    await group.requests.limiter.set_limit(0.01, 0.5)
+
+    async def call() -> str:
+        return "sent"
+
+    with pytest.raises(ConfigurationError, match="the requests limit of 600 per minute can never grant a call") as err:
+        await policy.execute(call, context(tokens=1000))
+    assert "tokens" not in str(err.value) and err.value.code == "requests_limit_too_small"
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    ([], "RL_INITIAL_REQUESTS_PER_MINUTE (where the adaptive limit starts) is 60"),
+    (["--provider", "simulated", "--rpm", "60"], "RL_REQUESTS_PER_MINUTE (--rpm) is 60"),
+])
+def test_the_cli_refuses_rl_shards_4_with_default_limits_in_one_line_before_any_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], named: str) -> None:
+    monkeypatch.setenv("RL_SHARDS", "4")
+    words = tmp_path / "words.txt"
+    words.write_text("사과\n", encoding="utf-8")
+    db = tmp_path / "ledger.db"
+    result = CliRunner().invoke(app, ["process", str(words), "--db", f"sqlite:///{db}", "-o",
+                                      str(tmp_path / "o.jsonl"), *args])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: RL_SHARDS=4 needs a requests limit of at least 200 per minute") and named in line
+    assert not db.exists(), "refused before the run started: nothing was opened, let alone sent"
+
+
+# -- the retry deadline ----------------------------------------------------------------------------------
+
+def _flaky(clock: FakeClock, sent: list[float]):
+    """A call that fails once with a retryable 500, then succeeds; records when each attempt was sent."""
+    async def attempt() -> tuple[str, ChatResponse]:
+        sent.append(clock.monotonic())
+        if len(sent) == 1:
+            raise ServerError("upstream failed", status_code=500)
+        return "sent", response()
+    return attempt
+
+
+def _deadline_retry(clock: FakeClock) -> RetryPolicy:
+    return RetryPolicy(RetryConfig(max_attempts=3, max_elapsed=20, initial_delay=1, max_delay=1,
+                                   jitter_enabled=False), clock=clock, rng=random.Random(0))
+
+
+async def test_waiting_in_the_rate_limiter_does_not_count_against_the_retry_deadline() -> None:
+    """At 3 per minute the second call queues ~30 s; with a 20 s deadline it must still get its retry."""
+    clock = FakeClock()
+    limiter = RateLimitPolicy(RateLimitSettings(requests_per_minute=3, adaptive=False), clock=clock)
+    retry = _deadline_retry(clock)
+    await limiter.execute(_flaky(clock, [0.0]), context(key="first"))  # takes the burst: the next one queues
+    sent: list[float] = []
+    call = _flaky(clock, sent)
+    result = await retry.execute(lambda: limiter.execute(call, context(key="second")), context(key="second"))
+    assert result == ("sent", response())
+    assert len(sent) == 2 and sent[0] >= 29, "the first attempt waited its turn in the limiter"
+    assert retry.stats.retries == 1 and retry.stats.gave_up == 0
+
+
+async def test_the_default_policy_order_skips_limiter_waits_in_the_deadline_too() -> None:
+    """retry, breaker, limiter, as runner.default_policy builds them."""
+    clock = FakeClock()
+    limiter = RateLimitPolicy(RateLimitSettings(requests_per_minute=3, adaptive=False), clock=clock)
+    retry = _deadline_retry(clock)
+    pipeline = PolicyPipeline([retry, CircuitBreakerPolicy(CircuitBreakerConfig(), clock=clock), limiter])
+    await limiter.execute(_flaky(clock, [0.0]), context(key="first"))
+    sent: list[float] = []
+    assert await pipeline.execute(_flaky(clock, sent), context(key="second")) == ("sent", response())
+    assert len(sent) == 2 and sent[0] >= 29 and retry.stats.gave_up == 0

@@ -92,7 +92,8 @@ class RateLimitSettings(BaseSettings):
     tokens_per_minute: float | None = Field(default=None, gt=0)
     algorithm: Literal["token_bucket", "sliding_window"] = "token_bucket"
     shards: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        default=1, description="buckets per limit; 'auto' = max_qps / 2, >= 10 tokens each")
+        default=1, description="buckets for the requests limit (memory backend); 'auto' = max_qps / 2, >= 10 calls "
+                               "each; an explicit N needs >= 1 call per shard (checked when the limiter is built)")
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "flashcard-pipeline:ratelimit:"

@@ -44,10 +44,16 @@ from typing import Any, Literal, Protocol, TypeVar
 from flashcard_pipeline.config import RateLimitSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError, StructuredError
 from flashcard_pipeline.llm.client import header_number
-from flashcard_pipeline.llm.policy import CallContext, CallPolicy, PolicyPipeline
+from flashcard_pipeline.llm.policy import CallContext, CallPolicy, PolicyPipeline, record_pause
 from flashcard_pipeline.llm.types import ChatResponse
 from flashcard_pipeline.resilience.clock import Clock, SystemClock
-from flashcard_pipeline.resilience.rate_limiter import AcquireMetrics, Limiter, RateLimiter, ShardedRateLimiter
+from flashcard_pipeline.resilience.rate_limiter import (
+    MIN_SHARD_CAPACITY,
+    AcquireMetrics,
+    Limiter,
+    RateLimiter,
+    ShardedRateLimiter,
+)
 from flashcard_pipeline.resilience.token_bucket import INF, AlgorithmName
 
 __all__ = [
@@ -57,6 +63,8 @@ __all__ = [
     "MemoryLimits",
     "RateLimitHeaders",
     "RateLimitPolicy",
+    "check_requests_limit",
+    "min_requests_per_minute",
     "parse_duration",
     "plan_limit",
     "rate_limit_policies",
@@ -76,6 +84,8 @@ MIN_POLL = 1e-6
 BINDING_SHARE = 0.8
 #: After a 429 the limit settles at this share of what the provider accepted in the last minute.
 SETTLE = 0.97
+#: What a call takes from the requests limit: its bucket, and each shard of it, must hold this much.
+ONE_CALL = 1.0
 
 Dimension = Literal["requests", "tokens"]
 
@@ -164,6 +174,73 @@ def plan_limit(per_minute: float, *, algorithm: AlgorithmName, safety: float, bu
     return max(usable - burst, usable * 0.1) / WINDOW, burst
 
 
+def _requests_burst(per_minute: float, shards: int, settings: RateLimitSettings, algorithm: AlgorithmName) -> float:
+    """What each of ``shards`` buckets of a requests limit of ``per_minute`` holds."""
+    burst = plan_limit(per_minute, algorithm=algorithm, safety=settings.safety, burst_share=settings.burst_share,
+                       min_burst=ONE_CALL)[1]
+    return burst / shards
+
+
+def min_requests_per_minute(shards: int, settings: RateLimitSettings, algorithm: AlgorithmName) -> float:
+    """The smallest requests limit whose planned burst gives each of ``shards`` buckets one call.
+
+    Found by bisection on :func:`plan_limit` itself rather than by inverting its formula, so the two cannot
+    drift apart (for ``shards`` > 1 it is ``shards / RL_BURST_SHARE`` with the default token bucket).
+    """
+    def holds(per_minute: float) -> bool:
+        return _requests_burst(per_minute, shards, settings, algorithm) >= ONE_CALL
+
+    high = shards * ONE_CALL / min(settings.safety, settings.burst_share)
+    while not holds(high):
+        high *= 2
+    low = 0.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if not low < middle < high:
+            break
+        low, high = (low, middle) if holds(middle) else (middle, high)
+    return high
+
+
+def _rounded_up(value: float) -> float:
+    """``value`` up to two decimals, for a message (never below what is needed)."""
+    return math.ceil(value * 100) / 100
+
+
+def check_requests_limit(settings: RateLimitSettings, shards: int, algorithm: AlgorithmName) -> None:
+    """Refuse, before any call, a requests limit that cannot give each of its ``shards`` buckets one call.
+
+    Such a limit never grants a call: every item would fail. The limit in effect at the start is the
+    configured one (``RL_REQUESTS_PER_MINUTE`` / ``--rpm``) or, for an unknown limit, where the adaptive
+    loop starts (``RL_INITIAL_REQUESTS_PER_MINUTE``). Between one and ``MIN_SHARD_CAPACITY`` calls per
+    shard it works, but calls wait for their shard while another has room: a warning, not an error.
+    """
+    if settings.requests_per_minute is not None:
+        start, source = settings.requests_per_minute, "RL_REQUESTS_PER_MINUTE (--rpm)"
+    elif settings.adaptive:
+        start, source = settings.initial_requests_per_minute, \
+            "RL_INITIAL_REQUESTS_PER_MINUTE (where the adaptive limit starts)"
+    else:
+        return  # no limit at all
+    per_shard = _requests_burst(start, shards, settings, algorithm)
+    if per_shard >= ONE_CALL:
+        if shards > 1 and per_shard < MIN_SHARD_CAPACITY:
+            log.warning("RL_SHARDS=%d leaves %.2g calls per shard at %g requests/min; calls wait for their shard "
+                        "while others have room (RL_SHARDS=auto keeps at least %g per shard)", shards, per_shard,
+                        start, MIN_SHARD_CAPACITY)
+        return
+    needed = _rounded_up(min_requests_per_minute(shards, settings, algorithm))
+    if shards == 1:
+        raise ConfigurationError(f"{source} is {start:g}: a requests limit under {needed:g} per minute cannot "
+                                 "hold one call; raise it", code="requests_limit_too_small")
+    fits = int(per_shard * shards // ONE_CALL)
+    instead = f" or set RL_SHARDS={fits}" if fits >= 1 else ""
+    raise ConfigurationError(
+        f"RL_SHARDS={shards} needs a requests limit of at least {needed:g} per minute (each shard must hold one "
+        f"call of the RL_BURST_SHARE={settings.burst_share:g} burst); {source} is {start:g}: raise it{instead}",
+        code="requests_limit_too_small")
+
+
 # -- backends --------------------------------------------------------------------------------------
 
 class GrantLimiter(Limiter, Protocol):
@@ -208,9 +285,11 @@ class MemoryLimits:
         if self.shards == 1 or not shardable:
             return RateLimiter(rate, burst, algorithm=self.algorithm, clock=self.clock, name=name,
                                reservation_ttl=self.reservation_ttl)
+        # Only the requests limit is sharded, and a call takes one request: a limit cut below what the shards
+        # hold uses fewer of them rather than refusing every call.
         return ShardedRateLimiter(rate, burst, shards=None if self.shards == "auto" else self.shards,
                                   algorithm=self.algorithm, clock=self.clock, name=name,
-                                  reservation_ttl=self.reservation_ttl)
+                                  reservation_ttl=self.reservation_ttl, min_shard_burst=ONE_CALL)
 
     async def take(self, limiters: Sequence[RateLimiter], amounts: Sequence[float],
                    key: str | None) -> tuple[list[Any] | None, float, int]:
@@ -395,11 +474,20 @@ class LimitGroup:
                     blocker = self._dims[blocked]
                     blocker.saturated = True
                     if wait == INF:
-                        raise ConfigurationError(f"{self.label}: a call of {tokens:,.0f} tokens can never be granted",
-                                                 code="call_exceeds_token_limit")
+                        raise self._never(blocker, tokens)
                     await self.clock.sleep(min(max(wait, MIN_POLL), HEAD_POLL))
         finally:
             self._waiting -= 1
+
+    def _never(self, dim: _Dim, tokens: float) -> ConfigurationError:
+        """The error for a call no wait can grant, naming the limit that refuses it."""
+        if dim.name == "tokens":
+            return ConfigurationError(f"{self.label}: a call of {tokens:,.0f} tokens can never be granted",
+                                      code="call_exceeds_token_limit")
+        return ConfigurationError(
+            f"{self.label}: the requests limit of {dim.planned:g} per minute can never grant a call (its bucket holds "
+            f"{dim.limiter.burst:g}); raise RL_REQUESTS_PER_MINUTE or lower RL_SHARDS",
+            code="requests_limit_too_small")
 
     # -- outcomes ----------------------------------------------------------------------------------
 
@@ -501,9 +589,13 @@ class LimitGroup:
         return view.observed > 0 and view.used / (view.planned * view.observed / WINDOW) >= BINDING_SHARE
 
     def _floor(self, dim: _Dim) -> float:
+        """The lowest a cut goes: for requests, what still holds one call (sharded limiters then use fewer
+        shards); for tokens, twice the largest call."""
         floor = self.settings.min_per_minute
         if dim.name == "tokens":
             floor = max(floor, 2 * dim.min_burst / self.settings.safety)
+        else:
+            floor = max(floor, min_requests_per_minute(1, self.settings, self.limits.algorithm))
         return floor
 
     async def _decrease(self, dim: _Dim, view: _View) -> None:
@@ -614,6 +706,9 @@ class RateLimitPolicy:
         self.settings = settings or read_settings(RateLimitSettings)
         self.clock: Clock = clock or SystemClock()
         self.limits: LimitBackend = limits or make_limits(self.settings, self.clock)
+        shards = self.limits.shards if isinstance(self.limits, MemoryLimits) else 1
+        # Before any call: a limit its buckets cannot hold would fail every item with a confusing error.
+        check_requests_limit(self.settings, shards if isinstance(shards, int) else 1, self.limits.algorithm)
         self._groups: dict[tuple[str, str], LimitGroup] = {}
         #: Told ``(group, seconds)`` whenever a 429 pauses every caller of a group, for the progress display.
         self.on_pause: Callable[[LimitGroup, float], Any] | None = None
@@ -645,7 +740,12 @@ class RateLimitPolicy:
 
     async def execute(self, call: Callable[[], Awaitable[T]], context: CallContext) -> T:
         group = self.group(context.provider, context.model)
-        grant = await group.acquire(context.estimated_tokens, context.item_key)
+        started = self.clock.monotonic()
+        try:
+            grant = await group.acquire(context.estimated_tokens, context.item_key)
+        finally:
+            # Queueing for a slot (a 429's pause included) is waiting, not trying: the retry deadline skips it.
+            record_pause(self.clock.monotonic() - started)
         try:
             result = await call()
         except RateLimitError as error:

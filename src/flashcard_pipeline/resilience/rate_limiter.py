@@ -569,19 +569,44 @@ class ShardedRateLimiter(RateLimiter):
     whatever the split.
     ``shards`` defaults to :func:`shard_count` (``max_qps / 2``, at least 10 tokens per shard). Calls
     without a key are spread round-robin.
+
+    ``min_shard_burst`` is the largest single take (the policy's requests limit: one call). While the
+    burst cannot give every shard that much (an adaptive cut, a header limit), only as many shards are
+    used as can hold it, at least one, and the others are set aside empty: without this a shard of
+    ``0.3`` requests would refuse every call. Set-aside shards rejoin empty when the burst allows, so no
+    change of the number in use ever adds tokens.
     """
 
     def __init__(self, rate: float, burst: float, *, shards: int | None = None, max_qps: float | None = None,
                  algorithm: AlgorithmName = "token_bucket", clock: Clock | None = None, name: str = "limit",
-                 reservation_ttl: float = DEFAULT_RESERVATION_TTL) -> None:
+                 reservation_ttl: float = DEFAULT_RESERVATION_TTL, min_shard_burst: float = 0.0) -> None:
         self._count = shard_count(rate if max_qps is None else max_qps, burst, shards)
+        self._min_shard_burst = float(min_shard_burst)
         self._round_robin = itertools.count()
         self._choices: dict[str, tuple[int, int]] = {}
+        #: Every shard, those set aside included (``_shards`` is the leading ones in use).
+        self._all: list[Algorithm] = []
         super().__init__(rate, burst, algorithm=algorithm, clock=clock, name=name, reservation_ttl=reservation_ttl)
 
     def _make_shards(self, rate: float, burst: float, now: float) -> list[Algorithm]:
-        return [make_algorithm(self.algorithm, rate / self._count, burst / self._count, now)
-                for _ in range(self._count)]
+        active = self._in_use(burst)
+        self._all = [make_algorithm(self.algorithm, rate / active, burst / active, now) if index < active
+                     else make_algorithm(self.algorithm, 0.0, 0.0, now) for index in range(self._count)]
+        return self._all[:active]
+
+    def _in_use(self, burst: float) -> int:
+        """All the shards, or only as many as each hold ``min_shard_burst`` (at least one)."""
+        count, unit = self._count, self._min_shard_burst
+        if unit > 0 and burst / count < unit:
+            count = max(1, min(count, int(burst // unit)))
+            while count > 1 and burst / count < unit:  # float division may round below the unit
+                count -= 1
+        return count
+
+    @property
+    def configured_shards(self) -> int:
+        """Shards asked for; :attr:`shards` is how many are in use now."""
+        return self._count
 
     def _pair(self, key: str | None) -> tuple[int, int]:
         count = len(self._shards)
@@ -740,6 +765,30 @@ class ShardedRateLimiter(RateLimiter):
             with shard.lock:
                 waits.append(shard.wait_for(now, n))
         return min(waits)
+
+    async def pause(self, seconds: float) -> None:
+        """Every shard pauses, set-aside ones too: a waiter holding a part there must follow the pause."""
+        if seconds <= 0 or math.isnan(seconds):
+            return
+        now = self._monotonic()
+        for algorithm in self._all:
+            with algorithm.lock:
+                algorithm.pause(now, seconds)
+
+    async def set_limit(self, rate: float, burst: float) -> None:
+        """Split the new limit over as many shards as can each hold ``min_shard_burst``; the rest admit nothing."""
+        now = self._monotonic()
+        active = self._in_use(burst)
+        for index, algorithm in enumerate(self._all):
+            with algorithm.lock:
+                if index < active:
+                    algorithm.set_limit(now, rate / active, burst / active)
+                else:
+                    algorithm.set_limit(now, 0.0, 0.0)
+        if active != len(self._shards):
+            self._shards = self._all[:active]
+            self._choices.clear()  # a key's two shards are chosen among those in use
+        self._rate, self._burst = float(rate), float(burst)
 
     async def refund(self, n: float, *, key: str | None = None) -> None:
         if n <= 0:
