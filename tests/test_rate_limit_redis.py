@@ -32,6 +32,7 @@ from flashcard_pipeline.resilience.rate_limiter import ReservationExpiredError, 
 from flashcard_pipeline.resilience.rate_limiter_redis import RedisLimits, RedisPart, RedisRateLimiter
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.resilience.token_bucket import INF
+from flashcard_pipeline.storage.db import open_database
 from tests.conftest import REDIS_URL, require_service
 from tests.test_rate_limit_bucket import OPS, _Admitted, _Clock, _max_over_intervals
 
@@ -285,6 +286,7 @@ async def test_status_reads_the_live_redis_state(redis_prefix, monkeypatch: pyte
     monkeypatch.setenv("RL_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("RL_REDIS_PREFIX", prefix)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    open_database(db).dispose()  # status reads an existing database; it never makes one
     result = await asyncio.to_thread(CliRunner().invoke, app, ["ratelimit", "status", "--db", db, "--json"])
     assert result.exit_code == 0, result.output
     live = json.loads(result.output)["redis"]
