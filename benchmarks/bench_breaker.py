@@ -14,8 +14,8 @@ that it refuses, catching the exception each time: what a caller pays to learn "
 Each library is used the way its documentation shows for asyncio: pybreaker's ``calling()``
 context manager (its ``call_async`` needs Tornado), aiobreaker's ``call_async``, circuitbreaker's
 ``@circuit`` decorator on a coroutine function, purgatory's ``AsyncCircuitBreakerFactory`` decorator.
-Ours is timed twice: a bare :class:`CircuitBreaker` and the pipeline's :class:`CircuitBreakerPolicy`
-(one breaker per provider and model, looked up on every call).
+Ours is timed twice: a bare :class:`CircuitBreaker` and the engine the pipeline uses, :class:`Resilience`
+with a breaker only (the pipeline of the call's provider and model looked up on every call).
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from importlib.metadata import version
 from typing import Any
 
 from flashcard_pipeline.errors import ServerError
-from flashcard_pipeline.llm.policy import CallContext
-from flashcard_pipeline.resilience.circuit_breaker import CircuitBreaker, CircuitBreakerConfig, CircuitBreakerPolicy
+from flashcard_pipeline.resilience import CallContext, CircuitBreaker, CircuitBreakerConfig, Resilience
 
 CONTEXT = CallContext(stage="nuance", item_key="bench", provider="bench", model="bench", estimated_tokens=1)
 THRESHOLD = 5
@@ -68,8 +67,8 @@ def contenders(failing: bool) -> dict[str, Contender]:
                                                break_duration=OPEN_SECONDS, max_break_duration=OPEN_SECONDS),
                           name="bench/bench")
     ours_execute = ours.execute
-    policy = CircuitBreakerPolicy(CircuitBreakerConfig(min_throughput=THRESHOLD, break_duration=OPEN_SECONDS,
-                                                       max_break_duration=OPEN_SECONDS, max_wait=0.0))
+    policy = Resilience(breaker=CircuitBreakerConfig(min_throughput=THRESHOLD, break_duration=OPEN_SECONDS,
+                                                     max_break_duration=OPEN_SECONDS, max_wait=0.0))
     policy_execute = policy.execute
 
     def with_ours() -> Awaitable[int]:
@@ -101,7 +100,7 @@ def contenders(failing: bool) -> dict[str, Contender]:
     async def with_purgatory() -> int:
         return await target()
 
-    return {"ours (CircuitBreaker)": with_ours, "ours (CircuitBreakerPolicy)": with_policy,
+    return {"ours (CircuitBreaker)": with_ours, "ours (engine: the model's breaker)": with_policy,
             "pybreaker": with_pybreaker, "aiobreaker": with_aiobreaker, "circuitbreaker": with_circuitbreaker,
             "purgatory": with_purgatory}
 

@@ -35,13 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flashcard_pipeline.config import RateLimitSettings
 from flashcard_pipeline.errors import RateLimitError
-from flashcard_pipeline.llm.policy import CallContext, PolicyPipeline
-from flashcard_pipeline.llm.types import ChatResponse, Usage
-from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy
-from flashcard_pipeline.resilience.rate_limiter import RateLimiter, ShardedRateLimiter
-from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
+from flashcard_pipeline.resilience import (
+    CallContext,
+    ProviderAnswer,
+    RateLimiter,
+    RateLimitSettings,
+    Resilience,
+    RetryConfig,
+    ShardedRateLimiter,
+)
 from flashcard_pipeline.resilience.testing import VirtualClock
 
 # -- virtual time for the model ------------------------------------------------------------------------
@@ -72,14 +75,13 @@ async def _model_run(scenario: str, limit_rpm: int, *, settings: RateLimitSettin
     clock = VirtualClock()
     window = _Window(limit_rpm, None, clock.monotonic)
     rng = random.Random(seed)
-    policy = RateLimitPolicy(settings, clock=clock)
-    retry = RetryPolicy(RetryConfig(max_attempts=6, max_elapsed=None), clock=clock, rng=random.Random(seed))
-    pipeline = PolicyPipeline([retry, policy])
+    pipeline = Resilience(retry=RetryConfig(max_attempts=6, max_elapsed=None), ratelimit=settings, clock=clock,
+                          rng=random.Random(seed))
     log: list[tuple[float, bool]] = []
     failed = 0
     duration = minutes * 60
 
-    async def call() -> tuple[str, ChatResponse]:
+    async def call(context: CallContext) -> str:
         entry, wait = window.admit(600)
         if entry is None:
             log.append((clock.monotonic(), False))
@@ -91,15 +93,15 @@ async def _model_run(scenario: str, limit_rpm: int, *, settings: RateLimitSettin
         sent: dict[str, str] = {}
         if headers:
             sent = {"x-ratelimit-limit-requests": str(limit_rpm)}
-        return "ok", ChatResponse(content="{}", finish_reason="stop", usage=Usage(600, 400), model="m",
-                                  response_id=None, latency_s=0.1, status_code=200, headers=sent)
+        context.report(ProviderAnswer(1000, sent))  # what the pipeline's attempt reports: usage, headers
+        return "ok"
 
     async def worker(index: int) -> None:
         nonlocal failed
         for item in itertools.count():
             context = CallContext("nuance", f"w{index}-{item}", "sim", "m", 2100)
             try:
-                await pipeline.execute(call, context)
+                await pipeline.execute(lambda context=context: call(context), context)
             except RateLimitError:
                 failed += 1
 
@@ -112,7 +114,7 @@ async def _model_run(scenario: str, limit_rpm: int, *, settings: RateLimitSettin
     ok = sum(1 for _, success in log if success)
     late = [(t, s) for t, s in log if t >= 60]
     ok_late = sum(1 for _, success in late if success)
-    group = policy.groups[0]
+    group = pipeline.limit_groups[0]
     return ModelResult(
         scenario=scenario, limit_rpm=limit_rpm, minutes=minutes, successes=ok,
         successes_after_first_minute=ok_late,
@@ -161,13 +163,13 @@ def _contenders() -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:
         return lambda: limiter.acquire(key="word")
 
     def ours_policy() -> Callable[[], Awaitable[Any]]:
-        policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=huge * 60, tokens_per_minute=huge * 60))
+        policy = Resilience(ratelimit=RateLimitSettings(requests_per_minute=huge * 60, tokens_per_minute=huge * 60))
         context = CallContext("nuance", "word", "p", "m", 1000)
-        answer = ("ok", ChatResponse(content="{}", finish_reason="stop", usage=Usage(300, 100), model="m",
-                                     response_id=None, latency_s=0.0, status_code=200))
+        answer = ProviderAnswer(400)
 
-        async def call() -> tuple[str, ChatResponse]:
-            return answer
+        async def call() -> str:
+            context.report(answer)  # as the pipeline's attempt does: the usage the refund settles against
+            return "ok"
 
         return lambda: policy.execute(call, context)
 

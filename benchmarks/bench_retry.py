@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from flashcard_pipeline.errors import StructuredError
-from flashcard_pipeline.llm.policy import CallContext
+from flashcard_pipeline.resilience import CallContext
 from flashcard_pipeline.resilience.retry import JitterStrategy, RetryConfig, RetryPolicy
 
 CONTEXT = CallContext(stage="nuance", item_key="bench", provider="bench", model="bench", estimated_tokens=1)

@@ -1,4 +1,4 @@
-"""CircuitBreaker and CircuitBreakerPolicy on a FakeClock: trip rules, the window, half-open probes,
+"""CircuitBreaker and the engine's waiting breakers on a FakeClock: trip rules, the window, half-open probes,
 dynamic breaks, manual control, monitoring, waiting in the pipeline and the interplay with retries.
 
 Nothing sleeps for real. The Hypothesis state machine lives in test_circuit_breaker_model.py, the
@@ -20,6 +20,7 @@ from typing import Any
 import pydantic
 import pytest
 
+from flashcard_pipeline.config import breaker_config
 from flashcard_pipeline.errors import (
     AuthenticationError,
     BadRequestError,
@@ -35,18 +36,17 @@ from flashcard_pipeline.errors import (
     StructuredError,
     error_from_dict,
 )
-from flashcard_pipeline.llm.policy import CallContext, PolicyPipeline
-from flashcard_pipeline.resilience.circuit_breaker import (
+from flashcard_pipeline.resilience import BreakerPause, CallContext, EventHub, PolicyPipeline, Resilience
+from flashcard_pipeline.resilience.breaker import (
     MAX_BREAK_SECONDS,
     BreakDurationArguments,
     CircuitBreaker,
     CircuitBreakerConfig,
     CircuitBreakerManualControl,
-    CircuitBreakerPolicy,
+    CircuitCreated,
     CircuitState,
     CircuitTransition,
     CircuitWaitExceededError,
-    breaker_policies,
     exponential_break_duration,
 )
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
@@ -73,7 +73,9 @@ def config(**overrides: Any) -> CircuitBreakerConfig:
 def make(clock: FakeClock | None = None, **overrides: Any) -> tuple[CircuitBreaker, FakeClock, list[CircuitTransition]]:
     clock = clock or FakeClock(autojump=False)
     seen: list[CircuitTransition] = []
-    breaker = CircuitBreaker(config(**overrides), name="openrouter/m", clock=clock, on_transition=seen.append)
+    events = EventHub()
+    events.subscribe(CircuitTransition, seen.append)
+    breaker = CircuitBreaker(config(**overrides), name="openrouter/m", clock=clock, events=events)
     return breaker, clock, seen
 
 
@@ -154,11 +156,11 @@ def test_from_env_reads_the_cb_variables(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("CB_BREAK_DURATION", "12.5")
     monkeypatch.setenv("CB_MAX_WAIT", "0")
     monkeypatch.setenv("CB_FAILURE_CATEGORIES", "external_service, rate_limit")
-    c = CircuitBreakerConfig.from_env()
+    c = breaker_config()
     assert (c.failure_ratio, c.min_throughput, c.break_duration, c.max_wait) == (0.25, 20, 12.5, 0.0)
     assert c.failure_categories == {ErrorCategory.EXTERNAL_SERVICE, ErrorCategory.RATE_LIMIT}
     monkeypatch.setenv("CB_FAILURE_CATEGORIES", '["network"]')
-    assert CircuitBreakerConfig.from_env().failure_categories == {ErrorCategory.NETWORK}
+    assert breaker_config().failure_categories == {ErrorCategory.NETWORK}
 
 
 @pytest.mark.parametrize(("name", "value", "says"), [
@@ -176,7 +178,7 @@ def test_invalid_values_are_rejected_with_a_clear_message(monkeypatch: pytest.Mo
                                                           says: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigurationError) as info:
-        CircuitBreakerConfig.from_env()
+        breaker_config()
     message = str(info.value)
     assert says in message
     if "must be at least" not in says:
@@ -708,13 +710,15 @@ async def test_an_event_handler_that_raises_changes_nothing(caplog: pytest.LogCa
     def broken(record: CircuitTransition) -> None:
         raise RuntimeError("dashboard is down")
 
-    breaker = CircuitBreaker(config(), clock=clock, on_transition=broken)
-    breaker.add_listener(later.append)
+    events = EventHub()
+    events.subscribe(CircuitTransition, broken)
+    events.subscribe(CircuitTransition, later.append)
+    breaker = CircuitBreaker(config(), clock=clock, events=events)
     errors = [await outcome(breaker, down) for _ in range(4)]
     assert errors == ["failed"] * 4, "the caller still gets its own error, not the handler's"
     assert breaker.state_provider.state is CircuitState.OPEN and len(later) == 1
     assert any("listener failed" in r.getMessage() for r in caplog.records)
-    breaker.remove_listener(broken)
+    events.unsubscribe(CircuitTransition, broken)
     breaker.manual_control.close("ok")
     assert len(later) == 2
 
@@ -733,9 +737,11 @@ def test_the_wait_exceeded_error_is_an_open_circuit_that_is_not_retried() -> Non
 # -- the pipeline's policy -------------------------------------------------------------------------------------
 
 
-def policy_with(clock: FakeClock, **overrides: Any) -> tuple[CircuitBreakerPolicy, list[str | None]]:
+def policy_with(clock: FakeClock, **overrides: Any) -> tuple[Resilience, list[str | None]]:
+    """An engine with waiting breakers only, and the pause reasons it announces."""
     pauses: list[str | None] = []
-    policy = CircuitBreakerPolicy(config(**overrides), clock=clock, on_pause=pauses.append)
+    policy = Resilience(breaker=config(**overrides), clock=clock)
+    policy.events.subscribe(BreakerPause, lambda event: pauses.append(event.reason))
     return policy, pauses
 
 
@@ -783,13 +789,17 @@ async def test_a_creation_listener_sees_each_circuit_once_before_its_first_call(
     def broken(breaker: CircuitBreaker) -> None:
         raise RuntimeError("dashboard is down")
 
-    policy.add_creation_listener(broken)
-    policy.add_creation_listener(hold)
+    def held(event: CircuitCreated) -> None:
+        hold(event.breaker)
+
+    policy.events.subscribe(CircuitCreated, lambda event: broken(event.breaker))
+    policy.events.subscribe(CircuitCreated, held)
     with pytest.raises(CircuitWaitExceededError, match="held from the start"):
         await policy.execute(ok, CTX)
     policy.breaker_named("openrouter/m")
-    assert made == ["openrouter/m"] and any("creation listener failed" in r.getMessage() for r in caplog.records)
-    policy.remove_creation_listener(hold)
+    assert made == ["openrouter/m"] and any("CircuitCreated listener failed" in r.getMessage()
+                                            for r in caplog.records)
+    policy.events.unsubscribe(CircuitCreated, held)
     assert await policy.execute(ok, OTHER_MODEL) == "ok" and made == ["openrouter/m"]
 
 
@@ -806,7 +816,7 @@ async def test_while_open_calls_wait_for_half_open_instead_of_failing() -> None:
     assert provider.calls == [0.0] * 4 + [5.0] + [15.0] * 5, "one probe per break reached the provider"
     assert pauses[0] is not None and "circuit openrouter/m open until" in pauses[0] and "waiting" in pauses[0]
     assert pauses[-1] is None
-    assert policy.stats.waits >= 5 and policy.stats.wait_exceeded == 0
+    assert policy.waiter.stats.waits >= 5 and policy.waiter.stats.wait_exceeded == 0
 
 
 async def test_waiting_ends_with_a_clear_non_retryable_error_after_max_wait() -> None:
@@ -826,7 +836,7 @@ async def test_waiting_ends_with_a_clear_non_retryable_error_after_max_wait() ->
     error = info.value
     assert error.category is ErrorCategory.CIRCUIT_OPEN and not error.retryable
     assert "12 s" in error.message and "CB_MAX_WAIT" in error.message and "provider down for the day" in error.message
-    assert policy.stats.wait_exceeded == 1 and pauses[-1] is None
+    assert policy.waiter.stats.wait_exceeded == 1 and pauses[-1] is None
     assert any(p and "isolated by an operator (provider down for the day)" in p for p in pauses)
 
 
@@ -867,13 +877,6 @@ async def test_cancelling_a_waiting_call_stops_its_wait() -> None:
     assert clock.sleepers == 0 and pauses[-1] is None
 
 
-def test_breaker_policies_are_found_inside_pipelines() -> None:
-    breaker = CircuitBreakerPolicy()
-    retry = RetryPolicy()
-    assert breaker_policies(PolicyPipeline([retry, PolicyPipeline([breaker])])) == [breaker]
-    assert breaker_policies(breaker) == [breaker] and breaker_policies(retry) == [] and breaker_policies(None) == []
-
-
 # -- with the retry policy outside ----------------------------------------------------------------------------------
 
 
@@ -893,7 +896,7 @@ async def test_waiting_for_the_circuit_does_not_spend_retry_attempts() -> None:
     assert await pipeline.execute(provider, CTX) == "ok"
     assert provider.calls == [0.0, 1.0, 1.0, 2.0, 7.0, 17.0]
     assert (retry.stats.attempts, retry.stats.retries, retry.stats.gave_up) == (6, 3, 2)
-    assert breaker.stats.wait_exceeded == 0 and breaker.stats.waited == pytest.approx(14.0)
+    assert breaker.waiter.stats.wait_exceeded == 0 and breaker.waiter.stats.waited == pytest.approx(14.0)
 
 
 async def test_after_max_wait_the_retry_policy_does_not_retry_the_open_circuit() -> None:

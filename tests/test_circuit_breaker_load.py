@@ -27,19 +27,18 @@ from typing import Any, TypeVar
 import pytest
 
 from flashcard_pipeline.errors import StructuredError
-from flashcard_pipeline.llm.policy import CallContext, PolicyPipeline
 from flashcard_pipeline.pipeline import RunStats
-from flashcard_pipeline.resilience.breaker_store import BreakerStore
-from flashcard_pipeline.resilience.circuit_breaker import (
+from flashcard_pipeline.resilience import CallContext, PolicyPipeline, Resilience
+from flashcard_pipeline.resilience.breaker import (
     CircuitBreakerConfig,
-    CircuitBreakerPolicy,
     CircuitState,
     CircuitTransition,
 )
-from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
+from flashcard_pipeline.resilience.retry import RetryConfig
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.runner import ProcessOptions, SilentReporter, process
 from flashcard_pipeline.simulator import Simulator, SimulatorConfig, run_simulator
+from flashcard_pipeline.storage.breaker_store import BreakerStore
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.schema import RunStatus
 
@@ -139,13 +138,9 @@ async def run_pattern(tmp_path: Path, phases: list[Phase], breaker_config: Circu
     """One `process` run under ``phases``; without a breaker config, with retries alone (the baseline)."""
     clock = FakeClock(autojump=False)
     log = Log()
-    retry = RetryPolicy(RETRY, clock=clock, rng=random.Random(7))
-    layers: list[Any] = [retry]
-    if breaker_config is not None:
-        breaker = CircuitBreakerPolicy(breaker_config, clock=clock)
-        breaker.add_listener(lambda t: log.events.append(("transition", t.at, t)))
-        layers.append(breaker)
-    policy = PolicyPipeline([*layers, Recorder(clock, log)])
+    engine = Resilience(retry=RETRY, breaker=breaker_config, clock=clock, rng=random.Random(7))
+    engine.events.subscribe(CircuitTransition, lambda t: log.events.append(("transition", t.at, t)))
+    policy = PolicyPipeline([engine, Recorder(clock, log)])
     source = word_list(tmp_path, items)
     db_url = f"sqlite:///{tmp_path / 'load.db'}"
     watch = Watch()

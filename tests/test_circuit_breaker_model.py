@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from flashcard_pipeline.errors import CircuitBreakerError, ServerError
-from flashcard_pipeline.resilience.circuit_breaker import (
+from flashcard_pipeline.resilience.breaker import (
     CircuitBreaker,
     CircuitBreakerConfig,
     CircuitState,

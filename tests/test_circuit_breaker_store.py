@@ -18,19 +18,19 @@ from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.errors import ConfigurationError, ServerError
-from flashcard_pipeline.llm.policy import CallContext, PolicyPipeline
-from flashcard_pipeline.resilience.breaker_store import BreakerStore, BreakerSync, process_owner
-from flashcard_pipeline.resilience.circuit_breaker import (
+from flashcard_pipeline.resilience import CallContext, PolicyPipeline, Resilience
+from flashcard_pipeline.resilience.breaker import (
+    CircuitBreaker,
     CircuitBreakerConfig,
-    CircuitBreakerPolicy,
     CircuitState,
+    CircuitTransition,
     CircuitWaitExceededError,
-    breaker_policies,
 )
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.runner import ProcessOptions, default_policy, process
 from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
+from flashcard_pipeline.storage.breaker_store import BreakerStore, BreakerSync, process_owner
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import RunStatus
@@ -93,14 +93,14 @@ def test_commands_are_a_broadcast_log_and_the_newest_per_circuit_stands(store: B
 
 async def test_transitions_and_snapshots_round_trip(store: BreakerStore) -> None:
     clock = FakeClock(autojump=False)
-    policy = CircuitBreakerPolicy(CircuitBreakerConfig(min_throughput=2), clock=clock)
+    policy = Resilience(breaker=CircuitBreakerConfig(min_throughput=2), clock=clock)
     seen: list[Any] = []
-    policy.add_listener(seen.append)
+    policy.events.subscribe(CircuitTransition, seen.append)
     for _ in range(2):
         with pytest.raises(ServerError):
             await policy.execute(down, CTX)
     policy.manual_control.isolate("maintenance", source="bob@desk")
-    store.write(seen, list(policy.snapshot().values()), owner="host:1", run_id=None)
+    store.write(seen, list(policy.breaker_snapshot().values()), owner="host:1", run_id=None)
     events = store.events()
     assert [(e.from_state, e.to_state, e.manual, e.source) for e in events] == [
         ("closed", "open", False, None), ("open", "isolated", True, "bob@desk")]
@@ -111,7 +111,7 @@ async def test_transitions_and_snapshots_round_trip(store: BreakerStore) -> None
         CIRCUIT, "isolated", 2, True)
     assert snapshot.live() and snapshot.stats["isolation_reason"] == "maintenance"
     assert json.loads(json.dumps(snapshot.to_dict()))["live"] is True
-    store.write([], list(policy.snapshot().values()), owner="host:1", active=False)
+    store.write([], list(policy.breaker_snapshot().values()), owner="host:1", active=False)
     (stopped,) = store.snapshots()
     assert not stopped.live() and store.forget_stopped() == 1 and store.snapshots() == []
     assert len(store.events(limit=1)) == 1 and store.events(circuit="other/x") == []
@@ -135,8 +135,8 @@ async def test_the_sync_applies_commands_records_transitions_and_survives_databa
     store.add_command(CIRCUIT, "isolate", "standing isolation from yesterday")
     store.add_command("simulated/simulated/flashcard-sim", "isolate", "drill")
     store.add_command("simulated/simulated/flashcard-sim", "close", "drill over")
-    policy = CircuitBreakerPolicy(CircuitBreakerConfig(), clock=FakeClock(autojump=False))
-    async with BreakerSync(store, [policy], poll_interval=0.02, owner="me:1") as sync:
+    policy = Resilience(breaker=CircuitBreakerConfig(), clock=FakeClock(autojump=False))
+    async with BreakerSync(store, policy, poll_interval=0.02, owner="me:1") as sync:
         breaker = policy.breaker_named(CIRCUIT)
         assert breaker.state_provider.state is CircuitState.ISOLATED, "a standing isolation holds at start"
         assert policy.breaker_named(SIM_CIRCUIT).state_provider.state is CircuitState.CLOSED
@@ -180,8 +180,8 @@ async def test_commands_for_circuits_this_process_does_not_use_leave_its_snapsho
         store: BreakerStore, db_url: str) -> None:
     other = "openrouter/anthropic/claude-3-haiku"
     store.add_command(other, "isolate", "standing isolation of another model")
-    policy = CircuitBreakerPolicy(CircuitBreakerConfig(), clock=FakeClock(autojump=False))
-    async with BreakerSync(store, [policy], poll_interval=0.02, owner="me:1") as sync:
+    policy = Resilience(breaker=CircuitBreakerConfig(), clock=FakeClock(autojump=False))
+    async with BreakerSync(store, policy, poll_interval=0.02, owner="me:1") as sync:
         assert await policy.execute(ok, CTX) == "ok"
         for action in ("close", "reset", "isolate"):
             store.add_command(other, action, f"{action} the other model")
@@ -198,14 +198,14 @@ async def test_commands_for_circuits_this_process_does_not_use_leave_its_snapsho
 
 async def test_a_standing_isolation_holds_a_circuit_first_made_after_the_command(store: BreakerStore) -> None:
     standing = store.add_command(CIRCUIT, "isolate", "provider incident", requested_by="alice@ops")
-    policy = CircuitBreakerPolicy(CircuitBreakerConfig(max_wait=0.0), clock=FakeClock(autojump=False))
+    policy = Resilience(breaker=CircuitBreakerConfig(max_wait=0.0), clock=FakeClock(autojump=False))
     calls: list[str] = []
 
     async def counted() -> str:
         calls.append("sent")
         return "ok"
 
-    async with BreakerSync(store, [policy], poll_interval=0.02, owner="me:1") as sync:
+    async with BreakerSync(store, policy, poll_interval=0.02, owner="me:1") as sync:
         assert policy.breakers == {}, "not made at start"
         with pytest.raises(CircuitWaitExceededError, match="provider incident"):
             await policy.execute(counted, CTX)
@@ -320,19 +320,21 @@ def test_the_default_policy_is_retry_around_breaker_from_the_environment(monkeyp
                                                                         tmp_path: Path) -> None:
     options = ProcessOptions(input_path=tmp_path / "x.csv")
     monkeypatch.setenv("CB_MAX_WAIT", "42")
-    policy = default_policy(options)
+    policy = default_policy(options).pipeline("openrouter", "m").policy
     assert isinstance(policy, PolicyPipeline)
     retry, breaker, *inner = policy.policies  # retry outermost, then the breaker (a rate limiter may follow)
-    assert isinstance(retry, RetryPolicy) and isinstance(breaker, CircuitBreakerPolicy)
-    assert not any(isinstance(p, RetryPolicy | CircuitBreakerPolicy) for p in inner)
+    assert isinstance(retry, RetryPolicy) and isinstance(breaker, CircuitBreaker)
+    assert not any(isinstance(p, RetryPolicy | CircuitBreaker) for p in inner)
     assert breaker.config.max_wait == 42.0
-    chosen = default_policy(ProcessOptions(input_path=tmp_path / "x.csv", retry=RetryConfig(max_attempts=7),
+    engine = default_policy(ProcessOptions(input_path=tmp_path / "x.csv", retry=RetryConfig(max_attempts=7),
                                            breaker=CircuitBreakerConfig(min_throughput=3)))
+    chosen = engine.pipeline("openrouter", "m").policy
     assert isinstance(chosen, PolicyPipeline)
-    assert [type(p) for p in chosen.policies][:2] == [RetryPolicy, CircuitBreakerPolicy]
-    assert breaker_policies(chosen)[0].config.min_throughput == 3
+    assert [type(p) for p in chosen.policies][:2] == [RetryPolicy, CircuitBreaker]
+    assert engine.breaker_config is not None and engine.breaker_config.min_throughput == 3
+    assert engine.retry is not None and engine.retry.config.max_attempts == 7
     monkeypatch.setenv("CB_ENABLED", "false")
-    assert breaker_policies(default_policy(options)) == []
+    assert default_policy(options).breaker_config is None
     monkeypatch.setenv("CB_ENABLED", "maybe")
     with pytest.raises(ConfigurationError, match="CB_ENABLED"):
         default_policy(options)
@@ -356,8 +358,8 @@ async def test_a_second_terminal_isolates_a_running_process_within_two_seconds(t
     another process shows the circuit as live) and goes on once closed.
     Real time, so SQLite only: the database code is covered on both backends above."""
     source = words(tmp_path, 200)
-    policy = PolicyPipeline([RetryPolicy(RetryConfig(max_attempts=2)), CircuitBreakerPolicy(CircuitBreakerConfig())])
-    (breakers,) = breaker_policies(policy)
+    policy = Resilience(retry=RetryConfig(max_attempts=2), breaker=CircuitBreakerConfig())
+    breakers = policy
     watch = Watch()
     store = BreakerStore(open_database(sqlite_url))
     circuit = "openai-compatible/gpt-4o-mini"

@@ -24,9 +24,8 @@ from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.progress import ConsoleReporter, describe
 from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.ingest import RowProblem, read_vocabulary
-from flashcard_pipeline.llm.policy import PolicyPipeline
 from flashcard_pipeline.pipeline import RunStats
-from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy
+from flashcard_pipeline.resilience.ratelimit import RateLimits
 from flashcard_pipeline.runner import ProcessOptions, default_policy
 from flashcard_pipeline.simulator import SimulatorConfig
 from flashcard_pipeline.storage.db import open_database
@@ -394,10 +393,10 @@ def test_every_skipped_row_reaches_a_log_and_a_terminal_sees_the_first_20() -> N
 
 
 def test_the_simulators_limits_are_known_not_discovered(tmp_path: Path) -> None:
-    def limiter(options: ProcessOptions) -> RateLimitPolicy:
-        policy = default_policy(options)
-        assert isinstance(policy, PolicyPipeline)
-        return next(p for p in policy.policies if isinstance(p, RateLimitPolicy))
+    def limiter(options: ProcessOptions) -> RateLimits:
+        engine = default_policy(options)
+        assert engine.ratelimit is not None
+        return engine.ratelimit
 
     source = tmp_path / "w.csv"
     free = limiter(ProcessOptions(input_path=source, provider="simulated"))

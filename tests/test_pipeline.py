@@ -17,10 +17,10 @@ from flashcard_pipeline.errors import (
     StructuredError,
     TruncatedOutputError,
 )
-from flashcard_pipeline.llm.policy import CallContext
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse, Usage
 from flashcard_pipeline.models import TermAnalysis, VocabularyItem
 from flashcard_pipeline.pipeline import Pipeline
+from flashcard_pipeline.resilience import CallContext
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.simulator.content import analysis_for, cards_for

@@ -12,17 +12,12 @@ import math
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashcard_pipeline.resilience.rate_limiter import (
-    RateLimiter,
-    ShardedRateLimiter,
-    TokenReservation,
-    shard_choices,
-    shard_count,
-)
-from flashcard_pipeline.resilience.token_bucket import INF, SlidingWindowLog, Take, TokenBucket, make_algorithm
+from flashcard_pipeline.resilience.ratelimit.algorithms import INF, SlidingWindowLog, Take, TokenBucket, make_algorithm
+from flashcard_pipeline.resilience.ratelimit.limiter import Part, RateLimiter, shard_choices, shard_count
+from flashcard_pipeline.resilience.ratelimit.sharded import ShardedRateLimiter
 
 # -- reservations: (case, rate, burst, [(now, amount, max_wait)], expected time to act or None) ----------
 
@@ -223,47 +218,6 @@ def test_sliding_window_cancel_refund_and_pause() -> None:
     assert window.cancel(5.0, later) == 0.0, "late"
 
 
-# -- reserve_at: (case, algorithm, reservations first, now, amount, at, capacity there, granted) ------------
-
-RESERVE_AT_TABLE = [
-    ("a full bucket at once", "token_bucket", [], 0.0, 4, 0.0, 4.0, True),
-    ("a drained bucket holds what refills by then", "token_bucket", [4], 0.0, 1, 0.5, 1.0, True),
-    ("just more than refills by then", "token_bucket", [4], 0.0, 1.01, 0.5, 1.0, False),
-    ("never beyond the burst", "token_bucket", [], 0.0, 5, 100.0, 4.0, False),
-    ("a window holds what left it by then", "sliding_window", [4], 0.0, 4, 2.0, 4.0, True),
-    ("nothing while the window is full", "sliding_window", [4], 0.0, 1, 1.0, 0.0, False),
-    ("nothing before an entry already logged", "sliding_window", [2, 2, 2], 0.0, 1, 1.5, 0.0, False),
-]
-
-
-@pytest.mark.parametrize(("case", "algorithm", "before", "now", "amount", "at", "capacity", "granted"),
-                         RESERVE_AT_TABLE, ids=[row[0] for row in RESERVE_AT_TABLE])
-def test_reserve_at_table(case: str, algorithm: str, before: list[float], now: float, amount: float, at: float,
-                          capacity: float, granted: bool) -> None:
-    bucket = make_algorithm(algorithm, 2.0, 4.0)  # type: ignore[arg-type]
-    for made in before:
-        bucket.reserve(0.0, made)
-    assert bucket.capacity_at(now, at) == pytest.approx(capacity)
-    available = bucket.available(now)
-    take = bucket.reserve_at(now, amount, at)
-    if not granted:
-        assert take is None and bucket.available(now) == available, "refused: nothing changes"
-        return
-    assert take is not None and take.time_to_act == at
-    assert bucket.capacity_at(now, at) == pytest.approx(capacity - amount), "accounted as acting at ``at``"
-    assert bucket.wait_for(now, 1) >= at - now, "nobody else is served from the refill it holds"
-
-
-def test_a_take_made_for_later_is_accounted_then_not_at_its_earliest() -> None:
-    bucket = TokenBucket(1.0, 2.0)
-    take = bucket.reserve_at(0.0, 2, 5.0)
-    assert take is not None
-    assert bucket.available(0.0) == pytest.approx(-5.0), "the refill until 5 s is the take's, not the next caller's"
-    later = bucket.reserve(0.0, 1)
-    assert later is not None and later.time_to_act == pytest.approx(6.0)
-    assert bucket.cancel(0.0, later) == pytest.approx(1.0) and bucket.cancel(0.0, take) == pytest.approx(2.0)
-
-
 def test_make_algorithm_names() -> None:
     assert isinstance(make_algorithm("token_bucket", 1, 1), TokenBucket)
     assert isinstance(make_algorithm("sliding_window", 1, 1), SlidingWindowLog)
@@ -394,30 +348,6 @@ def test_admitted_never_exceeds_rate_times_t_plus_burst(algorithm: str, rate: fl
     assert _max_over_intervals(admitted, rate, burst) <= 1e-6
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(algorithm=st.sampled_from(["token_bucket", "sliding_window"]),
-       rate=st.sampled_from([0.5, 1.0, 7.0, 100.0]), burst=st.sampled_from([1.0, 3.0, 10.0]), ops=OPS)
-@example(algorithm="token_bucket", rate=0.5, burst=1.0,  # a later take booked before an earlier one, then cancelled
-         ops=[("reserve", 1.0, 0.0, 0.0), ("reserve", 1.0, 1.0, 0.5), ("reserve", 1.0, 0.0, 0.0),
-              ("cancel", 0.0, 0.0, 0.5), ("reserve", 2.0, 0.0, 0.0)])
-def test_takes_made_to_act_at_a_later_instant_keep_the_bound(algorithm: str, rate: float, burst: float,
-                                                             ops) -> None:
-    """``reserve_at`` (a shard's part of a spread reservation) mixed with ordinary reservations."""
-    clock = _Clock()
-    bucket = make_algorithm(algorithm, rate, burst, 0.0)  # type: ignore[arg-type]
-
-    def reserve(amount: float, max_wait: float) -> tuple[Take, float] | None:
-        if max_wait == INF:
-            take = bucket.reserve(clock.t, amount, max_wait)
-        else:
-            take = bucket.reserve_at(clock.t, amount, clock.t + max_wait)
-        return None if take is None else (take, take.time_to_act)
-
-    admitted = _run_ops(reserve, lambda take: bucket.cancel(clock.t, take),
-                        lambda take, part: bucket.refund(clock.t, take, part), ops, clock, burst)
-    assert _max_over_intervals(admitted, rate, burst) <= 1e-6
-
-
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shards=st.integers(min_value=1, max_value=6), rate=st.sampled_from([1.0, 20.0, 300.0]),
        burst=st.sampled_from([12.0, 60.0]), algorithm=st.sampled_from(["token_bucket", "sliding_window"]),
@@ -428,16 +358,17 @@ def test_sharded_limiter_never_exceeds_the_global_bound(shards: int, rate: float
     limiter = ShardedRateLimiter(rate, burst, shards=shards, algorithm=algorithm, clock=clock)  # type: ignore[arg-type]
     turn = iter(range(10**6))
 
-    def reserve(amount: float, max_wait: float) -> tuple[TokenReservation, float] | None:
+    def take(amount: float, max_wait: float) -> tuple[list[Part], float] | None:
+        """What ``acquire`` and the policy's take do: one shard, the other, or both at once."""
         key = keys[next(turn) % len(keys)]
-        made = asyncio.run(limiter.reserve(amount, max_wait, key=key))
-        return (made, made.time_to_act) if made.ok else None
+        parts, _ = limiter._take_now(clock.t, amount, key, max_wait)
+        return None if parts is None else (parts, max(p[1].time_to_act for p in parts))
 
-    def refund(reservation: TokenReservation, part: float) -> None:
-        limiter._refund_parts(reservation._parts, part)
+    def refund(parts: list[Part], part: float) -> None:
+        limiter._refund_parts(parts, part)
 
-    # Reservations up to the global burst: those the key's two shards cannot hold are spread over more.
-    admitted = _run_ops(reserve, lambda r: asyncio.run(r.cancel()), refund, ops, clock, burst)
+    # ``cancel`` is what a waiter cancelled while waiting does with its parts.
+    admitted = _run_ops(take, lambda parts: asyncio.run(limiter._cancel_parts(parts)), refund, ops, clock, burst)
     assert _max_over_intervals(admitted, rate, burst) <= 1e-6
 
 

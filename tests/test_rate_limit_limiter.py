@@ -1,5 +1,5 @@
-"""The async limiters on a fake clock: acquire, Go-style reservations (execute, cancel, expiry, metrics),
-waiters that are cancelled or paused, sharding, 1,000 concurrent tasks, and several threads at once."""
+"""The async limiters on a fake clock: acquire, waiters that are cancelled or paused, sharding, 1,000
+concurrent tasks, and several threads at once."""
 
 from __future__ import annotations
 
@@ -8,16 +8,10 @@ import threading
 
 import pytest
 
-from flashcard_pipeline.resilience.rate_limiter import (
-    RateLimiter,
-    ReservationError,
-    ReservationExpiredError,
-    ReservationState,
-    ShardedRateLimiter,
-    shard_choices,
-)
+from flashcard_pipeline.resilience.ratelimit.algorithms import INF
+from flashcard_pipeline.resilience.ratelimit.limiter import RateLimiter, shard_choices
+from flashcard_pipeline.resilience.ratelimit.sharded import ShardedRateLimiter
 from flashcard_pipeline.resilience.testing import FakeClock
-from flashcard_pipeline.resilience.token_bucket import INF
 
 
 async def settle() -> None:
@@ -91,120 +85,7 @@ async def test_a_pause_holds_waiters_that_were_already_queued() -> None:
     assert clock.monotonic() == pytest.approx(3.0), "due at 1.0, moved back by the 2 s pause"
 
 
-# -- reservations --------------------------------------------------------------------------------------
-
-async def test_reservation_reports_time_delay_and_expiry_and_runs_once() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(2, 1, clock=clock, reservation_ttl=5)
-    await limiter.acquire()
-    reservation = await limiter.reserve(1, max_wait=1)
-    assert reservation.ok and reservation.delay == pytest.approx(0.5)
-    assert reservation.time_to_act == pytest.approx(0.5) and reservation.expires_at == pytest.approx(5.5)
-    calls: list[float] = []
-
-    async def work() -> str:
-        calls.append(clock.monotonic())
-        return "done"
-
-    assert await reservation.execute(work) == "done"
-    assert calls == [pytest.approx(0.5)]
-    assert reservation.state is ReservationState.EXECUTED
-    with pytest.raises(ReservationError, match="already executed"):
-        await reservation.execute(work)
-    assert calls == [pytest.approx(0.5)], "execute twice runs once"
-    assert limiter.reservation_metrics.made == 1 and limiter.reservation_metrics.executed == 1
-    assert limiter.reservation_metrics.wait_time == pytest.approx(0.5)
-
-
-@pytest.mark.parametrize(("case", "max_wait", "amount", "granted"), [
-    ("max_wait exactly the delay", 0.5, 1, True),
-    ("max_wait just short of it", 0.4999, 1, False),
-    ("more than the burst", INF, 2, False),
-    ("zero tokens", 0.0, 0, True),
-])
-async def test_reserve_table(case: str, max_wait: float, amount: float, granted: bool) -> None:
-    limiter = RateLimiter(2, 1, clock=FakeClock())
-    await limiter.acquire()
-    before = limiter.available()
-    reservation = await limiter.reserve(amount, max_wait=max_wait)
-    assert reservation.ok is granted
-    if not granted:
-        assert limiter.available() == before, "a refused reservation changes nothing"
-        assert reservation.state is ReservationState.REFUSED
-        with pytest.raises(ReservationError, match="refused"):
-            await reservation.execute(lambda: None)
-        assert await reservation.cancel() == 0.0
-        assert limiter.reservation_metrics.refused == 1
-
-
-async def test_cancel_returns_what_can_be_returned() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(1, 2, clock=clock)
-    await limiter.acquire(2)
-    middle = await limiter.reserve(2)
-    last = await limiter.reserve(1)
-    assert (middle.time_to_act, last.time_to_act) == (2.0, 3.0)
-    assert await middle.cancel() == pytest.approx(1.0), "partial: the last one keeps its slot"
-    assert await last.cancel() == pytest.approx(1.0), "the last gives everything back"
-    assert await last.cancel() == 0.0
-    metrics = limiter.reservation_metrics
-    assert (metrics.made, metrics.cancelled, metrics.returned) == (2, 2, pytest.approx(2.0))
-
-
-async def test_late_cancel_returns_nothing_and_expired_cannot_execute() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(1, 1, clock=clock, reservation_ttl=2)
-    late = await limiter.reserve(1)
-    expiring = await limiter.reserve(1)
-    clock.advance(1.5)
-    assert await late.cancel() == 0.0, "its time to act has passed"
-    clock.advance(2.0)
-    assert expiring.expired()
-    with pytest.raises(ReservationExpiredError):
-        await expiring.execute(lambda: "never")
-    assert expiring.state is ReservationState.EXPIRED
-    assert limiter.reservation_metrics.expired == 1
-
-
-async def test_reservations_never_used_are_counted_as_expired() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(10, 10, clock=clock, reservation_ttl=1)
-    for _ in range(3):
-        await limiter.reserve(1)
-    assert limiter.snapshot()["pending_reservations"] == 3
-    clock.advance(5)
-    snapshot = limiter.snapshot()
-    assert snapshot["reservations"]["expired"] == 3 and snapshot["pending_reservations"] == 0
-
-
-async def test_a_reservation_cancelled_while_executing_gives_back_and_does_not_run() -> None:
-    clock = FakeClock(autojump=False)
-    limiter = RateLimiter(1, 1, clock=clock)
-    await limiter.acquire()
-    reservation = await limiter.reserve(1)
-    ran: list[bool] = []
-    task = asyncio.create_task(reservation.execute(lambda: ran.append(True)))
-    await settle()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert ran == [] and reservation.state is ReservationState.CANCELLED
-    assert limiter.available() == pytest.approx(0.0)
-
-
-async def test_a_reservation_follows_a_pause() -> None:
-    clock = FakeClock(autojump=False)
-    limiter = RateLimiter(1, 1, clock=clock, reservation_ttl=0.5)
-    await limiter.acquire()
-    reservation = await limiter.reserve(1)
-    task = asyncio.create_task(reservation.execute(clock.monotonic))
-    await settle()
-    await limiter.pause(3.0)
-    await drive(clock, [task], 0.25, 10)
-    assert task.result() == pytest.approx(4.0), "due at 1.0, moved back by the 3 s pause, still valid"
-
-
-# -- sliding window through the limiter ----------------------------------------------------------------
+# -- sliding window ------------------------------------------------------------------------------------
 
 async def test_sliding_window_limiter_admits_a_window_then_waits_for_it_to_slide() -> None:
     clock = FakeClock()
@@ -266,16 +147,6 @@ async def test_sharded_limiter_serves_a_call_larger_than_one_shard_from_two() ->
         await limiter.acquire(21, key="big")
 
 
-async def test_sharded_reservations_cancel_on_every_shard() -> None:
-    limiter = ShardedRateLimiter(100, 100, shards=10, clock=FakeClock())
-    before = limiter.available()
-    reservation = await limiter.reserve(15, key="k")
-    assert reservation.ok and len(reservation._parts) == 2
-    assert await reservation.cancel() == pytest.approx(15.0)
-    assert limiter.available() == pytest.approx(before)
-
-
-
 async def test_a_burst_cut_below_one_call_per_shard_uses_fewer_shards_and_never_adds_tokens() -> None:
     """An adaptive cut to 2.5 requests of burst over 4 shards would leave 0.625 each: no call could ever fit."""
     clock = FakeClock()
@@ -327,60 +198,6 @@ async def test_a_split_call_whose_second_half_fails_gives_the_first_half_back() 
     assert (first.available(0.0), second.available(0.0)) == (10.0, 8.0)
     assert await limiter.try_acquire(15, key="k") is False
     assert first.available(0.0) == 10.0, "the 10 taken from the first shard went back"
-
-
-# (case, tokens used on every shard first, n, max_wait, delay or None): 10 shards of 10 tokens, 10 per second each.
-SHARDED_RESERVE_TABLE = [
-    ("one shard's worth from a full limiter", 0.0, 10, 0.0, 0.0),
-    ("five shards' worth at once", 0.0, 50, 0.0, 0.0),
-    ("the whole global burst at once", 0.0, 100, 0.0, 0.0),
-    ("more than the key's two shards hold now, less than all of them", 5.0, 15, 0.0, 0.0),
-    ("more than one shard holds, everything drained: all refill together", 10.0, 15, INF, 0.15),
-    ("max_wait exactly that delay", 10.0, 15, 0.15, 0.15),
-    ("max_wait just short of it", 10.0, 15, 0.1499, None),
-    ("the global burst from drained shards waits until all are full", 10.0, 100, INF, 1.0),
-    ("the global burst, not within max_wait", 10.0, 100, 0.5, None),
-    ("more than the global burst", 0.0, 101, INF, None),
-]
-
-
-@pytest.mark.parametrize(("case", "used", "amount", "max_wait", "delay"), SHARDED_RESERVE_TABLE,
-                         ids=[row[0] for row in SHARDED_RESERVE_TABLE])
-async def test_sharded_reserve_honours_anything_within_the_global_burst(case: str, used: float, amount: float,
-                                                                         max_wait: float,
-                                                                         delay: float | None) -> None:
-    limiter = ShardedRateLimiter(100, 100, shards=10, clock=FakeClock())
-    for shard in limiter._shards:
-        shard.reserve(0.0, used, 0.0)
-    before = _levels(limiter)
-    at = delay or 0.0
-    before_at = sum(shard.available(at) for shard in limiter._shards)
-    reservation = await limiter.reserve(amount, max_wait, key="k")
-    if delay is None:
-        assert not reservation.ok and reservation.state is ReservationState.REFUSED
-        assert _levels(limiter) == before, "a refused reservation changes no shard"
-        return
-    assert reservation.ok and reservation.delay == pytest.approx(delay, abs=1e-9)
-    parts = reservation._parts
-    assert {take.time_to_act for _, take in parts} == {reservation.time_to_act}, "every part acts at one instant"
-    assert sum(take.amount for _, take in parts) == pytest.approx(amount)
-    after_at = sum(shard.available(reservation.time_to_act) for shard in limiter._shards)
-    assert after_at == pytest.approx(before_at - amount), "the shards account exactly n at the time to act"
-    assert await reservation.cancel() == pytest.approx(amount)
-    assert _levels(limiter) == pytest.approx(before), "cancelling gives every shard back"
-
-
-async def test_large_sharded_reservations_queue_within_the_global_bound() -> None:
-    limiter = ShardedRateLimiter(100, 100, shards=10, clock=FakeClock())
-    times = []
-    for i in range(6):
-        reservation = await limiter.reserve(60, key=f"k{i}")
-        assert reservation.ok
-        times.append(reservation.time_to_act)
-    assert times == sorted(times) and times[0] == 0.0
-    for i, start in enumerate(times):
-        for j in range(i, len(times)):
-            assert 60 * (j - i + 1) <= 100 * (times[j] - start) + 100 + 1e-6
 
 
 # -- threads -------------------------------------------------------------------------------------------

@@ -20,22 +20,23 @@ import pytest
 from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
-from flashcard_pipeline.config import RateLimitSettings
+from flashcard_pipeline.config import rate_limit_settings
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError, ServerError
-from flashcard_pipeline.llm.policy import CallContext, DirectPolicy, PolicyPipeline
 from flashcard_pipeline.llm.types import ChatResponse, Usage
-from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig, CircuitBreakerPolicy
-from flashcard_pipeline.resilience.rate_limit_policy import (
-    MemoryLimits,
-    RateLimitHeaders,
-    RateLimitPolicy,
-    _response_of,
-    parse_duration,
-    plan_limit,
-    rate_limit_policies,
-    settings_from_env,
+from flashcard_pipeline.resilience import (
+    CallContext,
+    CircuitBreakerConfig,
+    DirectPolicy,
+    LimitGroup,
+    LimitPause,
+    PolicyPipeline,
+    ProviderAnswer,
+    RateLimitSettings,
+    Resilience,
 )
-from flashcard_pipeline.resilience.rate_limiter import ShardedRateLimiter
+from flashcard_pipeline.resilience.ratelimit import LimitBackend, MemoryLimits, RateLimitHeaders, plan_limit
+from flashcard_pipeline.resilience.ratelimit.headers import parse_duration
+from flashcard_pipeline.resilience.ratelimit.sharded import ShardedRateLimiter
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.resilience.testing import FakeClock, VirtualClock
 from flashcard_pipeline.runner import ProcessOptions, default_policy, process
@@ -59,6 +60,36 @@ def response(prompt: int = 100, completion: int = 50, headers: dict[str, str] | 
 
 def context(tokens: int = 1000, key: str = "k") -> CallContext:
     return CallContext(stage="nuance", item_key=key, provider="p", model="m", estimated_tokens=tokens)
+
+
+class Limits:
+    """An engine with rate limits only, driven the way these tests do it: a call returns ``(value, response)``
+    and, as the pipeline's attempt does, its usage and headers are reported to the call's context."""
+
+    def __init__(self, settings: RateLimitSettings, *, clock: Any = None,
+                 limits: LimitBackend[Any] | None = None) -> None:
+        self.engine = Resilience(ratelimit=settings, clock=clock, limits=limits)
+
+    async def execute(self, call: Any, ctx: CallContext) -> Any:
+        async def attempt() -> Any:
+            result = await call()
+            if isinstance(result, tuple) and isinstance(result[-1], ChatResponse):
+                ctx.report(ProviderAnswer(result[-1].usage.total_tokens, result[-1].headers))
+            return result
+
+        return await self.engine.execute(attempt, ctx)
+
+    def group(self, provider: str, model: str) -> LimitGroup:
+        return self.engine.limit_group(provider, model)
+
+    @property
+    def groups(self) -> list[LimitGroup]:
+        return self.engine.limit_groups
+
+    @property
+    def limits(self) -> LimitBackend[Any]:
+        assert self.engine.ratelimit is not None
+        return self.engine.ratelimit.backend
 
 
 # -- headers and plans ---------------------------------------------------------------------------------
@@ -94,18 +125,11 @@ def test_plans_never_put_more_than_the_safe_share_in_a_minute(per_minute: float,
     assert plan_limit(math.inf, algorithm="token_bucket", safety=1, burst_share=0.1, min_burst=5)[0] == math.inf
 
 
-def test_response_is_found_in_the_attempts_result() -> None:
-    answer = response()
-    assert _response_of(("parsed", answer)) is answer
-    assert _response_of(answer) is answer
-    assert _response_of("nothing") is None
-
-
 # -- refunds, burst growth -----------------------------------------------------------------------------
 
 async def test_unused_tokens_go_back_and_excess_is_charged() -> None:
     clock = FakeClock()
-    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=6000, tokens_per_minute=100_000), clock=clock)
+    policy = Limits(RateLimitSettings(requests_per_minute=6000, tokens_per_minute=100_000), clock=clock)
 
     async def answered() -> tuple[str, ChatResponse]:
         return "ok", response(300, 100)
@@ -124,7 +148,7 @@ async def test_unused_tokens_go_back_and_excess_is_charged() -> None:
 
 
 async def test_a_failed_call_with_reported_usage_is_settled_too() -> None:
-    policy = RateLimitPolicy(RateLimitSettings(tokens_per_minute=100_000), clock=FakeClock())
+    policy = Limits(RateLimitSettings(tokens_per_minute=100_000), clock=FakeClock())
 
     async def failing() -> None:
         raise ServerError("boom", details={"usage": {"prompt_tokens": 200, "completion_tokens": 0}})
@@ -135,7 +159,7 @@ async def test_a_failed_call_with_reported_usage_is_settled_too() -> None:
 
 
 async def test_the_tokens_burst_grows_to_the_largest_call_but_not_past_a_configured_limit() -> None:
-    policy = RateLimitPolicy(RateLimitSettings(tokens_per_minute=10_000), clock=FakeClock())
+    policy = Limits(RateLimitSettings(tokens_per_minute=10_000), clock=FakeClock())
     group = policy.group("p", "m")
     assert group.tokens.limiter.burst == pytest.approx(200)
     await group.acquire(3000)
@@ -150,7 +174,7 @@ async def test_the_tokens_burst_grows_to_the_largest_call_but_not_past_a_configu
 
 async def test_a_429_pauses_every_caller_of_that_limit_and_lowers_it_once() -> None:
     clock = FakeClock(autojump=False)
-    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600), clock=clock)
+    policy = Limits(RateLimitSettings(requests_per_minute=600), clock=clock)
     started: list[tuple[str, float]] = []
     answer = asyncio.Event()
 
@@ -164,7 +188,7 @@ async def test_a_429_pauses_every_caller_of_that_limit_and_lowers_it_once() -> N
         return attempt
 
     pauses: list[tuple[str, float]] = []
-    policy.on_pause = lambda group, seconds: pauses.append((group.label, seconds))
+    policy.engine.events.subscribe(LimitPause, lambda event: pauses.append((event.group, event.seconds)))
     first = asyncio.create_task(policy.execute(call("a", True), context(key="a")))
     second = asyncio.create_task(policy.execute(call("b", True), context(key="b")))
     for _ in range(20):
@@ -195,7 +219,7 @@ async def test_429s_from_traffic_still_in_the_providers_window_do_not_compound_t
     """A sliding-window provider refuses for up to a minute after an overshoot, whatever we send now: below
     what it accepted in that minute, we wait the 429s out instead of cutting 3% per refusal."""
     clock = FakeClock()
-    policy = RateLimitPolicy(RateLimitSettings(initial_requests_per_minute=600, probe_step=1e-6), clock=clock)
+    policy = Limits(RateLimitSettings(initial_requests_per_minute=600, probe_step=1e-6), clock=clock)
     group = policy.group("p", "m")
 
     async def accepted() -> tuple[str, ChatResponse]:
@@ -224,7 +248,7 @@ async def test_429s_from_traffic_still_in_the_providers_window_do_not_compound_t
 
 async def test_a_429_without_retry_after_pauses_for_the_default() -> None:
     clock = FakeClock()
-    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600, default_pause=2.5), clock=clock)
+    policy = Limits(RateLimitSettings(requests_per_minute=600, default_pause=2.5), clock=clock)
 
     async def limited() -> None:
         raise RateLimitError("429", status_code=429)
@@ -236,7 +260,7 @@ async def test_a_429_without_retry_after_pauses_for_the_default() -> None:
 
 
 async def test_a_fixed_limit_is_never_lowered_when_adaptive_is_off() -> None:
-    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600, adaptive=False), clock=FakeClock())
+    policy = Limits(RateLimitSettings(requests_per_minute=600, adaptive=False), clock=FakeClock())
 
     async def limited() -> None:
         raise RateLimitError("429", status_code=429, retry_after=1)
@@ -251,7 +275,7 @@ async def test_a_fixed_limit_is_never_lowered_when_adaptive_is_off() -> None:
 
 async def test_x_ratelimit_headers_set_the_limit_and_pause_when_nothing_remains() -> None:
     clock = FakeClock()
-    policy = RateLimitPolicy(RateLimitSettings(), clock=clock)
+    policy = Limits(RateLimitSettings(), clock=clock)
     group = policy.group("p", "m")
     assert group.requests.mode == "adaptive" and group.requests.planned == 60
 
@@ -267,7 +291,7 @@ async def test_x_ratelimit_headers_set_the_limit_and_pause_when_nothing_remains(
 
 
 async def test_a_header_limit_never_raises_a_lower_configured_one() -> None:
-    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=100), clock=FakeClock())
+    policy = Limits(RateLimitSettings(requests_per_minute=100), clock=FakeClock())
 
     async def answered() -> tuple[str, ChatResponse]:
         return "ok", response(headers={"x-ratelimit-limit-requests": "500"})
@@ -284,7 +308,7 @@ async def converge(limit: int, settings: RateLimitSettings, *, minutes: float, h
     clock = VirtualClock()
     window = _Window(limit, None, clock.monotonic)
     rng = random.Random(7)
-    policy = RateLimitPolicy(settings, clock=clock)
+    policy = Limits(settings, clock=clock)
     pipeline = PolicyPipeline([RetryPolicy(RetryConfig(max_attempts=8, max_elapsed=None), clock=clock,
                                            rng=random.Random(7)), policy])
     log: list[tuple[float, bool]] = []
@@ -339,27 +363,27 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RL_REQUESTS_PER_MINUTE", "500")
     monkeypatch.setenv("RL_SHARDS", "auto")
     monkeypatch.setenv("RL_ALGORITHM", "sliding_window")
-    settings = settings_from_env(tpm=90_000)
+    settings = rate_limit_settings(tpm=90_000)
     assert (settings.requests_per_minute, settings.tokens_per_minute) == (500, 90_000)
     assert settings.shards == "auto" and settings.algorithm == "sliding_window"
-    assert settings_from_env(rpm=42).requests_per_minute == 42
+    assert rate_limit_settings(rpm=42).requests_per_minute == 42
     monkeypatch.setenv("RL_ALGORITHM", "leaky_bucket")
     with pytest.raises(ConfigurationError, match="RL_ALGORITHM"):
-        settings_from_env()
+        rate_limit_settings()
     with pytest.raises(ConfigurationError, match="--rpm"):
-        settings_from_env(rpm=0)
+        rate_limit_settings(rpm=0)
 
 
 def test_the_default_policy_puts_the_limiter_innermost(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    policy = default_policy(ProcessOptions(input_path=tmp_path / "x.csv", rpm=120))
+    engine = default_policy(ProcessOptions(input_path=tmp_path / "x.csv", rpm=120))
+    policy = engine.pipeline("p", "m").policy
     assert isinstance(policy, PolicyPipeline)
     assert isinstance(policy.policies[0], RetryPolicy)
-    assert isinstance(policy.policies[-1], RateLimitPolicy)
-    limiter = rate_limit_policies(policy)[0]
-    assert limiter.settings.requests_per_minute == 120
-    assert rate_limit_policies(DirectPolicy()) == []
+    assert isinstance(policy.policies[-1], LimitGroup)
+    assert engine.ratelimit is not None and engine.ratelimit.settings.requests_per_minute == 120
+    assert Resilience.find(DirectPolicy()) is None and Resilience.find(PolicyPipeline([engine])) is engine
     monkeypatch.setenv("RL_ENABLED", "false")
-    assert rate_limit_policies(default_policy(ProcessOptions(input_path=tmp_path / "x.csv"))) == []
+    assert default_policy(ProcessOptions(input_path=tmp_path / "x.csv")).ratelimit is None
 
 
 def test_sharded_memory_backend_is_chosen_by_setting() -> None:
@@ -380,8 +404,7 @@ async def test_sharding_splits_the_requests_limit_but_never_the_tokens_one(tmp_p
     policy = default_policy(options)
     result = await process(options, policy=policy)
     assert result.outcome is not None and result.outcome.stats.done == 3 and result.outcome.failures == []
-    (limiter,) = [p for p in policy.policies if isinstance(p, RateLimitPolicy)]  # type: ignore[attr-defined]
-    group = limiter.groups[0]
+    group = policy.limit_groups[0]
     assert isinstance(group.requests.limiter, ShardedRateLimiter) and group.requests.limiter.shards > 1
     assert not isinstance(group.tokens.limiter, ShardedRateLimiter)
 
@@ -416,14 +439,14 @@ async def test_process_shows_each_429_pause_in_its_progress(tmp_path: Path) -> N
     words = tmp_path / "words.txt"
     words.write_text("".join(f"낱말{i}\n" for i in range(12)), encoding="utf-8")
     clock = FakeClock()
-    limiter = RateLimitPolicy(RateLimitSettings(requests_per_minute=6000), clock=clock)
-    policy = PolicyPipeline([RetryPolicy(RetryConfig(max_attempts=10), clock=clock, rng=random.Random(2)), limiter])
+    policy = Resilience(retry=RetryConfig(max_attempts=10), ratelimit=RateLimitSettings(requests_per_minute=6000),
+                        clock=clock, rng=random.Random(2))
     options = ProcessOptions(input_path=words, output=tmp_path / "out.jsonl", provider="simulated",
                              db_url=f"sqlite:///{tmp_path / 'ledger.db'}",
                              simulator=SimulatorConfig(rate_limit_rate=0.25, retry_after_seconds=3, seed=8))
     result = await process(options, policy=policy)
     assert result.outcome is not None and result.outcome.stats.done == 12
-    group = limiter.groups[0]
+    group = policy.limit_groups[0]
     stats = result.outcome.stats
     assert group.rate_limited > 0 and stats.rate_limited == group.rate_limited, "every 429 pause reached the stats"
     assert stats.rate_limit_label == "simulated/simulated/flashcard-sim"
@@ -453,7 +476,7 @@ def test_shards_that_cannot_each_hold_one_call_are_refused_when_the_policy_is_bu
                                                                                      named: str, fits: int) -> None:
     """At 60/min the 2% burst is 1.2 requests: four shards of 0.3 would refuse every call."""
     with pytest.raises(ConfigurationError) as refused:
-        RateLimitPolicy(settings, clock=FakeClock())
+        Limits(settings, clock=FakeClock())
     message = str(refused.value)
     assert "\n" not in message and "tokens" not in message
     assert message.startswith("RL_SHARDS=4 needs a requests limit of at least 200 per minute")
@@ -462,7 +485,7 @@ def test_shards_that_cannot_each_hold_one_call_are_refused_when_the_policy_is_bu
 
 
 async def test_at_the_stated_minimum_every_shard_holds_one_call() -> None:
-    policy = RateLimitPolicy(RateLimitSettings(shards=4, requests_per_minute=200, adaptive=False), clock=FakeClock())
+    policy = Limits(RateLimitSettings(shards=4, requests_per_minute=200, adaptive=False), clock=FakeClock())
 
     async def call() -> str:
         return "sent"
@@ -474,10 +497,10 @@ async def test_at_the_stated_minimum_every_shard_holds_one_call() -> None:
 
 
 def test_shards_are_not_checked_against_a_limit_there_is_none_of_or_that_redis_holds() -> None:
-    RateLimitPolicy(RateLimitSettings(shards=64, adaptive=False), clock=FakeClock())  # unlimited: nothing to split
-    RateLimitPolicy(RateLimitSettings(shards=4, initial_requests_per_minute=200), clock=FakeClock())
+    Limits(RateLimitSettings(shards=64, adaptive=False), clock=FakeClock())  # unlimited: nothing to split
+    Limits(RateLimitSettings(shards=4, initial_requests_per_minute=200), clock=FakeClock())
     # Redis keeps one shared bucket whatever RL_SHARDS says (nothing connects until the first call).
-    redis = RateLimitPolicy(RateLimitSettings(shards=4, backend="redis", redis_url="redis://127.0.0.1:1/0"))
+    redis = Limits(RateLimitSettings(shards=4, backend="redis", redis_url="redis://127.0.0.1:1/0"))
     assert redis.limits.name == "redis"
 
 
@@ -485,21 +508,21 @@ def test_a_limit_too_small_for_one_call_is_refused_unsharded_too() -> None:
     """0.985 x 1/min plans a bucket of 0.985 requests, which never grants one."""
     with pytest.raises(ConfigurationError, match=r"^RL_REQUESTS_PER_MINUTE \(--rpm\) is 1: a requests limit under "
                                                  r"1.02 per minute cannot hold one call"):
-        RateLimitPolicy(RateLimitSettings(requests_per_minute=1), clock=FakeClock())
+        Limits(RateLimitSettings(requests_per_minute=1), clock=FakeClock())
 
 
 @pytest.mark.parametrize(("per_minute", "warned"), [(1000, True), (2000, False)])
 def test_fewer_than_ten_calls_per_shard_work_but_are_warned_about(per_minute: int, warned: bool,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="flashcard_pipeline.resilience.rate_limit"):
-        RateLimitPolicy(RateLimitSettings(shards=4, requests_per_minute=per_minute), clock=FakeClock())
+        Limits(RateLimitSettings(shards=4, requests_per_minute=per_minute), clock=FakeClock())
     assert any("RL_SHARDS=4 leaves 5 calls per shard" in r.getMessage() for r in caplog.records) is warned
 
 
 async def test_adaptive_cuts_below_what_the_shards_hold_never_make_every_call_fail() -> None:
     """Each minute a 429 halves the limit, down to the floor; the shards follow and a call still goes through."""
     clock = FakeClock()
-    policy = RateLimitPolicy(RateLimitSettings(shards=4, initial_requests_per_minute=200), clock=clock)
+    policy = Limits(RateLimitSettings(shards=4, initial_requests_per_minute=200), clock=clock)
     group = policy.group("p", "m")
 
     async def refused() -> str:
@@ -524,7 +547,7 @@ async def test_adaptive_cuts_below_what_the_shards_hold_never_make_every_call_fa
 
 
 async def test_a_requests_limit_that_can_never_grant_a_call_says_so_instead_of_blaming_tokens() -> None:
-    policy = RateLimitPolicy(RateLimitSettings(requests_per_minute=600, adaptive=False), clock=FakeClock())
+    policy = Limits(RateLimitSettings(requests_per_minute=600, adaptive=False), clock=FakeClock())
     group = policy.group("p", "m")
     await group.requests.limiter.set_limit(0.01, 0.5)
 
@@ -574,12 +597,13 @@ def _deadline_retry(clock: FakeClock) -> RetryPolicy:
 async def test_waiting_in_the_rate_limiter_does_not_count_against_the_retry_deadline() -> None:
     """At 3 per minute the second call queues ~30 s; with a 20 s deadline it must still get its retry."""
     clock = FakeClock()
-    limiter = RateLimitPolicy(RateLimitSettings(requests_per_minute=3, adaptive=False), clock=clock)
+    limiter = Limits(RateLimitSettings(requests_per_minute=3, adaptive=False), clock=clock)
     retry = _deadline_retry(clock)
     await limiter.execute(_flaky(clock, [0.0]), context(key="first"))  # takes the burst: the next one queues
     sent: list[float] = []
     call = _flaky(clock, sent)
-    result = await retry.execute(lambda: limiter.execute(call, context(key="second")), context(key="second"))
+    second = context(key="second")  # one context for the whole request, as the pipeline passes it
+    result = await retry.execute(lambda: limiter.execute(call, second), second)
     assert result == ("sent", response())
     assert len(sent) == 2 and sent[0] >= 29, "the first attempt waited its turn in the limiter"
     assert retry.stats.retries == 1 and retry.stats.gave_up == 0
@@ -588,10 +612,11 @@ async def test_waiting_in_the_rate_limiter_does_not_count_against_the_retry_dead
 async def test_the_default_policy_order_skips_limiter_waits_in_the_deadline_too() -> None:
     """retry, breaker, limiter, as runner.default_policy builds them."""
     clock = FakeClock()
-    limiter = RateLimitPolicy(RateLimitSettings(requests_per_minute=3, adaptive=False), clock=clock)
     retry = _deadline_retry(clock)
-    pipeline = PolicyPipeline([retry, CircuitBreakerPolicy(CircuitBreakerConfig(), clock=clock), limiter])
-    await limiter.execute(_flaky(clock, [0.0]), context(key="first"))
+    engine = Resilience(breaker=CircuitBreakerConfig(), ratelimit=RateLimitSettings(requests_per_minute=3,
+                                                                                    adaptive=False), clock=clock)
+    pipeline = PolicyPipeline([retry, engine])
+    await engine.limit_group("p", "m").execute(_flaky(clock, [0.0]), context(key="first"))
     sent: list[float] = []
     assert await pipeline.execute(_flaky(clock, sent), context(key="second")) == ("sent", response())
     assert len(sent) == 2 and sent[0] >= 29 and retry.stats.gave_up == 0

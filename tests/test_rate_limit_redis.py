@@ -23,18 +23,16 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
-from flashcard_pipeline.config import RateLimitSettings
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError
-from flashcard_pipeline.llm.policy import CallContext
 from flashcard_pipeline.llm.types import ChatResponse, Usage
-from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy
-from flashcard_pipeline.resilience.rate_limiter import ReservationExpiredError, ReservationState
-from flashcard_pipeline.resilience.rate_limiter_redis import RedisLimits, RedisPart, RedisRateLimiter
+from flashcard_pipeline.resilience import CallContext, RateLimitSettings
+from flashcard_pipeline.resilience.ratelimit.algorithms import INF
+from flashcard_pipeline.resilience.ratelimit.redis import RedisLimits, RedisPart, RedisRateLimiter
 from flashcard_pipeline.resilience.testing import FakeClock
-from flashcard_pipeline.resilience.token_bucket import INF
 from flashcard_pipeline.storage.db import open_database
 from tests.conftest import REDIS_URL, require_service
 from tests.test_rate_limit_bucket import OPS, _Admitted, _Clock, _max_over_intervals
+from tests.test_rate_limit_policy import Limits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,60 +98,15 @@ async def test_redis_reserve_table(redis_prefix, case: str, rate: float, burst: 
     assert got == pytest.approx(expected)
 
 
-async def test_redis_reservations_cancel_execute_and_expire(redis_prefix) -> None:
-    client, prefix = redis_prefix
-    clock = FakeClock()
-    bucket = limiter(client, prefix, clock, 1.0, 2.0, reservation_ttl=2.0)
-    await bucket.acquire(2)
-    middle = await bucket.reserve(2)
-    last = await bucket.reserve(1)
-    assert (middle.delay, last.delay) == (pytest.approx(2.0), pytest.approx(3.0))
-    assert await middle.cancel() == pytest.approx(1.0), "partial"
-    assert await last.cancel() == pytest.approx(1.0), "the last gives everything back"
-    soon = await bucket.reserve(1, max_wait=10)
-    assert soon.ok and soon.delay == pytest.approx(2.0), "the token the partial cancel could not return stays spent"
-    assert await soon.execute(lambda: "ran") == "ran"
-    with pytest.raises(Exception, match="already executed"):
-        await soon.execute(lambda: "again")
-    stale = await bucket.reserve(1)
-    clock.advance(10)
-    with pytest.raises(ReservationExpiredError):
-        await stale.execute(lambda: None)
-    assert stale.state is ReservationState.EXPIRED
-    refused = await bucket.reserve(5)
-    assert not refused.ok
-    metrics = bucket.reservation_metrics
-    assert (metrics.made, metrics.refused, metrics.executed, metrics.cancelled, metrics.expired) == (4, 1, 1, 2, 1)
-
-
-
-async def test_redis_reservations_never_used_are_counted_as_expired(redis_prefix) -> None:
-    client, prefix = redis_prefix
-    clock = FakeClock()
-    bucket = limiter(client, prefix, clock, 10.0, 10.0, reservation_ttl=1.0)
-    abandoned = [await bucket.reserve(1) for _ in range(3)]
-    assert (await bucket.state())["pending_reservations"] == 3
-    clock.advance(5)
-    state = await bucket.state()
-    assert state["reservations"]["expired"] == 3 and state["pending_reservations"] == 0
-    assert all(r.state is ReservationState.EXPIRED for r in abandoned)
-    for _ in range(2):
-        await bucket.reserve(1)
-    clock.advance(5)
-    kept = await bucket.reserve(1)
-    assert bucket.reservation_metrics.expired == 5, "a new reservation sweeps the stale ones too"
-    assert (await bucket.state())["pending_reservations"] == 1
-    assert await kept.execute(lambda: "ran") == "ran"
-    assert bucket.reservation_metrics.expired == 5 and not bucket._pending
-
 async def test_a_late_cancel_returns_nothing(redis_prefix) -> None:
     client, prefix = redis_prefix
     clock = FakeClock()
     bucket = limiter(client, prefix, clock, 1.0, 1.0)
     await bucket.acquire()
-    reservation = await bucket.reserve(1)
+    ok, when, _, rate, _ = await bucket._reserve_raw(1, INF)  # queued, as a waiting acquire is
+    assert ok
     clock.advance(2)
-    assert await reservation.cancel() == 0.0
+    assert await bucket._cancel_parts([RedisPart(bucket, 1, when, rate)]) == 0.0
 
 
 async def test_a_waiter_cancelled_while_waiting_gives_its_tokens_back(redis_prefix) -> None:
@@ -251,8 +204,8 @@ async def test_a_429_in_one_process_pauses_the_others_and_lowers_the_shared_limi
     client, prefix = redis_prefix
     clock = FakeClock()
     settings = RateLimitSettings(requests_per_minute=600, backend="redis", redis_prefix=prefix)
-    one = RateLimitPolicy(settings, clock=clock, limits=RedisLimits(client, prefix=prefix, clock=clock))
-    two = RateLimitPolicy(settings, clock=clock, limits=RedisLimits(client, prefix=prefix, clock=clock))
+    one = Limits(settings, clock=clock, limits=RedisLimits(client, prefix=prefix, clock=clock))
+    two = Limits(settings, clock=clock, limits=RedisLimits(client, prefix=prefix, clock=clock))
 
     async def ok() -> tuple[str, ChatResponse]:
         return "ok", ChatResponse(content="{}", finish_reason="stop", usage=Usage(200, 100), model="m",
@@ -301,7 +254,7 @@ async def test_status_reads_the_live_redis_state(redis_prefix, monkeypatch: pyte
 _WORKER = textwrap.dedent("""
     import asyncio, json, sys, time
     import redis.asyncio as redis_asyncio
-    from flashcard_pipeline.resilience.rate_limiter_redis import RedisLimits
+    from flashcard_pipeline.resilience.ratelimit.redis import RedisLimits
 
     async def main(url, prefix, start, seconds):
         client = redis_asyncio.from_url(url)

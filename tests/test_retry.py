@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.config import retry_config
 from flashcard_pipeline.errors import (
     APIError,
     AuthenticationError,
@@ -45,18 +46,20 @@ from flashcard_pipeline.errors import (
     StructuredError,
     TruncatedOutputError,
 )
-from flashcard_pipeline.llm import CallContext, ChatMessage, ChatRequest, LLMClient, PolicyPipeline, resolve_provider
-from flashcard_pipeline.llm.policy import record_pause
+from flashcard_pipeline.llm import ChatMessage, ChatRequest, LLMClient, resolve_provider
 from flashcard_pipeline.pipeline import Pipeline
 from flashcard_pipeline.resilience import (
+    CallContext,
+    EventHub,
     JitterStrategy,
+    PolicyPipeline,
     RetryConfig,
     RetryEvent,
     RetryPolicy,
     SystemClock,
-    exponential_delay,
-    jittered_delay,
 )
+from flashcard_pipeline.resilience.core.backoff import exponential_delay
+from flashcard_pipeline.resilience.retry import jittered_delay
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.runner import ProcessOptions, process
 from flashcard_pipeline.simulator import SimulatorConfig
@@ -108,7 +111,9 @@ class Script:
 def make_policy(seed: int = 1, **config: Any) -> tuple[RetryPolicy, FakeClock, list[RetryEvent]]:
     clock = FakeClock()
     events: list[RetryEvent] = []
-    policy = RetryPolicy(RetryConfig(**config), clock=clock, rng=random.Random(seed), on_retry=events.append)
+    hub = EventHub()
+    hub.subscribe(RetryEvent, events.append)
+    policy = RetryPolicy(RetryConfig(**config), clock=clock, rng=random.Random(seed), events=hub)
     return policy, clock, events
 
 
@@ -131,7 +136,7 @@ def test_from_env_reads_the_retry_variables(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("RETRY_MAX_DELAY", "10")
     monkeypatch.setenv("RETRY_JITTER_ENABLED", "false")
     monkeypatch.setenv("RETRY_JITTER_STRATEGY", "decorrelated")
-    config = RetryConfig.from_env()
+    config = retry_config()
     assert (config.max_attempts, config.initial_delay, config.max_delay) == (5, 0.25, 10.0)
     assert not config.jitter_enabled and config.strategy is JitterStrategy.NONE
     assert config.jitter_strategy is JitterStrategy.DECORRELATED
@@ -143,7 +148,7 @@ def test_a_bad_variable_is_a_configuration_error_naming_it(monkeypatch: pytest.M
                                                            value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigurationError, match=name):
-        RetryConfig.from_env()
+        retry_config()
 
 
 def test_inconsistent_delays_are_rejected() -> None:
@@ -502,14 +507,14 @@ async def test_time_paused_by_inner_policies_does_not_count_against_the_deadline
         calls += 1
         if calls == 1:
             await clock.sleep(60.0)  # an inner breaker held the call while the provider was down
-            record_pause(60.0)
+            CTX.record_pause(60.0)
             raise ServerError("first call after the outage failed")
         return "ok"
 
     assert await policy.execute(waits_for_an_open_circuit_then_fails_once, CTX) == "ok"
     assert calls == 2 and clock.monotonic() == 61.0
 
-    record_pause(5.0)  # outside any retry loop: ignored, no error
+    CTX.record_pause(5.0)  # outside any retry loop: ignored, no error
 
 
 # -- cancellation -----------------------------------------------------------------------------------
@@ -708,8 +713,10 @@ async def test_every_item_completes_against_a_simulator_failing_40_percent_of_ca
                                                                                     db_url: str) -> None:
     clock = FakeClock()
     events: list[RetryEvent] = []
+    hub = EventHub()
+    hub.subscribe(RetryEvent, events.append)
     policy = RetryPolicy(RetryConfig(max_attempts=15, max_elapsed=None), clock=clock, rng=random.Random(4),
-                         on_retry=events.append)
+                         events=hub)
     options = ProcessOptions(input_path=word_file(tmp_path, 40), output=tmp_path / "cards.jsonl", provider="simulated",
                              db_url=db_url, concurrency=8,
                              simulator=SimulatorConfig(server_error_rate=0.3, rate_limit_rate=0.1, seed=11))

@@ -1,15 +1,22 @@
-"""Settings read from the environment (the plan's variable names), validated once at the edge."""
+"""Settings read from the environment (the plan's variable names), validated once at the edge.
+
+This is the only module that reads the environment for settings: everything below it (the resilience engine,
+the cache, the database) takes the plain objects made here, so building one in code never depends on the
+shell it runs in.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field
 from pydantic import ValidationError as PydanticValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from flashcard_pipeline.errors import ConfigurationError
-from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
+from flashcard_pipeline.errors import ConfigurationError, ErrorCategory
+from flashcard_pipeline.resilience import CircuitBreakerConfig, RateLimitSettings, RetryConfig
+from flashcard_pipeline.resilience.breaker.config import DEFAULT_FAILURE_CATEGORIES
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -69,46 +76,43 @@ class CacheSettings(BaseSettings):
         return {"nuance": self.ttl_nuance, "cards": self.ttl_cards}.get(cache_type)
 
 
+class RetrySettings(BaseSettings, RetryConfig):
+    """RETRY_MAX_ATTEMPTS, RETRY_INITIAL_DELAY, RETRY_MAX_DELAY, RETRY_JITTER_ENABLED, ... (every RetryConfig field)."""
+
+    model_config = SettingsConfigDict(env_prefix="RETRY_", extra="ignore", frozen=True)
+
+
 class CircuitBreakerSettings(BaseSettings, CircuitBreakerConfig):
     """CB_FAILURE_RATIO, CB_MIN_THROUGHPUT, CB_BREAK_DURATION, CB_MAX_WAIT, ... (every CircuitBreakerConfig field)."""
 
     model_config = SettingsConfigDict(env_prefix="CB_", extra="ignore", frozen=True)
 
+    #: ``external_service,network`` or a JSON list, not pydantic-settings' JSON-only decoding.
+    failure_categories: Annotated[frozenset[ErrorCategory], NoDecode] = DEFAULT_FAILURE_CATEGORIES
 
-class RateLimitSettings(BaseSettings):
-    """RL_REQUESTS_PER_MINUTE, RL_TOKENS_PER_MINUTE, RL_ALGORITHM, RL_SHARDS, RL_BACKEND, ... (see docs/operations.md).
 
-    An unset per-minute limit is unknown. The requests limit is then found adaptively from
-    ``initial_requests_per_minute`` and cut on 429s. An unknown tokens limit stays unlimited: a 429
-    never lowers it; only ``tokens_per_minute`` (``--tpm``) or an ``x-ratelimit-limit-tokens`` header
-    sets it. Tokens are bounded all the same by the requests rate, since every call has a bounded size
-    (prompt estimate plus ``max_tokens``).
-    """
+class RateLimitEnvironment(BaseSettings, RateLimitSettings):
+    """RL_REQUESTS_PER_MINUTE, RL_TOKENS_PER_MINUTE, RL_SHARDS, RL_BACKEND, ... (every RateLimitSettings field)."""
 
     model_config = SettingsConfigDict(env_prefix="RL_", extra="ignore", frozen=True)
 
-    enabled: bool = True
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
-    algorithm: Literal["token_bucket", "sliding_window"] = "token_bucket"
-    shards: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        default=1, description="buckets for the requests limit (memory backend); 'auto' = max_qps / 2, >= 10 calls "
-                               "each; an explicit N needs >= 1 call per shard (checked when the limiter is built)")
-    backend: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_prefix: str = "flashcard-pipeline:ratelimit:"
-    adaptive: bool = True
-    initial_requests_per_minute: float = Field(default=60.0, gt=0)
-    safety: float = Field(default=0.985, gt=0, le=1, description="share of a known limit to plan for")
-    burst_share: float = Field(default=0.02, gt=0, lt=1, description="bucket size as a share of the limit")
-    decrease_factor: float = Field(default=0.5, gt=0, lt=1, description="multiplier after a 429")
-    increase_interval: float = Field(default=5.0, gt=0, description="seconds of saturated success per raise")
-    probe_step: float = Field(default=1.0, gt=0, description="raise before any 429, times the current limit")
-    increase_step: float = Field(default=0.02, gt=0, description="raise after a 429 while below the level the "
-                                                                  "provider accepted, times that level")
-    settle_step: float = Field(default=0.002, gt=0, description="raise above that level, times that level")
-    min_per_minute: float = Field(default=1.0, gt=0)
-    default_pause: float = Field(default=1.0, ge=0, description="pause after a 429 without Retry-After")
-    max_pause: float = Field(default=120.0, gt=0)
-    reservation_ttl: float = Field(default=60.0, gt=0)
-    publish_interval: float = Field(default=2.0, gt=0, description="seconds between published snapshots")
+
+def retry_config() -> RetryConfig:
+    """Defaults overridden by the ``RETRY_<FIELD>`` variables; a bad value is a :class:`ConfigurationError`."""
+    return RetryConfig.model_validate(read_settings(RetrySettings).model_dump())
+
+
+def breaker_config() -> CircuitBreakerConfig:
+    """Defaults overridden by the ``CB_<FIELD>`` variables; a bad value is a :class:`ConfigurationError`."""
+    return CircuitBreakerConfig.model_validate(read_settings(CircuitBreakerSettings).model_dump())
+
+
+def rate_limit_settings(*, rpm: float | None = None, tpm: float | None = None) -> RateLimitSettings:
+    """``RL_*`` from the environment, with explicit per-minute limits (``--rpm`` / ``--tpm``) winning; a bad
+    value is a usage error."""
+    for flag, value in (("--rpm", rpm), ("--tpm", tpm)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigurationError(f"{flag} must be a positive number per minute, got {value!r}")
+    settings = RateLimitSettings.model_validate(read_settings(RateLimitEnvironment).model_dump())
+    updates = {k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm)) if v is not None}
+    return settings.model_copy(update=updates) if updates else settings

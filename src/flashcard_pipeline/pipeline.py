@@ -1,7 +1,7 @@
 """The pipeline: pending items flow through stage 1 and stage 2 on a bounded pool of tasks.
 
 Each stage answer is looked up in the content-addressed cache first; a miss becomes one
-provider call wrapped by the :class:`~flashcard_pipeline.llm.policy.CallPolicy` (where retry,
+provider call wrapped by the :class:`~flashcard_pipeline.resilience.CallPolicy` (where retry,
 circuit breaker and rate limiter plug in). Every attempt is recorded in the ledger, and an item
 is done only when its cards are committed, so a killed run resumes without paying twice for
 anything it had finished.
@@ -27,9 +27,9 @@ from flashcard_pipeline.errors import (
     StructuredError,
 )
 from flashcard_pipeline.llm.client import estimate_request_tokens
-from flashcard_pipeline.llm.policy import CallContext, CallPolicy, DirectPolicy
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse
 from flashcard_pipeline.models import FlashcardSet, TermAnalysis
+from flashcard_pipeline.resilience import CallContext, CallPolicy, DirectPolicy, ProviderAnswer
 from flashcard_pipeline.stages import (
     CARDS,
     NUANCE,
@@ -246,7 +246,10 @@ class Pipeline:
                                   before_retry=self._check_budget)
 
             async def attempt() -> tuple[T, ChatResponse]:
-                return await self._call(pending, staged, parse)
+                answer = await self._call(pending, staged, parse)
+                # What the provider counted and said about its limits, for the rate limiter.
+                context.report(ProviderAnswer(answer[1].usage.total_tokens, answer[1].headers))
+                return answer
 
             result, response = await self.policy.execute(attempt, context)
             # The ledger gets the answer first; the cache copy is best effort (a failed write is counted).

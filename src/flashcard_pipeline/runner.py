@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from flashcard_pipeline.cache.backends import make_cache
 from flashcard_pipeline.cache.compressed_cache import CompressedCache
-from flashcard_pipeline.config import CacheSettings, read_settings
+from flashcard_pipeline.config import CacheSettings, breaker_config, rate_limit_settings, read_settings, retry_config
 from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
     FORMATS,
@@ -34,15 +34,12 @@ from flashcard_pipeline.export import (
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.capabilities import ModelKind
 from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
-from flashcard_pipeline.llm.policy import CallPolicy, PolicyPipeline
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
 from flashcard_pipeline.models import VocabularyItem
+from flashcard_pipeline.observers import EventTally, ProgressObserver
 from flashcard_pipeline.pipeline import Pipeline, RunOutcome, RunStats
 from flashcard_pipeline.pricing import TYPICAL_COMPLETION_TOKENS, price_for
-from flashcard_pipeline.resilience.breaker_store import BreakerStore, BreakerSync
-from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig, CircuitBreakerPolicy, breaker_policies
-from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy, rate_limit_policies, settings_from_env
-from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
+from flashcard_pipeline.resilience import CallPolicy, CircuitBreakerConfig, RateLimitSettings, Resilience, RetryConfig
 from flashcard_pipeline.services import check_redis
 from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
 from flashcard_pipeline.stages import (
@@ -55,6 +52,7 @@ from flashcard_pipeline.stages import (
     language_name,
     parse_nuance,
 )
+from flashcard_pipeline.storage.breaker_store import BreakerStore, BreakerSync
 from flashcard_pipeline.storage.db import open_database, pool_monitor
 from flashcard_pipeline.storage.ledger import Ledger, RunRecord
 from flashcard_pipeline.storage.schema import RunStatus
@@ -281,8 +279,9 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
                   policy: CallPolicy | None = None) -> ProcessResult:
     """Run (or resume) the pipeline for ``options`` and export what is done.
 
-    Without a ``policy`` every provider call goes through :func:`default_policy`. Circuit breaker policies
-    in the one used (given or default) report pauses to the progress display and obey `breaker` commands.
+    Without a ``policy`` every provider call goes through :func:`default_policy`. When the policy used is (or
+    holds) a :class:`Resilience` engine, its events feed the progress display and the run's metrics, its breakers obey
+    `breaker` commands and its limits are published for `ratelimit status`.
     """
     reporter = reporter or SilentReporter()
     _validate(options)
@@ -292,7 +291,9 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
     reader.detect()
     provider = _provider(options, None)
     settings = _settings(options, provider)
-    await asyncio.to_thread(_check_services, cache_settings, [] if options.dry_run else rate_limit_policies(policy))
+    engine = Resilience.find(policy)
+    limits = engine.ratelimit.settings if engine is not None and engine.ratelimit is not None else None
+    await asyncio.to_thread(_check_services, cache_settings, None if options.dry_run else limits)
 
     engine = await asyncio.to_thread(open_database, options.db_url)
     database = engine.url.render_as_string(hide_password=True)
@@ -361,13 +362,12 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
         engine.dispose()
 
 
-def _check_services(cache: CacheSettings, limiters: list[RateLimitPolicy]) -> None:
+def _check_services(cache: CacheSettings, limits: RateLimitSettings | None) -> None:
     """Every Redis the run will use answers, or one line says which and why, before any call."""
     if cache.backend == "redis":
         check_redis(cache.redis_url, "CACHE_BACKEND=redis")
-    for limiter in limiters:
-        if limiter.settings.backend == "redis":
-            check_redis(limiter.settings.redis_url, "RL_BACKEND=redis")
+    if limits is not None and limits.backend == "redis":
+        check_redis(limits.redis_url, "RL_BACKEND=redis")
 
 
 def _finished(ledger: Ledger, run: RunRecord) -> RunOutcome:
@@ -380,38 +380,20 @@ def _finished(ledger: Ledger, run: RunRecord) -> RunOutcome:
     return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[])
 
 
-def default_policy(options: ProcessOptions) -> CallPolicy:
-    """Retry outermost, so each attempt passes the circuit breaker (one per provider and model) again, and
-    the rate limiter innermost, so only calls actually sent take from the provider's limits."""
-    policies: list[CallPolicy] = [RetryPolicy(options.retry or RetryConfig.from_env())]
-    breaker = options.breaker or CircuitBreakerConfig.from_env()
-    if breaker.enabled:
-        policies.append(CircuitBreakerPolicy(breaker))
-    settings = settings_from_env(rpm=options.rpm, tpm=options.tpm)
+def default_policy(options: ProcessOptions) -> Resilience:
+    """The engine ``options`` (else the RETRY_*, CB_* and RL_* settings) ask for: retry outermost, so each attempt
+    passes the circuit breaker (one per provider and model) again, and the rate limiter innermost, so only calls
+    actually sent take from the provider's limits."""
+    breaker = options.breaker or breaker_config()
+    settings = rate_limit_settings(rpm=options.rpm, tpm=options.tpm)
     if options.provider == ProviderName.SIMULATED:
         # The simulator's limits are not unknown: they are its settings. Nothing to discover.
         settings = settings.model_copy(update={
             "requests_per_minute": settings.requests_per_minute or options.simulator.requests_per_minute,
             "tokens_per_minute": settings.tokens_per_minute or options.simulator.tokens_per_minute,
             "adaptive": False})
-    if settings.enabled:
-        policies.append(RateLimitPolicy(settings))
-    return PolicyPipeline(policies)
-
-
-def _show_pauses(stats: RunStats, breakers: list[CircuitBreakerPolicy]) -> None:
-    """Put why calls wait for a circuit into ``stats.pause_reason``, leaving other components' reasons alone."""
-    shown: list[str | None] = [None]
-
-    def show(reason: str | None) -> None:
-        if reason is not None:
-            stats.pause_reason = reason
-        elif stats.pause_reason == shown[0]:
-            stats.pause_reason = None
-        shown[0] = reason
-
-    for breaker in breakers:
-        breaker.on_pause = show
+    return Resilience(retry=options.retry or retry_config(), breaker=breaker if breaker.enabled else None,
+                      ratelimit=settings if settings.enabled else None)
 
 
 async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: StageSettings, ledger: Ledger,
@@ -427,23 +409,27 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
         pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy, cache=cache,
                             concurrency=options.concurrency, force=options.force, max_cost=options.max_cost)
         pipeline.stats.simulated = run.simulated
-        breakers = breaker_policies(policy)
-        if breakers:
-            _show_pauses(pipeline.stats, breakers)
-            await stack.enter_async_context(BreakerSync(BreakerStore(ledger.engine), breakers, run_id=run.id,
-                                                        poll_interval=breakers[0].config.poll_interval))
-        for limiter in rate_limit_policies(policy):
-            limiter.on_pause = lambda group, seconds: pipeline.stats.note_rate_limit(group.label, seconds)
-            # Published every RL_PUBLISH_INTERVAL s for `ratelimit status` in another terminal.
-            stack.push_async_callback(limiter.aclose)
-            await stack.enter_async_context(limiter.publishing(
-                lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"ratelimit": snapshot})))
+        engine = Resilience.find(policy)
+        tally = EventTally()
+        if engine is not None:
+            ProgressObserver(pipeline.stats).attach(engine.events)
+            tally.attach(engine.events)
+            if engine.breaker_config is not None:
+                await stack.enter_async_context(BreakerSync(BreakerStore(ledger.engine), engine, run_id=run.id,
+                                                            poll_interval=engine.breaker_config.poll_interval))
+            if engine.ratelimit is not None:
+                # Published every RL_PUBLISH_INTERVAL s for `ratelimit status` in another terminal.
+                stack.push_async_callback(engine.aclose)
+                await stack.enter_async_context(engine.publishing(
+                    lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"ratelimit": snapshot})))
         async with reporter.live(pipeline.stats):
             outcome = await pipeline.run(run)
         monitor = pool_monitor(ledger.engine)
-        metrics = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
-        if breakers:
-            metrics["circuit_breakers"] = {name: stats for b in breakers for name, stats in b.snapshot().items()}
+        metrics: dict[str, Any] = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
+        if engine is not None:
+            metrics["resilience_events"] = tally.to_dict()
+            if engine.breaker_config is not None:
+                metrics["circuit_breakers"] = engine.breaker_snapshot()
         await asyncio.to_thread(ledger.merge_run_metrics, run.id, metrics)
         return outcome, metrics["cache"]
     raise AssertionError("unreachable")  # pragma: no cover

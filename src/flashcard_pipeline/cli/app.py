@@ -17,15 +17,17 @@ from rich.console import Console
 from rich.table import Table
 
 from flashcard_pipeline.cli.breaker_commands import breaker_app
+from flashcard_pipeline.cli.export_commands import export_command, push_command
 from flashcard_pipeline.cli.maintenance import cache_app, db_app
 from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
 from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, money, stderr_console
 from flashcard_pipeline.cli.progress import ConsoleReporter
+from flashcard_pipeline.cli.ratelimit_commands import ratelimit_app
+from flashcard_pipeline.config import breaker_config, retry_config
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
 from flashcard_pipeline.export import AudioEngine, Subdecks
 from flashcard_pipeline.llm.providers import ProviderName
-from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
-from flashcard_pipeline.resilience.retry import RetryConfig
+from flashcard_pipeline.resilience import CircuitBreakerConfig, RetryConfig
 from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
 from flashcard_pipeline.simulator import Simulator, SimulatorConfig, serve
 from flashcard_pipeline.stages import parse_params
@@ -73,14 +75,14 @@ def _retry_config(max_attempts: int | None) -> RetryConfig | None:
     """``None`` lets the runner read RETRY_* itself; ``--max-attempts`` overrides just that field."""
     if max_attempts is None:
         return None
-    return RetryConfig.from_env().model_copy(update={"max_attempts": max_attempts})
+    return retry_config().model_copy(update={"max_attempts": max_attempts})
 
 
 def _breaker_config(max_wait: float | None) -> CircuitBreakerConfig | None:
     """``None`` lets the runner read CB_* itself; ``--breaker-max-wait`` overrides just that field."""
     if max_wait is None:
         return None
-    return CircuitBreakerConfig.from_env().model_copy(update={"max_wait": max_wait})
+    return breaker_config().model_copy(update={"max_wait": max_wait})
 
 
 def _run_async(coro: Any) -> Any:
@@ -227,6 +229,9 @@ def simulate_command(
 app.add_typer(db_app, name="db")
 app.add_typer(cache_app, name="cache")
 app.add_typer(breaker_app, name="breaker")
+app.command("export")(export_command)
+app.command("push")(push_command)
+app.add_typer(ratelimit_app, name="ratelimit")
 
 
 def main() -> None:
@@ -239,7 +244,3 @@ def main() -> None:
         stderr_console().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} "
                                "(set FLASHCARD_DEBUG=1 for details)", highlight=False)
         sys.exit(1)
-
-
-# Registers the `export` and `push` commands and the `ratelimit` group on `app`.
-from flashcard_pipeline.cli import export_commands, ratelimit_commands  # noqa: E402, F401

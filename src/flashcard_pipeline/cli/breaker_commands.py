@@ -14,7 +14,7 @@ from rich.table import Table
 from flashcard_pipeline.cli.output import fail
 from flashcard_pipeline.config import CircuitBreakerSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError
-from flashcard_pipeline.resilience.breaker_store import BreakerStore, CircuitSnapshotRecord
+from flashcard_pipeline.storage.breaker_store import BreakerStore, CircuitSnapshotRecord
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import utcnow

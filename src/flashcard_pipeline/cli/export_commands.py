@@ -1,4 +1,6 @@
-"""``export`` and ``push``: stored results to a file or into a running Anki, without any API call."""
+"""``export`` and ``push``: stored results to a file or into a running Anki, without any API call.
+
+:mod:`flashcard_pipeline.cli.app` registers both commands."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
 from flashcard_pipeline.export import (
     FORMATS,
@@ -50,7 +51,6 @@ def _select_run(ledger: Ledger, run_id: int | None) -> RunRecord:
     return run
 
 
-@app.command("export")
 def export_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write (the extension picks the format).")],
     run_id: RunOption = None,
@@ -84,7 +84,6 @@ def export_command(
                                   f"{report.path}{deck}{audio_note}", highlight=False, markup=False)
 
 
-@app.command("push")
 def push_command(
     run_id: RunOption = None,
     deck_name: DeckOption = None,

@@ -1,4 +1,4 @@
-"""``flashcard-pipeline ratelimit status``: each limit's rate, tokens available and reservation metrics.
+"""``flashcard-pipeline ratelimit status``: each limit's rate, tokens available, waits and refunds.
 
 A running ``process`` publishes its limiter's snapshot into its run's metrics every
 ``RL_PUBLISH_INTERVAL`` seconds (and once at the end), so this works from a second terminal against
@@ -18,24 +18,19 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.output import ExitCode, fail
-from flashcard_pipeline.config import RateLimitSettings
-from flashcard_pipeline.resilience.rate_limit_policy import settings_from_env
+from flashcard_pipeline.config import rate_limit_settings
+from flashcard_pipeline.resilience.ratelimit import RateLimitSettings, RedisLimits
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
 
-ratelimit_app = typer.Typer(help="The provider rate limiter: limits, tokens available, waits, reservations.",
-                            no_args_is_help=True)
-app.add_typer(ratelimit_app, name="ratelimit")
+ratelimit_app = typer.Typer(help="The provider rate limiter: limits, tokens available, waits.", no_args_is_help=True)
 
 _SUFFIXES = (":used", ":adaptive")
 
 
 async def live_redis_state(settings: RateLimitSettings) -> list[dict[str, Any]]:
     """The state of every bucket under ``RL_REDIS_PREFIX``, straight from Redis."""
-    from flashcard_pipeline.resilience.rate_limiter_redis import RedisLimits
-
     limits = RedisLimits(settings.redis_url, prefix=settings.redis_prefix)
     try:
         found: list[dict[str, Any]] = []
@@ -49,7 +44,7 @@ async def live_redis_state(settings: RateLimitSettings) -> list[dict[str, Any]]:
                 continue
             tag, leaf = rest[1:].split("}:", 1)
             state = await limits.make(f"{tag}:{leaf}", 0.0, 0.0).state()
-            for local in ("acquire", "reservations", "pending_reservations"):
+            for local in ("acquire",):
                 state.pop(local, None)  # this command's own (empty) counters, not the workers'
             found.append(state)
         return found
@@ -87,18 +82,16 @@ def _print_published(console: Console, run_id: int, status: str, published: dict
         table = Table(title=f"{label}: {group.get('rate_limited', 0)} 429s, paused {group.get('paused_total_s', 0)}s "
                             f"in total, {group.get('waiting', 0)} waiting")
         for column in ("limit", "mode", "planned/min", "rate/min", "burst", "available", "paused s", "acquired",
-                       "waited", "wait s", "refunded", "reservations made/exec/cancel/expired"):
+                       "waited", "wait s", "refunded"):
             table.add_column(column, justify="left" if column in ("limit", "mode") else "right")
         for name in ("requests", "tokens"):
             dim = group.get(name) or {}
             acquire = dim.get("acquire") or {}
-            reservations = dim.get("reservations") or {}
             table.add_row(
                 name, str(dim.get("mode", "-")), _number(dim.get("planned_per_minute"), 0),
                 _number(dim.get("rate_per_minute"), 0), _number(dim.get("burst")), _number(dim.get("available")),
                 _number(dim.get("paused_for"), 2), _number(acquire.get("acquired")), _number(acquire.get("waited")),
-                _number(acquire.get("wait_time"), 2), _number(acquire.get("refunded"), 0),
-                "/".join(str(reservations.get(k, 0)) for k in ("made", "executed", "cancelled", "expired")))
+                _number(acquire.get("wait_time"), 2), _number(acquire.get("refunded"), 0))
         console.print(table)
 
 
@@ -120,9 +113,9 @@ def ratelimit_status(
     run: Annotated[int | None, typer.Option(help="Run id (default: newest).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Each limit's rate, tokens available, waits and reservation metrics, as the running process last published
+    """Each limit's rate, tokens available, waits and refunds, as the running process last published
     them (and the live Redis buckets with RL_BACKEND=redis)."""
-    settings = settings_from_env()
+    settings = rate_limit_settings()
     ledger = Ledger(open_database(db, must_exist=True))
     try:
         record = ledger.get_run(run)

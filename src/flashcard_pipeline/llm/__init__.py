@@ -1,4 +1,4 @@
-"""LLM access: provider resolution, the async chat-completions client and the policy seam."""
+"""LLM access: provider resolution and the async chat-completions client."""
 
 from flashcard_pipeline.llm.capabilities import (
     ModelCapabilities,
@@ -14,22 +14,17 @@ from flashcard_pipeline.llm.client import (
     parse_retry_after,
     redact,
 )
-from flashcard_pipeline.llm.policy import CallContext, CallPolicy, DirectPolicy, PolicyPipeline
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
 from flashcard_pipeline.llm.types import RESERVED_PARAMS, ChatMessage, ChatRequest, ChatResponse, Usage, check_params
 
 __all__ = [
     "RESERVED_PARAMS",
-    "CallContext",
-    "CallPolicy",
     "ChatMessage",
     "ChatRequest",
     "ChatResponse",
-    "DirectPolicy",
     "LLMClient",
     "ModelCapabilities",
     "ModelKind",
-    "PolicyPipeline",
     "ProviderConfig",
     "ProviderName",
     "Usage",

@@ -38,6 +38,7 @@ from flashcard_pipeline.errors import (
     StructuredError,
     TruncatedOutputError,
 )
+from flashcard_pipeline.headers import header_number
 from flashcard_pipeline.llm.providers import ProviderConfig
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse, Usage
 
@@ -108,17 +109,6 @@ def parse_retry_after(headers: Mapping[str, str], *, now: datetime) -> float | N
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - now).total_seconds())
-
-
-def header_number(raw: str | None) -> float | None:
-    """A header value as a finite, non-negative number, or None (absent or unparseable)."""
-    if raw is None:
-        return None
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -1,32 +1,84 @@
-"""The resilience engine: policies that wrap each provider call (retry now; breaker and limiter next).
+"""The resilience engine: retry, circuit breaker and rate limiter around each provider call, Polly-style.
 
-Every policy takes its time from an injectable :class:`Clock`; tests use
-:class:`~flashcard_pipeline.resilience.testing.FakeClock`.
+Public names (what code outside ``resilience/`` may use; everything else is internal):
+
+* the engine: :class:`Resilience` (builder and registry: one pipeline per provider and model),
+  :class:`ModelPipeline`;
+* the core: :class:`CallContext`, :class:`ProviderAnswer`, :class:`CallPolicy`, :class:`DirectPolicy`,
+  :class:`PolicyPipeline`, :class:`Clock`, :class:`SystemClock`, :class:`EventHub`,
+  :class:`ResilienceEvent` (``resilience.testing`` has ``FakeClock`` and ``VirtualClock``);
+* the configuration: :class:`RetryConfig`, :class:`CircuitBreakerConfig`, :class:`RateLimitSettings`;
+* the events: :class:`RetryEvent`; :class:`CircuitTransition`, :class:`ProbeEvent`, :class:`CallRefused`,
+  :class:`BreakerPause`, :class:`CircuitCreated`; :class:`LimitWait`, :class:`LimitPause`, :class:`LimitCut`,
+  :class:`LimitRaise`;
+* the parts, for whoever composes their own: :class:`RetryPolicy`, :class:`CircuitBreaker` with its
+  :class:`CircuitBreakerStateProvider` and :class:`CircuitBreakerManualControl`, :class:`LimitGroup`,
+  :class:`RateLimiter`, :class:`ShardedRateLimiter`.
 """
 
-from flashcard_pipeline.resilience.clock import Clock, SystemClock
-from flashcard_pipeline.resilience.retry import (
-    DEFAULT_RETRY_CATEGORIES,
-    JitterStrategy,
-    RandomSource,
-    RetryConfig,
-    RetryEvent,
-    RetryPolicy,
-    RetryStats,
-    exponential_delay,
-    jittered_delay,
+from flashcard_pipeline.resilience.breaker import (
+    BreakerPause,
+    CallRefused,
+    CircuitBreaker,
+    CircuitBreakerConfig,
+    CircuitBreakerManualControl,
+    CircuitBreakerStateProvider,
+    CircuitCreated,
+    CircuitState,
+    CircuitTransition,
+    CircuitWaitExceededError,
+    ProbeEvent,
 )
+from flashcard_pipeline.resilience.core.clock import Clock, SystemClock
+from flashcard_pipeline.resilience.core.context import CallContext, ProviderAnswer
+from flashcard_pipeline.resilience.core.events import EventHub, ResilienceEvent
+from flashcard_pipeline.resilience.core.policy import CallPolicy, DirectPolicy, PolicyPipeline
+from flashcard_pipeline.resilience.engine import ModelPipeline, Resilience
+from flashcard_pipeline.resilience.ratelimit import (
+    LimitCut,
+    LimitGroup,
+    LimitPause,
+    LimitRaise,
+    LimitWait,
+    RateLimiter,
+    RateLimitSettings,
+    ShardedRateLimiter,
+)
+from flashcard_pipeline.resilience.retry import JitterStrategy, RetryConfig, RetryEvent, RetryPolicy
 
 __all__ = [
-    "DEFAULT_RETRY_CATEGORIES",
+    "BreakerPause",
+    "CallContext",
+    "CallPolicy",
+    "CallRefused",
+    "CircuitBreaker",
+    "CircuitBreakerConfig",
+    "CircuitBreakerManualControl",
+    "CircuitBreakerStateProvider",
+    "CircuitCreated",
+    "CircuitState",
+    "CircuitTransition",
+    "CircuitWaitExceededError",
     "Clock",
+    "DirectPolicy",
+    "EventHub",
     "JitterStrategy",
-    "RandomSource",
+    "LimitCut",
+    "LimitGroup",
+    "LimitPause",
+    "LimitRaise",
+    "LimitWait",
+    "ModelPipeline",
+    "PolicyPipeline",
+    "ProbeEvent",
+    "ProviderAnswer",
+    "RateLimitSettings",
+    "RateLimiter",
+    "Resilience",
+    "ResilienceEvent",
     "RetryConfig",
     "RetryEvent",
     "RetryPolicy",
-    "RetryStats",
+    "ShardedRateLimiter",
     "SystemClock",
-    "exponential_delay",
-    "jittered_delay",
 ]

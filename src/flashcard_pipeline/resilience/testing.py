@@ -1,4 +1,4 @@
-"""A virtual :class:`~flashcard_pipeline.resilience.clock.Clock` for tests and simulations.
+"""A virtual :class:`~flashcard_pipeline.resilience.core.clock.Clock` for tests and simulations.
 
 It lives in the package (not under ``tests/``) because benchmarks and later components
 (circuit breaker, rate limiter) test against it too.

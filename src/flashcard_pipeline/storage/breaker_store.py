@@ -10,8 +10,9 @@ from a second terminal against a running ``process`` (or several, sharing one Po
 * ``circuit_breaker_states`` holds each process's latest view of each circuit, refreshed on every
   transition and every few seconds while it runs, so ``status`` can tell live from stale.
 
-The breakers themselves never touch the database: :class:`BreakerSync` listens to them on the event
-loop and does the I/O in a worker thread, batching what happened since its last poll.
+The breakers themselves never touch the database: :class:`BreakerSync` is the adapter between an engine and
+the tables. It subscribes to the engine's events on the event loop (transitions, circuits being made) and does
+the I/O in a worker thread, batching what happened since its last poll.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ from sqlalchemy import Engine, delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from flashcard_pipeline.resilience.circuit_breaker import CircuitBreaker, CircuitBreakerPolicy, CircuitTransition
-from flashcard_pipeline.resilience.clock import Clock, SystemClock
+from flashcard_pipeline.resilience import (
+    CircuitBreaker,
+    CircuitCreated,
+    CircuitTransition,
+    Clock,
+    Resilience,
+    SystemClock,
+)
 from flashcard_pipeline.storage.schema import (
     CircuitBreakerCommand,
     CircuitBreakerEvent,
@@ -53,7 +60,7 @@ __all__ = [
     "requester",
 ]
 
-log = logging.getLogger("flashcard_pipeline.resilience.breaker_store")
+log = logging.getLogger("flashcard_pipeline.storage.breaker_store")
 
 Action = Literal["isolate", "close", "reset"]
 ACTIONS: tuple[str, ...] = get_args(Action)
@@ -280,7 +287,7 @@ def _upsert(dialect: str, values: dict[str, Any]) -> Any:
 
 
 class BreakerSync:
-    """Connects the breakers of a running process to the database for as long as the block lasts.
+    """Connects the breakers of a running engine to the database for as long as the block lasts.
 
     On entry it applies standing isolations (to circuits made later as they are made); every
     ``poll_interval`` seconds it applies new operator commands and writes the transitions since the last
@@ -289,11 +296,11 @@ class BreakerSync:
     never stops the run.
     """
 
-    def __init__(self, store: BreakerStore, policies: Sequence[CircuitBreakerPolicy], *, run_id: int | None = None,
+    def __init__(self, store: BreakerStore, engine: Resilience, *, run_id: int | None = None,
                  clock: Clock | None = None, poll_interval: float = 1.0, heartbeat: float = 5.0,
                  owner: str | None = None) -> None:
         self.store = store
-        self.policies = tuple(policies)
+        self.engine = engine
         self.run_id = run_id
         self.clock: Clock = clock or SystemClock()
         self.poll_interval = poll_interval
@@ -319,9 +326,8 @@ class BreakerSync:
         store = self.store
         self._last_id = await asyncio.to_thread(store.last_command_id)
         standing = await asyncio.to_thread(store.latest_commands)
-        for policy in self.policies:
-            policy.add_listener(self._record)
-            policy.add_creation_listener(self._on_created)
+        self.engine.events.subscribe(CircuitTransition, self._record)
+        self.engine.events.subscribe(CircuitCreated, self._on_created)
         for command in standing.values():
             if command.action == "isolate":
                 self._apply(command)
@@ -334,11 +340,8 @@ class BreakerSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for policy in self.policies:
-            with contextlib.suppress(ValueError):
-                policy.remove_listener(self._record)
-            with contextlib.suppress(ValueError):
-                policy.remove_creation_listener(self._on_created)
+        self.engine.events.unsubscribe(CircuitTransition, self._record)
+        self.engine.events.unsubscribe(CircuitCreated, self._on_created)
         try:
             await self._flush(force=True, active=False)
         except Exception as exc:
@@ -374,24 +377,23 @@ class BreakerSync:
             self._isolations[command.circuit] = command
         else:
             self._isolations.pop(command.circuit, None)
-        for policy in self.policies:
-            breaker = policy.breakers.get(command.circuit)
-            if breaker is not None:
-                _steer(breaker, command)
+        breaker = self.engine.breakers.get(command.circuit)
+        if breaker is not None:
+            _steer(breaker, command)
         self.applied.append(command)
 
-    def _on_created(self, breaker: CircuitBreaker) -> None:
-        command = self._isolations.get(breaker.name)
+    def _on_created(self, made: CircuitCreated) -> None:
+        command = self._isolations.get(made.breaker.name)
         if command is not None:
-            _steer(breaker, command)
+            _steer(made.breaker, command)
 
     async def _flush(self, *, force: bool = False, active: bool = True) -> None:
         events, self._pending = self._pending, []
         now = self.clock.monotonic()
-        circuits = {name for policy in self.policies for name in policy.breakers}
+        circuits = set(self.engine.breakers)
         if not events and not force and now - self._beat < self.heartbeat and circuits <= self._reported:
             return
-        snapshots = [stats for policy in self.policies for stats in policy.snapshot().values()]
+        snapshots = list(self.engine.breaker_snapshot().values())
         try:
             await asyncio.to_thread(self.store.write, events, snapshots, owner=self.owner, run_id=self.run_id,
                                     active=active)

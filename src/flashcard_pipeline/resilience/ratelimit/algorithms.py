@@ -70,18 +70,6 @@ class Algorithm(Protocol):
         """A fast ``reserve(now, amount, 0)`` that allocates nothing; False means "use ``reserve``"."""
         ...
 
-    def capacity_at(self, now: float, at: float) -> float:
-        """The most ``reserve_at(now, amount, at)`` could take (``at >= now``); changes nothing."""
-        ...
-
-    def reserve_at(self, now: float, amount: float, at: float) -> Take | None:
-        """Take ``amount`` to act exactly at ``at`` if it fits then, accounted as acting then; else change nothing.
-
-        Parts of one call on several buckets all act at one instant: a part that could act earlier must
-        not leave its bucket's refill until ``at`` to others, or the bucket would admit both at ``at``.
-        """
-        ...
-
     def wait_for(self, now: float, amount: float) -> float:
         """Seconds until ``amount`` could be taken (``inf`` if never); changes nothing."""
         ...
@@ -209,7 +197,7 @@ class TokenBucket:
         if now > self.last:
             self.last = now
         act = now + delay
-        if act > self.last_event:  # a take booked for later (``reserve_at``) stays the last event
+        if act > self.last_event:
             self.last_event = act
         return Take(amount, act, self.rate)
 
@@ -219,29 +207,6 @@ class TokenBucket:
         if amount > self.burst:
             return INF
         return self._delay(now, amount - self._advance(now))
-
-    def capacity_at(self, now: float, at: float) -> float:
-        if self.rate == INF:
-            return INF
-        if at < self.frozen_until:
-            return 0.0
-        return self._advance(at)
-
-    def reserve_at(self, now: float, amount: float, at: float) -> Take | None:
-        if (free := _free_take(self.rate, amount, at)) is not None:
-            return free
-        if amount > self.burst or amount > self.capacity_at(now, at):
-            return None
-        left = self._advance(at) - amount
-        if now > self.last:
-            self.last = now
-        start = self.last if self.last > self.frozen_until else self.frozen_until
-        # Stored as of ``start`` so that refilling until ``at`` yields exactly ``left``: nothing before ``at``
-        # hands out what this take holds.
-        self.tokens = left - (at - start) * self.rate if at > start else left
-        if at > self.last_event:
-            self.last_event = at
-        return Take(amount, at, self.rate)
 
     def cancel(self, now: float, take: Take) -> float:
         # Go's CancelAt: tokens reserved after this one cannot move forward, so only the rest returns.
@@ -409,25 +374,6 @@ class SlidingWindowLog:
     def try_take(self, now: float, amount: float) -> bool:
         """Never taken here: a log must record each take, so ``reserve`` does it."""
         return False
-
-    def capacity_at(self, now: float, at: float) -> float:
-        if self.rate == INF:
-            return INF
-        self._prune(now)
-        if at < self.frozen_until or (self.entries and at < self.entries[-1].time_to_act):
-            return 0.0  # the log stays in order: nothing acts before what is already logged
-        horizon = at - self.window
-        return self.burst - sum(entry.amount for entry in self.entries if entry.time_to_act > horizon)
-
-    def reserve_at(self, now: float, amount: float, at: float) -> Take | None:
-        if (free := _free_take(self.rate, amount, at)) is not None:
-            return free
-        if amount > self.burst or amount > self.capacity_at(now, at):
-            return None
-        entry = _Entry(amount, at, self.rate)
-        self.entries.append(entry)
-        self.total += amount
-        return entry
 
     def cancel(self, now: float, take: Take) -> float:
         if self.rate == INF or take.amount <= 0 or take.time_to_act < now:
