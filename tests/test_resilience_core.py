@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,11 @@ from flashcard_pipeline.resilience import (
     CallContext,
     CallPolicy,
     DirectPolicy,
+    EventHub,
     PolicyPipeline,
+    ProviderAnswer,
+    ResilienceEvent,
+    RetryEvent,
 )
 
 CTX = CallContext(stage="nuance", item_key="사과", provider="openrouter", model="m", estimated_tokens=2000)
@@ -101,3 +106,54 @@ async def test_direct_policy_propagates_errors_and_cancellation() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled()
+
+
+# -- the per-call context ---------------------------------------------------------------------------------
+
+def test_a_context_collects_pauses_and_the_answer_of_its_own_request_only() -> None:
+    one = CallContext(stage="nuance", item_key="a", provider="p", model="m", estimated_tokens=1)
+    other = CallContext(stage="nuance", item_key="a", provider="p", model="m", estimated_tokens=1)
+    one.record_pause(2.5)
+    one.record_pause(0.0)
+    one.record_pause(-1.0)
+    one.report(ProviderAnswer(120, {"x-ratelimit-limit-requests": "60"}))
+    assert (one.paused, one.circuit) == (2.5, "p/m")
+    assert one.answer is not None and one.answer.total_tokens == 120
+    assert (other.paused, other.answer, other.retrying) == (0.0, None, False), "nothing is shared between requests"
+    assert one != other, "a context is one request, not a value"
+
+
+# -- the event hub ----------------------------------------------------------------------------------------
+
+class Ping(ResilienceEvent):
+    pass
+
+
+class LoudPing(Ping):
+    pass
+
+
+def test_the_hub_delivers_by_type_in_order_and_survives_a_failing_listener(caplog: pytest.LogCaptureFixture) -> None:
+    hub = EventHub()
+    assert not hub.listening
+    pings: list[ResilienceEvent] = []
+    everything: list[ResilienceEvent] = []
+
+    def broken(event: ResilienceEvent) -> None:
+        raise RuntimeError("dashboard is down")
+
+    hub.subscribe(ResilienceEvent, broken)
+    hub.subscribe(Ping, pings.append)
+    hub.subscribe(ResilienceEvent, everything.append)
+    assert hub.listening
+    first, second, third = Ping(), LoudPing(), ResilienceEvent()
+    with caplog.at_level(logging.ERROR, logger="flashcard_pipeline.resilience.events"):
+        for event in (first, second, third):
+            hub.emit(event)
+    assert pings == [first, second], "a subscriber gets its type and its subclasses"
+    assert everything == [first, second, third], "a failing listener does not stop the others"
+    assert sum("listener failed" in r.getMessage() for r in caplog.records) == 3
+    hub.unsubscribe(Ping, pings.append)
+    hub.unsubscribe(RetryEvent, pings.append)  # never subscribed: ignored
+    hub.emit(Ping())
+    assert len(pings) == 2 and len(everything) == 4

@@ -39,15 +39,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flashcard_pipeline.errors import CircuitBreakerError, StructuredError
+from flashcard_pipeline.errors import CircuitBreakerError
 from flashcard_pipeline.resilience.breaker.config import (
-    MAX_BREAK_SECONDS,
     BreakDurationArguments,
     BreakDurationGenerator,
     CircuitBreakerConfig,
     Classifier,
     default_classifier,
     exponential_break_duration,
+    next_break_duration,
 )
 from flashcard_pipeline.resilience.breaker.control import CircuitBreakerManualControl, CircuitBreakerStateProvider
 from flashcard_pipeline.resilience.breaker.events import (
@@ -58,6 +58,7 @@ from flashcard_pipeline.resilience.breaker.events import (
     Permit,
     ProbeEvent,
     ProbeOutcome,
+    describe_error,
 )
 from flashcard_pipeline.resilience.breaker.window import SamplingWindow
 from flashcard_pipeline.resilience.core.clock import Clock, SystemClock
@@ -76,15 +77,6 @@ _CLOSED = CircuitState.CLOSED
 _OPEN = CircuitState.OPEN
 _HALF_OPEN = CircuitState.HALF_OPEN
 _ISOLATED = CircuitState.ISOLATED
-
-
-def _describe(error: BaseException | None) -> str:
-    if error is None:
-        return "no error"
-    if isinstance(error, StructuredError):
-        return f"{error.category.value}/{error.code}: {error.message[:200]}"
-    return f"{type(error).__name__}: {str(error)[:200]}"
-
 
 
 class CircuitBreaker:
@@ -249,7 +241,7 @@ class CircuitBreaker:
             self._failures += 1
             self._probe(permit.probe, "failed")
             self._window.add(now, failed=True)
-            self._last_failure = _describe(error)
+            self._last_failure = describe_error(error)
             self._half_open_attempts += 1
             self._open(now, f"probe failed: {self._last_failure}")
             return
@@ -258,7 +250,7 @@ class CircuitBreaker:
         health = self._window.health(now)
         total = health.throughput
         if total >= self.config.min_throughput and health.failures / total >= self.config.failure_ratio:
-            self._last_failure = _describe(error)
+            self._last_failure = describe_error(error)
             self._open(now, f"{health.failures} of {total} calls failed in the last "
                             f"{self.config.sampling_duration:g} s (last: {self._last_failure})", health)
 
@@ -342,28 +334,13 @@ class CircuitBreaker:
             waiter.cancel()
         return waiter in done
 
-    # -- manual control (through CircuitBreakerManualControl) ----------------------------------------
-
-    def _isolate(self, reason: str, source: str | None) -> None:
-        now = self._monotonic()
-        self._probes.clear()
-        self._isolation = reason
-        self._open_until = math.inf
-        self._transition(_ISOLATED, now, f"isolated by hand: {reason}", manual=True, source=source)
-
-    def _manual_close(self, reason: str, source: str | None, *, reset: bool = False) -> None:
-        if reset:
-            self._successes = self._failures = self._rejected = self._ignored = self._opened = 0
-        verb = "reset" if reset else "closed"
-        self._close(self._monotonic(), f"{verb} by hand: {reason}", manual=True, source=source)
-
     # -- state changes --------------------------------------------------------------------------------
 
     def _open(self, now: float, reason: str, health: HealthInfo | None = None) -> None:
         health = health or self._window.health(now)
-        duration = self._next_break(BreakDurationArguments(
+        duration = next_break_duration(self._generator, self._default_generator, BreakDurationArguments(
             failure_count=health.failures, failure_ratio=health.failure_ratio,
-            half_open_attempts=self._half_open_attempts, circuit=self.name))
+            half_open_attempts=self._half_open_attempts, circuit=self.name), self.config.break_duration)
         self._break = duration
         self._open_until = now + duration
         self._probes.clear()
@@ -377,23 +354,6 @@ class CircuitBreaker:
         self._open_until = -math.inf
         self._isolation = None
         self._transition(_CLOSED, now, reason, manual=manual, source=source, health=HealthInfo(0, 0))
-
-    def _next_break(self, args: BreakDurationArguments) -> float:
-        generator = self._generator
-        if generator is None:
-            return self._default_generator(args)
-        try:
-            value = generator(args)
-            seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-        except Exception:
-            log.exception("circuit %s: the break duration generator failed; breaking for %g s", self.name,
-                          self.config.break_duration)
-            return self.config.break_duration
-        if not seconds >= 0:  # also catches NaN
-            log.error("circuit %s: the break duration generator returned %r; breaking for %g s", self.name, value,
-                      self.config.break_duration)
-            return self.config.break_duration
-        return min(seconds, MAX_BREAK_SECONDS)
 
     def _transition(self, to: CircuitState, now: float, reason: str, *, manual: bool = False,
                     source: str | None = None, health: HealthInfo | None = None,

@@ -4,6 +4,7 @@ variables are read by :mod:`flashcard_pipeline.config`)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flashcard_pipeline.errors import ErrorCategory, StructuredError
 from flashcard_pipeline.resilience.core.backoff import exponential_delay
+
+log = logging.getLogger("flashcard_pipeline.resilience.circuit_breaker")
 
 #: Provider and network trouble. A bad request, a 429 or an unusable answer means the provider did
 #: answer, so by default they count as successes (the rate limiter and the re-ask budget handle them).
@@ -128,3 +131,22 @@ def exponential_break_duration(config: CircuitBreakerConfig) -> Callable[[BreakD
 
     return generate
 
+
+def next_break_duration(generator: BreakDurationGenerator | None,
+                        default: Callable[[BreakDurationArguments], float], args: BreakDurationArguments,
+                        fallback: float) -> float:
+    """The break a circuit opens for: the generator's answer clamped to ``MAX_BREAK_SECONDS``, or ``fallback``
+    (``break_duration``) when a custom generator fails or answers nonsense, which is logged."""
+    if generator is None:
+        return default(args)
+    try:
+        value = generator(args)
+        seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    except Exception:
+        log.exception("circuit %s: the break duration generator failed; breaking for %g s", args.circuit, fallback)
+        return fallback
+    if not seconds >= 0:  # also catches NaN
+        log.error("circuit %s: the break duration generator returned %r; breaking for %g s", args.circuit, value,
+                  fallback)
+        return fallback
+    return min(seconds, MAX_BREAK_SECONDS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -155,17 +156,23 @@ class CircuitBreakerManualControl:
     def isolate(self, reason: str, *, source: str | None = None) -> None:
         reason = _reason(reason)
         for breaker in self._breakers:
-            breaker._isolate(reason, source)
+            now = breaker._monotonic()
+            breaker._probes.clear()
+            breaker._isolation = reason
+            breaker._open_until = math.inf
+            breaker._transition(CircuitState.ISOLATED, now, f"isolated by hand: {reason}", manual=True,
+                                source=source)
 
     def close(self, reason: str, *, source: str | None = None) -> None:
         reason = _reason(reason)
         for breaker in self._breakers:
-            breaker._manual_close(reason, source)
+            breaker._close(breaker._monotonic(), f"closed by hand: {reason}", manual=True, source=source)
 
     def reset(self, reason: str, *, source: str | None = None) -> None:
         reason = _reason(reason)
         for breaker in self._breakers:
-            breaker._manual_close(reason, source, reset=True)
+            breaker._successes = breaker._failures = breaker._rejected = breaker._ignored = breaker._opened = 0
+            breaker._close(breaker._monotonic(), f"reset by hand: {reason}", manual=True, source=source)
 
 
 def _reason(reason: str) -> str:

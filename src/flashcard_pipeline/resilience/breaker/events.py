@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from flashcard_pipeline.errors import CircuitBreakerError
+from flashcard_pipeline.errors import CircuitBreakerError, StructuredError
 from flashcard_pipeline.resilience.core.events import ResilienceEvent
 
 
@@ -119,3 +119,12 @@ class BreakerPause(ResilienceEvent):
     """Why calls wait for circuits now (for the person watching the run), or ``None`` once none waits."""
 
     reason: str | None
+
+
+def describe_error(error: BaseException | None) -> str:
+    """An error in one line for a transition's reason and ``last_failure``."""
+    if error is None:
+        return "no error"
+    if isinstance(error, StructuredError):
+        return f"{error.category.value}/{error.code}: {error.message[:200]}"
+    return f"{type(error).__name__}: {str(error)[:200]}"
