@@ -102,10 +102,10 @@ class Resilience:
 
     def execute(self, call: Callable[[], Awaitable[T]], context: CallContext) -> Awaitable[T]:
         """The pipeline's own coroutine (every layer is an ``async def``), so the lookup adds no frame."""
-        execute = self._execute.get((context.provider, context.model))
+        execute = self._execute.get(context.key)
         if execute is None:
             self.pipeline(context.provider, context.model)
-            execute = self._execute[context.provider, context.model]
+            execute = self._execute[context.key]
         return execute(call, context)
 
     @property

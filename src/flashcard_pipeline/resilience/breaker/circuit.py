@@ -172,7 +172,7 @@ class CircuitBreaker:
                 self._probe(probe, "expired")
 
     def _probe(self, probe: int, outcome: ProbeOutcome) -> None:
-        if self.events.listening:
+        if self.events.wants(ProbeEvent):
             self.events.emit(ProbeEvent(self.name, probe, outcome))
 
     def _rejection(self, now: float) -> CircuitBreakerError:
@@ -192,7 +192,7 @@ class CircuitBreaker:
         fields["details"] = dict(template.details)
         fields["retry_after"] = retry_after
         fields["timestamp"] = datetime.now(UTC)
-        if self.events.listening:
+        if self.events.wants(CallRefused):
             self.events.emit(CallRefused(self.name, state, retry_after))
         return error
 

@@ -112,6 +112,8 @@ class CircuitWaiter:
         return "; ".join(parts) or None
 
     def _update_pause(self) -> None:
+        if not self.events.wants(BreakerPause):
+            return  # nobody shows it: no need to compose it on every wait
         reason = self.pause_reason()
         if reason != self._pause:
             self._pause = reason

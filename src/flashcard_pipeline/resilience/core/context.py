@@ -42,6 +42,11 @@ class CallContext:
     retrying: bool = field(default=False, init=False, repr=False)
     #: What the last attempt's provider answered, if it reported it (see :meth:`report`).
     answer: ProviderAnswer | None = field(default=None, init=False, repr=False)
+    #: ``(provider, model)``: the key of this call's pipeline.
+    key: tuple[str, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.key = (self.provider, self.model)
 
     @property
     def circuit(self) -> str:

@@ -33,25 +33,34 @@ class EventHub:
 
     def __init__(self) -> None:
         self._subscribers: list[tuple[type[ResilienceEvent], Listener]] = []
+        #: The listeners of each event type emitted or asked about, in subscription order (cleared on change).
+        self._routes: dict[type[ResilienceEvent], tuple[Listener, ...]] = {}
 
     def subscribe(self, kind: type[E], listener: Callable[[E], object]) -> None:
         """Call ``listener`` with every event of type ``kind`` (``ResilienceEvent``: every event)."""
         self._subscribers.append((kind, listener))
+        self._routes.clear()
 
     def unsubscribe(self, kind: type[E], listener: Callable[[E], object]) -> None:
         """Stop calling ``listener`` for ``kind``; an unknown pair is ignored."""
         with contextlib.suppress(ValueError):
             self._subscribers.remove((kind, listener))
+        self._routes.clear()
 
-    @property
-    def listening(self) -> bool:
-        """Whether anyone subscribed: a policy may skip building an event nobody would see."""
-        return bool(self._subscribers)
+    def _listeners(self, kind: type[ResilienceEvent]) -> tuple[Listener, ...]:
+        found = self._routes.get(kind)
+        if found is None:
+            found = self._routes[kind] = tuple(listener for subscribed, listener in self._subscribers
+                                               if issubclass(kind, subscribed))
+        return found
+
+    def wants(self, kind: type[ResilienceEvent]) -> bool:
+        """Whether an event of ``kind`` would reach anyone: a policy may skip building one nobody would see."""
+        return bool(self._listeners(kind))
 
     def emit(self, event: ResilienceEvent) -> None:
-        for kind, listener in tuple(self._subscribers):
-            if isinstance(event, kind):
-                try:
-                    listener(event)
-                except Exception:
-                    log.exception("a %s listener failed", type(event).__name__)
+        for listener in self._listeners(type(event)):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("a %s listener failed", type(event).__name__)
