@@ -117,7 +117,7 @@ def test_a_context_collects_pauses_and_the_answer_of_its_own_request_only() -> N
     one.record_pause(0.0)
     one.record_pause(-1.0)
     one.report(ProviderAnswer(120, {"x-ratelimit-limit-requests": "60"}))
-    assert (one.paused, one.circuit) == (2.5, "p/m")
+    assert (one.paused, one.key) == (2.5, ("p", "m"))
     assert one.answer is not None and one.answer.total_tokens == 120
     assert (other.paused, other.answer, other.retrying) == (0.0, None, False), "nothing is shared between requests"
     assert one != other, "a context is one request, not a value"

@@ -108,10 +108,6 @@ class Resilience:
             execute = self._execute[context.key]
         return execute(call, context)
 
-    @property
-    def pipelines(self) -> list[ModelPipeline]:
-        return list(self._pipelines.values())
-
     @staticmethod
     def find(policy: CallPolicy | None) -> Resilience | None:
         """The engine ``policy`` is, or the first one inside it (nested in pipelines): what a run attaches its
@@ -158,10 +154,6 @@ class Resilience:
         if group is None:
             raise LookupError("this engine has no rate limiter")
         return group
-
-    async def ratelimit_snapshot(self) -> dict[str, Any] | None:
-        """Every limit's state as JSON (``ratelimit status``); None without a rate limiter."""
-        return None if self.ratelimit is None else await self.ratelimit.snapshot(self.limit_groups)
 
     @asynccontextmanager
     async def publishing(self, publish: Callable[[dict[str, Any]], Awaitable[None]],

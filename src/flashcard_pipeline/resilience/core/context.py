@@ -48,11 +48,6 @@ class CallContext:
     def __post_init__(self) -> None:
         self.key = (self.provider, self.model)
 
-    @property
-    def circuit(self) -> str:
-        """``provider/model``: the name of this call's breaker and limits."""
-        return f"{self.provider}/{self.model}"
-
     def record_pause(self, seconds: float) -> None:
         """An inner policy held the call for ``seconds``: waiting, not trying, so no retry deadline counts it."""
         if seconds > 0:
