@@ -227,3 +227,18 @@ def test_custom_template_is_used(settings: StageSettings) -> None:
     staged = build_nuance_request(item(), dataclasses.replace(settings, nuance_prompt=template))
     assert staged.request.messages[0].content == "Teach Korean to English speakers."
     assert staged.request.max_tokens == 10 and staged.prompt_version == "nuance.test"
+
+
+def test_the_schema_work_done_once_per_stage_gives_the_same_keys_and_estimates() -> None:
+    from flashcard_pipeline.llm.client import estimate_request_tokens
+    from flashcard_pipeline.stages import cache_key_for
+
+    settings = StageSettings(provider="openrouter", model="openai/gpt-4o-mini")
+    first = build_nuance_request(VocabularyItem(position=1, term="학교"), settings)
+    second = build_nuance_request(VocabularyItem(position=2, term="먹다"), settings)
+    assert first.request.response_format is second.request.response_format, "one schema per stage, not per call"
+    for staged in (first, second):
+        # The spliced canonical JSON hashes exactly like the plain dump of the whole body.
+        assert staged.cache_key == cache_key_for("openrouter", staged.request, staged.prompt_version)
+        assert staged.estimated_tokens == estimate_request_tokens(staged.request)
+    assert first.cache_key != second.cache_key

@@ -26,7 +26,6 @@ from flashcard_pipeline.errors import (
     InvalidResponseError,
     StructuredError,
 )
-from flashcard_pipeline.llm.client import estimate_request_tokens
 from flashcard_pipeline.llm.policy import CallContext, CallPolicy, DirectPolicy
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse
 from flashcard_pipeline.models import FlashcardSet, TermAnalysis
@@ -242,7 +241,7 @@ class Pipeline:
                 return recorded
             self._check_budget()  # not even a rate-limit slot once the budget is spent
             context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
-                                  model=self.settings.model, estimated_tokens=estimate_request_tokens(staged.request),
+                                  model=self.settings.model, estimated_tokens=staged.estimated_tokens,
                                   before_retry=self._check_budget)
 
             async def attempt() -> tuple[T, ChatResponse]:

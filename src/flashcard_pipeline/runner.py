@@ -33,7 +33,7 @@ from flashcard_pipeline.export import (
 )
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.capabilities import ModelKind
-from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
+from flashcard_pipeline.llm.client import LLMClient
 from flashcard_pipeline.llm.policy import CallPolicy, PolicyPipeline
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
 from flashcard_pipeline.models import VocabularyItem
@@ -467,7 +467,7 @@ async def _estimate(options: ProcessOptions, reader: VocabularyReader, settings:
     for item in await asyncio.to_thread(list, _selected(reader, options)):
         items += 1
         staged = build_nuance_request(item, settings)
-        prompt = estimate_request_tokens(staged.request) - staged.request.max_tokens
+        prompt = staged.estimated_tokens - staged.request.max_tokens
         answer = await paid(staged)
         if answer is not None:
             cached += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -35,6 +35,8 @@ from flashcard_pipeline.storage.schema import (
 
 NUANCE = "nuance"
 CARDS = "cards"
+#: Core tables for the writer's executemany statements (ORM updates given a parameter list mean something else).
+_ITEMS = Item.__table__
 STAGES = (NUANCE, CARDS)
 _INGEST_BATCH = 500
 
@@ -175,14 +177,6 @@ class RunSummary:
     cost_usd: float = 0.0
     cached_stages: int = 0
     by_error: dict[str, int] = field(default_factory=dict)
-
-
-def _upsert(dialect: str, table: Any, values: dict[str, Any], keys: Sequence[str]) -> Any:
-    """INSERT .. ON CONFLICT DO UPDATE for the dialects we support."""
-    module = postgresql if dialect == "postgresql" else sqlite
-    stmt = module.insert(table).values(**values)
-    return stmt.on_conflict_do_update(index_elements=list(keys),
-                                      set_={k: v for k, v in values.items() if k not in keys})
 
 
 def _item_to_model(row: Item) -> VocabularyItem:
@@ -392,40 +386,54 @@ class Ledger:
     # writes -----------------------------------------------------------------------------------
 
     def write_batch(self, ops: Sequence[LedgerOp]) -> None:
-        """Apply ``ops`` in order in one transaction."""
+        """Apply ``ops`` in one transaction, one statement per kind of operation (executemany or multi-row), not
+        one per operation: the writer's thread competes with the event loop for the GIL.
+
+        Grouping by kind keeps the outcome of applying them in order, because within a batch each (item, stage)
+        is started before it completes or fails; cache hits are counted after the last put of their entry.
+        """
         if not ops:
             return
         dialect = self.engine.dialect.name
         now = utcnow()
+        groups: dict[type, list[Any]] = {}
+        hits: dict[str, int] = {}
+        for op in ops:
+            groups.setdefault(type(op), []).append(op)
+            if isinstance(op, CachePut):
+                hits.pop(op.key, None)  # a put writes the entry afresh, with no hits
+            elif isinstance(op, CacheHit):
+                hits[op.key] = hits.get(op.key, 0) + 1
         with Session(self.engine) as session, session.begin():
-            calls: list[dict[str, Any]] = []
-            for op in ops:
-                if isinstance(op, CallRecorded):
-                    calls.append({**op.__dict__, "created_at": now})
-                    continue
-                if isinstance(op, StageStarted):
-                    state, attempts = _stage_columns(op.stage)
-                    session.execute(update(Item).where(Item.id == op.item_id)
-                                    .values({state: StageState.IN_FLIGHT, attempts: attempts + 1,
-                                             "updated_at": now}))
-                elif isinstance(op, StageCompleted):
-                    self._complete_stage(session, dialect, op, now)
-                elif isinstance(op, StageFailed):
-                    state, _ = _stage_columns(op.stage)
-                    session.execute(update(Item).where(Item.id == op.item_id).values(
-                        {state: StageState.FAILED, "error_stage": op.stage, "error_category": op.category,
-                         "error_code": op.code, "error_message": op.message[:2000], "updated_at": now}))
-                elif isinstance(op, CachePut):
-                    values = {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
-                    session.execute(_upsert(dialect, CacheEntry.__table__, values, ["key"]))
-                elif isinstance(op, CacheCounts):
-                    for cache_type, hits, misses in op.counts:
-                        self._add_counts(session, dialect, cache_type, hits, misses)
-                elif isinstance(op, CacheHit):
-                    session.execute(update(CacheEntry).where(CacheEntry.key == op.key)
-                                    .values(hit_count=CacheEntry.hit_count + 1, last_hit_at=now))
-            if calls:
-                session.execute(insert(ApiCall), calls)
+            for started in _by_stage(groups.get(StageStarted, ())):
+                state, attempts = _stage_columns(started[0].stage)
+                session.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id"))
+                                .values({state.key: StageState.IN_FLIGHT, attempts.key: attempts + 1,
+                                         "updated_at": now}),
+                                [{"b_id": op.item_id} for op in started])
+            if puts := groups.get(CachePut):
+                rows = list({op.key: {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
+                             for op in puts}.values())  # the last put of a key wins, as in order
+                session.execute(_upsert_many(dialect, CacheEntry.__table__, rows, ["key"]))
+            if completed := groups.get(StageCompleted):
+                self._complete_stages(session, dialect, completed, now)
+            for failed in _by_stage(groups.get(StageFailed, ())):
+                state, _ = _stage_columns(failed[0].stage)
+                session.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(
+                    {state.key: StageState.FAILED, "error_stage": failed[0].stage, "error_category": bindparam("b_cat"),
+                     "error_code": bindparam("b_code"), "error_message": bindparam("b_msg"), "updated_at": now}),
+                    [{"b_id": op.item_id, "b_cat": op.category, "b_code": op.code, "b_msg": op.message[:2000]}
+                     for op in failed])
+            if hits:
+                entries = CacheEntry.__table__
+                session.execute(update(entries).where(entries.c.key == bindparam("b_key"))
+                                .values(hit_count=entries.c.hit_count + bindparam("b_n"), last_hit_at=now),
+                                [{"b_key": key, "b_n": n} for key, n in hits.items()])
+            for op in groups.get(CacheCounts, ()):
+                for cache_type, hits_n, misses in op.counts:
+                    self._add_counts(session, dialect, cache_type, hits_n, misses)
+            if calls := groups.get(CallRecorded):
+                session.execute(insert(ApiCall), [{**op.__dict__, "created_at": now} for op in calls])
 
     @staticmethod
     def _add_counts(session: Session, dialect: str, cache_type: str, hits: int, misses: int) -> None:
@@ -437,23 +445,27 @@ class Ledger:
             set_={"hits": table.c.hits + hits, "misses": table.c.misses + misses}))
 
     @staticmethod
-    def _complete_stage(session: Session, dialect: str, op: StageCompleted, now: datetime) -> None:
-        session.execute(_upsert(dialect, StageResult.__table__,
-                                {"item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key,
-                                 "payload": op.payload, "from_cache": op.from_cache, "created_at": now},
-                                ["item_id", "stage"]))
-        if op.stage == CARDS:
-            session.execute(Card.__table__.delete().where(Card.item_id == op.item_id))
-            session.execute(insert(Card), [
-                {"run_id": op.run_id, "item_id": op.item_id, "ordinal": i, "card_type": card.card_type.value,
-                 "front": card.front, "back": card.back, "tags_json": json.dumps(card.tags, ensure_ascii=False),
-                 "honorific_level": card.honorific_level.value}
-                for i, card in enumerate(op.cards, start=1)])
-        state, _ = _stage_columns(op.stage)
-        values: dict[Any, Any] = {state: StageState.DONE, "updated_at": now}
-        if op.stage == CARDS:
-            values.update(error_stage=None, error_category=None, error_code=None, error_message=None)
-        session.execute(update(Item).where(Item.id == op.item_id).values(values))
+    def _complete_stages(session: Session, dialect: str, ops: list[StageCompleted], now: datetime) -> None:
+        results = {(op.item_id, op.stage): {"item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key,
+                                             "payload": op.payload, "from_cache": op.from_cache, "created_at": now}
+                   for op in ops}
+        session.execute(_upsert_many(dialect, StageResult.__table__, list(results.values()), ["item_id", "stage"]))
+        carded = {op.item_id: op for op in ops if op.stage == CARDS}  # the last answer of an item wins
+        if carded:
+            session.execute(Card.__table__.delete().where(Card.item_id.in_(list(carded))))
+            cards = [{"run_id": op.run_id, "item_id": op.item_id, "ordinal": i, "card_type": card.card_type.value,
+                      "front": card.front, "back": card.back, "tags_json": json.dumps(card.tags, ensure_ascii=False),
+                      "honorific_level": card.honorific_level.value}
+                     for op in carded.values() for i, card in enumerate(op.cards, start=1)]
+            if cards:
+                session.execute(insert(Card), cards)
+        for done in _by_stage(ops):
+            state, _ = _stage_columns(done[0].stage)
+            values: dict[str, Any] = {state.key: StageState.DONE, "updated_at": now}
+            if done[0].stage == CARDS:
+                values.update(error_stage=None, error_category=None, error_code=None, error_message=None)
+            session.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(values),
+                            [{"b_id": item_id} for item_id in dict.fromkeys(op.item_id for op in done)])
 
     @staticmethod
     def _run_record(row: Run) -> RunRecord:
@@ -461,6 +473,22 @@ class Ledger:
                          simulated=row.simulated, provider=row.provider, model=row.model,
                          target_language=row.target_language, learner_language=row.learner_language,
                          created_at=row.created_at, settings=json.loads(row.settings_json or "{}"))
+
+
+def _by_stage(ops: Iterable[Any]) -> list[list[Any]]:
+    """Operations grouped by their stage (each group is one statement), in a fixed order."""
+    groups: dict[str, list[Any]] = {}
+    for op in ops:
+        groups.setdefault(op.stage, []).append(op)
+    return [groups[stage] for stage in sorted(groups)]
+
+
+def _upsert_many(dialect: str, table: Any, rows: list[dict[str, Any]], keys: Sequence[str]) -> Any:
+    """One multi-row INSERT .. ON CONFLICT DO UPDATE (every column but the keys takes the new row's value)."""
+    module = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(table).values(rows)
+    return stmt.on_conflict_do_update(index_elements=list(keys),
+                                      set_={c: stmt.excluded[c] for c in rows[0] if c not in keys})
 
 
 def _stage_columns(stage: str) -> tuple[Any, Any]:

@@ -1,0 +1,167 @@
+"""What the pipeline costs on top of the HTTP calls it makes: `process` against a bare httpx loop.
+
+    python benchmarks/bench_overhead.py [--terms 500] [--concurrency 8 32 128] [--repeats 3]
+
+A zero-latency simulator runs in its own process, so neither side pays for the server's CPU. Each run is a
+subprocess whose CPU time (user + system) is read from the kernel when it exits:
+
+- `process`: `flashcard-pipeline process LIST --provider openai-compatible --base-url SIM --rpm 1000000` on a fresh
+  SQLite database, so every stage answer is a paid call (ledger, cache, retry, breaker and limiter included; a
+  stated limit skips the limiter's slow start, which finds an unknown limit and is not overhead);
+- bare loop: `httpx.AsyncClient` posting the same request bodies (both stages of every term, built by the same
+  code) with the same concurrency, parsing the JSON answer and nothing else: what a user writes in an afternoon.
+
+The table gives calls/s and client CPU per call (minimum and median of the repeats) and the ratio of `process` to
+the bare loop. These machines are noisy: read ratios and medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "korean_1000_terms.csv"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def simulator() -> Any:
+    """A zero-latency simulator in its own process; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flashcard_pipeline", "simulate", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child) for one subprocess run."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[:4]} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def request_bodies(terms: int) -> list[dict[str, Any]]:
+    """Both stages' bodies for the first ``terms`` terms, as `process` builds them."""
+    from flashcard_pipeline.ingest import VocabularyReader
+    from flashcard_pipeline.simulator.content import analysis_for
+    from flashcard_pipeline.stages import StageSettings, build_cards_request, build_nuance_request
+
+    settings = StageSettings(provider="openai-compatible", model="gpt-4o-mini")
+    bodies = []
+    for index, item in enumerate(VocabularyReader(DATA)):
+        if index == terms:
+            break
+        bodies.append(build_nuance_request(item, settings).request.to_body())
+        analysis = analysis_for(item.term, type=item.type, hints=item.hints)
+        bodies.append(build_cards_request(item, analysis, settings).request.to_body())
+    return bodies
+
+
+async def bare_loop(url: str, bodies_file: str, concurrency: int) -> None:
+    """The afternoon version: a bounded pool of tasks posting every body, keeping each answer's content."""
+    import httpx
+
+    bodies = json.loads(Path(bodies_file).read_text(encoding="utf-8"))
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    answers: list[str] = []
+    limits = httpx.Limits(max_connections=max(concurrency, 10), max_keepalive_connections=max(concurrency, 10))
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                body = queue.get_nowait()
+                response = await client.post(f"{url}/chat/completions", json=body)
+                response.raise_for_status()
+                answers.append(response.json()["choices"][0]["message"]["content"])
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    assert len(answers) == len(bodies)
+
+
+def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as folder_name, simulator() as url:
+        folder = Path(folder_name)
+        bodies_file = folder / "bodies.json"
+        bodies = request_bodies(args.terms)
+        bodies_file.write_text(json.dumps(bodies, ensure_ascii=False), encoding="utf-8")
+        calls = len(bodies)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RL_", "CB_", "RETRY_", "CACHE_", "DB_"))}
+        env["XDG_DATA_HOME"] = str(folder / "data")
+        print(f"{args.terms} terms, {calls} calls per run, {args.repeats} repeats; simulator {url}")
+        print(f"{'concurrency':>11} {'client':>8} {'calls/s best':>12} {'median':>8} {'CPU ms/call min':>16} "
+              f"{'median':>8}")
+        for concurrency in args.concurrency:
+            rows: dict[str, list[tuple[float, float]]] = {"process": [], "bare": []}
+            for repeat in range(args.repeats):
+                db = folder / f"ledger-{concurrency}-{repeat}.db"
+                rows["process"].append(measured(
+                    [sys.executable, "-m", "flashcard_pipeline", "process", str(DATA), "--limit", str(args.terms),
+                     "--provider", "openai-compatible", "--base-url", url, "--model", "gpt-4o-mini",
+                     "--db", str(db), "--concurrency", str(concurrency), "-o", str(folder / "cards.jsonl"),
+                     "--rpm", "1000000"],
+                    env))
+                rows["bare"].append(measured(
+                    [sys.executable, __file__, "--bare-worker", url, str(bodies_file), str(concurrency)], env))
+            summary = {}
+            for client, samples in rows.items():
+                rates = [calls / wall for wall, _ in samples]
+                cpu = [1000 * cpu / calls for _, cpu in samples]
+                summary[client] = (statistics.median(rates), statistics.median(cpu))
+                print(f"{concurrency:>11} {client:>8} {max(rates):>12.0f} {statistics.median(rates):>8.0f} "
+                      f"{min(cpu):>16.2f} {statistics.median(cpu):>8.2f}")
+            rate_ratio = summary["process"][0] / summary["bare"][0]
+            cpu_ratio = summary["process"][1] / summary["bare"][1]
+            print(f"{concurrency:>11} {'ratio':>8} calls/s process/bare {rate_ratio:.2f} (target >= 0.8); "
+                  f"CPU per call {cpu_ratio:.2f}x (target <= 2x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--terms", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bare-worker", nargs=3, metavar=("URL", "BODIES", "CONCURRENCY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_worker:
+        url, bodies_file, concurrency = args.bare_worker
+        asyncio.run(bare_loop(url, bodies_file, int(concurrency)))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
