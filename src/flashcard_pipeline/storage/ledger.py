@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -414,7 +415,7 @@ class Ledger:
             if puts := groups.get(CachePut):
                 rows = list({op.key: {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
                              for op in puts}.values())  # the last put of a key wins, as in order
-                session.execute(_upsert_many(dialect, CacheEntry.__table__, rows, ["key"]))
+                _upsert_many(session, dialect, CacheEntry.__table__, rows, ("key",))
             if completed := groups.get(StageCompleted):
                 self._complete_stages(session, dialect, completed, now)
             for failed in _by_stage(groups.get(StageFailed, ())):
@@ -449,7 +450,7 @@ class Ledger:
         results = {(op.item_id, op.stage): {"item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key,
                                              "payload": op.payload, "from_cache": op.from_cache, "created_at": now}
                    for op in ops}
-        session.execute(_upsert_many(dialect, StageResult.__table__, list(results.values()), ["item_id", "stage"]))
+        _upsert_many(session, dialect, StageResult.__table__, list(results.values()), ("item_id", "stage"))
         carded = {op.item_id: op for op in ops if op.stage == CARDS}  # the last answer of an item wins
         if carded:
             session.execute(Card.__table__.delete().where(Card.item_id.in_(list(carded))))
@@ -483,12 +484,20 @@ def _by_stage(ops: Iterable[Any]) -> list[list[Any]]:
     return [groups[stage] for stage in sorted(groups)]
 
 
-def _upsert_many(dialect: str, table: Any, rows: list[dict[str, Any]], keys: Sequence[str]) -> Any:
-    """One multi-row INSERT .. ON CONFLICT DO UPDATE (every column but the keys takes the new row's value)."""
+@functools.cache
+def _upsert_statement(dialect: str, table: Any, columns: tuple[str, ...], keys: tuple[str, ...]) -> Any:
+    """INSERT .. ON CONFLICT DO UPDATE (every column but the keys takes the new row's value), made once per shape
+    so SQLAlchemy compiles it once: a multi-row VALUES statement is compiled anew for every batch size."""
     module = postgresql if dialect == "postgresql" else sqlite
-    stmt = module.insert(table).values(rows)
+    stmt = module.insert(table)
     return stmt.on_conflict_do_update(index_elements=list(keys),
-                                      set_={c: stmt.excluded[c] for c in rows[0] if c not in keys})
+                                      set_={c: stmt.excluded[c] for c in columns if c not in keys})
+
+
+def _upsert_many(session: Session, dialect: str, table: Any, rows: list[dict[str, Any]],
+                 keys: tuple[str, ...]) -> None:
+    """Upsert ``rows`` (all with the same columns) with one executemany."""
+    session.execute(_upsert_statement(dialect, table, tuple(rows[0]), keys), rows)
 
 
 def _stage_columns(stage: str) -> tuple[Any, Any]:
