@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from flashcard_pipeline.errors import (
     AuthenticationError,
@@ -286,7 +287,9 @@ class RefusingBackend:
     def attach(self, sink: Any) -> None:
         pass
 
-    async def get(self, key: str, *, count: bool = True) -> None:
+    restores = False
+
+    async def get(self, key: str, *, count: bool = True, restore: bool = True, stored_after: Any = None) -> None:
         return None
 
     async def put(self, entry: Any) -> None:
@@ -335,3 +338,27 @@ async def test_an_answer_the_cache_ttl_retired_is_not_brought_back_from_the_ledg
     await pipeline(ledger, again, cache=CompressedCache(RefusingBackend(), expiring)).run(
         new_run(ledger, key="run-b", first_position=50))
     assert len(again.calls) == 2 * len(TERMS)
+
+
+async def test_a_miss_costs_one_database_read_and_a_cleared_cache_costs_no_call(ledger: Ledger) -> None:
+    from unittest import mock
+
+    reads: list[str] = []
+    original = ledger.cache_get
+
+    def counted(key: str, **kwargs: Any) -> Any:
+        reads.append(key)
+        return original(key, **kwargs)
+
+    with mock.patch.object(ledger, "cache_get", side_effect=counted), \
+            mock.patch.object(ledger, "payload_for_cache_key", side_effect=AssertionError("a second read")):
+        await pipeline(ledger, ScriptedClient()).run(new_run(ledger))
+        assert len(reads) == 2 * len(TERMS) and len(set(reads)) == 2 * len(TERMS), "one read per stage's miss"
+
+        with ledger.engine.begin() as conn:  # `cache clear`: the answers stay with their run
+            conn.execute(text("delete from cache_entries"))
+        again = ScriptedClient()
+        reads.clear()
+        outcome = await pipeline(ledger, again).run(new_run(ledger, key="run-b", first_position=50))
+    assert again.calls == [] and outcome.stats.cache_hits == 2 * len(TERMS)
+    assert len(reads) == 2 * len(TERMS), "restored from the stored results by the same read"

@@ -63,7 +63,10 @@ def test_pool_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch
     engine = create_db_engine(f"sqlite:///{tmp_path / 'p.db'}")
     assert isinstance(engine.pool, MonitoredQueuePool)
     assert engine.pool.size() == 7 and engine.pool._max_overflow == 3 and engine.pool._recycle == 120
-    assert engine.pool._pre_ping is True
+    assert engine.pool._pre_ping is False, "a SQLite file's connections never go stale: no ping per checkout"
+    server = create_db_engine("postgresql+psycopg://u@127.0.0.1:1/x")  # never connected
+    assert server.pool._pre_ping is True and server.pool.size() == 7
+    server.dispose()
     monkeypatch.setenv("DB_POOL_SIZE", "0")
     with pytest.raises(ValueError, match="pool_size"):
         DatabaseSettings()

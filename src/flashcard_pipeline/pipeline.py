@@ -234,10 +234,12 @@ class Pipeline:
         if not self.force and (cached := await self._cached(pending, staged, parse)) is not None:
             return cached
         async with self.cache.single_flight(staged.cache_key):
-            # A concurrent task may have paid for this very answer while we waited.
-            if not self.force and (cached := await self._cached(pending, staged, parse, recheck=True)) is not None:
+            # A concurrent task may have paid for this very answer while we waited: it is in this process.
+            if not self.force and (held := self.cache.held(staged.cache_key)) is not None \
+                    and (cached := self._accept(pending, staged, parse, held)) is not None:
                 return cached
-            if not self.force and (recorded := await self._recorded(pending, staged, parse)) is not None:
+            if not self.force and not self.cache.backend.restores \
+                    and (recorded := await self._recorded(pending, staged, parse)) is not None:
                 return recorded
             self._check_budget()  # not even a rate-limit slot once the budget is spent
             context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
@@ -253,12 +255,13 @@ class Pipeline:
             await self.cache.put(self._cache_record(staged, result.model_dump_json().encode("utf-8"), response))
         return result
 
-    async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
-                      recheck: bool = False) -> T | None:
+    async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T]) -> T | None:
+        value = await self.cache.get(staged.cache_key, staged.stage)
+        return None if value is None else self._accept(pending, staged, parse, value)
+
+    def _accept(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T], value: bytes) -> T | None:
+        """A cached answer as the stage's result, or None (and forgotten) when it is unusable."""
         assert self._writer is not None
-        value = await self.cache.get(staged.cache_key, staged.stage, count=not recheck)
-        if value is None:
-            return None
         try:
             result = parse(value.decode("utf-8"))
         except (InvalidResponseError, UnicodeDecodeError):
@@ -270,8 +273,9 @@ class Pipeline:
         return result
 
     async def _recorded(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T]) -> T | None:
-        """An answer some run already paid for whose cache copy is missing (the cache write failed, the cache
-        was cleared, or it lives in a Redis that lost it): taken from the ledger and put back in the cache."""
+        """An answer some run already paid for whose cache copy is missing (the cache write failed, or it lives
+        in a Redis that lost it): taken from the ledger and put back in the cache. The database backend does this
+        in its own read."""
         assert self._writer is not None
         payload = await asyncio.to_thread(self.ledger.payload_for_cache_key, staged.cache_key,
                                           newer_than=self.cache.retired_before(staged.stage))

@@ -458,8 +458,8 @@ async def _estimate(options: ProcessOptions, reader: VocabularyReader, settings:
         if options.force:
             return None
         value = await cache.get(staged.cache_key, staged.stage, count=False)
-        if value is not None:
-            return value.decode("utf-8")
+        if value is not None or cache.backend.restores:
+            return None if value is None else value.decode("utf-8")
         return await asyncio.to_thread(ledger.payload_for_cache_key, staged.cache_key,
                                        newer_than=cache.retired_before(staged.stage))
 

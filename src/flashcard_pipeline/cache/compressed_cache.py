@@ -80,12 +80,17 @@ class _Flight:
 
 
 class CacheBackend(Protocol):
+    #: Whether a miss also looks for an answer stored with a run (``stored_after`` bounds how old).
+    restores: bool
+
     def attach(self, sink: Callable[..., None] | None) -> None:
         """Let a backend route its writes into the ledger writer's batches (None: write directly)."""
         ...
 
-    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
-        """The stored value; ``count=False`` reads without adding to the entry's hit count (a dry run)."""
+    async def get(self, key: str, *, count: bool = True, restore: bool = True,
+                  stored_after: datetime | None = None) -> StoredValue | None:
+        """The stored value; ``count=False`` reads without adding to the entry's hit count (a dry run);
+        ``restore=False`` finds cache entries only."""
         ...
 
     async def put(self, entry: StoredEntry) -> None: ...
@@ -144,8 +149,9 @@ class CompressedCache:
         counts = self._unreported.setdefault(cache_type, [0, 0])
         counts[0 if hit else 1] += 1
 
-    async def get(self, key: str, cache_type: str, *, count: bool = True) -> bytes | None:
-        """The raw value, or None. ``count=False`` for a re-check that must not count as a second lookup."""
+    async def get(self, key: str, cache_type: str, *, count: bool = True, restore: bool = True) -> bytes | None:
+        """The raw value, or None. ``count=False`` for a look that must not count as a lookup; ``restore=False``
+        for cache entries only (not an answer a run stored, which a restoring backend finds on a miss)."""
         metrics = self._metrics(cache_type) if count else CacheTypeMetrics()
         held = self._held(key)
         if held is not None:
@@ -154,7 +160,8 @@ class CompressedCache:
                 self._count(cache_type, hit=True)
             return held.value
         try:
-            stored = await self.backend.get(key, count=count)
+            stored = await self.backend.get(key, count=count, restore=restore,
+                                            stored_after=self.retired_before(cache_type))
         except Exception as exc:  # the cache is best effort: an unreachable backend is a miss, not a failed item
             metrics.read_errors += 1
             log.warning("cache read failed for %s (%s): %s: %s", key[:12], cache_type, type(exc).__name__, exc)
@@ -175,6 +182,12 @@ class CompressedCache:
             self._count(cache_type, hit=True)
         self._remember(key, _Held(value, self._read_expiry(cache_type, stored)))
         return value
+
+    def held(self, key: str) -> bytes | None:
+        """The value this process holds for ``key`` (memory, or what a flight was handed), without a backend read:
+        after waiting on a flight, this is where a concurrent task's answer is."""
+        held = self._held(key)
+        return None if held is None else held.value
 
     def _expired(self, held: _Held) -> bool:
         return held.expires_at is not None and held.expires_at <= self._now()
@@ -313,7 +326,10 @@ class MemoryCacheBackend:
     def attach(self, sink: Callable[..., None] | None) -> None:
         pass
 
-    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
+    restores = False
+
+    async def get(self, key: str, *, count: bool = True, restore: bool = True,
+                  stored_after: datetime | None = None) -> StoredValue | None:
         entry = self.entries.get(key)
         if entry is None or (entry.expires_at is not None and entry.expires_at <= self.now()):
             return None

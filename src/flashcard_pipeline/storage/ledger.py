@@ -146,6 +146,8 @@ class CachedValue:
     codec: str
     value: bytes
     expires_at: datetime | None = None
+    #: Not a cache entry: the answer a run stored for the same request (see :meth:`Ledger.cache_get`).
+    restored: bool = False
 
 
 @dataclass(frozen=True)
@@ -368,14 +370,26 @@ class Ledger:
 
     # cache ------------------------------------------------------------------------------------
 
-    def cache_get(self, key: str) -> CachedValue | None:
-        """The stored (encoded) value for ``key``, unless it has expired. Core, not ORM: this is the hot path."""
+    def cache_get(self, key: str, *, with_results: bool = False,
+                  results_newer_than: datetime | None = None) -> CachedValue | None:
+        """The stored (encoded) value for ``key``, unless it has expired. Core, not ORM: this is the hot path.
+
+        ``with_results``: when there is no entry, the answer a run stored for the same request (newer than
+        ``results_newer_than``, so a TTL still retires it), read on the same connection: a paid answer whose
+        cache copy was lost or cleared is found by the one read a miss costs.
+        """
         table = CacheEntry.__table__
         with self.engine.connect() as conn:
             row = conn.execute(select(table.c.codec, table.c.value, table.c.expires_at)
                                .where(table.c.key == key)).first()
-        if row is None:
-            return None
+            if row is None:
+                if not with_results:
+                    return None
+                query = select(StageResult.payload).where(StageResult.cache_key == key)
+                if results_newer_than is not None:
+                    query = query.where(StageResult.created_at > results_newer_than)
+                payload = conn.execute(query.order_by(StageResult.id.desc()).limit(1)).scalar()
+                return None if payload is None else CachedValue("identity", payload.encode("utf-8"), restored=True)
         expires = row.expires_at
         if expires is not None:
             if expires.tzinfo is None:
@@ -434,7 +448,7 @@ class Ledger:
                 for cache_type, hits_n, misses in op.counts:
                     self._add_counts(session, dialect, cache_type, hits_n, misses)
             if calls := groups.get(CallRecorded):
-                session.execute(insert(ApiCall), [{**op.__dict__, "created_at": now} for op in calls])
+                session.execute(insert(ApiCall.__table__), [{**op.__dict__, "created_at": now} for op in calls])
 
     @staticmethod
     def _add_counts(session: Session, dialect: str, cache_type: str, hits: int, misses: int) -> None:
@@ -459,7 +473,7 @@ class Ledger:
                       "honorific_level": card.honorific_level.value}
                      for op in carded.values() for i, card in enumerate(op.cards, start=1)]
             if cards:
-                session.execute(insert(Card), cards)
+                session.execute(insert(Card.__table__), cards)
         for done in _by_stage(ops):
             state, _ = _stage_columns(done[0].stage)
             values: dict[str, Any] = {state.key: StageState.DONE, "updated_at": now}
