@@ -39,6 +39,7 @@ from flashcard_pipeline.errors import (
     TruncatedOutputError,
 )
 from flashcard_pipeline.llm.providers import ProviderConfig
+from flashcard_pipeline.llm.transport import AiohttpTransport
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse, Usage
 
 logger = logging.getLogger("flashcard_pipeline.llm")
@@ -285,6 +286,8 @@ class LLMClient:
                 pool=provider.pool_timeout,
             ),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=AiohttpTransport(limits=httpx.Limits(max_connections=max_connections,
+                                                           max_keepalive_connections=max_connections)),
         )
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT, **provider.extra_headers}
         if provider.api_key is not None:
