@@ -362,3 +362,24 @@ async def test_a_miss_costs_one_database_read_and_a_cleared_cache_costs_no_call(
         outcome = await pipeline(ledger, again).run(new_run(ledger, key="run-b", first_position=50))
     assert again.calls == [] and outcome.stats.cache_hits == 2 * len(TERMS)
     assert len(reads) == 2 * len(TERMS), "restored from the stored results by the same read"
+
+
+async def test_the_database_backend_restores_only_answers_younger_than_the_ttl(ledger: Ledger) -> None:
+    from flashcard_pipeline.cache.backends import DatabaseCacheBackend
+    from flashcard_pipeline.cache.compressed_cache import CompressedCache
+    from flashcard_pipeline.config import CacheSettings
+
+    await pipeline(ledger, ScriptedClient()).run(new_run(ledger))
+    with ledger.engine.begin() as conn:
+        conn.execute(text("delete from cache_entries"))
+    young = ScriptedClient()
+    cache = CompressedCache(DatabaseCacheBackend(ledger), CacheSettings(ttl_nuance=3600, ttl_cards=3600))
+    await pipeline(ledger, young, cache=cache).run(new_run(ledger, key="run-b", first_position=50))
+    assert young.calls == [], "stored an hour ago at most: restored"
+    with ledger.engine.begin() as conn:
+        conn.execute(text("delete from cache_entries"))
+    await asyncio.sleep(0.05)
+    old = ScriptedClient()
+    cache = CompressedCache(DatabaseCacheBackend(ledger), CacheSettings(ttl_nuance=0.01, ttl_cards=0.01))
+    await pipeline(ledger, old, cache=cache).run(new_run(ledger, key="run-c", first_position=100))
+    assert len(old.calls) == 2 * len(TERMS), "past the TTL: asked again"

@@ -38,6 +38,15 @@ NUANCE = "nuance"
 CARDS = "cards"
 #: Core tables for the writer's executemany statements (ORM updates given a parameter list mean something else).
 _ITEMS = Item.__table__
+_ENTRIES = CacheEntry.__table__
+_RESULTS = StageResult.__table__
+#: The reads every cache miss makes, built once: building a statement costs more than running it on SQLite.
+_CACHE_ENTRY = select(_ENTRIES.c.codec, _ENTRIES.c.value, _ENTRIES.c.expires_at).where(
+    _ENTRIES.c.key == bindparam("key"))
+_STORED_ANSWER = (select(_RESULTS.c.payload)
+                  .where(_RESULTS.c.cache_key == bindparam("key"), _RESULTS.c.created_at > bindparam("after"))
+                  .order_by(_RESULTS.c.id.desc()).limit(1))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 STAGES = (NUANCE, CARDS)
 _INGEST_BATCH = 500
 
@@ -378,17 +387,12 @@ class Ledger:
         ``results_newer_than``, so a TTL still retires it), read on the same connection: a paid answer whose
         cache copy was lost or cleared is found by the one read a miss costs.
         """
-        table = CacheEntry.__table__
         with self.engine.connect() as conn:
-            row = conn.execute(select(table.c.codec, table.c.value, table.c.expires_at)
-                               .where(table.c.key == key)).first()
+            row = conn.execute(_CACHE_ENTRY, {"key": key}).first()
             if row is None:
                 if not with_results:
                     return None
-                query = select(StageResult.payload).where(StageResult.cache_key == key)
-                if results_newer_than is not None:
-                    query = query.where(StageResult.created_at > results_newer_than)
-                payload = conn.execute(query.order_by(StageResult.id.desc()).limit(1)).scalar()
+                payload = conn.execute(_STORED_ANSWER, {"key": key, "after": results_newer_than or _EPOCH}).scalar()
                 return None if payload is None else CachedValue("identity", payload.encode("utf-8"), restored=True)
         expires = row.expires_at
         if expires is not None:
