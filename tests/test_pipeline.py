@@ -344,24 +344,32 @@ async def test_a_miss_costs_one_database_read_and_a_cleared_cache_costs_no_call(
     from unittest import mock
 
     reads: list[str] = []
-    original = ledger.cache_get
+    pages: list[list[str]] = []
+    single, many = ledger.cache_get, ledger.cache_get_many
 
-    def counted(key: str, **kwargs: Any) -> Any:
+    def one(key: str, **kwargs: Any) -> Any:
         reads.append(key)
-        return original(key, **kwargs)
+        return single(key, **kwargs)
 
-    with mock.patch.object(ledger, "cache_get", side_effect=counted), \
+    def page(keys: list[str], **kwargs: Any) -> Any:
+        pages.append(list(keys))
+        return many(keys, **kwargs)
+
+    with mock.patch.object(ledger, "cache_get", side_effect=one), \
+            mock.patch.object(ledger, "cache_get_many", side_effect=page), \
             mock.patch.object(ledger, "payload_for_cache_key", side_effect=AssertionError("a second read")):
         await pipeline(ledger, ScriptedClient()).run(new_run(ledger))
-        assert len(reads) == 2 * len(TERMS) and len(set(reads)) == 2 * len(TERMS), "one read per stage's miss"
+        assert [len(keys) for keys in pages] == [len(TERMS)], "the page's first stage in one read"
+        assert len(reads) == len(TERMS) and len(set(reads)) == len(TERMS), "one read per second-stage miss"
 
         with ledger.engine.begin() as conn:  # `cache clear`: the answers stay with their run
             conn.execute(text("delete from cache_entries"))
         again = ScriptedClient()
         reads.clear()
+        pages.clear()
         outcome = await pipeline(ledger, again).run(new_run(ledger, key="run-b", first_position=50))
     assert again.calls == [] and outcome.stats.cache_hits == 2 * len(TERMS)
-    assert len(reads) == 2 * len(TERMS), "restored from the stored results by the same read"
+    assert len(pages) == 1 and len(reads) == len(TERMS), "restored from the stored results by the same reads"
 
 
 async def test_the_database_backend_restores_only_answers_younger_than_the_ttl(ledger: Ledger) -> None:

@@ -181,6 +181,9 @@ class Pipeline:
             page = await asyncio.to_thread(self.ledger.pending_items, self._run_id, after_position=after, limit=200)
             if not page:
                 break
+            if not self.force:  # the page's first-stage answers in one read, not one read per item
+                await self.cache.prefetch([build_nuance_request(p.item, self.settings).cache_key
+                                           for p in page if not p.nuance_done], NUANCE)
             for pending in page:
                 await queue.put(pending)
             after = page[-1].item.position

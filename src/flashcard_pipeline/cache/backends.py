@@ -84,6 +84,14 @@ class DatabaseCacheBackend:
             await self._write(CacheHit(key))
         return StoredValue(found.codec, found.value, found.expires_at)  # the expiry, so memory never outlives it
 
+    async def get_many(self, keys: list[str], *, stored_after: datetime | None = None) -> dict[str, StoredValue]:
+        found = await asyncio.to_thread(self.ledger.cache_get_many, keys, with_results=True,
+                                        results_newer_than=stored_after)
+        hits = [CacheHit(key) for key, value in found.items() if not value.restored]
+        if hits:
+            await self._write(*hits)
+        return {key: StoredValue(value.codec, value.value, value.expires_at) for key, value in found.items()}
+
     async def put(self, entry: StoredEntry) -> None:
         await self._write(_put_op(entry))
 
@@ -178,6 +186,22 @@ class RedisCacheBackend:
         codec, data, pttl = found
         expires = None if pttl < 0 else utcnow() + timedelta(milliseconds=pttl)
         return StoredValue(codec.decode(), data, expires)
+
+    async def get_many(self, keys: list[str], *, stored_after: datetime | None = None) -> dict[str, StoredValue]:
+        """The read script for every key, in one round trip."""
+        if self._read_script is None:
+            self._read_script = self.client.register_script(_READ_SCRIPT)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                await self._read_script(keys=[self._key(key)], args=["1"], client=pipe)
+            answers = await pipe.execute()
+        found = {}
+        for key, answer in zip(keys, answers, strict=True):
+            if answer:
+                codec, data, pttl = answer
+                expires = None if pttl < 0 else utcnow() + timedelta(milliseconds=pttl)
+                found[key] = StoredValue(codec.decode(), data, expires)
+        return found
 
     async def put(self, entry: StoredEntry) -> None:
         r = entry.record
