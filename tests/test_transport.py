@@ -87,3 +87,14 @@ async def test_an_answer_slower_than_the_read_timeout_is_a_read_timeout() -> Non
         with pytest.raises(RequestTimeoutError) as slow:
             await client.complete(REQUEST)
     assert slow.value.code == "read_timeout"
+
+
+def test_only_an_https_provider_loads_certificates() -> None:
+    import ssl
+
+    plain = client_for("http://127.0.0.1:9/v1")
+    secure = client_for("https://example.invalid/v1")
+    plain_ctx = plain._http._transport.ssl_context
+    secure_ctx = secure._http._transport.ssl_context
+    assert plain_ctx.verify_mode == ssl.CERT_NONE
+    assert secure_ctx.verify_mode == ssl.CERT_REQUIRED and secure_ctx.cert_store_stats()["x509_ca"] > 0

@@ -286,8 +286,11 @@ class LLMClient:
                 pool=provider.pool_timeout,
             ),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # Loading the CA bundle costs tens of milliseconds; a plain-HTTP provider (a local server, the
+            # simulator) never needs it.
             transport=AiohttpTransport(limits=httpx.Limits(max_connections=max_connections,
-                                                           max_keepalive_connections=max_connections)),
+                                                           max_keepalive_connections=max_connections),
+                                       verify=provider.base_url.startswith("https://")),
         )
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT, **provider.extra_headers}
         if provider.api_key is not None:
