@@ -63,6 +63,8 @@ class VocabularyItem(_Strict):
     type: str | None = Field(default=None, max_length=40, description="part of speech as given in the input")
     hints: dict[str, str] = Field(default_factory=dict, description="extra columns given to the model as hints")
     source_row: int | None = Field(default=None, description="line/record number in the input file")
+    frequency_rank: int | None = Field(default=None, ge=1, description="the list's frequency rank column; like "
+                                                                          "the position, never part of a cache key")
 
 
 class Comparison(_Strict):

@@ -349,7 +349,7 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
             report = await asyncio.to_thread(
                 write_export, options.export_format, results, output, deck_name=options.deck_name,
                 subdecks=options.subdecks, language=run.target_language, simulated=run.simulated,
-                audio=options.audio)
+                audio=options.audio, source=options.input_path.stem)
         except OSError as exc:  # the folder went away or filled up during the run; the cards are stored
             raise ConfigurationError(f"cannot write {output}: {exc.strerror or exc}; the cards are stored, "
                                      f"`flashcard-pipeline export --run {run.id} -o FILE` writes them") from exc
@@ -377,7 +377,8 @@ def _finished(ledger: Ledger, run: RunRecord) -> RunOutcome:
         ledger.set_run_status(run.id, RunStatus.COMPLETED)
     stats = RunStats(total=summary.total, done=summary.done, already_done=summary.done,
                      simulated=run.simulated)
-    return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[])
+    return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[],
+                      flagged=ledger.flagged(run.id))
 
 
 def default_policy(options: ProcessOptions) -> CallPolicy:

@@ -195,6 +195,11 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
         for f in outcome.failures:
             err.print(f"  #{f.position} {f.term}: {f.stage or '?'} {f.category}/{f.code}: {f.message}",
                       highlight=False, markup=False)
+    if outcome.flagged:
+        err.print(f"[yellow]{len(outcome.flagged)} items kept for review[/] (their answers failed content checks "
+                  "after a re-ask; tagged needs-review, `export --flagged` writes only them):")
+        for item in outcome.flagged:
+            err.print(f"  #{item.position} {item.term}: {'; '.join(item.flags)}", highlight=False, markup=False)
     if outcome.status is RunStatus.ABORTED:
         err.print(f"[red]aborted:[/] {outcome.abort_reason}", highlight=False)
         return ExitCode.ABORTED

@@ -59,6 +59,8 @@ def export_command(
     deck_name: DeckOption = None,
     subdecks: SubdecksOption = Subdecks.NONE,
     audio: AudioOption = None,
+    flagged: Annotated[bool, typer.Option("--flagged", help="Only the items kept for review (their answers failed "
+                                                            "content checks after a re-ask).")] = False,
     db: DbOption = None,
 ) -> None:
     """Write a stored run's cards to .apkg, Anki text (TSV), CSV or JSONL; makes no API call."""
@@ -69,9 +71,16 @@ def export_command(
     try:
         ledger = Ledger(engine)
         run = _select_run(ledger, run_id)
-        report = write_export(chosen, ledger.results(run.id), output, deck_name=deck_name, subdecks=subdecks,
+        results = ledger.results(run.id)
+        if flagged:
+            if not ledger.flagged(run.id):
+                Console(soft_wrap=True).print(f"run {run.id} has no items flagged for review; nothing written",
+                                              highlight=False, markup=False)
+                return
+            results = (result for result in results if result.flags)
+        report = write_export(chosen, results, output, deck_name=deck_name, subdecks=subdecks,
                               language=run.target_language, simulated=run.simulated,
-                              audio=audio.value if audio else None)
+                              audio=audio.value if audio else None, source=Path(run.input_path).stem or None)
     except OSError as exc:
         raise fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.USAGE) from None
     finally:
@@ -107,7 +116,8 @@ def push_command(
         with AnkiConnect(url, key=key) as client:
             report, warnings = push_results(ledger.results(run.id), client, language=run.target_language,
                                             deck=deck_name, subdecks=subdecks, simulated=run.simulated,
-                                            audio=audio.value if audio else None, update=update)
+                                            audio=audio.value if audio else None, update=update,
+                                            source=Path(run.input_path).stem or None)
     except AnkiConnectError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     finally:

@@ -62,6 +62,11 @@ def check_options(subdecks: str, audio: str | None) -> tuple[Subdecks, AudioEngi
     return mode, engine
 
 
+#: Anki's text import matches the note type by name and cannot create it: without it, the rows land in "Basic".
+TSV_NEEDS_NOTE_TYPE = ("Anki needs the note type {name!r} before this text file: import an .apkg made by "
+                       "flashcard-pipeline once (or run `flashcard-pipeline push`), then import the file")
+
+
 @dataclass(frozen=True)
 class ExportReport:
     format: str
@@ -92,7 +97,8 @@ class PreparedDeck:
 
 def prepare_deck(results: Iterable[TermResult], *, language: str, deck: str | None = None,
                  subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
-                 audio: AudioEngine | str | None = None, media_dir: Path | None = None) -> PreparedDeck:
+                 audio: AudioEngine | str | None = None, media_dir: Path | None = None,
+                 source: str | None = None) -> PreparedDeck:
     """Build the notes; with ``audio``, speak each term into ``media_dir`` (which must outlive the deck)."""
     mode, engine = check_options(str(subdecks), str(audio) if audio else None)
     results = list(results)
@@ -105,7 +111,7 @@ def prepare_deck(results: Iterable[TermResult], *, language: str, deck: str | No
         report = synthesize((r.item.term for r in results), language=language, directory=media_dir)
     sounds = report.media_names()
     notes = list(build_notes(results, language=language, root_deck=root, subdecks=mode, simulated=simulated,
-                             lang=kind.lang, sounds=sounds))
+                             lang=kind.lang, sounds=sounds, source=source))
     media = {path.name: path for path in report.files.values()}
     return PreparedDeck(notes=notes, note_type=kind, root_deck=root, terms=len(results), media=media,
                         warnings=(report.warning,) if report.warning else ())
@@ -126,8 +132,10 @@ class _Counted:
 
 def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck_name: str | None = None,
                  subdecks: Subdecks | str = Subdecks.NONE, language: str = "Korean", simulated: bool = False,
-                 audio: AudioEngine | str | None = None, timestamp: float | None = None) -> ExportReport:
-    """Write ``results`` to ``path`` in ``format`` (atomically) and say what was written."""
+                 audio: AudioEngine | str | None = None, timestamp: float | None = None,
+                 source: str | None = None) -> ExportReport:
+    """Write ``results`` to ``path`` in ``format`` (atomically) and say what was written (for Anki formats,
+    ``cards`` counts the cards the notes make)."""
     chosen = resolve_format(format, None)
     mode, engine = check_options(str(subdecks), str(audio) if audio else None)
     warnings: list[str] = []
@@ -149,26 +157,29 @@ def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck
 
     with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
         prepared = prepare_deck(results, language=language, deck=deck_name, subdecks=mode, simulated=simulated,
-                                audio=engine, media_dir=Path(media_dir))
+                                audio=engine, media_dir=Path(media_dir), source=source)
         warnings.extend(prepared.warnings)
         if chosen == "apkg":
-            cards = write_apkg(prepared.notes, path, note_type=prepared.note_type, root_deck=prepared.root_deck,
-                               media=sorted(prepared.media.values()), timestamp=timestamp)
+            write_apkg(prepared.notes, path, note_type=prepared.note_type, root_deck=prepared.root_deck,
+                       media=sorted(prepared.media.values()), timestamp=timestamp)
         else:
-            cards = write_anki_tsv(prepared.notes, path, note_type=prepared.note_type,
-                                   root_deck=prepared.root_deck, with_deck_column=mode is not Subdecks.NONE)
+            write_anki_tsv(prepared.notes, path, note_type=prepared.note_type,
+                           root_deck=prepared.root_deck, with_deck_column=mode is not Subdecks.NONE)
+            warnings.append(TSV_NEEDS_NOTE_TYPE.format(name=prepared.note_type.name))
+        cards = sum(len(note.cards) for note in prepared.notes)
     return ExportReport(format=chosen, path=path, cards=cards, terms=prepared.terms, deck=prepared.root_deck,
                         decks=prepared.decks, audio_files=len(prepared.media), warnings=tuple(warnings))
 
 
 def push_results(results: Iterable[TermResult], client: AnkiConnect, *, language: str, deck: str | None = None,
                  subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
-                 audio: AudioEngine | str | None = None, update: bool = True) -> tuple[PushReport, tuple[str, ...]]:
+                 audio: AudioEngine | str | None = None, update: bool = True,
+                 source: str | None = None) -> tuple[PushReport, tuple[str, ...]]:
     """Send the notes to Anki (updating changed ones unless ``update`` is off); returns AnkiConnect's report
     and any warnings (e.g. no audio)."""
     with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
         prepared = prepare_deck(results, language=language, deck=deck, subdecks=subdecks, simulated=simulated,
-                                audio=audio, media_dir=Path(media_dir))
+                                audio=audio, media_dir=Path(media_dir), source=source)
         report = push_notes(client, prepared.notes, note_type=prepared.note_type, root_deck=prepared.root_deck,
                             media=prepared.media, update=update)
     return report, prepared.warnings
