@@ -200,6 +200,12 @@ _CARD_OF_FIELD = {"SceneFront": "Scene", "ComparisonFront": "Usage-Comparison", 
                   "CulturalFront": "Cultural"}
 
 
+def _first_field(term: str) -> str:
+    escaped = html_text(term)
+    # Anki's text importer skips a line that starts with '#' as a comment; an entity shows the same character.
+    return "&#35;" + escaped[1:] if escaped.startswith("#") else escaped
+
+
 def note_fields(result: TermResult, *, language: str, lang: str | None, sound: str | None = None,
                 example_sound: str | None = None) -> dict[str, str]:
     """Every field of the word's note, as HTML: model text escaped, our own markup around it."""
@@ -208,7 +214,7 @@ def note_fields(result: TermResult, *, language: str, lang: str | None, sound: s
     hangul, romanization, ipa = _pronunciation(term, analysis, language)
     values = dict.fromkeys(FIELDS, "")
     values.update({
-        "Term": html_text(term), "Meaning": html_text(analysis.primary_meaning),
+        "Term": _first_field(term), "Meaning": html_text(analysis.primary_meaning),
         "PartOfSpeech": html_text(analysis.pos.value), "Pronunciation": html_text(hangul),
         "Romanization": html_text(romanization), "IPA": html_text(ipa),
         "Audio": f"[sound:{sound}]" if sound else "",
