@@ -134,6 +134,16 @@ def note_tags(result: TermResult, *, simulated: bool, source: str | None) -> tup
     return anki_tags([*ours, *model])
 
 
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+def text_html(text: str, lang: str | None) -> str:
+    """Model text as escaped HTML in which every run of Hanja carries the target language's tag, so the glyphs
+    take that language's forms (Korean, not Japanese) wherever the model quoted them."""
+    escaped = html_text(text)
+    return _HAN.sub(lambda m: f'<span lang="{lang}">{m.group(0)}</span>', escaped) if lang else escaped
+
+
 def _target(text: str, lang: str | None, tag: str = "span", cls: str = "") -> str:
     attrs = (f' class="{cls}"' if cls else "") + (f' lang="{lang}"' if lang else "")
     return f"<{tag}{attrs}>{html_text(text)}</{tag}>"
@@ -142,7 +152,7 @@ def _target(text: str, lang: str | None, tag: str = "span", cls: str = "") -> st
 def _forms(forms: list[Form], lang: str | None) -> str:
     if not forms:
         return ""
-    items = "".join(f'<li><span class="fp-label">{html_text(f.label)}</span> {_target(f.form, lang)}</li>'
+    items = "".join(f'<li><span class="fp-label">{text_html(f.label, lang)}</span> {_target(f.form, lang)}</li>'
                     for f in forms)
     return f"<ul>{items}</ul>"
 
@@ -156,7 +166,7 @@ def _hanja_breakdown(analysis: TermAnalysis, lang: str | None) -> str:
         return ""
     chars = "".join(
         f'<li>{_target(c.character, lang, cls="fp-char")} {_target(f"{c.meaning} {c.reading}", lang)} '
-        f'<span class="fp-label">{html_text(c.gloss)}</span></li>'
+        f'<span class="fp-label">{text_html(c.gloss, lang)}</span></li>'
         for c in analysis.hanja.characters)
     return f'{_target(analysis.hanja.hanja, lang, "div", "fp-hanja")}<ul class="fp-breakdown">{chars}</ul>'
 
@@ -166,7 +176,7 @@ def _homonyms(analysis: TermAnalysis, lang: str | None) -> str:
         return ""
     items = "".join(
         f"<li>{_target(h.reading, lang)}{' ' + _target(h.hanja, lang) if h.hanja else ''}: "
-        f"{html_text(h.meaning)}. {html_text(h.differentiator)}</li>"
+        f"{text_html(h.meaning, lang)}. {text_html(h.differentiator, lang)}</li>"
         for h in analysis.homonyms)
     return f"<ul>{items}</ul>"
 
@@ -174,7 +184,7 @@ def _homonyms(analysis: TermAnalysis, lang: str | None) -> str:
 def _comparison(analysis: TermAnalysis, lang: str | None) -> str:
     if analysis.comparison is None:
         return ""
-    return f"{_target(analysis.comparison.vs, lang)}: {html_text(analysis.comparison.nuance)}"
+    return f"{_target(analysis.comparison.vs, lang)}: {text_html(analysis.comparison.nuance, lang)}"
 
 
 def _pronunciation(term: str, analysis: TermAnalysis, language: str) -> tuple[str, str, str]:
@@ -214,31 +224,31 @@ def note_fields(result: TermResult, *, language: str, lang: str | None, sound: s
     hangul, romanization, ipa = _pronunciation(term, analysis, language)
     values = dict.fromkeys(FIELDS, "")
     values.update({
-        "Term": _first_field(term), "Meaning": html_text(analysis.primary_meaning),
-        "PartOfSpeech": html_text(analysis.pos.value), "Pronunciation": html_text(hangul),
-        "Romanization": html_text(romanization), "IPA": html_text(ipa),
+        "Term": _first_field(term), "Meaning": text_html(analysis.primary_meaning, lang),
+        "PartOfSpeech": text_html(analysis.pos.value, lang), "Pronunciation": text_html(hangul, lang),
+        "Romanization": text_html(romanization, lang), "IPA": text_html(ipa, lang),
         "Audio": f"[sound:{sound}]" if sound else "",
         "ExampleAudio": f"[sound:{example_sound}]" if example_sound else "",
-        "OtherMeanings": html_text(analysis.other_meanings),
+        "OtherMeanings": text_html(analysis.other_meanings, lang),
         "Conjugations": _forms(analysis.conjugations, lang), "Honorifics": _forms(analysis.honorifics, lang),
         "Synonyms": _words(analysis.synonyms, lang), "Antonyms": _words(analysis.antonyms, lang),
         "Collocations": _words(analysis.collocations, lang),
         "Hanja": _target(analysis.hanja.hanja, lang) if analysis.hanja else "",
         "HanjaBreakdown": _hanja_breakdown(analysis, lang), "Homonyms": _homonyms(analysis, lang),
-        "Usage": html_text(analysis.usage_context or ""), "Comparison": _comparison(analysis, lang),
-        "MemoryImage": html_text(f"{analysis.metaphor} {analysis.anchor_sensory}"),
-        "Explanation": html_text(analysis.explanation),
+        "Usage": text_html(analysis.usage_context or "", lang), "Comparison": _comparison(analysis, lang),
+        "MemoryImage": text_html(f"{analysis.metaphor} {analysis.anchor_sensory}", lang),
+        "Explanation": text_html(analysis.explanation, lang),
         "TopikLevel": topik_level(result), "ListPosition": str(result.item.position),
         "FrequencyRank": str(result.item.frequency_rank or ""),
     })
     marked = mark(term, analysis.example.sentence, language) if analysis.example else None
     if analysis.example is not None and marked is not None:
         values["Example"] = marked.highlighted
-        values["ExampleTranslation"] = html_text(analysis.example.translation)
+        values["ExampleTranslation"] = text_html(analysis.example.translation, lang)
     chosen = {card.card_type for card in result.cards}
     for card in reversed(result.cards):  # the first card of a type wins
         if (names := _OPTIONAL.get(card.card_type)) is not None:
-            values[names[0]], values[names[1]] = html_text(card.front), html_text(card.back)
+            values[names[0]], values[names[1]] = text_html(card.front, lang), text_html(card.back, lang)
     if CardType.HANJA in chosen and analysis.hanja is not None:
         values["HanjaFront"] = "Which Hanja write this word, character by character?"
     if CardType.EXAMPLE in chosen and marked is not None and marked.cloze is not None:
