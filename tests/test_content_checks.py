@@ -132,8 +132,9 @@ class CheckingClient:
             content = cards_for(term, TermAnalysis.model_validate(data["analysis"])).model_dump_json()
         else:
             analysis = analysis_for(term, type="noun", hints={"Definition": "school"})
-            nuance_calls = sum(1 for r in self.requests if "analysis" not in r.messages[1].content)
-            if term == "학교" and nuance_calls <= self.bad_answers:
+            asked = sum(1 for r in self.requests if "analysis" not in r.messages[1].content
+                        and '"term": "학교"' in r.messages[1].content)
+            if term == "학교" and asked <= self.bad_answers:
                 analysis = analysis.model_copy(update={
                     "example": ExampleSentence(sentence="밥을 먹었어요.", translation="I ate.")})
             content = analysis.model_dump_json()

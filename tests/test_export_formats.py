@@ -44,14 +44,16 @@ def notes_of(results: list[TermResult], **kwargs: object) -> list:
 # --- identity: GUIDs and ids ----------------------------------------------------------------------------------
 
 
-def test_guid_comes_from_language_term_and_card_type_with_an_ordinal_per_type() -> None:
-    cards = [card(CardType.SCENE), card(CardType.EXAMPLE), card(CardType.EXAMPLE, front="another example")]
-    notes = notes_of([make_result("학교", cards=cards)])
-    assert notes[0].guid == genanki.guid_for("Korean", "학교", "Scene", 1)
-    assert notes[1].guid == genanki.guid_for("Korean", "학교", "Example", 1)
-    assert notes[2].guid == genanki.guid_for("Korean", "학교", "Example", 2)
-    assert len({n.guid for n in notes}) == 3
-    assert len({n.field("Key") for n in notes}) == 3, "the first field must be unique for AnkiConnect's check"
+def test_one_note_per_word_whose_guid_comes_from_language_and_term() -> None:
+    cards = [card(CardType.SCENE), card(CardType.EXAMPLE), card(CardType.GRAMMAR, front="how?")]
+    notes = notes_of([make_result("학교", cards=cards), make_result("먹다", 2)])
+    assert [n.term for n in notes] == ["학교", "먹다"]
+    assert notes[0].guid == genanki.guid_for("Korean", "학교")
+    assert notes_of([make_result("학교")], simulated=True)[0].guid == genanki.guid_for("simulated", "Korean", "학교")
+    assert notes[0].cards == ("Recognition", "Production", "Scene", "Grammar", "Example")
+    assert notes[0].field("SceneFront") == "front" and notes[0].field("GrammarFront") == "how?"
+    assert notes[0].field("CulturalFront") == "", "a type the model did not choose makes no card"
+    assert notes[0].field("Term") == "학교", "the first field is the word: AnkiConnect's duplicate check"
 
 
 def test_guid_ignores_position_wording_and_run_but_not_language() -> None:
@@ -59,7 +61,7 @@ def test_guid_ignores_position_wording_and_run_but_not_language() -> None:
     later = notes_of([make_result("학교", position=40, cards=[card(CardType.SCENE, front="new wording")])])
     other_language = notes_of([make_result("학교", cards=[card(CardType.SCENE)])], language="Japanese")
     assert first[0].guid == later[0].guid
-    assert first[0].field("Front") != later[0].field("Front")
+    assert first[0].field("SceneFront") != later[0].field("SceneFront")
     assert other_language[0].guid != first[0].guid
 
 
@@ -67,11 +69,11 @@ def test_note_type_and_deck_ids_derive_from_names() -> None:
     korean = note_type("Korean")
     assert korean.id == note_type("Korean").id
     assert korean.id != note_type("Japanese").id
-    assert korean.name == "Flashcard Pipeline (Korean)"
+    assert korean.name == "Flashcard Pipeline v2 (Korean)"
     assert deck_id("Korean vocabulary") == deck_id("Korean vocabulary") != deck_id("Korean vocabulary::noun")
     for value in (korean.id, deck_id("x"), deck_id("Korean vocabulary")):
         assert (1 << 30) <= value < (1 << 31)
-    assert korean.fields == FIELDS and korean.fields[0] == "Key"
+    assert korean.fields == FIELDS and korean.fields[0] == "Term"
     assert korean.genanki_model().sort_field_index == FIELDS.index("Term")
 
 
@@ -134,13 +136,29 @@ def test_subdecks_by_part_of_speech_and_by_the_inputs_level_column() -> None:
     assert {n.deck for n in notes_of(results)} == {"Deck"}
 
 
-def test_analysis_on_the_back_is_escaped_and_mentions_the_useful_parts() -> None:
+def test_analysis_fields_are_escaped_and_hanja_carry_the_korean_tag() -> None:
     result = make_result("학교")
-    html = notes_of([result], lang="ko")[0].field("Analysis")
-    assert html_text(result.analysis.explanation) in html
-    assert html_text(result.analysis.metaphor) in html
+    note = notes_of([result], lang="ko")[0]
+    assert note.field("Explanation") == html_text(result.analysis.explanation)
+    assert html_text(result.analysis.metaphor) in note.field("MemoryImage")
+    assert note.field("HanjaBreakdown").startswith('<div class="fp-hanja" lang="ko">學校</div>')
     for homonym in result.analysis.homonyms:
-        assert f'<span class="fp-hanja" lang="ko">{html_text(homonym.hanja)}</span>' in html
+        assert f'<span lang="ko">{html_text(homonym.hanja)}</span>' in note.field("Homonyms")
+    assert note.field("Pronunciation") == "학꾜" and note.field("Romanization") == "hakgyo"
+    hostile = result.model_copy(update={"analysis": result.analysis.model_copy(
+        update={"explanation": "<b>學</b> & 校"})})
+    assert notes_of([hostile], lang="ko")[0].field("Explanation") == (
+        '&lt;b&gt;<span lang="ko">學</span>&lt;/b&gt; &amp; <span lang="ko">校</span>')
+
+
+def test_the_example_highlights_the_words_inflected_form() -> None:
+    result = make_result("먹다", cards=[card(CardType.EXAMPLE)])
+    example = result.analysis.example.model_copy(update={"sentence": "내가 <밥>을 먹었어."})
+    result = result.model_copy(update={"analysis": result.analysis.model_copy(update={"example": example})})
+    note = notes_of([result], lang="ko")[0]
+    assert note.field("Example") == '내가 &lt;밥&gt;을 <mark class="fp-hl">먹었어</mark>.'
+    assert note.field("ExampleCloze") == '내가 &lt;밥&gt;을 <span class="fp-gap">&nbsp;</span>.'
+    assert "Example" in note.cards
 
 
 # --- formats ----------------------------------------------------------------------------------------------------
@@ -169,12 +187,14 @@ def test_anki_tsv_headers_point_at_the_right_columns(tmp_path: Path) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     headers = dict(line[1:].split(":", 1) for line in lines if line.startswith("#") and ":" in line[:20])
     assert headers["separator"] == "tab" and headers["html"] == "true"
-    assert headers["notetype"] == "Flashcard Pipeline (Korean)"
+    assert headers["notetype"] == "Flashcard Pipeline v2 (Korean)"
     assert headers["deck"] == "Korean vocabulary (simulated)" == report.deck
     columns = headers["columns"].split("\t")
     assert columns[:len(FIELDS)] == list(FIELDS)
-    rows = list(csv.reader(lines[len(headers):], delimiter="\t"))
-    assert len(rows) == report.cards == sum(len(r.cards) for r in results)
+    rows = list(csv.reader(lines[len(headers) + 1:], delimiter="\t"))
+    assert lines[len(headers)].startswith("# Import an .apkg"), "a comment line says what Anki needs first"
+    assert len(rows) == len(results) and report.cards == sum(len(n.cards) for n in prepare_deck(
+        results, language="Korean").notes)
     expected = {n.guid: n for n in prepare_deck(results, language="Korean", subdecks="level", simulated=True).notes}
     by_guid = {row[int(headers["guid column"]) - 1]: row for row in rows}
     assert set(by_guid) == set(expected)
@@ -244,7 +264,7 @@ def test_a_failed_export_leaves_the_previous_file_and_no_temporary_file(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deck.apkg"]
 
 
-def test_apkg_holds_one_note_per_card_and_its_media(tmp_path: Path) -> None:
+def test_apkg_holds_the_notes_and_their_media(tmp_path: Path) -> None:
     path = tmp_path / "deck.apkg"
     report = write_export("apkg", [make_result("학교"), make_result("먹다", 2)], path, simulated=True)
     with zipfile.ZipFile(path) as archive:

@@ -15,7 +15,7 @@ from flashcard_pipeline.models import PartOfSpeech
 
 KOREAN_NAMES = frozenset({"korean", "ko", "kor", "한국어"})
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
-_TOP_N = 3
+_TOP_N = 6
 
 #: Kiwi (Sejong) tags -> the classes a learner's list may call them.
 _CLASSES: dict[str, frozenset[PartOfSpeech]] = {
@@ -119,7 +119,8 @@ def _head(tokens: list[Morpheme]) -> Head | None:
 
 @functools.lru_cache(maxsize=4096)
 def head_candidates(term: str) -> tuple[Head, ...]:
-    """The term's content word in each of the analyser's three best readings, best first, without repeats."""
+    """The term's content word in each of the analyser's six best readings, best first, without repeats (six,
+    not one: a list may fairly call 그럼 an adverb, the fifth reading)."""
     heads: list[Head] = []
     for tokens, _score in _kiwi().analyze(term, top_n=_TOP_N):
         head = _head(_morphemes(tokens))
@@ -129,7 +130,7 @@ def head_candidates(term: str) -> tuple[Head, ...]:
 
 
 def pos_classes(term: str, context: str | None = None) -> frozenset[PartOfSpeech]:
-    """Every class the analyser can give ``term``: alone (three best readings) and, with ``context``, where it
+    """Every class the analyser can give ``term``: alone (six best readings) and, with ``context``, where it
     stands in that sentence. Empty when the term has nothing the analyser classifies (foreign letters)."""
     classes: set[PartOfSpeech] = set()
     for head in head_candidates(term):

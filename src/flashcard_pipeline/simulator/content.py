@@ -445,12 +445,14 @@ def _collocations(term: str, pos: PartOfSpeech, korean: bool) -> list[str]:
     if not korean:
         return []
     if pos is PartOfSpeech.VERB and _dictionary_form(term):
-        return [f"자주 {term}", f"같이 {term}"]
-    if pos is PartOfSpeech.ADJECTIVE and _dictionary_form(term):
-        return [f"아주 {term}", f"정말 {term}"]
-    if pos is PartOfSpeech.NOUN:
-        return [f"{term}에 가다", f"{term}을 좋아하다" if _has_final(term) else f"{term}를 좋아하다"]
-    return []
+        phrases = [f"자주 {term}", f"같이 {term}"]
+    elif pos is PartOfSpeech.ADJECTIVE and _dictionary_form(term):
+        phrases = [f"아주 {term}", f"정말 {term}"]
+    elif pos is PartOfSpeech.NOUN:
+        phrases = [f"{term}에 가다", f"{term}을 좋아하다" if _has_final(term) else f"{term}를 좋아하다"]
+    else:
+        phrases = []
+    return [_clip(phrase, _SHORT) for phrase in phrases]
 
 
 def _has_final(word: str) -> bool:
