@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import html
 import re
@@ -23,7 +24,7 @@ from anki.notes import Note
 
 from flashcard_pipeline.export import prepare_deck, write_export
 from flashcard_pipeline.export.anki_model import NoteType, note_type
-from flashcard_pipeline.export.audio import media_name
+from flashcard_pipeline.export.audio import EspeakSpeech, media_name
 from flashcard_pipeline.export.common import SIMULATED_TAG, clean_text
 from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
@@ -326,17 +327,56 @@ def test_hostile_content_arrives_as_harmless_text_in_every_format(tmp_path: Path
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-def test_audio_reaches_the_collections_media_folder(tmp_path: Path, col: Collection) -> None:
+def test_audio_of_word_and_example_reaches_the_collections_media_folder(tmp_path: Path, col: Collection) -> None:
     results = [make_result("학교", 1), make_result("먹다", 2)]
     report = write_export("apkg", results, tmp_path / "deck.apkg", audio="espeak", timestamp=T0)
-    assert report.audio_files == 2 and report.warnings == ()
+    assert report.audio_files == 4 and report.warnings == ()
     assert_no_import_errors(import_apkg(col, tmp_path / "deck.apkg"))
     media = Path(col.media.dir())
+    identity = EspeakSpeech("Korean").identity()
     for result in results:
-        name = media_name("Korean", result.item.term)
-        assert (media / name).stat().st_size > 1000
+        word, example = media_name(identity, result.item.term), media_name(identity, result.analysis.example.sentence)
+        assert 500 < (media / word).stat().st_size < 12_000 and (media / example).stat().st_size > 500
         for nid in col.find_notes(f'"Term:{result.item.term}"'):
-            assert col.get_note(nid)["Audio"] == f"[sound:{name}]"
+            note = col.get_note(nid)
+            assert note["Audio"] == f"[sound:{word}]" and note["ExampleAudio"] == f"[sound:{example}]"
+            recognition = next(c for c in note.cards() if c.template()["name"] == "Recognition")
+            played = [tag.filename for tag in recognition.question_av_tags()]
+            assert played == [word], "the word is heard on the recognition front"
+
+
+def test_process_with_openai_speech_from_the_simulator_caches_and_bills_each_clip(tmp_path: Path,
+                                                                                   col: Collection) -> None:
+    source = tmp_path / "words.csv"
+    source.write_text("term,type\n학교,noun\n먹다,verb\n", encoding="utf-8")
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    options = ProcessOptions(input_path=source, output=tmp_path / "deck.apkg", provider="simulated", db_url=db_url,
+                             audio="openai")
+    result = asyncio.run(process(options))
+    assert result.export is not None and result.export.audio_files == 4 and result.export.warnings == ()
+    assert_no_import_errors(import_apkg(col, tmp_path / "deck.apkg"))
+    sounds = [p for p in Path(col.media.dir()).iterdir() if p.suffix == ".mp3"]
+    assert len(sounds) == 4 and all(p.read_bytes()[:1] == b"\xff" for p in sounds)
+    engine = open_database(db_url)
+    try:
+        with engine.connect() as conn:
+            audio_calls = conn.exec_driver_sql(
+                "select provider, model, cost_usd from api_calls where stage = 'audio'").all()
+            cached = conn.exec_driver_sql("select count(*) from cache_entries where stage = 'audio'").scalar()
+    finally:
+        engine.dispose()
+    assert len(audio_calls) == 4 and cached == 4
+    assert all(p == "simulated" and m == "tts-1" and cost > 0 for p, m, cost in audio_calls)
+
+    again = asyncio.run(process(ProcessOptions(input_path=source, output=tmp_path / "again.apkg",
+                                               provider="simulated", db_url=db_url, audio="openai")))
+    assert again.export is not None and again.export.audio_files == 4
+    engine = open_database(db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select count(*) from api_calls where stage = 'audio'").scalar() == 4
+    finally:
+        engine.dispose()
 
 
 # --- the acceptance test --------------------------------------------------------------------------------

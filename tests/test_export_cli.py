@@ -402,8 +402,10 @@ def test_push_uploads_one_audio_file_per_term(small_run: Run, fake_anki: tuple[F
     anki, url = fake_anki
     code, _, stderr = run_cli("push", "--db", small_run.db_url, "--url", url, "--audio", "espeak")
     assert code == 0, stderr
-    assert len(anki.media) == 4 and all(data.startswith(b"RIFF") for data in anki.media.values())
-    assert {n["fields"]["Audio"] for n in anki.notes} == {f"[sound:{name}]" for name in anki.media}
+    assert len(anki.media) == 8, "the word and its example sentence"
+    assert all(data[:1] == b"\xff" or data[:3] == b"ID3" for data in anki.media.values()), "MP3"
+    sounds = {n["fields"]["Audio"] for n in anki.notes} | {n["fields"]["ExampleAudio"] for n in anki.notes}
+    assert sounds == {f"[sound:{name}]" for name in anki.media}
 
 
 def test_pushed_hostile_text_arrives_escaped(fake_anki: tuple[FakeAnki, str]) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import shutil
-import wave
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +15,24 @@ import pytest
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export import prepare_deck, resolve_format, write_export
 from flashcard_pipeline.export.anki_model import FIELDS, deck_id, language_code, note_type
-from flashcard_pipeline.export.audio import media_name, synthesize
+from flashcard_pipeline.export.audio import (
+    AudioStore,
+    Clip,
+    EspeakSpeech,
+    OpenAISpeech,
+    SpeechError,
+    media_name,
+    synthesize,
+)
 from flashcard_pipeline.export.common import SIMULATED_TAG, anki_tags, html_text
 from flashcard_pipeline.export.csv_export import neutralise
 from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.export.notes import Subdecks, build_notes, resolve_deck_name
 from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
-from flashcard_pipeline.simulator.content import analysis_for, cards_for
+from flashcard_pipeline.simulator import run_simulator
+from flashcard_pipeline.simulator.content import analysis_for, cards_for, speech_for
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
 
 
 def make_result(term: str, position: int = 1, *, hints: dict[str, str] | None = None,
@@ -294,19 +305,72 @@ def test_audio_is_only_for_anki_decks(tmp_path: Path) -> None:
 requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
 
+def is_mp3(data: bytes) -> bool:
+    """An ID3 tag or an MPEG audio frame header (11 set sync bits)."""
+    return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+
+
 @requires_espeak
-def test_espeak_writes_one_wav_per_term_with_a_stable_name(tmp_path: Path) -> None:
-    report = synthesize(["학교", "먹다", "학교", "-빨리"], language="Korean", directory=tmp_path)
+def test_espeak_writes_one_small_mp3_per_text_with_a_stable_name(tmp_path: Path) -> None:
+    provider = EspeakSpeech("Korean")
+    report = synthesize(["학교", "먹다", "학교", "-빨리", "내가 밥을 먹었어."], provider=provider, directory=tmp_path)
     assert report.warning is None
-    assert set(report.files) == {"학교", "먹다", "-빨리"}
-    for term, path in report.files.items():
-        assert path.name == media_name("Korean", term)
-        with wave.open(str(path)) as audio:
-            assert audio.getnframes() > 0
-    assert media_name("Korean", "학교") != media_name("Japanese", "학교")
+    assert set(report.files) == {"학교", "먹다", "-빨리", "내가 밥을 먹었어."}
+    for text, path in report.files.items():
+        assert path.name == media_name(provider.identity(), text)
+        data = path.read_bytes()
+        assert is_mp3(data) and 500 < len(data) < 12_000, "compressed: a few KB, not espeak's 40 KB WAV"
+    assert media_name(provider.identity(), "학교") != media_name(EspeakSpeech("Japanese").identity(), "학교")
 
 
 @requires_espeak
 def test_espeak_without_a_voice_for_the_language_warns(tmp_path: Path) -> None:
-    report = synthesize(["zzz"], language="Zyzzyvan", directory=tmp_path)
-    assert report.files == {} and report.warning is not None and "could not speak Zyzzyvan" in report.warning
+    report = synthesize(["zzz"], provider=EspeakSpeech("Zyzzyvan"), directory=tmp_path)
+    assert report.files == {} and report.warning is not None and "could not speak 'zzz'" in report.warning
+
+
+def test_clips_are_cached_in_the_ledger_with_their_cost_and_never_asked_twice(tmp_path: Path) -> None:
+    class Counting:
+        name, model = "openai", "tts-1"
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def identity(self) -> str:
+            return "openai:tts-1:alloy:mp3"
+
+        def speak(self, text: str) -> Clip:
+            self.calls.append(text)
+            return Clip(mp3=speech_for(text), cost_usd=len(text) * 15 / 1e6)
+
+    engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        ledger = Ledger(engine)
+        provider = Counting()
+        first = synthesize(["학교", "학교에 가요."], provider=provider, directory=tmp_path / "a",
+                           store=AudioStore(ledger))
+        again = synthesize(["학교", "학교에 가요."], provider=provider, directory=tmp_path / "b",
+                           store=AudioStore(ledger))
+        assert provider.calls == ["학교", "학교에 가요."] and again.cached == 2
+        assert first.cost_usd == pytest.approx(len("학교학교에 가요.") * 15 / 1e6)
+        assert (tmp_path / "b" / media_name(provider.identity(), "학교")).read_bytes() == speech_for("학교")
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("select stage, model, cost_usd from api_calls").all()
+        assert sorted((stage, model, round(cost * 1e6)) for stage, model, cost in rows) == [
+            ("audio", "tts-1", 2 * 15), ("audio", "tts-1", 7 * 15)], "one billed call per clip, at $15 per M chars"
+    finally:
+        engine.dispose()
+
+
+async def test_the_simulator_answers_speech_with_mp3_and_the_provider_bills_it(tmp_path: Path) -> None:
+    async with run_simulator() as simulator:
+        provider = OpenAISpeech(simulator.base_url, "sk-secret-key", provider="simulated")
+        try:
+            clip = await asyncio.to_thread(provider.speak, "학교에 가요.")
+            assert is_mp3(clip.mp3) and clip.mp3 == speech_for("학교에 가요.")
+            assert clip.cost_usd == pytest.approx(len("학교에 가요.") * 15 / 1e6)
+            with pytest.raises(SpeechError, match="HTTP 400"):
+                await asyncio.to_thread(provider.speak, " ")
+        finally:
+            provider.close()
+        assert simulator.stats().stages["speech"] == 2

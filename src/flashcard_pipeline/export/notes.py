@@ -44,6 +44,12 @@ class AnkiNote:
     """media file name of the term's pronunciation, if any"""
     cards: tuple[str, ...] = ()
     """the templates that make a card of this note (recognition, production and the optional types filled)"""
+    example_sound: str | None = None
+    """media file name of the example sentence's audio, if any"""
+
+    @property
+    def media(self) -> tuple[str, ...]:
+        return tuple(name for name in (self.sound, self.example_sound) if name)
 
     def field(self, name: str) -> str:
         return self.fields[FIELDS.index(name)]
@@ -270,12 +276,12 @@ def build_notes(results: Iterable[TermResult], *, language: str, root_deck: str,
         seen.add(term)
         sound = sounds.get(term)
         example = result.analysis.example
-        values = note_fields(result, language=language, lang=lang, sound=sound,
-                             example_sound=sounds.get(example.sentence) if example else None)
+        example_sound = sounds.get(example.sentence.strip()) if example else None
+        values = note_fields(result, language=language, lang=lang, sound=sound, example_sound=example_sound)
         cards = ("Recognition", "Production",
                  *(card for name, card in _CARD_OF_FIELD.items() if values[name]))
         yield AnkiNote(guid=note_guid(language, term, simulated=simulated),
                        deck=deck_for(result, root_deck, subdecks),
                        fields=tuple(values[name] for name in FIELDS),
                        tags=note_tags(result, simulated=simulated, source=source), term=term,
-                       position=result.item.position, sound=sound, cards=cards)
+                       position=result.item.position, sound=sound, cards=cards, example_sound=example_sound)

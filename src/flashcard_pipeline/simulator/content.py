@@ -10,10 +10,13 @@ validated models, so a caller can never receive an answer the pipeline would rej
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import re
+import struct
 from collections.abc import Mapping
 
+from flashcard_pipeline.export.audio import encode_mp3
 from flashcard_pipeline.korean.analyzer import head_candidates, join, locate
 from flashcard_pipeline.korean.pronunciation import pronounce
 from flashcard_pipeline.models import (
@@ -31,7 +34,7 @@ from flashcard_pipeline.models import (
     TermAnalysis,
 )
 
-__all__ = ["analysis_for", "cards_for", "hangul_ipa", "hanja_spelling", "part_of_speech"]
+__all__ = ["analysis_for", "cards_for", "hangul_ipa", "hanja_spelling", "part_of_speech", "speech_for"]
 
 _SHORT, _MEDIUM, _LONG = 120, 400, 1200
 #: How much of a long term or meaning is quoted inside generated prose.
@@ -632,3 +635,18 @@ def _card_text(card_type: CardType, term: str, meaning: str, analysis: TermAnaly
     example = analysis.example
     return (f"Fill the gap with the word for '{meaning}'.",
             example.sentence if example else f"{term} — {meaning}")
+
+
+_SPEECH_RATE = 16_000
+
+
+def speech_for(text: str) -> bytes:
+    """A short, valid MP3 standing in for spoken ``text``: a soft tone whose pitch comes from the text and whose
+    length grows with it (0.2 to 1.5 s), the same bytes every time."""
+    rng = random.Random(f"speech:{text}")
+    seconds = min(1.5, 0.2 + 0.03 * len(text))
+    pitch = 180 + rng.random() * 140
+    count = int(_SPEECH_RATE * seconds)
+    samples = (int(6000 * math.sin(2 * math.pi * pitch * i / _SPEECH_RATE) * min(1.0, i / 800, (count - i) / 800))
+               for i in range(count))
+    return encode_mp3(struct.pack(f"<{count}h", *samples), rate=_SPEECH_RATE)
