@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,15 +67,6 @@ def rich_results() -> list[TermResult]:
     results.append(TermResult(item=VocabularyItem(position=7, term="먹다", type="verb"), analysis=verb,
                               cards=[grammar, *cards_for("먹다", verb).cards][:4]))
     return results
-
-
-@pytest.fixture
-def col(tmp_path: Path) -> Iterator[Collection]:
-    folder = tmp_path / "anki"
-    folder.mkdir()
-    collection = Collection(str(folder / "collection.anki2"))
-    yield collection
-    collection.close()
 
 
 def rendered_sides(col: Collection, results: list[TermResult], tmp_path: Path) -> list[tuple[str, str, Side]]:

@@ -197,3 +197,24 @@ async def test_an_answer_that_still_fails_is_kept_flagged_tagged_and_exportable_
     result = CliRunner().invoke(app, ["export", "--run", str(run.id), "--flagged", "-o", str(out), "--db", db_url])
     assert result.exit_code == 0, result.output
     assert {json.loads(line)["term"] for line in out.read_text(encoding="utf-8").splitlines()} == {"학교"}
+
+
+def test_process_lists_the_items_kept_for_review_at_the_end() -> None:
+    from rich.console import Console
+
+    from flashcard_pipeline.cli.app import _report
+    from flashcard_pipeline.cli.output import ExitCode
+    from flashcard_pipeline.pipeline import RunOutcome, RunStats
+    from flashcard_pipeline.runner import ProcessResult
+    from flashcard_pipeline.storage.ledger import FlaggedItem
+    from flashcard_pipeline.storage.schema import RunStatus
+
+    flagged = [FlaggedItem(3, "학교", ("nuance: the example sentence '밥' does not contain 학교 (checked by lemma)",))]
+    outcome = RunOutcome(run_id=1, status=RunStatus.COMPLETED, stats=RunStats(total=3, done=3, flagged=1),
+                         failures=[], flagged=flagged)
+    err = Console(record=True, width=200)
+    code = _report(ProcessResult(outcome=outcome, output=None, cards_written=0, problems=[]), err)
+    text = err.export_text()
+    assert code is ExitCode.OK, "a flagged item is kept, not failed"
+    assert "1 items kept for review" in text and "export --flagged" in text
+    assert "#3 학교: nuance: the example sentence '밥' does not contain 학교" in text
