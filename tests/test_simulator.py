@@ -597,7 +597,7 @@ async def test_stats_count_outcomes_stages_tokens_and_terms() -> None:
 
     assert stats.total == 5
     assert stats.outcomes["ok"] == 4 and stats.outcomes["bad_request"] == 1
-    assert stats.stages == {"term_analysis": 3, "flashcard_set": 1, "other": 0}
+    assert stats.stages == {"term_analysis": 3, "flashcard_set": 1, "other": 0, "speech": 0}
     assert stats.tokens_in == sum(u["prompt_tokens"] for u in usages)
     assert stats.tokens_out == sum(u["completion_tokens"] for u in usages)
     assert stats.cost_usd == pytest.approx(sum(u["cost"] for u in usages))
