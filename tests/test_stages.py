@@ -145,7 +145,12 @@ def test_nuance_request_carries_term_hints_and_strict_schema(settings: StageSett
     payload = json.loads(re.search(r"<input>\n(.*)\n</input>", user, re.S).group(1))
     assert payload == {"term": "학교", "type": "noun", "language": "Korean", "learner_language": "English",
                        "hints": {"Definition": "school"}}
-    assert staged.prompt_version == "nuance.v1"
+    assert staged.prompt_version == "nuance.v2"
+    schema = body["response_format"]["json_schema"]["schema"]
+    keywords = json.dumps(schema)
+    assert '"maxItems"' in keywords and '"maxLength"' not in keywords, "array bounds stay, string lengths move"
+    assert {"example", "conjugations", "honorifics", "synonyms", "antonyms", "collocations", "hanja"} <= set(
+        schema["required"])
 
 
 def test_position_is_not_part_of_the_cache_key(settings: StageSettings) -> None:
@@ -159,7 +164,7 @@ def test_position_is_not_part_of_the_cache_key(settings: StageSettings) -> None:
     lambda s: dataclasses.replace(s, model="openai/gpt-4o"),
     lambda s: dataclasses.replace(s, provider="simulated"),
     lambda s: dataclasses.replace(s, learner_language="French"),
-    lambda s: dataclasses.replace(s, nuance_prompt=dataclasses.replace(s.nuance_prompt, version="nuance.v2")),
+    lambda s: dataclasses.replace(s, nuance_prompt=dataclasses.replace(s.nuance_prompt, version="nuance.v3")),
     lambda s: dataclasses.replace(s, nuance_prompt=dataclasses.replace(s.nuance_prompt, temperature=0.9)),
     lambda s: dataclasses.replace(s, nuance_prompt=dataclasses.replace(s.nuance_prompt, max_tokens=99)),
 ])

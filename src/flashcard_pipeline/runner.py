@@ -25,7 +25,10 @@ from flashcard_pipeline.config import CacheSettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
     FORMATS,
+    AudioEngine,
+    AudioStore,
     ExportReport,
+    SpeechSettings,
     check_options,
     check_writable,
     resolve_format,
@@ -346,10 +349,11 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
         output = options.output_path
         results = ledger.results(run.id)
         try:
-            report = await asyncio.to_thread(
-                write_export, options.export_format, results, output, deck_name=options.deck_name,
-                subdecks=options.subdecks, language=run.target_language, simulated=run.simulated,
-                audio=options.audio)
+            async with speech_settings(options, provider, ledger, run) as speech:
+                report = await asyncio.to_thread(
+                    write_export, options.export_format, results, output, deck_name=options.deck_name,
+                    subdecks=options.subdecks, language=run.target_language, simulated=run.simulated,
+                    audio=options.audio, source=options.input_path.stem, speech=speech)
         except OSError as exc:  # the folder went away or filled up during the run; the cards are stored
             raise ConfigurationError(f"cannot write {output}: {exc.strerror or exc}; the cards are stored, "
                                      f"`flashcard-pipeline export --run {run.id} -o FILE` writes them") from exc
@@ -359,6 +363,23 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
                              model=run.model)
     finally:
         engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def speech_settings(options: ProcessOptions, provider: ProviderConfig, ledger: Ledger,
+                          run: RunRecord) -> AsyncIterator[SpeechSettings]:
+    """Audio goes through the run's own provider and key (``--audio openai``; for the simulated provider a
+    simulator serves the export), and is cached and billed in the run's ledger."""
+    store = AudioStore(ledger, run.id)
+    if options.audio != AudioEngine.OPENAI.value:
+        yield SpeechSettings(store=store)
+        return
+    if provider.name is ProviderName.SIMULATED:
+        async with run_simulator(options.simulator) as simulator:
+            yield SpeechSettings(base_url=simulator.base_url, provider=provider.name.value, store=store)
+        return
+    key = provider.api_key.get_secret_value() if provider.api_key is not None else None
+    yield SpeechSettings(base_url=provider.base_url, api_key=key, provider=provider.name.value, store=store)
 
 
 def _check_services(cache: CacheSettings, limiters: list[RateLimitPolicy]) -> None:
@@ -377,7 +398,8 @@ def _finished(ledger: Ledger, run: RunRecord) -> RunOutcome:
         ledger.set_run_status(run.id, RunStatus.COMPLETED)
     stats = RunStats(total=summary.total, done=summary.done, already_done=summary.done,
                      simulated=run.simulated)
-    return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[])
+    return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[],
+                      flagged=ledger.flagged(run.id))
 
 
 def default_policy(options: ProcessOptions) -> CallPolicy:

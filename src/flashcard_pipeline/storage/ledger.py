@@ -71,6 +71,8 @@ class StageCompleted:
     from_cache: bool
     run_id: int | None = None
     cards: tuple[Flashcard, ...] = ()
+    #: Content checks the answer still fails (kept for review); empty when it passes.
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class RunRecord:
     learner_language: str
     created_at: datetime
     settings: dict[str, Any] = field(default_factory=dict)
+    input_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,19 @@ class FailedItem:
     message: str | None
 
 
+@dataclass(frozen=True)
+class FlaggedItem:
+    """An item kept with answers that failed a content check after the re-ask: ``stage: problem`` lines."""
+
+    position: int
+    term: str
+    flags: tuple[str, ...]
+
+
+def _flags(stage: str, raw: str | None) -> list[str]:
+    return [f"{stage}: {problem}" for problem in json.loads(raw)] if raw else []
+
+
 @dataclass
 class RunSummary:
     total: int = 0
@@ -195,7 +211,8 @@ class RunSummary:
 
 def _item_to_model(row: Item) -> VocabularyItem:
     return VocabularyItem(position=row.position, term=row.term, type=row.type,
-                          hints=json.loads(row.hints_json or "{}"), source_row=row.source_row)
+                          hints=json.loads(row.hints_json or "{}"), source_row=row.source_row,
+                          frequency_rank=row.frequency_rank)
 
 
 class Ledger:
@@ -234,6 +251,7 @@ class Ledger:
             for item in items:
                 batch.append({"run_id": run.id, "position": item.position, "term": item.term, "type": item.type,
                               "hints_json": json.dumps(item.hints, ensure_ascii=False),
+                              "frequency_rank": item.frequency_rank,
                               "source_row": item.source_row})
                 if len(batch) >= _INGEST_BATCH:
                     session.execute(insert(Item), batch)
@@ -315,22 +333,25 @@ class Ledger:
         while True:
             with Session(self.engine) as session:
                 rows = session.execute(
-                    select(Item, StageResult.payload)
+                    select(Item, StageResult.payload, StageResult.flags)
                     .join(StageResult, (StageResult.item_id == Item.id) & (StageResult.stage == NUANCE))
                     .where(Item.run_id == run_id, Item.cards_state == StageState.DONE, Item.position > after)
                     .order_by(Item.position).limit(page)).all()
                 if not rows:
                     return
-                ids = [item.id for item, _ in rows]
+                ids = [item.id for item, _, _ in rows]
+                card_flags = dict(session.execute(select(StageResult.item_id, StageResult.flags).where(
+                    StageResult.item_id.in_(ids), StageResult.stage == CARDS, StageResult.flags.is_not(None))).all())
                 cards: dict[int, list[Flashcard]] = {}
                 for card in session.scalars(select(Card).where(Card.item_id.in_(ids))
                                             .order_by(Card.item_id, Card.ordinal)):
                     cards.setdefault(card.item_id, []).append(Flashcard(
                         card_type=card.card_type, front=card.front, back=card.back,
                         tags=json.loads(card.tags_json), honorific_level=card.honorific_level))
-                for item, payload in rows:
+                for item, payload, flags in rows:
                     yield TermResult(item=_item_to_model(item), analysis=TermAnalysis.model_validate_json(payload),
-                                     cards=cards.get(item.id, []))
+                                     cards=cards.get(item.id, []),
+                                     flags=_flags(NUANCE, flags) + _flags(CARDS, card_flags.get(item.id)))
                 after = rows[-1][0].position
 
     def failures(self, run_id: int) -> list[FailedItem]:
@@ -341,6 +362,21 @@ class Ledger:
                 .order_by(Item.position)).all()
             return [FailedItem(r.position, r.term, r.error_stage, r.error_category, r.error_code, r.error_message)
                     for r in rows]
+
+    def flagged(self, run_id: int) -> list[FlaggedItem]:
+        """The run's items whose stored answers failed content checks, in input order."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(Item.position, Item.term, StageResult.stage, StageResult.flags)
+                .join(StageResult, StageResult.item_id == Item.id)
+                .where(Item.run_id == run_id, StageResult.flags.is_not(None))
+                .order_by(Item.position, StageResult.stage.desc())).all()
+        found: dict[int, FlaggedItem] = {}
+        for position, term, stage, raw in rows:
+            previous = found.get(position)
+            flags = (*(previous.flags if previous else ()), *_flags(stage, raw))
+            found[position] = FlaggedItem(position, term, flags)
+        return list(found.values())
 
     def summary(self, run_id: int) -> RunSummary:
         with Session(self.engine) as session:
@@ -493,9 +529,10 @@ class Ledger:
 
     @staticmethod
     def _complete_stages(session: Session, dialect: str, ops: list[StageCompleted], now: datetime) -> None:
-        results = {(op.item_id, op.stage): {"item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key,
-                                             "payload": op.payload, "from_cache": op.from_cache, "created_at": now}
-                   for op in ops}
+        results = {(op.item_id, op.stage): {
+            "item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key, "payload": op.payload,
+            "from_cache": op.from_cache, "created_at": now,
+            "flags": json.dumps(list(op.flags), ensure_ascii=False) if op.flags else None} for op in ops}
         _upsert_many(session, dialect, StageResult.__table__, list(results.values()), ("item_id", "stage"))
         carded = {op.item_id: op for op in ops if op.stage == CARDS}  # the last answer of an item wins
         if carded:
@@ -519,7 +556,8 @@ class Ledger:
         return RunRecord(id=row.id, run_key=row.run_key, status=row.status, total_items=row.total_items,
                          simulated=row.simulated, provider=row.provider, model=row.model,
                          target_language=row.target_language, learner_language=row.learner_language,
-                         created_at=row.created_at, settings=json.loads(row.settings_json or "{}"))
+                         created_at=row.created_at, settings=json.loads(row.settings_json or "{}"),
+                         input_path=row.input_path)
 
 
 def _by_stage(ops: Iterable[Any]) -> list[list[Any]]:
