@@ -6,43 +6,55 @@ Exit codes: 0 every item done; 1 finished with failed items; 2 bad usage or bad 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from flashcard_pipeline.cli.breaker_commands import breaker_app
-from flashcard_pipeline.cli.maintenance import cache_app, db_app
+from flashcard_pipeline import __version__
+from flashcard_pipeline.choices import AudioEngine, ExportFormat, ProviderName, Subdecks
 from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
 from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, money, stderr_console
-from flashcard_pipeline.cli.progress import ConsoleReporter
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
-from flashcard_pipeline.export import AudioEngine, Subdecks
-from flashcard_pipeline.llm.providers import ProviderName
-from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
-from flashcard_pipeline.resilience.retry import RetryConfig
-from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
-from flashcard_pipeline.simulator import Simulator, SimulatorConfig, serve
-from flashcard_pipeline.stages import parse_params
-from flashcard_pipeline.storage.schema import RunStatus
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
+    from flashcard_pipeline.resilience.retry import RetryConfig
+    from flashcard_pipeline.runner import ProcessResult
+    from flashcard_pipeline.simulator import SimulatorConfig
+
+# Commands import what they use when they run: `--help`, `--version` and the status commands start without
+# loading httpx, aiohttp, genanki or Alembic (benchmarks/bench_startup.py).
 app = typer.Typer(
     name="flashcard-pipeline",
     help="Turn vocabulary lists into rich, AI-generated flashcards.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     cls=OneLineErrors,
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"flashcard-pipeline {__version__} (Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Turn vocabulary lists into rich, AI-generated flashcards."""
+
+
 def parse_sim_options(pairs: list[str]) -> SimulatorConfig:
     """``--sim latency=0.05 --sim server_error_rate=0.2`` -> a validated SimulatorConfig."""
+    from flashcard_pipeline.simulator import SimulatorConfig
+
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -73,6 +85,8 @@ def _retry_config(max_attempts: int | None) -> RetryConfig | None:
     """``None`` lets the runner read RETRY_* itself; ``--max-attempts`` overrides just that field."""
     if max_attempts is None:
         return None
+    from flashcard_pipeline.resilience.retry import RetryConfig
+
     return RetryConfig.from_env().model_copy(update={"max_attempts": max_attempts})
 
 
@@ -80,10 +94,14 @@ def _breaker_config(max_wait: float | None) -> CircuitBreakerConfig | None:
     """``None`` lets the runner read CB_* itself; ``--breaker-max-wait`` overrides just that field."""
     if max_wait is None:
         return None
+    from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig
+
     return CircuitBreakerConfig.from_env().model_copy(update={"max_wait": max_wait})
 
 
 def _run_async(coro: Any) -> Any:
+    import asyncio
+
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:
@@ -93,63 +111,86 @@ def _run_async(coro: Any) -> Any:
 
 @app.command("process")
 def process_command(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Vocabulary list: CSV, TSV or plain text.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the cards.")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="apkg | tsv | csv | jsonl (default: from the -o "
-                                                                "extension, else jsonl).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Process at most N items.", min=1)] = None,
-    start_from: Annotated[int | None, typer.Option(help="Skip items before position N.", min=1)] = None,
-    concurrency: Annotated[int, typer.Option(help="Calls in flight at once.", min=1, max=256)] = 8,
-    model: Annotated[str | None, typer.Option(help="Model name (default depends on the provider).")] = None,
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Vocabulary list: CSV, TSV or plain text.",
+                                               show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
+                                                help="Where to write the cards (default: ./<INPUT name>.jsonl).")]
+    = None,
+    format: Annotated[ExportFormat | None, typer.Option(
+        "--format", case_sensitive=False, help="Deck format (default: from the -o extension, else jsonl).")]
+    = None,
+    limit: Annotated[int | None, typer.Option(metavar="N", help="Process at most N items.", min=1)] = None,
+    start_from: Annotated[int | None, typer.Option(metavar="N", help="Skip items before position N.", min=1)]
+    = None,
+    concurrency: Annotated[int, typer.Option(metavar="N", help="Calls in flight at once.", min=1, max=256)] = 8,
+    model: Annotated[str | None, typer.Option(metavar="NAME", help="Model name (default depends on the "
+                                                                   "provider).")] = None,
     provider: Annotated[ProviderName, typer.Option(help="Where requests go.")] = ProviderName.OPENROUTER,
-    base_url: Annotated[str | None, typer.Option(help="API base URL for openai-compatible servers.")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key (default: OPENROUTER_API_KEY / OPENAI_API_KEY).",
+    base_url: Annotated[str | None, typer.Option(metavar="URL", help="API base URL for openai-compatible "
+                                                                     "servers.")] = None,
+    api_key: Annotated[str | None, typer.Option(metavar="KEY", help="API key (default: OPENROUTER_API_KEY / "
+                                                                    "OPENAI_API_KEY, else the config file).",
                                                 show_default=False)] = None,
-    db: Annotated[str | None, typer.Option(help="Database URL or SQLite file (default: FLASHCARD_DATABASE_URL, "
-                                                "else ~/.local/share/flashcard-pipeline/flashcards.db).")] = None,
-    force: Annotated[bool, typer.Option(help="Ignore cached answers and ask again.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Estimate requests, tokens and cost; call nothing.")] = False,
-    language: Annotated[str, typer.Option(help="Language of the terms (code or name).")] = "ko",
-    learner_language: Annotated[str, typer.Option(help="Language of explanations (code or name).")] = "en",
+    db: Annotated[str | None, typer.Option(metavar="URL", help="Database URL or SQLite file (default: "
+                                                               "FLASHCARD_DATABASE_URL, else the config file, "
+                                                               "else ~/.local/share/flashcard-pipeline/"
+                                                               "flashcards.db).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Ignore cached answers and ask again.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate requests, tokens and cost; call "
+                                                            "nothing.")] = False,
+    language: Annotated[str, typer.Option(metavar="LANG", help="Language of the terms (code or name).")] = "ko",
+    learner_language: Annotated[str, typer.Option(metavar="LANG", help="Language of explanations (code or "
+                                                                       "name).")] = "en",
     max_cost: Annotated[float | None, typer.Option(
-        help="Stop (exit 3) once the run has spent this many US dollars, earlier invocations included.")] = None,
-    max_attempts: Annotated[int | None, typer.Option(help="Calls per request before a transient error fails the "
-                                                          "item (default: RETRY_MAX_ATTEMPTS, else 3).",
+        metavar="USD", help="Stop (exit 3) once the run has spent this many US dollars, earlier invocations "
+                            "included.")] = None,
+    max_attempts: Annotated[int | None, typer.Option(metavar="N", help="Calls per request before a transient "
+                                                                       "error fails the item (default: "
+                                                                       "RETRY_MAX_ATTEMPTS, else 3).",
                                                      min=1)] = None,
-    breaker_max_wait: Annotated[float | None, typer.Option(help="Seconds a request waits for an open circuit "
-                                                               "breaker before its item fails (default: "
-                                                               "CB_MAX_WAIT, else 600).", min=0)] = None,
-    rpm: Annotated[float | None, typer.Option("--rpm", help="The provider's requests-per-minute limit (default: "
-                                                            "RL_REQUESTS_PER_MINUTE, else found adaptively).",
+    breaker_max_wait: Annotated[float | None, typer.Option(metavar="SECONDS", help="Seconds a request waits for "
+                                                                                   "an open circuit breaker before "
+                                                                                   "its item fails (default: "
+                                                                                   "CB_MAX_WAIT, else 600).",
+                                                           min=0)] = None,
+    rpm: Annotated[float | None, typer.Option("--rpm", metavar="N", help="The provider's requests-per-minute "
+                                                                         "limit (default: RL_REQUESTS_PER_MINUTE, "
+                                                                         "else found adaptively).",
                                               min=0.001)] = None,
-    tpm: Annotated[float | None, typer.Option("--tpm", help="The provider's tokens-per-minute limit (default: "
-                                                            "RL_TOKENS_PER_MINUTE, else found adaptively).",
-                                              min=1)] = None,
+    tpm: Annotated[float | None, typer.Option("--tpm", metavar="N", help="The provider's tokens-per-minute limit "
+                                                                         "(default: RL_TOKENS_PER_MINUTE, else "
+                                                                         "not enforced).", min=1)] = None,
     sim: Annotated[list[str] | None, typer.Option("--sim", metavar="KEY=VALUE",
                                                    help="Simulator setting for --provider simulated "
                                                         "(e.g. latency=0.05, server_error_rate=0.1).")] = None,
-    deck_name: Annotated[str | None, typer.Option(help="Anki deck name (default: '<Language> vocabulary').")] = None,
+    deck_name: Annotated[str | None, typer.Option(metavar="NAME", help="Anki deck name (default: '<Language> "
+                                                                       "vocabulary').")] = None,
     subdecks: Annotated[Subdecks, typer.Option(help="Sub-decks by part of speech or by the input's level "
                                                     "column.")] = Subdecks.NONE,
     audio: Annotated[AudioEngine | None, typer.Option(help="Pronunciation audio in .apkg decks (needs "
                                                            "espeak-ng).")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for one answer before it counts as a "
-                                                       "timeout (default 120; 10 for --provider simulated).",
+    timeout: Annotated[float | None, typer.Option(metavar="SECONDS", help="Seconds to wait for one answer "
+                                                                          "before it counts as a timeout (default "
+                                                                          "120; 10 for --provider simulated).",
                                                   min=0.001)] = None,
-    encoding: Annotated[str, typer.Option(help="Text encoding of INPUT (utf-8 with or without BOM; or cp949, "
-                                               "euc-kr, latin-1, ...).")] = "utf-8",
+    encoding: Annotated[str, typer.Option(metavar="NAME", help="Text encoding of INPUT (utf-8 with or without "
+                                                               "BOM; or cp949, euc-kr, latin-1, ...).")] = "utf-8",
     param: ParamOption = None,
     model_kind: ModelKindOption = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
+    from flashcard_pipeline.cli.progress import ConsoleReporter
+    from flashcard_pipeline.runner import ProcessOptions, process
+    from flashcard_pipeline.stages import parse_params
+
     err = stderr_console()
     try:
         options = ProcessOptions(
-            input_path=input_path, output=output, format=format, limit=limit, start_from=start_from,
-            concurrency=concurrency, model=model, provider=provider.value, base_url=base_url, api_key=api_key,
-            db_url=db, force=force, dry_run=dry_run, language=language, learner_language=learner_language,
-            max_cost=max_cost, simulator=parse_sim_options(sim or []), retry=_retry_config(max_attempts),
-            breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
+            input_path=input_path, output=output, format=format.value if format else None, limit=limit,
+            start_from=start_from, concurrency=concurrency, model=model, provider=provider.value,
+            base_url=base_url, api_key=api_key, db_url=db, force=force, dry_run=dry_run, language=language,
+            learner_language=learner_language, max_cost=max_cost, simulator=parse_sim_options(sim or []),
+            retry=_retry_config(max_attempts), breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
             deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout,
             encoding=encoding, params=parse_params(param or []), model_kind=model_kind)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
@@ -161,6 +202,11 @@ def process_command(
 
 
 def _report(result: ProcessResult, err: Console) -> ExitCode:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flashcard_pipeline.storage.schema import RunStatus
+
     out = Console(soft_wrap=True)
     if result.estimate is not None:
         e = result.estimate
@@ -203,13 +249,18 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
 
 @app.command("simulate")
 def simulate_command(
-    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).", min=0, max=65535)] = 8787,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on (0 picks a free one).", min=0,
+                                      max=65535)] = 8787,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to bind.")] = "127.0.0.1",
     sim: Annotated[list[str] | None, typer.Option("--sim", metavar="KEY=VALUE",
                                                    help="Simulator setting (latency=0.05, requests_per_minute=600, "
                                                         "server_error_rate=0.1, seed=1, ...).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible simulated provider with fault injection (Ctrl-C stops it)."""
+    import asyncio
+
+    from flashcard_pipeline.simulator import Simulator, serve
+
     config = parse_sim_options(sim or [])
     err = stderr_console()
 
@@ -224,11 +275,6 @@ def simulate_command(
         raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.USAGE) from None
 
 
-app.add_typer(db_app, name="db")
-app.add_typer(cache_app, name="cache")
-app.add_typer(breaker_app, name="breaker")
-
-
 def main() -> None:
     """Console-script entry point: one line on stderr for unexpected errors unless FLASHCARD_DEBUG is set."""
     try:
@@ -241,5 +287,10 @@ def main() -> None:
         sys.exit(1)
 
 
-# Registers the `export` and `push` commands and the `ratelimit` group on `app`.
-from flashcard_pipeline.cli import export_commands, ratelimit_commands  # noqa: E402, F401
+# The other commands live in modules of their own, each registering itself on `app`.
+from flashcard_pipeline.cli import (  # noqa: E402, F401
+    breaker_commands,
+    export_commands,
+    maintenance,
+    ratelimit_commands,
+)

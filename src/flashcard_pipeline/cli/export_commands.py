@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
+from flashcard_pipeline.choices import AudioEngine, ExportFormat, Subdecks
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
-from flashcard_pipeline.export import (
-    FORMATS,
-    AudioEngine,
-    Subdecks,
-    check_writable,
-    push_results,
-    resolve_format,
-    write_export,
-)
-from flashcard_pipeline.export.ankiconnect import DEFAULT_URL, AnkiConnect, AnkiConnectError
-from flashcard_pipeline.storage.db import open_database
-from flashcard_pipeline.storage.ledger import Ledger, RunRecord
 
-RunOption = Annotated[int | None, typer.Option("--run", help="Run id (default: the newest run).", min=1)]
-DbOption = Annotated[str | None, typer.Option(help="Database URL or SQLite file (default: FLASHCARD_DATABASE_URL, "
-                                                   "else ~/.local/share/flashcard-pipeline/flashcards.db).")]
-DeckOption = Annotated[str | None, typer.Option(help="Anki deck name (default: '<Language> vocabulary').")]
+if TYPE_CHECKING:
+    from flashcard_pipeline.storage.ledger import Ledger, RunRecord
+
+#: AnkiConnect's own default address (``flashcard_pipeline.export.ankiconnect.DEFAULT_URL``, which loads httpx).
+ANKICONNECT_URL = "http://127.0.0.1:8765"
+
+RunOption = Annotated[int | None, typer.Option("--run", metavar="ID", help="Run id (default: the newest run).",
+                                               min=1)]
+DbOption = Annotated[str | None, typer.Option(metavar="URL", help="Database URL or SQLite file (default: "
+                                                                  "FLASHCARD_DATABASE_URL, else the config file, "
+                                                                  "else ~/.local/share/flashcard-pipeline/"
+                                                                  "flashcards.db).")]
+DeckOption = Annotated[str | None, typer.Option(metavar="NAME", help="Anki deck name (default: '<Language> "
+                                                                     "vocabulary').")]
 SubdecksOption = Annotated[Subdecks, typer.Option(help="Sub-decks by part of speech or by the input's level "
                                                        "column.")]
 AudioOption = Annotated[AudioEngine | None, typer.Option(help="Pronunciation audio per term (needs espeak-ng).")]
@@ -52,18 +50,25 @@ def _select_run(ledger: Ledger, run_id: int | None) -> RunRecord:
 
 @app.command("export")
 def export_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write (the extension picks the format).")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
+                                         help="Where to write (the extension picks the format).")],
     run_id: RunOption = None,
-    format: Annotated[str | None, typer.Option(
-        "--format", help=f"{' | '.join(FORMATS)} (default: from the -o extension).")] = None,
+    format: Annotated[ExportFormat | None, typer.Option(
+        "--format", case_sensitive=False, help="Deck format (default: from the -o extension).")] = None,
     deck_name: DeckOption = None,
     subdecks: SubdecksOption = Subdecks.NONE,
     audio: AudioOption = None,
     db: DbOption = None,
 ) -> None:
     """Write a stored run's cards to .apkg, Anki text (TSV), CSV or JSONL; makes no API call."""
+    from rich.console import Console
+
+    from flashcard_pipeline.export import check_writable, resolve_format, write_export
+    from flashcard_pipeline.storage.db import open_database
+    from flashcard_pipeline.storage.ledger import Ledger
+
     err = stderr_console()
-    chosen = resolve_format(format, output)
+    chosen = resolve_format(format.value if format else None, output)
     check_writable(output)
     engine = open_database(db, must_exist=True)
     try:
@@ -90,8 +95,8 @@ def push_command(
     deck_name: DeckOption = None,
     subdecks: SubdecksOption = Subdecks.NONE,
     audio: AudioOption = None,
-    url: Annotated[str, typer.Option(help="AnkiConnect address.")] = DEFAULT_URL,
-    key: Annotated[str | None, typer.Option(help="AnkiConnect API key, if one is set in its config.",
+    url: Annotated[str, typer.Option(metavar="URL", help="AnkiConnect address.")] = ANKICONNECT_URL,
+    key: Annotated[str | None, typer.Option(metavar="KEY", help="AnkiConnect API key, if one is set in its config.",
                                             show_default=False)] = None,
     update: Annotated[bool, typer.Option(
         "--update/--no-update", help="Rewrite notes already in the deck whose content changed (review history "
@@ -99,6 +104,13 @@ def push_command(
     db: DbOption = None,
 ) -> None:
     """Send a stored run's cards to a running Anki through AnkiConnect (creates the deck and note type)."""
+    from rich.console import Console
+
+    from flashcard_pipeline.export import push_results
+    from flashcard_pipeline.export.ankiconnect import AnkiConnect, AnkiConnectError
+    from flashcard_pipeline.storage.db import open_database
+    from flashcard_pipeline.storage.ledger import Ledger
+
     err = stderr_console()
     engine = open_database(db, must_exist=True)
     try:

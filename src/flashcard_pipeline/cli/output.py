@@ -20,6 +20,12 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
+def command_group(help: str) -> typer.Typer:
+    """A group of subcommands whose ``--help`` is plain text (option, value name, what it does), without the
+    ``<str>`` and ``<bool>`` type columns of Typer's boxed help."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)
+
+
 def stderr_console() -> Console:
     """Soft wrap keeps a long message on one line, so logs and grep see it whole."""
     return Console(stderr=True, soft_wrap=True)
@@ -67,8 +73,9 @@ class OneLineErrors(TyperGroup):
 
 def _one_line(exc: Exception, ctx: Any) -> Exception:
     """``error: <what> (see `<command> --help`)``; a group called without a command shows its help as before."""
-    if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed; nothing went wrong
-        return exc
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, on stdout like `--help`'s
+        typer.echo(exc.format_message())  # type: ignore[attr-defined]
+        return typer.Exit(int(ExitCode.USAGE))
     where = getattr(getattr(exc, "ctx", None), "command_path", None) or ctx.command_path
     message = exc.format_message().replace("Value error, ", "")  # type: ignore[attr-defined]
     return fail(f"{message} (see `{where} --help`)")

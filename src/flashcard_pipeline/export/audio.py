@@ -13,17 +13,13 @@ import subprocess
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
+from flashcard_pipeline.choices import AudioEngine as AudioEngine  # its home before choices.py
 from flashcard_pipeline.export.anki_model import language_code
 
 ESPEAK = "espeak-ng"
 _TIMEOUT_S = 30.0
-
-
-class AudioEngine(StrEnum):
-    ESPEAK = "espeak"
 
 
 @dataclass(frozen=True)

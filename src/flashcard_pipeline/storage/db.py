@@ -7,11 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
 
 from flashcard_pipeline.config import DatabaseSettings, read_settings
@@ -122,8 +120,40 @@ def pool_monitor(engine: Engine) -> PoolMonitor | None:
     return getattr(engine.pool, "monitor", None)
 
 
+_MIGRATIONS = Path(__file__).parent / "migrations" / "versions"
+_REVISION = re.compile(r"""^(down_revision|revision)\s*=\s*["']([^"']+)["']""", re.MULTILINE)
+
+
+def head_revision() -> str | None:
+    """The newest migration's id, read from the revision files without loading Alembic (None: not one head)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in _MIGRATIONS.glob("*.py"):
+        for kind, value in _REVISION.findall(path.read_text(encoding="utf-8")):
+            (revisions if kind == "revision" else parents).add(value)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the schema is already current: then opening costs one query instead of Alembic's start-up."""
+    head = head_revision()
+    if head is None:
+        return False
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars()) == [head]
+    except DBAPIError:  # no alembic_version table yet: a new database
+        return False
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (idempotent; runs on every open)."""
+    """Bring the schema to the newest revision (idempotent; runs on every open, Alembic only when needed)."""
+    if _at_head(engine):
+        return
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "flashcard_pipeline.storage:migrations")
     with engine.begin() as connection:
