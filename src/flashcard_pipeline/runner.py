@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Protocol
 
 from flashcard_pipeline.cache.backends import make_cache
 from flashcard_pipeline.cache.compressed_cache import CompressedCache
-from flashcard_pipeline.config import CacheSettings, read_settings
+from flashcard_pipeline.config import CacheSettings, GeneralSettings, KeySettings, read_settings
 from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
     FORMATS,
@@ -247,13 +246,20 @@ def _provider(options: ProcessOptions, simulator_url: str | None) -> ProviderCon
     if options.provider == ProviderName.SIMULATED:
         return resolve_provider(ProviderName.SIMULATED, base_url=simulator_url or "http://127.0.0.1:9/v1",
                                 read_timeout=options.timeout or SIMULATED_READ_TIMEOUT, **kwargs)
-    return resolve_provider(options.provider, base_url=options.base_url, api_key=options.api_key,
+    api_key = options.api_key
+    if api_key is None and options.env is None:  # the environment's key, else the config file's
+        api_key = read_settings(KeySettings).key_for(options.provider)
+    return resolve_provider(options.provider, base_url=options.base_url, api_key=api_key,
                             read_timeout=options.timeout, require_key=not options.dry_run, **kwargs)
 
 
 def model_kind_setting(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
-    """``--model-kind``, else FLASHCARD_MODEL_KIND, else ``auto``."""
-    return explicit or (os.environ if env is None else env).get(MODEL_KIND_ENV, "").strip() or ModelKind.AUTO.value
+    """``--model-kind``, else FLASHCARD_MODEL_KIND, else the config file's, else ``auto``."""
+    if explicit:
+        return explicit
+    if env is None:
+        return read_settings(GeneralSettings).model_kind
+    return env.get(MODEL_KIND_ENV, "").strip() or ModelKind.AUTO.value
 
 
 def _settings(options: ProcessOptions, provider: ProviderConfig) -> StageSettings:

@@ -16,7 +16,7 @@ import typer
 from flashcard_pipeline import __version__
 from flashcard_pipeline.choices import AudioEngine, ExportFormat, ProviderName, Subdecks
 from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
-from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, money, stderr_console
+from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, money, stderr_console, warning
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
 
 if TYPE_CHECKING:
@@ -179,12 +179,14 @@ def process_command(
     model_kind: ModelKindOption = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
+    from flashcard_pipeline.cli.config_commands import warn_loose_key_files
     from flashcard_pipeline.cli.progress import ConsoleReporter
     from flashcard_pipeline.runner import ProcessOptions, process
     from flashcard_pipeline.stages import parse_params
 
     err = stderr_console()
     try:
+        warn_loose_key_files()
         options = ProcessOptions(
             input_path=input_path, output=output, format=format.value if format else None, limit=limit,
             start_from=start_from, concurrency=concurrency, model=model, provider=provider.value,
@@ -230,12 +232,12 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
     if result.output is not None:
         out.print(f"wrote {result.cards_written} cards to {result.output}", highlight=False)
     if (incomplete := result.incomplete) is not None:
-        err.print(f"[yellow]warning:[/] {incomplete}", highlight=False)
+        warning(incomplete, err)
     if result.cache_write_errors:
-        err.print(f"[yellow]warning:[/] {result.cache_write_errors} answers could not be written to the cache "
-                  "(see the log); they are kept with the run, and later runs reuse them", highlight=False)
-    for warning in result.export.warnings if result.export else ():
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        warning(f"{result.cache_write_errors} answers could not be written to the cache (see the log); they are "
+                "kept with the run, and later runs reuse them", err)
+    for text in result.export.warnings if result.export else ():
+        warning(text, err)
     if outcome.failures:
         err.print(f"[red]{len(outcome.failures)} items failed:[/]")
         for f in outcome.failures:
@@ -290,6 +292,7 @@ def main() -> None:
 # The other commands live in modules of their own, each registering itself on `app`.
 from flashcard_pipeline.cli import (  # noqa: E402, F401
     breaker_commands,
+    config_commands,
     export_commands,
     maintenance,
     ratelimit_commands,

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from flashcard_pipeline.errors import ConfigurationError, InputError
@@ -43,8 +44,13 @@ def money(cost: float, *, simulated: bool, model: str | None = None) -> str:
 
 def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     """Print ``error: message`` on stderr; the caller raises the returned Exit."""
-    stderr_console().print(f"[red]error:[/] {message}", highlight=False)
+    stderr_console().print(f"[red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(int(code))
+
+
+def warning(message: str, console: Console | None = None) -> None:
+    """``warning: message`` on stderr (the message is text: a ``[section]`` in it is not markup)."""
+    (console or stderr_console()).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 #: click's UsageError (a bad option value, an unknown command), which newer typer vendors without a public name.

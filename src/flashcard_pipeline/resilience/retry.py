@@ -28,7 +28,6 @@ from enum import StrEnum
 from typing import Any, Literal, Protocol, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flashcard_pipeline.errors import (
     ErrorCategory,
@@ -176,13 +175,9 @@ class RetryConfig(BaseModel):
     def from_env(cls) -> RetryConfig:
         """Defaults overridden by ``RETRY_MAX_ATTEMPTS``, ``RETRY_INITIAL_DELAY``, ``RETRY_MAX_DELAY``,
         ``RETRY_JITTER_ENABLED`` and the other fields' ``RETRY_<FIELD>`` variables."""
-        from flashcard_pipeline.config import read_settings  # config imports the breaker, which imports us
+        from flashcard_pipeline.config import RetrySettings, read_settings  # config imports us
 
-        return cls.model_validate(read_settings(_RetrySettings).model_dump())
-
-
-class _RetrySettings(BaseSettings, RetryConfig):
-    model_config = SettingsConfigDict(env_prefix="RETRY_", extra="ignore", frozen=True)
+        return cls.model_validate(read_settings(RetrySettings).model_dump())
 
 
 @dataclass

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from flashcard_pipeline.config import DatabaseSettings, read_settings
+from flashcard_pipeline.config import DatabaseSettings, GeneralSettings, read_settings, setting_location
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.storage.pool_monitor import MonitoredQueuePool, PoolMonitor
 
@@ -35,17 +35,21 @@ _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
 def resolve_database_url(url: str | None = None, env: dict[str, str] | None = None) -> str:
-    """A SQLAlchemy URL for ``--db`` / FLASHCARD_DATABASE_URL / the default file.
+    """A SQLAlchemy URL for ``--db`` / FLASHCARD_DATABASE_URL / the config file's / the default file.
 
     A bare value is a SQLite file only when it looks like one (an existing file, or a name ending in .db,
     .sqlite, .sqlite3 or .db3): a mistyped URL such as ``postgresql:/x`` or ``not a url`` must not quietly
     become a new SQLite file in the current folder, with the user's runs in the other database.
     """
+    configured = env is None  # the real environment: the config file counts too
     env = dict(os.environ) if env is None else env
     chosen = (url or env.get(DATABASE_URL_ENV) or "").strip()
+    source = "--db" if url else DATABASE_URL_ENV
+    if not chosen and configured:
+        chosen = (read_settings(GeneralSettings).database_url or "").strip()
+        source = setting_location(GeneralSettings, "database_url")
     if not chosen:
         return f"sqlite:///{default_database_path(env)}"
-    source = "--db" if url else DATABASE_URL_ENV
     if "://" in chosen:
         return chosen
     path = Path(chosen).expanduser()
