@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from flashcard_pipeline.cache.backends import make_cache
 from flashcard_pipeline.cache.compressed_cache import CompressedCache
-from flashcard_pipeline.config import CacheSettings, GeneralSettings, KeySettings, read_settings
+from flashcard_pipeline.config import CacheSettings, GeneralSettings, KeySettings, config_files, read_settings
 from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
     FORMATS,
@@ -36,9 +36,10 @@ from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
 from flashcard_pipeline.llm.policy import CallPolicy, PolicyPipeline
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
 from flashcard_pipeline.models import VocabularyItem
+from flashcard_pipeline.monitoring import progress_snapshot, publishing_progress
 from flashcard_pipeline.pipeline import Pipeline, RunOutcome, RunStats
 from flashcard_pipeline.pricing import TYPICAL_COMPLETION_TOKENS, price_for
-from flashcard_pipeline.resilience.breaker_store import BreakerStore, BreakerSync
+from flashcard_pipeline.resilience.breaker_store import BreakerStore, BreakerSync, process_owner
 from flashcard_pipeline.resilience.circuit_breaker import CircuitBreakerConfig, CircuitBreakerPolicy, breaker_policies
 from flashcard_pipeline.resilience.rate_limit_policy import RateLimitPolicy, rate_limit_policies, settings_from_env
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
@@ -438,6 +439,11 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
             _show_pauses(pipeline.stats, breakers)
             await stack.enter_async_context(BreakerSync(BreakerStore(ledger.engine), breakers, run_id=run.id,
                                                         poll_interval=breakers[0].config.poll_interval))
+        # A heartbeat for `monitor` and `runs` in another terminal: live counters, pause reason, options.
+        owner, invocation = process_owner(), _invocation_options(options)
+        await stack.enter_async_context(publishing_progress(
+            lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"progress": snapshot}),
+            lambda active: progress_snapshot(pipeline.stats, owner=owner, options=invocation, active=active)))
         for limiter in rate_limit_policies(policy):
             limiter.on_pause = lambda group, seconds: pipeline.stats.note_rate_limit(group.label, seconds)
             # Published every RL_PUBLISH_INTERVAL s for `ratelimit status` in another terminal.
@@ -453,6 +459,16 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
         await asyncio.to_thread(ledger.merge_run_metrics, run.id, metrics)
         return outcome, metrics["cache"]
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _invocation_options(options: ProcessOptions) -> dict[str, Any]:
+    """The options of this invocation that shape how (not what) it runs, for `runs show` and `monitor`."""
+    return {"concurrency": options.concurrency, "max_cost": options.max_cost, "rpm": options.rpm, "tpm": options.tpm,
+            "timeout": options.timeout, "force": options.force, "output": str(options.output_path),
+            "format": options.export_format,
+            "max_attempts": options.retry.max_attempts if options.retry else None,
+            "breaker_max_wait": options.breaker.max_wait if options.breaker else None,
+            "config_files": [str(path) for path in config_files()]}
 
 
 async def _estimate(options: ProcessOptions, reader: VocabularyReader, settings: StageSettings, ledger: Ledger,
