@@ -295,5 +295,7 @@ from flashcard_pipeline.cli import (  # noqa: E402, F401
     config_commands,
     export_commands,
     maintenance,
+    monitor,
     ratelimit_commands,
+    runs_commands,
 )

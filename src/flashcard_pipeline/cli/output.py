@@ -42,6 +42,30 @@ def money(cost: float, *, simulated: bool, model: str | None = None) -> str:
     return f"${cost:.4f} est., what {model} would have cost (simulated: no money spent)"
 
 
+def duration(seconds: float) -> str:
+    """42 -> '42 s', 192 -> '3 min 12 s', 7500 -> '2 h 5 min', 200000 -> '2 d 7 h'."""
+    seconds = max(0, round(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size} {unit}")
+            seconds %= size
+    return " ".join(parts[:2])
+
+
+def label_grid(rows: list[tuple[str, str]]) -> Any:
+    """Label/value rows whose values wrap at any width under their own column (values are text, not markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for label, value in rows:
+        grid.add_row(label, Text(value))
+    return grid
+
+
 def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     """Print ``error: message`` on stderr; the caller raises the returned Exit."""
     stderr_console().print(f"[red]error:[/] {escape(message)}", highlight=False)
