@@ -97,7 +97,7 @@ def test_parse_age() -> None:
     assert parse_age("90m").total_seconds() == 5400 and parse_age(" 1.5 min ").total_seconds() == 90
     assert parse_age("3 days").days == 3 and parse_age("2w").days == 14 and parse_age("45s").total_seconds() == 45
     for ambiguous in ("1m", "6m", "18m", "59m"):  # a month meant, everything older than a minute deleted
-        with pytest.raises(ConfigurationError, match="ambiguous.*minutes or months"):
+        with pytest.raises(ConfigurationError, match=r"ambiguous.*minutes or months"):
             parse_age(ambiguous)
     for bad, why in (("30", "give a number and a unit"), ("2mo", "in days"), ("3y", "unknown unit"),
                      ("-1d", "not an age"), ("soon", "not an age")):

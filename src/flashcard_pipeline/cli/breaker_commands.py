@@ -25,7 +25,8 @@ DbOption = Annotated[str | None, typer.Option("--db", metavar="URL",
 CircuitArgument = Annotated[str | None, typer.Argument(
     metavar="CIRCUIT", help="provider/model, e.g. openrouter/openai/gpt-4o-mini (may be left out when only one "
                               "circuit is known).", show_default=False)]
-ReasonOption = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded with the action; required).")]
+ReasonOption = Annotated[str, typer.Option("--reason", "-r", metavar="WHY",
+                                           help="Why (recorded with the action; required).")]
 AllOption = Annotated[bool, typer.Option("--all", help="Every known circuit.")]
 
 
