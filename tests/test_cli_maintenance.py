@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
-from flashcard_pipeline.cli.maintenance import parse_age
+from flashcard_pipeline.cli.maintenance import human_bytes, parse_age
 from flashcard_pipeline.errors import ConfigurationError
 from tests.conftest import REDIS_URL, require_service
 
@@ -90,6 +90,33 @@ def test_cache_vacuum_and_bad_age(tmp_path: Path, sqlite_url: str) -> None:
     assert code == 2 and "not an age" in stderr
     code, _, stderr = cli("cache", "clear", "--db", sqlite_url, "--type", "nuances")
     assert code == 2 and "unknown cache type 'nuances'; use nuance or cards" in stderr
+
+
+def test_cache_clear_shows_what_it_deletes_and_deletes_nothing_on_no(tmp_path: Path, sqlite_url: str) -> None:
+    process(words(tmp_path, 3), sqlite_url, tmp_path / "o.jsonl")
+
+    def nuance() -> dict[str, int]:
+        stats = json.loads(cli("cache", "stats", "--db", sqlite_url, "--json")[1])["types"]
+        return next(t for t in stats if t["cache_type"] == "nuance")
+
+    before = nuance()
+    result = runner.invoke(app, ["cache", "clear", "--db", sqlite_url, "--type", "nuance"], input="n\n")
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"3 cached answers of type nuance ({human_bytes(before['stored_bytes'])} "
+                                    "stored). Answers stored with runs stay")
+    assert result.stdout.strip().endswith("nothing deleted") and nuance()["entries"] == 3
+    code, stdout, _ = cli("cache", "clear", "--db", sqlite_url, "--older-than", "30d")
+    assert code == 0 and stdout.strip() == "no cached answers older than 30d: nothing deleted"
+    code, _, stderr = cli("cache", "clear", "--db", sqlite_url, "--older-than", "1m", "-y")
+    assert code == 2 and "ambiguous age '1m': minutes or months?" in stderr and nuance()["entries"] == 3
+    result = runner.invoke(app, ["cache", "clear", "--db", sqlite_url, "--type", "nuance"], input="y\n")
+    assert result.exit_code == 0 and result.stdout.strip().endswith("removed 3 cached answers")
+    assert nuance()["entries"] == 0
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (0, 999, 1000, 1_234_567, 5 * 10**12)] == \
+        ["0 bytes", "999 bytes", "1.0 kB", "1.2 MB", "5000.0 GB"]
 
 
 def test_parse_age() -> None:

@@ -161,3 +161,26 @@ async def test_writer_surfaces_a_failed_commit(sqlite_url: str) -> None:
     with pytest.raises(RuntimeError, match="ledger write failed"):
         writer.submit(StageStarted(item_id=1, stage="nuance"))
     ledger.engine.dispose()
+
+
+def test_the_head_revision_is_alembics_and_a_current_schema_opens_without_alembic(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from flashcard_pipeline.storage.db import head_revision
+
+    config = Config()
+    config.set_main_option("script_location", "flashcard_pipeline.storage:migrations")
+    assert head_revision() == ScriptDirectory.from_config(config).get_current_head()
+    open_database(db_url).dispose()  # creates the schema through Alembic
+    calls: list[str] = []
+    monkeypatch.setattr(command, "upgrade", lambda *args, **kwargs: calls.append("upgrade"))
+    engine = open_database(db_url)
+    assert calls == [], "a schema at head is opened with one query, not Alembic's start-up"
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+    engine.dispose()
+    open_database(db_url).dispose()
+    assert calls == ["upgrade"], "an older schema is still migrated"

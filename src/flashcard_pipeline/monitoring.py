@@ -90,6 +90,8 @@ def run_state(run: RunRecord, progress: dict[str, Any] | None, now: datetime) ->
     if progress and progress.get("active") and beat is not None and now - beat < STALE_AFTER:
         return "running"
     if run.status == "running":
+        if progress and not progress.get("active", True):  # its process said goodbye without a final status
+            return "interrupted"
         last = max(filter(None, (beat, run.updated_at, run.created_at)))
         return "starting" if now - last < STALE_AFTER else "interrupted"
     return str(run.status)
