@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -182,3 +183,33 @@ def test_monitor_reports_a_killed_process_as_interrupted(tmp_path: Path, monkeyp
 def test_monitor_without_a_run(tmp_path: Path) -> None:
     code, _, stderr = cli("monitor", "--db", str(tmp_path / "none.db"))
     assert code == 2 and "no database at" in stderr
+
+
+def test_monitor_reads_the_shared_limits_from_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from tests.conftest import REDIS_URL, require_service
+
+    require_service("127.0.0.1", 6379, "Redis")
+    prefix = f"test:monitor:{uuid.uuid4().hex}:"
+    monkeypatch.setenv("RL_BACKEND", "redis")
+    monkeypatch.setenv("RL_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("RL_REDIS_PREFIX", prefix)
+    db = f"sqlite:///{tmp_path / 'redis.db'}"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        code, _, stderr = cli("process", str(words(tmp_path, 2)), "--provider", "simulated", "--rpm", "600",
+                              "--db", db, "-o", str(tmp_path / "r.jsonl"))
+        assert code == 0, stderr
+        code, stdout, stderr = cli("monitor", "--once", "--json", "--db", db)
+        assert code == 0, stderr
+        live = {state["key"]: state for state in json.loads(stdout)["redis"]}
+        requests = live[f"{prefix}{{simulated/simulated/flashcard-sim}}:requests"]
+        assert requests["rate_per_minute"] > 0 and requests["used_last_minute_all_processes"] == 4
+        result = runner.invoke(app, ["monitor", "--once", "--db", db], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and f"{prefix}{{simulated/simulated/flashcard-sim}}:requests" in result.stdout
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()

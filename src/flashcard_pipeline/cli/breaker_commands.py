@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.options import DbOption, JsonOption
 from flashcard_pipeline.cli.output import command_group, fail
 from flashcard_pipeline.errors import ConfigurationError
 
@@ -20,8 +21,6 @@ breaker_app = command_group("Circuit breakers: state and history; isolate or clo
                             "process runs.")
 app.add_typer(breaker_app, name="breaker")
 
-DbOption = Annotated[str | None, typer.Option("--db", metavar="URL",
-                                              help="Database URL or SQLite file (default as for process).")]
 CircuitArgument = Annotated[str | None, typer.Argument(
     metavar="CIRCUIT", help="provider/model, e.g. openrouter/openai/gpt-4o-mini (may be left out when only one "
                               "circuit is known).", show_default=False)]
@@ -51,7 +50,7 @@ def _liveness(snapshot: CircuitSnapshotRecord, now: datetime) -> str:
 @breaker_app.command("status")
 def status(
     db: DbOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    as_json: JsonOption = False,
     history: Annotated[int, typer.Option(metavar="N", help="How many recent transitions to show.", min=0,
                                          max=1000)] = 10,
     every: Annotated[bool, typer.Option("--all", help="Every process's view, not only the running ones' (or "

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.options import JsonOption
 from flashcard_pipeline.cli.output import ExitCode, command_group, fail, stderr_console, warning
 
 config_app = command_group("Settings: every effective value and its source, a check of the config file and the "
@@ -37,7 +38,7 @@ def warn_loose_key_files() -> None:
 
 
 @config_app.command("show")
-def show(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+def show(as_json: JsonOption = False) -> None:
     """Every effective setting, its variable and where its value comes from (env, file or default); secrets
     are masked."""
     from rich.console import Console

@@ -9,6 +9,7 @@ import typer
 
 from flashcard_pipeline.choices import AudioEngine, ExportFormat, Subdecks
 from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.options import DbOption
 from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
 
 if TYPE_CHECKING:
@@ -19,10 +20,6 @@ ANKICONNECT_URL = "http://127.0.0.1:8765"
 
 RunOption = Annotated[int | None, typer.Option("--run", metavar="ID", help="Run id (default: the newest run).",
                                                min=1)]
-DbOption = Annotated[str | None, typer.Option(metavar="URL", help="Database URL or SQLite file (default: "
-                                                                  "FLASHCARD_DATABASE_URL, else the config file, "
-                                                                  "else ~/.local/share/flashcard-pipeline/"
-                                                                  "flashcards.db).")]
 DeckOption = Annotated[str | None, typer.Option(metavar="NAME", help="Anki deck name (default: '<Language> "
                                                                      "vocabulary').")]
 SubdecksOption = Annotated[Subdecks, typer.Option(help="Sub-decks by part of speech or by the input's level "

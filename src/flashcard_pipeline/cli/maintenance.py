@@ -13,7 +13,7 @@ import typer
 
 from flashcard_pipeline.choices import ProviderName
 from flashcard_pipeline.cli.app import app
-from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
+from flashcard_pipeline.cli.options import DbOption, JsonOption, ModelKindOption, ParamOption
 from flashcard_pipeline.cli.output import command_group, fail
 from flashcard_pipeline.errors import ConfigurationError
 
@@ -29,9 +29,6 @@ cache_app = command_group("The answer cache: statistics, clearing, vacuuming, wa
 app.add_typer(db_app, name="db")
 app.add_typer(cache_app, name="cache")
 
-DbOption = Annotated[str | None, typer.Option("--db", metavar="URL",
-                                              help="Database URL or SQLite file (default as for process).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
 _UNITS = {**dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
           **dict.fromkeys(("min", "mins", "minute", "minutes"), 60),

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.options import DbOption
 from flashcard_pipeline.cli.output import ExitCode, duration, fail, label_grid, money
 
 if TYPE_CHECKING:
@@ -118,8 +119,7 @@ def monitor_command(
     as_json: Annotated[bool, typer.Option("--json", help="JSON: one snapshot, or with no --once one line per "
                                                          "interval (JSON Lines).")] = False,
     interval: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds between two looks.", min=0.1)] = 1.0,
-    db: Annotated[str | None, typer.Option("--db", metavar="URL", help="Database URL or SQLite file (default as "
-                                                                       "for process).")] = None,
+    db: DbOption = None,
 ) -> None:
     """Watch a run from any terminal: progress, pace, cost, ETA, errors by category, circuit breakers and rate
     limits. Exits when the run ends, with the exit code its `process` has (0 done, 1 failed items, 3 aborted)."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.options import DbOption, JsonOption
 from flashcard_pipeline.cli.output import ExitCode, command_group, fail
 
 if TYPE_CHECKING:
@@ -128,10 +129,9 @@ def _print_live(console: Console, live: list[dict[str, Any]]) -> None:
 
 @ratelimit_app.command("status")
 def ratelimit_status(
-    db: Annotated[str | None, typer.Option("--db", metavar="URL",
-                                           help="Database URL or SQLite file (default as for process).")] = None,
+    db: DbOption = None,
     run: Annotated[int | None, typer.Option(metavar="ID", help="Run id (default: newest).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Each limit's rate, tokens available, waits and reservation metrics, as the running process last published
     them (and the live Redis buckets with RL_BACKEND=redis)."""

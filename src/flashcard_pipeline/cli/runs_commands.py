@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flashcard_pipeline.cli.app import app
+from flashcard_pipeline.cli.options import DbOption, JsonOption
 from flashcard_pipeline.cli.output import ExitCode, command_group, duration, fail, label_grid, money
 
 if TYPE_CHECKING:
@@ -19,9 +20,6 @@ runs_app = command_group("The runs in the database: list them, show one (input, 
                          "duration, state), delete one.")
 app.add_typer(runs_app, name="runs")
 
-DbOption = Annotated[str | None, typer.Option("--db", metavar="URL",
-                                              help="Database URL or SQLite file (default as for process).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 RunArgument = Annotated[int, typer.Argument(metavar="ID", help="The run's id (`runs list` shows them).",
                                             show_default=False)]
 
