@@ -72,7 +72,8 @@ def test_runs_list_show_and_delete(tmp_path: Path, db_url: str) -> None:
     assert [f["term"] for f in shown["failures"]] == ["단어1", "단어2"]
     assert shown["settings"]["prompts"] == {"cards": "cards.v1", "nuance": "nuance.v1"}
     assert shown["last_invocation"]["max_attempts"] == 1 and shown["last_invocation"]["concurrency"] == 8
-    code, stdout, _ = cli("runs", "show", "1", "--db", db_url)
+    result = runner.invoke(app, ["runs", "show", "1", "--db", db_url], env={"COLUMNS": "250"})
+    code, stdout = result.exit_code, result.stdout
     for part in (str(first), "simulated/simulated/flashcard-sim", "3/3 done", "6 API calls", "est.", "completed"):
         assert part in stdout, part
     assert cli("runs", "show", "9", "--db", db_url)[0] == 2
@@ -164,18 +165,18 @@ def test_monitor_watches_a_running_process_from_a_second_terminal(tmp_path: Path
 def test_monitor_reports_a_killed_process_as_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db = f"sqlite:///{tmp_path / 'killed.db'}"
     worker = process(tmp_path, db, words(tmp_path, 30), "--sim", "latency=0.3", "--concurrency", "1")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        code, stdout, _ = cli("monitor", "--once", "--json", "--db", db)
-        if code == 0 and json.loads(stdout)["state"] == "running":
-            break
+    deadline, state, stderr = time.monotonic() + 90, None, ""
+    while time.monotonic() < deadline and state != "running":
+        code, stdout, stderr = cli("monitor", "--once", "--json", "--db", db)
+        state = json.loads(stdout)["state"] if code == 0 else None
         time.sleep(0.3)
     worker.kill()
     worker.wait(timeout=30)
+    assert state == "running", stderr
     monkeypatch.setattr("flashcard_pipeline.monitoring.STALE_AFTER", timedelta(seconds=2))
     time.sleep(2.5)
-    code, stdout, _ = cli("monitor", "--db", db)
-    assert code == 1 and "ended: interrupted (its process stopped without finishing" in stdout
+    code, stdout, stderr = cli("monitor", "--db", db)
+    assert code == 1 and "ended: interrupted (its process stopped without finishing" in stdout, stdout + stderr
     runs = json.loads(cli("runs", "list", "--db", db, "--json")[1])
     assert runs[0]["state"] == "interrupted" and runs[0]["status"] == "running"
 
