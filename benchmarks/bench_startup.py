@@ -5,9 +5,11 @@ Each command runs N times in a subprocess (hyperfine-style: one warm-up, then N 
 minimum and the median wall time, and the median as a multiple of two baselines measured in the same run:
 `python -c pass` (the interpreter alone) and `python -c "import sqlalchemy, pydantic_settings, typer"` (the
 libraries any command that reads the database or a setting cannot avoid). The status commands read a database
-that a simulated `process` run fills first (not timed).
+that a simulated `process` run fills first (not timed). `--compare SRC` also times the commands that exist there
+with another source tree on PYTHONPATH (the main branch's `src`, say), in the same run, so that a busy machine
+slows both alike and the ratio still holds.
 
-    PYTHONPATH=src python benchmarks/bench_startup.py [--runs 15]
+    PYTHONPATH=src python benchmarks/bench_startup.py [--runs 15] [--compare ../main/src]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def timed(command: list[str], env: dict[str, str], cwd: Path, runs: int) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--compare", type=Path, help="another source tree to time the same commands with")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -62,14 +65,31 @@ def main() -> None:
             ("flashcard-pipeline ratelimit status", [*CLI, "ratelimit", "status"]),
             ("flashcard-pipeline monitor --once", [*CLI, "monitor", "--once"]),
         ]
-        results = {name: timed(command, env, home, args.runs) for name, command in cases}
+        results: dict[str, list[float]] = {}
+        before: dict[str, list[float]] = {}
+        other = {**env, "PYTHONPATH": str(args.compare.resolve())} if args.compare else None
+        for name, command in cases:  # interleaved, so both trees see the same load
+            results[name] = timed(command, env, home, args.runs)
+            if other is not None and command[:3] == CLI and _exists(command, other, home):
+                before[name] = timed(command, other, home, args.runs)
     bare = statistics.median(results["python -c pass"])
     floor = statistics.median(results["import sqlalchemy, pydantic_settings, typer"])
-    print(f"{args.runs} runs each, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-    print(f"{'command':<44} {'min s':>7} {'median s':>9} {'x python':>9} {'x imports':>10}")
+    print(f"{args.runs} runs each, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    compare = f" {'compared s':>10} {'speed-up':>9}" if before else ""
+    print(f"{'command':<44} {'min s':>7} {'median s':>9} {'x python':>9} {'x imports':>10}{compare}")
     for name, times in results.items():
         median = statistics.median(times)
-        print(f"{name:<44} {min(times):>7.3f} {median:>9.3f} {median / bare:>9.1f} {median / floor:>10.2f}")
+        row = f"{name:<44} {min(times):>7.3f} {median:>9.3f} {median / bare:>9.1f} {median / floor:>10.2f}"
+        if name in before:
+            then = statistics.median(before[name])
+            row += f" {then:>10.3f} {then / median:>8.1f}x"
+        print(row)
+
+
+def _exists(command: list[str], env: dict[str, str], cwd: Path) -> bool:
+    """Whether the other tree has this command (an older one may lack `runs` or `--version`)."""
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True).returncode == 0
 
 
 if __name__ == "__main__":
