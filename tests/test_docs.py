@@ -66,6 +66,8 @@ def _program(tokens: list[str]) -> list[str]:
 def check_options(line: str, env: dict[str, str]) -> None:
     """A line that cannot run here: its program exists and its `--help` lists every option the line uses."""
     tokens = shlex.split(line, comments=True)
+    while tokens and re.fullmatch(r"[A-Z_]+=\S*", tokens[0]):  # `PYTHONPATH=src python ...`
+        tokens = tokens[1:]
     if not tokens or tokens[0] == "export":
         return
     program = _program(tokens)
