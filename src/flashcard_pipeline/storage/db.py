@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
 from flashcard_pipeline.config import DatabaseSettings, GeneralSettings, read_settings, setting_location
@@ -139,16 +139,36 @@ def head_revision() -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
+def _version(connection: Any) -> list[str] | None:
+    """The schema's revision(s), or None when Alembic never ran on it (a new database). Asked without a failing
+    statement, which would abort the migration's transaction on PostgreSQL."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+
+
 def _at_head(engine: Engine) -> bool:
     """Whether the schema is already current: then opening costs one query instead of Alembic's start-up."""
     head = head_revision()
     if head is None:
         return False
-    try:
-        with engine.connect() as connection:
-            return list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars()) == [head]
-    except DBAPIError:  # no alembic_version table yet: a new database
-        return False
+    with engine.connect() as connection:
+        return _version(connection) == [head]
+
+
+#: Any constant: the key of the PostgreSQL advisory lock migrations hold.
+_MIGRATION_LOCK = 0x464C5348
+
+
+def _lock_for_migration(connection: Any) -> None:
+    """One migrator at a time per database: a second process that opens a new database while the first creates its
+    tables (`monitor` started beside `process`, two workers) waits, then finds the schema current, instead of
+    creating the same tables again and failing."""
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")  # the whole migration is one transaction, under the lock
+    elif dialect == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
 
 
 def migrate(engine: Engine) -> None:
@@ -161,6 +181,10 @@ def migrate(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", "flashcard_pipeline.storage:migrations")
     with engine.begin() as connection:
+        _lock_for_migration(connection)
+        head = head_revision()
+        if head is not None and _version(connection) == [head]:
+            return  # another process migrated it while this one waited for the lock
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
