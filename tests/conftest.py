@@ -122,3 +122,15 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     for variable in ("FLASHCARD_DATABASE_URL", "FLASHCARD_CONFIG", "FLASHCARD_MODEL_KIND", "OPENROUTER_API_KEY",
                      "OPENAI_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture
+def col(tmp_path: Path) -> Iterator[Any]:
+    """A fresh Anki collection (the official ``anki`` package), closed after the test."""
+    from anki.collection import Collection
+
+    folder = tmp_path / "anki"
+    folder.mkdir()
+    collection = Collection(str(folder / "collection.anki2"))
+    yield collection
+    collection.close()

@@ -139,7 +139,8 @@ class DeferredBackend(MemoryCacheBackend):
         super().__init__()
         self.queued: list[StoredEntry] = []
 
-    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
+    async def get(self, key: str, *, count: bool = True, restore: bool = True,
+                  stored_after: Any = None) -> StoredValue | None:
         await asyncio.sleep(0)  # a real read yields (to a thread): let the other tasks interleave
         return await super().get(key, count=count)
 

@@ -45,7 +45,7 @@ def test_db_stats_reports_the_pool_of_the_last_run(tmp_path: Path, db_url: str) 
     data = json.loads(stdout)
     assert code == 0 and data["run"] == 1 and data["settings"]["pool_size"] == 20
     pool = data["pool"]
-    assert pool["checkouts"] > 20 and pool["checked_out"] == 0
+    assert pool["checkouts"] > 10 and pool["checked_out"] == 0
     assert pool["efficiency"] == round(pool["served_idle"] / pool["checkouts"], 4)
     assert pool["connects"] < pool["checkouts"] / 3  # connections are reused, not opened per query
     code, stdout, _ = cli("db", "stats", "--db", db_url)

@@ -16,6 +16,7 @@ from flashcard_pipeline.errors import (
     BudgetExceededError,
     CircuitBreakerError,
     ConfigurationError,
+    ContentCheckError,
     EmptyContentError,
     ErrorCategory,
     InputError,
@@ -166,7 +167,8 @@ def test_a_missing_timestamp_is_filled_in() -> None:
 PERMANENT = [BadRequestError, AuthenticationError, InsufficientCreditsError, APIError, ConfigurationError,
              ValidationError, InputError, BudgetExceededError, StructuredError]
 TRANSIENT = [RateLimitError, ServerError, RequestTimeoutError, NetworkError, EmptyContentError,
-             TruncatedOutputError, MalformedJSONError, SchemaViolationError, ProviderError, CircuitBreakerError]
+             TruncatedOutputError, MalformedJSONError, SchemaViolationError, ContentCheckError, ProviderError,
+             CircuitBreakerError]
 
 
 @pytest.mark.parametrize("cls", PERMANENT, ids=lambda c: c.__name__)

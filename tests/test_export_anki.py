@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import html
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from anki.notes import Note
 
 from flashcard_pipeline.export import prepare_deck, write_export
 from flashcard_pipeline.export.anki_model import NoteType, note_type
-from flashcard_pipeline.export.audio import media_name
+from flashcard_pipeline.export.audio import EspeakSpeech, media_name
 from flashcard_pipeline.export.common import SIMULATED_TAG, clean_text
 from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
@@ -36,15 +36,6 @@ from tests.conftest import shared_file
 IF_NEWER = ImportAnkiPackageUpdateCondition.IMPORT_ANKI_PACKAGE_UPDATE_CONDITION_IF_NEWER
 
 T0 = 1_750_000_000.0
-
-
-@pytest.fixture
-def col(tmp_path: Path) -> Iterator[Collection]:
-    folder = tmp_path / "anki"
-    folder.mkdir()
-    collection = Collection(str(folder / "collection.anki2"))
-    yield collection
-    collection.close()
 
 
 def import_apkg(col: Collection, path: Path) -> ImportResponse.Log:
@@ -98,24 +89,26 @@ def make_result(term: str, position: int = 1, *, hints: dict[str, str] | None = 
                       analysis=analysis, cards=list(cards_for(term, analysis).cards))
 
 
-def with_back(result: TermResult, index: int, back: str) -> TermResult:
-    cards = list(result.cards)
-    cards[index] = cards[index].model_copy(update={"back": back})
-    return result.model_copy(update={"cards": cards})
+def with_meaning(result: TermResult, meaning: str) -> TermResult:
+    return result.model_copy(update={"analysis": result.analysis.model_copy(update={"primary_meaning": meaning})})
 
 
 def check_collection_matches(col: Collection, results: list[TermResult], *, subdecks: str = "none",
                              simulated: bool = True, deck: str | None = None) -> None:
     expected = prepare_deck(results, language="Korean", deck=deck, subdecks=subdecks, simulated=simulated).notes
     notes = notes_by_guid(col)
-    assert col.note_count() == len(expected) == col.card_count(), "one note per card, one card per note"
+    assert col.note_count() == len(expected) == len({r.item.term for r in results}), "one note per word"
+    assert col.card_count() == sum(len(note.cards) for note in expected)
     assert set(notes) == {note.guid for note in expected}
     for wanted in expected:
         note = notes[wanted.guid]
-        assert note.note_type()["name"] == "Flashcard Pipeline (Korean)"
+        assert note.note_type()["name"] == "Flashcard Pipeline v2 (Korean)"
         assert list(note.fields) == list(wanted.fields)
         assert sorted(note.tags) == sorted(wanted.tags)
-        assert [col.decks.name(card.did) for card in note.cards()] == [wanted.deck]
+        cards = note.cards()
+        assert sorted(card.template()["name"] for card in cards) == sorted(wanted.cards), "siblings of one note"
+        assert {"Recognition", "Production"} <= set(wanted.cards)
+        assert {col.decks.name(card.did) for card in cards} == {wanted.deck}
 
 
 # --- .apkg ------------------------------------------------------------------------------------------------------
@@ -127,7 +120,7 @@ def test_apkg_imports_into_a_fresh_collection_with_every_field_and_tag(tmp_path:
     report = write_export("apkg", results, path, simulated=True, timestamp=T0)
     log = import_apkg(col, path)
     assert_no_import_errors(log)
-    assert len(log.new) == report.cards == sum(len(r.cards) for r in results)
+    assert len(log.new) == len(results) and report.cards == col.card_count() > 2 * len(results)
     check_collection_matches(col, results)
     assert all(SIMULATED_TAG in col.get_note(nid).tags for nid in col.find_notes(""))
     cards = [col.get_card(cid) for cid in col.find_cards("")]
@@ -144,9 +137,8 @@ def test_a_real_deck_imported_after_a_simulated_one_adds_its_own_notes(tmp_path:
     import_apkg(col, simulated)
     log = import_apkg(col, real)
     assert_no_import_errors(log)
-    cards = sum(len(r.cards) for r in results)
-    assert len(log.new) == cards and len(log.updated) == 0, "real notes never update simulated ones"
-    assert col.note_count() == 2 * cards
+    assert len(log.new) == len(results) and len(log.updated) == 0, "real notes never update simulated ones"
+    assert col.note_count() == 2 * len(results)
 
     # Deleting the simulated deck, as a user does once real cards arrive, leaves every real card.
     col.decks.remove([col.decks.id_for_name("Korean vocabulary (simulated)")])
@@ -167,7 +159,7 @@ def test_reimporting_a_changed_deck_updates_the_note_in_place_and_keeps_its_revi
     reviewed_note = card.note()
     col.sched.answerCard(card, 3)
 
-    changed = [with_back(results[0], 0, "학교 [hak̚.k͈jo] — school (revised)"), results[1]]
+    changed = [with_meaning(results[0], "school (revised)"), results[1]]
     changed_guid = prepare_deck(changed, language="Korean", simulated=True).notes[0].guid
     second = tmp_path / "v2.apkg"
     write_export("apkg", changed, second, simulated=True, timestamp=T0 + 3600)
@@ -178,7 +170,7 @@ def test_reimporting_a_changed_deck_updates_the_note_in_place_and_keeps_its_revi
     assert len(log.new) == 0 and {n.id.nid for n in log.updated} == {n.id for n in before.values()}
     after = notes_by_guid(col)
     assert {guid: note.id for guid, note in after.items()} == {guid: note.id for guid, note in before.items()}
-    assert after[changed_guid]["Back"] == "학교 [hak̚.k͈jo] — school (revised)"
+    assert after[changed_guid]["Meaning"] == "school (revised)"
     check_collection_matches(col, changed)
     reviewed = col.get_card(card.id)
     assert reviewed.reps == 1 and reviewed.nid == reviewed_note.id, "the review history survived the update"
@@ -203,18 +195,20 @@ def test_tsv_imports_through_ankis_own_text_import_and_updates_in_place(tmp_path
     results = [make_result("학교", 1, hints={"TOPIK_Level": "1"}), make_result("#해시", 2), make_result("먹다", 3)]
     path = tmp_path / "deck.tsv"
     report = write_export("tsv", results, path, subdecks="level", simulated=True)
+    assert any("needs the note type" in warning for warning in report.warnings)
+    assert "# Import an .apkg" in path.read_text(encoding="utf-8")
     log = import_text(col, path)
     assert_no_import_errors(log)
-    assert len(log.new) == report.cards
+    assert len(log.new) == len(results)
     check_collection_matches(col, results, subdecks="level")
     ids = {guid: note.id for guid, note in notes_by_guid(col).items()}
 
-    changed = [results[0], with_back(results[1], 1, "changed\nback"), results[2]]
+    changed = [results[0], with_meaning(results[1], "changed\nmeaning"), results[2]]
     write_export("tsv", changed, path, subdecks="level", simulated=True)
     log = import_text(col, path)
     assert_no_import_errors(log)
     assert len(log.new) == 0 and len(log.updated) == 1, "text import updates only notes whose fields changed"
-    assert len(log.duplicate) == report.cards - 1
+    assert len(log.duplicate) == len(results) - 1
     check_collection_matches(col, changed, subdecks="level")
     assert {guid: note.id for guid, note in notes_by_guid(col).items()} == ids
 
@@ -235,7 +229,7 @@ def test_tsv_updates_notes_that_came_from_the_apkg(tmp_path: Path, col: Collecti
     results = [make_result("학교", 1), make_result("먹다", 2)]
     write_export("apkg", results, tmp_path / "deck.apkg", timestamp=T0)
     import_apkg(col, tmp_path / "deck.apkg")
-    changed = [with_back(results[0], 0, "fixed back"), results[1]]
+    changed = [with_meaning(results[0], "fixed meaning"), results[1]]
     write_export("tsv", changed, tmp_path / "deck.tsv")
     log = import_text(col, tmp_path / "deck.tsv")
     assert len(log.new) == 0 and len(log.updated) == 1
@@ -268,18 +262,17 @@ def assert_hostile_note_is_text(col: Collection, results: list[TermResult]) -> N
     notes = notes_by_guid(col)
     assert set(notes) == set(expected)
     for result in results:
-        for note in (n for g, n in notes.items() if expected[g].term == result.item.term):
-            kind = note["CardType"]
-            original = next(c for c in result.cards if c.card_type.value == kind)
-            assert as_text(note["Term"]) == result.item.term
-            assert as_text(note["Front"]) == clean_text(original.front).replace("\r\n", "\n")
-            assert as_text(note["Back"]) == clean_text(original.back).replace("\r\n", "\n")
-            assert as_text(note["Meaning"]) == "@SUM(1+1)" and as_text(note["IPA"]) == "<b>ipa</b>"
-            assert sorted(note.tags) == sorted([*original.tags, SIMULATED_TAG])
-            for card in note.cards():
-                rendered = card.question() + card.answer()
-                assert "<script" not in rendered and "<img" not in rendered and "<i>" not in rendered
-                assert "&lt;script&gt;" in rendered or kind != "Scene"
+        note = next(n for g, n in notes.items() if expected[g].term == result.item.term)
+        scene = result.cards[0]
+        assert as_text(note["Term"]) == result.item.term
+        assert as_text(note["SceneFront"]) == clean_text(scene.front).replace("\r\n", "\n")
+        assert as_text(note["SceneBack"]) == clean_text(scene.back).replace("\r\n", "\n")
+        assert as_text(note["Meaning"]) == "@SUM(1+1)"
+        assert sorted(note.tags) == sorted(["pos:noun", *HOSTILE_TAGS, SIMULATED_TAG])
+        for card in note.cards():
+            rendered = card.question() + card.answer()
+            assert "<script" not in rendered and "<img" not in rendered and "<i>" not in rendered
+            assert "&lt;script&gt;" in rendered
 
 
 def test_hostile_content_arrives_as_harmless_text_in_every_format(tmp_path: Path, col: Collection) -> None:
@@ -297,7 +290,7 @@ def test_hostile_content_arrives_as_harmless_text_in_every_format(tmp_path: Path
         write_export("tsv", results, tmp_path / "deck.tsv", simulated=True)
         log = import_text(fresh, tmp_path / "deck.tsv")
         assert_no_import_errors(log)
-        assert len(log.new) == sum(len(r.cards) for r in results)
+        assert len(log.new) == len(results)
         assert_hostile_note_is_text(fresh, results)
     finally:
         fresh.close()
@@ -324,17 +317,56 @@ def test_hostile_content_arrives_as_harmless_text_in_every_format(tmp_path: Path
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-def test_audio_reaches_the_collections_media_folder(tmp_path: Path, col: Collection) -> None:
+def test_audio_of_word_and_example_reaches_the_collections_media_folder(tmp_path: Path, col: Collection) -> None:
     results = [make_result("학교", 1), make_result("먹다", 2)]
     report = write_export("apkg", results, tmp_path / "deck.apkg", audio="espeak", timestamp=T0)
-    assert report.audio_files == 2 and report.warnings == ()
+    assert report.audio_files == 4 and report.warnings == ()
     assert_no_import_errors(import_apkg(col, tmp_path / "deck.apkg"))
     media = Path(col.media.dir())
+    identity = EspeakSpeech("Korean").identity()
     for result in results:
-        name = media_name("Korean", result.item.term)
-        assert (media / name).stat().st_size > 1000
+        word, example = media_name(identity, result.item.term), media_name(identity, result.analysis.example.sentence)
+        assert 500 < (media / word).stat().st_size < 12_000 and (media / example).stat().st_size > 500
         for nid in col.find_notes(f'"Term:{result.item.term}"'):
-            assert col.get_note(nid)["Audio"] == f"[sound:{name}]"
+            note = col.get_note(nid)
+            assert note["Audio"] == f"[sound:{word}]" and note["ExampleAudio"] == f"[sound:{example}]"
+            recognition = next(c for c in note.cards() if c.template()["name"] == "Recognition")
+            played = [tag.filename for tag in recognition.question_av_tags()]
+            assert played == [word], "the word is heard on the recognition front"
+
+
+def test_process_with_openai_speech_from_the_simulator_caches_and_bills_each_clip(tmp_path: Path,
+                                                                                   col: Collection) -> None:
+    source = tmp_path / "words.csv"
+    source.write_text("term,type\n학교,noun\n먹다,verb\n", encoding="utf-8")
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    options = ProcessOptions(input_path=source, output=tmp_path / "deck.apkg", provider="simulated", db_url=db_url,
+                             audio="openai")
+    result = asyncio.run(process(options))
+    assert result.export is not None and result.export.audio_files == 4 and result.export.warnings == ()
+    assert_no_import_errors(import_apkg(col, tmp_path / "deck.apkg"))
+    sounds = [p for p in Path(col.media.dir()).iterdir() if p.suffix == ".mp3"]
+    assert len(sounds) == 4 and all(p.read_bytes()[:1] == b"\xff" for p in sounds)
+    engine = open_database(db_url)
+    try:
+        with engine.connect() as conn:
+            audio_calls = conn.exec_driver_sql(
+                "select provider, model, cost_usd from api_calls where stage = 'audio'").all()
+            cached = conn.exec_driver_sql("select count(*) from cache_entries where stage = 'audio'").scalar()
+    finally:
+        engine.dispose()
+    assert len(audio_calls) == 4 and cached == 4
+    assert all(p == "simulated" and m == "tts-1" and cost > 0 for p, m, cost in audio_calls)
+
+    again = asyncio.run(process(ProcessOptions(input_path=source, output=tmp_path / "again.apkg",
+                                               provider="simulated", db_url=db_url, audio="openai")))
+    assert again.export is not None and again.export.audio_files == 4
+    engine = open_database(db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select count(*) from api_calls where stage = 'audio'").scalar() == 4
+    finally:
+        engine.dispose()
 
 
 # --- the acceptance test --------------------------------------------------------------------------------
@@ -356,24 +388,22 @@ async def test_the_1000_term_deck_imports_cleanly_and_updates_in_place(tmp_path:
         results = list(ledger.results(ledger.get_run().id))
     finally:
         engine.dispose()
-    cards = sum(len(r.cards) for r in results)
-    assert result.cards_written == cards
-
     started = time.perf_counter()
     log = import_apkg(col, deck)
     import_s = time.perf_counter() - started
     assert_no_import_errors(log)
-    assert len(log.new) == cards == col.note_count() == col.card_count()
+    assert len(log.new) == 1000 == col.note_count()
+    assert result.cards_written == col.card_count() > 2000
     assert not log.duplicate and not log.updated
 
-    changed = [with_back(results[499], 0, "a corrected back"), *results[:499], *results[500:]]
+    changed = [with_meaning(results[499], "a corrected meaning"), *results[:499], *results[500:]]
     started = time.perf_counter()
     write_export("apkg", changed, tmp_path / "v2.apkg", simulated=True, timestamp=time.time() + 3600)
     export_s = time.perf_counter() - started
     log = import_apkg(col, tmp_path / "v2.apkg")
     assert_no_import_errors(log)
-    assert len(log.new) == 0 and len(log.updated) == cards == col.note_count()
+    assert len(log.new) == 0 and len(log.updated) == 1000 == col.note_count()
     guid = prepare_deck([changed[0]], language="Korean", simulated=True).notes[0].guid
-    assert notes_by_guid(col)[guid]["Back"] == "a corrected back"
-    print(f"\n1000 terms: pipeline {pipeline_s:.1f}s, {cards} notes, apkg export {export_s:.2f}s, "
+    assert notes_by_guid(col)[guid]["Meaning"] == "a corrected meaning"
+    print(f"\n1000 terms: pipeline {pipeline_s:.1f}s, {col.card_count()} cards, apkg export {export_s:.2f}s, "
           f"import {import_s:.2f}s")

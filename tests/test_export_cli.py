@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.export import prepare_deck, push_results
-from flashcard_pipeline.export.anki_model import note_type
+from flashcard_pipeline.export.anki_model import FIELDS, note_type
 from flashcard_pipeline.export.ankiconnect import AnkiConnect, AnkiConnectError, push_notes
 from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
@@ -48,8 +48,18 @@ def words(tmp_path: Path, count: int) -> Path:
 class Run:
     db_url: str
     run_id: int
+    #: Cards the model wrote (rows of the CSV and JSONL exports).
     cards: int
     results: list[TermResult]
+
+    @property
+    def notes(self) -> int:
+        """Anki notes: one per word."""
+        return len(self.results)
+
+    @property
+    def anki_cards(self) -> int:
+        return sum(len(n.cards) for n in prepare_deck(self.results, language="Korean", simulated=True).notes)
 
 
 def processed(tmp_path: Path, count: int) -> Run:
@@ -102,7 +112,7 @@ def test_process_format_option_beats_the_extension_and_subdecks_reach_the_file(t
                               "-o", str(out), "--format", "tsv", "--subdecks", "level", "--deck-name", "TOPIK")
     assert code == 0, stderr
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert "#separator:tab" in lines and "#deck column:12" in lines
+    assert "#separator:tab" in lines and f"#deck column:{len(FIELDS) + 3}" in lines
     columns = next(line for line in lines if line.startswith("#columns:")).split("\t")
     decks = {row.split("\t")[columns.index("Deck")] for row in lines if not row.startswith("#")}
     assert decks == {f"TOPIK (simulated)::Level {level}" for level in (1, 2, 3)}
@@ -113,7 +123,8 @@ def test_export_rewrites_a_stored_run_in_every_format_without_api_calls(tmp_path
     for name in ("deck.apkg", "deck.tsv", "deck.csv", "deck.jsonl"):
         code, stdout, stderr = run_cli("export", "--db", small_run.db_url, "-o", str(tmp_path / name))
         assert code == 0, stderr
-        assert f"wrote {small_run.cards} cards for 4 terms from run {small_run.run_id}" in stdout
+        cards = small_run.anki_cards if name.endswith((".apkg", ".tsv")) else small_run.cards
+        assert f"wrote {cards} cards for 4 terms from run {small_run.run_id}" in stdout
     assert api_calls(small_run.db_url) == calls
     assert len(list(read_jsonl(tmp_path / "deck.jsonl"))) == small_run.cards
     assert "#deck:Korean vocabulary (simulated)" in (tmp_path / "deck.tsv").read_text(encoding="utf-8")
@@ -126,7 +137,7 @@ def test_export_format_option_beats_the_extension_and_deck_options_apply(tmp_pat
     assert code == 0, stderr
     text = out.read_text(encoding="utf-8")
     assert text.startswith("#separator:tab\n") and "#deck:TOPIK (simulated)\n" in text
-    assert "TOPIK (simulated)::Level 2" in text and "#deck column:12" in text
+    assert "TOPIK (simulated)::Level 2" in text and f"#deck column:{len(FIELDS) + 3}" in text
     assert "deck 'TOPIK (simulated)'" in stdout
 
 
@@ -291,16 +302,17 @@ def fake_anki() -> Iterator[tuple[FakeAnki, str]]:
 def test_push_adds_the_notes_then_finds_them_already_there(tmp_path: Path,
                                                            fake_anki: tuple[FakeAnki, str]) -> None:
     anki, url = fake_anki
-    run = processed(tmp_path, 40)
-    assert run.cards > 100, "enough cards for two batches"
+    run = processed(tmp_path, 110)
+    assert run.notes > 100, "enough notes for two batches"
     code, stdout, stderr = run_cli("push", "--db", run.db_url, "--url", url, "--subdecks", "level")
     assert code == 0, stderr
-    assert f"{run.cards} notes added, 0 updated, 0 were already there; created the note type" in stdout
+    assert f"{run.notes} notes added, 0 updated, 0 were already there; created the note type" in stdout
 
     deck = "Korean vocabulary (simulated)"
     assert {deck, f"{deck}::Level 1", f"{deck}::Level 2", f"{deck}::Level 3"} <= anki.decks
-    model = anki.models["Flashcard Pipeline (Korean)"]
-    assert model["inOrderFields"][0] == "Key" and "Term" in model["inOrderFields"] and model["css"]
+    model = anki.models["Flashcard Pipeline v2 (Korean)"]
+    assert model["inOrderFields"][0] == "Term" and "Meaning" in model["inOrderFields"] and model["css"]
+    assert [t["Name"] for t in model["cardTemplates"]][:2] == ["Recognition", "Production"]
     batches = anki.actions("addNotes")
     assert len(batches) == 2 and all(len(b["params"]["notes"]) <= 100 for b in batches)
     assert all(r["version"] == 6 for r in anki.requests)
@@ -313,8 +325,8 @@ def test_push_adds_the_notes_then_finds_them_already_there(tmp_path: Path,
 
     code, stdout, stderr = run_cli("push", "--db", run.db_url, "--url", url, "--subdecks", "level")
     assert code == 0, stderr
-    assert f"0 notes added, 0 updated, {run.cards} were already there" in stdout and "created" not in stdout
-    assert len(anki.notes) == run.cards and len(anki.actions("createModel")) == 1
+    assert f"0 notes added, 0 updated, {run.notes} were already there" in stdout and "created" not in stdout
+    assert len(anki.notes) == run.notes and len(anki.actions("createModel")) == 1
 
 
 def test_a_second_push_rewrites_changed_notes_in_place_and_leaves_the_rest(tmp_path: Path,
@@ -324,32 +336,32 @@ def test_a_second_push_rewrites_changed_notes_in_place_and_leaves_the_rest(tmp_p
     deck = "Korean * vocabulary_(test)"  # Anki's search wildcards, taken literally
     assert run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck, "--subdecks", "level")[0] == 0
     pushed = [dict(n["fields"]) for n in anki.notes]
-    stale = [3, run.cards // 2, run.cards - 1]
+    stale = [3, run.notes // 2, run.notes - 1]
     for index in stale:  # as an older run had made them, or as someone edited them in Anki
-        anki.notes[index]["fields"]["Back"] = "an older answer"
+        anki.notes[index]["fields"]["Meaning"] = "an older answer"
 
     code, stdout, _ = run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck, "--subdecks", "level",
                               "--no-update")
-    assert code == 0 and f"0 notes added, {run.cards} were already there" in stdout
-    assert anki.actions("findNotes") == [] and anki.notes[3]["fields"]["Back"] == "an older answer"
+    assert code == 0 and f"0 notes added, {run.notes} were already there" in stdout
+    assert anki.actions("findNotes") == [] and anki.notes[3]["fields"]["Meaning"] == "an older answer"
 
     code, stdout, _ = run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck, "--subdecks", "level")
-    assert code == 0 and f"0 notes added, 3 updated, {run.cards - 3} were already there" in stdout
+    assert code == 0 and f"0 notes added, 3 updated, {run.notes - 3} were already there" in stdout
     assert [n["fields"] for n in anki.notes] == pushed, "the three are as the run made them again"
-    assert len(anki.notes) == run.cards, "nothing was added twice"
+    assert len(anki.notes) == run.notes, "nothing was added twice"
     assert len(anki.actions("findNotes")) == 1, "the deck is read once per push, not once per note"
     updates = [a["params"]["note"]["id"] for m in anki.actions("multi") for a in m["params"]["actions"]]
     assert updates == [i + 1 for i in stale], "only the changed notes are written"
 
     anki.require_key = "secret"
-    anki.notes[5]["fields"]["Front"] = "edited"
+    anki.notes[5]["fields"]["Meaning"] = "edited"
     code, stdout, _ = run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck, "--subdecks", "level",
                               "--key", "secret")
     assert code == 0 and "1 updated" in stdout, "with an API key set, the updates inside multi carry it too"
     assert [n["fields"] for n in anki.notes] == pushed
     anki.require_key = None
 
-    anki.notes[7]["fields"]["Front"] = "edited"
+    anki.notes[7]["fields"]["Meaning"] = "edited"
     anki.refuse_updates = True
     code, stdout, stderr = run_cli("push", "--db", run.db_url, "--url", url, "--deck-name", deck,
                                    "--subdecks", "level")
@@ -373,7 +385,7 @@ def test_push_reports_ankiconnects_refusal(small_run: Run, fake_anki: tuple[Fake
     code, _, stderr = run_cli("push", "--db", small_run.db_url, "--url", url)
     assert code == 2 and "valid api key must be provided" in stderr
     code, stdout, _ = run_cli("push", "--db", small_run.db_url, "--url", url, "--key", "secret")
-    assert code == 0 and f"{small_run.cards} notes added" in stdout
+    assert code == 0 and f"{small_run.notes} notes added" in stdout
 
 
 def test_push_without_espeak_warns_and_still_pushes(small_run: Run, fake_anki: tuple[FakeAnki, str],
@@ -382,7 +394,7 @@ def test_push_without_espeak_warns_and_still_pushes(small_run: Run, fake_anki: t
     monkeypatch.setattr(shutil, "which", lambda name: None)
     code, _, stderr = run_cli("push", "--db", small_run.db_url, "--url", url, "--audio", "espeak")
     assert code == 0 and "espeak-ng is not installed" in stderr
-    assert len(anki.notes) == small_run.cards and anki.media == {}
+    assert len(anki.notes) == small_run.notes and anki.media == {}
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -390,8 +402,10 @@ def test_push_uploads_one_audio_file_per_term(small_run: Run, fake_anki: tuple[F
     anki, url = fake_anki
     code, _, stderr = run_cli("push", "--db", small_run.db_url, "--url", url, "--audio", "espeak")
     assert code == 0, stderr
-    assert len(anki.media) == 4 and all(data.startswith(b"RIFF") for data in anki.media.values())
-    assert {n["fields"]["Audio"] for n in anki.notes} == {f"[sound:{name}]" for name in anki.media}
+    assert len(anki.media) == 8, "the word and its example sentence"
+    assert all(data[:1] == b"\xff" or data[:3] == b"ID3" for data in anki.media.values()), "MP3"
+    sounds = {n["fields"]["Audio"] for n in anki.notes} | {n["fields"]["ExampleAudio"] for n in anki.notes}
+    assert sounds == {f"[sound:{name}]" for name in anki.media}
 
 
 def test_pushed_hostile_text_arrives_escaped(fake_anki: tuple[FakeAnki, str]) -> None:
@@ -406,9 +420,9 @@ def test_pushed_hostile_text_arrives_escaped(fake_anki: tuple[FakeAnki, str]) ->
     fields = anki.notes[0]["fields"]
     assert fields["Term"] == "&lt;b&gt;학교&lt;/b&gt;"
     assert fields["Meaning"] == "&lt;script&gt;alert(1)&lt;/script&gt;"
-    assert fields["Front"] == "=cmd|' /C calc'!A0"
-    assert fields["Back"] == "&quot;quoted&quot;\ttab<br>line 🎴 \u200f"
-    assert anki.notes[0]["tags"] == ['x:"<b>"']
+    assert fields["SceneFront"] == "=cmd|' /C calc'!A0"
+    assert fields["SceneBack"] == "&quot;quoted&quot;\ttab<br>line 🎴 \u200f"
+    assert anki.notes[0]["tags"] == ["pos:noun", 'x:"<b>"']
 
 
 def test_notes_that_anki_refuses_to_add_are_counted_and_exit_1(small_run: Run,
@@ -418,7 +432,7 @@ def test_notes_that_anki_refuses_to_add_are_counted_and_exit_1(small_run: Run,
     code, stdout, stderr = run_cli("push", "--db", small_run.db_url, "--url", url)
     assert code == 1
     assert "0 notes added, 0 updated, 0 were already there" in stdout
-    assert f"{small_run.cards} notes could not be added" in stderr
+    assert f"{small_run.notes} notes could not be added" in stderr
 
 
 @pytest.mark.parametrize(("status", "body", "message"), [

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import shutil
-import wave
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +15,24 @@ import pytest
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export import prepare_deck, resolve_format, write_export
 from flashcard_pipeline.export.anki_model import FIELDS, deck_id, language_code, note_type
-from flashcard_pipeline.export.audio import media_name, synthesize
+from flashcard_pipeline.export.audio import (
+    AudioStore,
+    Clip,
+    EspeakSpeech,
+    OpenAISpeech,
+    SpeechError,
+    media_name,
+    synthesize,
+)
 from flashcard_pipeline.export.common import SIMULATED_TAG, anki_tags, html_text
 from flashcard_pipeline.export.csv_export import neutralise
 from flashcard_pipeline.export.jsonl import read_jsonl
 from flashcard_pipeline.export.notes import Subdecks, build_notes, resolve_deck_name
 from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
-from flashcard_pipeline.simulator.content import analysis_for, cards_for
+from flashcard_pipeline.simulator import run_simulator
+from flashcard_pipeline.simulator.content import analysis_for, cards_for, speech_for
+from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.ledger import Ledger
 
 
 def make_result(term: str, position: int = 1, *, hints: dict[str, str] | None = None,
@@ -44,14 +55,16 @@ def notes_of(results: list[TermResult], **kwargs: object) -> list:
 # --- identity: GUIDs and ids ----------------------------------------------------------------------------------
 
 
-def test_guid_comes_from_language_term_and_card_type_with_an_ordinal_per_type() -> None:
-    cards = [card(CardType.SCENE), card(CardType.EXAMPLE), card(CardType.EXAMPLE, front="another example")]
-    notes = notes_of([make_result("학교", cards=cards)])
-    assert notes[0].guid == genanki.guid_for("Korean", "학교", "Scene", 1)
-    assert notes[1].guid == genanki.guid_for("Korean", "학교", "Example", 1)
-    assert notes[2].guid == genanki.guid_for("Korean", "학교", "Example", 2)
-    assert len({n.guid for n in notes}) == 3
-    assert len({n.field("Key") for n in notes}) == 3, "the first field must be unique for AnkiConnect's check"
+def test_one_note_per_word_whose_guid_comes_from_language_and_term() -> None:
+    cards = [card(CardType.SCENE), card(CardType.EXAMPLE), card(CardType.GRAMMAR, front="how?")]
+    notes = notes_of([make_result("학교", cards=cards), make_result("먹다", 2)])
+    assert [n.term for n in notes] == ["학교", "먹다"]
+    assert notes[0].guid == genanki.guid_for("Korean", "학교")
+    assert notes_of([make_result("학교")], simulated=True)[0].guid == genanki.guid_for("simulated", "Korean", "학교")
+    assert notes[0].cards == ("Recognition", "Production", "Scene", "Grammar", "Example")
+    assert notes[0].field("SceneFront") == "front" and notes[0].field("GrammarFront") == "how?"
+    assert notes[0].field("CulturalFront") == "", "a type the model did not choose makes no card"
+    assert notes[0].field("Term") == "학교", "the first field is the word: AnkiConnect's duplicate check"
 
 
 def test_guid_ignores_position_wording_and_run_but_not_language() -> None:
@@ -59,7 +72,7 @@ def test_guid_ignores_position_wording_and_run_but_not_language() -> None:
     later = notes_of([make_result("학교", position=40, cards=[card(CardType.SCENE, front="new wording")])])
     other_language = notes_of([make_result("학교", cards=[card(CardType.SCENE)])], language="Japanese")
     assert first[0].guid == later[0].guid
-    assert first[0].field("Front") != later[0].field("Front")
+    assert first[0].field("SceneFront") != later[0].field("SceneFront")
     assert other_language[0].guid != first[0].guid
 
 
@@ -67,11 +80,11 @@ def test_note_type_and_deck_ids_derive_from_names() -> None:
     korean = note_type("Korean")
     assert korean.id == note_type("Korean").id
     assert korean.id != note_type("Japanese").id
-    assert korean.name == "Flashcard Pipeline (Korean)"
+    assert korean.name == "Flashcard Pipeline v2 (Korean)"
     assert deck_id("Korean vocabulary") == deck_id("Korean vocabulary") != deck_id("Korean vocabulary::noun")
     for value in (korean.id, deck_id("x"), deck_id("Korean vocabulary")):
         assert (1 << 30) <= value < (1 << 31)
-    assert korean.fields == FIELDS and korean.fields[0] == "Key"
+    assert korean.fields == FIELDS and korean.fields[0] == "Term"
     assert korean.genanki_model().sort_field_index == FIELDS.index("Term")
 
 
@@ -134,13 +147,29 @@ def test_subdecks_by_part_of_speech_and_by_the_inputs_level_column() -> None:
     assert {n.deck for n in notes_of(results)} == {"Deck"}
 
 
-def test_analysis_on_the_back_is_escaped_and_mentions_the_useful_parts() -> None:
+def test_analysis_fields_are_escaped_and_hanja_carry_the_korean_tag() -> None:
     result = make_result("학교")
-    html = notes_of([result], lang="ko")[0].field("Analysis")
-    assert html_text(result.analysis.explanation) in html
-    assert html_text(result.analysis.metaphor) in html
+    note = notes_of([result], lang="ko")[0]
+    assert note.field("Explanation") == html_text(result.analysis.explanation)
+    assert html_text(result.analysis.metaphor) in note.field("MemoryImage")
+    assert note.field("HanjaBreakdown").startswith('<div class="fp-hanja" lang="ko">學校</div>')
     for homonym in result.analysis.homonyms:
-        assert f'<span class="fp-hanja" lang="ko">{html_text(homonym.hanja)}</span>' in html
+        assert f'<span lang="ko">{html_text(homonym.hanja)}</span>' in note.field("Homonyms")
+    assert note.field("Pronunciation") == "학꾜" and note.field("Romanization") == "hakgyo"
+    hostile = result.model_copy(update={"analysis": result.analysis.model_copy(
+        update={"explanation": "<b>學</b> & 校"})})
+    assert notes_of([hostile], lang="ko")[0].field("Explanation") == (
+        '&lt;b&gt;<span lang="ko">學</span>&lt;/b&gt; &amp; <span lang="ko">校</span>')
+
+
+def test_the_example_highlights_the_words_inflected_form() -> None:
+    result = make_result("먹다", cards=[card(CardType.EXAMPLE)])
+    example = result.analysis.example.model_copy(update={"sentence": "내가 <밥>을 먹었어."})
+    result = result.model_copy(update={"analysis": result.analysis.model_copy(update={"example": example})})
+    note = notes_of([result], lang="ko")[0]
+    assert note.field("Example") == '내가 &lt;밥&gt;을 <mark class="fp-hl">먹었어</mark>.'
+    assert note.field("ExampleCloze") == '내가 &lt;밥&gt;을 <span class="fp-gap">&nbsp;</span>.'
+    assert "Example" in note.cards
 
 
 # --- formats ----------------------------------------------------------------------------------------------------
@@ -169,12 +198,14 @@ def test_anki_tsv_headers_point_at_the_right_columns(tmp_path: Path) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     headers = dict(line[1:].split(":", 1) for line in lines if line.startswith("#") and ":" in line[:20])
     assert headers["separator"] == "tab" and headers["html"] == "true"
-    assert headers["notetype"] == "Flashcard Pipeline (Korean)"
+    assert headers["notetype"] == "Flashcard Pipeline v2 (Korean)"
     assert headers["deck"] == "Korean vocabulary (simulated)" == report.deck
     columns = headers["columns"].split("\t")
     assert columns[:len(FIELDS)] == list(FIELDS)
-    rows = list(csv.reader(lines[len(headers):], delimiter="\t"))
-    assert len(rows) == report.cards == sum(len(r.cards) for r in results)
+    rows = list(csv.reader(lines[len(headers) + 1:], delimiter="\t"))
+    assert lines[len(headers)].startswith("# Import an .apkg"), "a comment line says what Anki needs first"
+    assert len(rows) == len(results) and report.cards == sum(len(n.cards) for n in prepare_deck(
+        results, language="Korean").notes)
     expected = {n.guid: n for n in prepare_deck(results, language="Korean", subdecks="level", simulated=True).notes}
     by_guid = {row[int(headers["guid column"]) - 1]: row for row in rows}
     assert set(by_guid) == set(expected)
@@ -244,7 +275,7 @@ def test_a_failed_export_leaves_the_previous_file_and_no_temporary_file(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deck.apkg"]
 
 
-def test_apkg_holds_one_note_per_card_and_its_media(tmp_path: Path) -> None:
+def test_apkg_holds_the_notes_and_their_media(tmp_path: Path) -> None:
     path = tmp_path / "deck.apkg"
     report = write_export("apkg", [make_result("학교"), make_result("먹다", 2)], path, simulated=True)
     with zipfile.ZipFile(path) as archive:
@@ -274,19 +305,72 @@ def test_audio_is_only_for_anki_decks(tmp_path: Path) -> None:
 requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
 
+def is_mp3(data: bytes) -> bool:
+    """An ID3 tag or an MPEG audio frame header (11 set sync bits)."""
+    return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+
+
 @requires_espeak
-def test_espeak_writes_one_wav_per_term_with_a_stable_name(tmp_path: Path) -> None:
-    report = synthesize(["학교", "먹다", "학교", "-빨리"], language="Korean", directory=tmp_path)
+def test_espeak_writes_one_small_mp3_per_text_with_a_stable_name(tmp_path: Path) -> None:
+    provider = EspeakSpeech("Korean")
+    report = synthesize(["학교", "먹다", "학교", "-빨리", "내가 밥을 먹었어."], provider=provider, directory=tmp_path)
     assert report.warning is None
-    assert set(report.files) == {"학교", "먹다", "-빨리"}
-    for term, path in report.files.items():
-        assert path.name == media_name("Korean", term)
-        with wave.open(str(path)) as audio:
-            assert audio.getnframes() > 0
-    assert media_name("Korean", "학교") != media_name("Japanese", "학교")
+    assert set(report.files) == {"학교", "먹다", "-빨리", "내가 밥을 먹었어."}
+    for text, path in report.files.items():
+        assert path.name == media_name(provider.identity(), text)
+        data = path.read_bytes()
+        assert is_mp3(data) and 500 < len(data) < 12_000, "compressed: a few KB, not espeak's 40 KB WAV"
+    assert media_name(provider.identity(), "학교") != media_name(EspeakSpeech("Japanese").identity(), "학교")
 
 
 @requires_espeak
 def test_espeak_without_a_voice_for_the_language_warns(tmp_path: Path) -> None:
-    report = synthesize(["zzz"], language="Zyzzyvan", directory=tmp_path)
-    assert report.files == {} and report.warning is not None and "could not speak Zyzzyvan" in report.warning
+    report = synthesize(["zzz"], provider=EspeakSpeech("Zyzzyvan"), directory=tmp_path)
+    assert report.files == {} and report.warning is not None and "could not speak 'zzz'" in report.warning
+
+
+def test_clips_are_cached_in_the_ledger_with_their_cost_and_never_asked_twice(tmp_path: Path) -> None:
+    class Counting:
+        name, model = "openai", "tts-1"
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def identity(self) -> str:
+            return "openai:tts-1:alloy:mp3"
+
+        def speak(self, text: str) -> Clip:
+            self.calls.append(text)
+            return Clip(mp3=speech_for(text), cost_usd=len(text) * 15 / 1e6)
+
+    engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        ledger = Ledger(engine)
+        provider = Counting()
+        first = synthesize(["학교", "학교에 가요."], provider=provider, directory=tmp_path / "a",
+                           store=AudioStore(ledger))
+        again = synthesize(["학교", "학교에 가요."], provider=provider, directory=tmp_path / "b",
+                           store=AudioStore(ledger))
+        assert provider.calls == ["학교", "학교에 가요."] and again.cached == 2
+        assert first.cost_usd == pytest.approx(len("학교학교에 가요.") * 15 / 1e6)
+        assert (tmp_path / "b" / media_name(provider.identity(), "학교")).read_bytes() == speech_for("학교")
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("select stage, model, cost_usd from api_calls").all()
+        assert sorted((stage, model, round(cost * 1e6)) for stage, model, cost in rows) == [
+            ("audio", "tts-1", 2 * 15), ("audio", "tts-1", 7 * 15)], "one billed call per clip, at $15 per M chars"
+    finally:
+        engine.dispose()
+
+
+async def test_the_simulator_answers_speech_with_mp3_and_the_provider_bills_it(tmp_path: Path) -> None:
+    async with run_simulator() as simulator:
+        provider = OpenAISpeech(simulator.base_url, "sk-secret-key", provider="simulated")
+        try:
+            clip = await asyncio.to_thread(provider.speak, "학교에 가요.")
+            assert is_mp3(clip.mp3) and clip.mp3 == speech_for("학교에 가요.")
+            assert clip.cost_usd == pytest.approx(len("학교에 가요.") * 15 / 1e6)
+            with pytest.raises(SpeechError, match="HTTP 400"):
+                await asyncio.to_thread(provider.speak, " ")
+        finally:
+            provider.close()
+        assert simulator.stats().stages["speech"] == 2

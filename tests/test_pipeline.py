@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from flashcard_pipeline.errors import (
     AuthenticationError,
@@ -286,7 +287,9 @@ class RefusingBackend:
     def attach(self, sink: Any) -> None:
         pass
 
-    async def get(self, key: str, *, count: bool = True) -> None:
+    restores = False
+
+    async def get(self, key: str, *, count: bool = True, restore: bool = True, stored_after: Any = None) -> None:
         return None
 
     async def put(self, entry: Any) -> None:
@@ -335,3 +338,56 @@ async def test_an_answer_the_cache_ttl_retired_is_not_brought_back_from_the_ledg
     await pipeline(ledger, again, cache=CompressedCache(RefusingBackend(), expiring)).run(
         new_run(ledger, key="run-b", first_position=50))
     assert len(again.calls) == 2 * len(TERMS)
+
+
+async def test_a_miss_costs_one_database_read_and_a_cleared_cache_costs_no_call(ledger: Ledger) -> None:
+    from unittest import mock
+
+    reads: list[str] = []
+    pages: list[list[str]] = []
+    single, many = ledger.cache_get, ledger.cache_get_many
+
+    def one(key: str, **kwargs: Any) -> Any:
+        reads.append(key)
+        return single(key, **kwargs)
+
+    def page(keys: list[str], **kwargs: Any) -> Any:
+        pages.append(list(keys))
+        return many(keys, **kwargs)
+
+    with mock.patch.object(ledger, "cache_get", side_effect=one), \
+            mock.patch.object(ledger, "cache_get_many", side_effect=page), \
+            mock.patch.object(ledger, "payload_for_cache_key", side_effect=AssertionError("a second read")):
+        await pipeline(ledger, ScriptedClient()).run(new_run(ledger))
+        assert [len(keys) for keys in pages] == [len(TERMS)], "the page's first stage in one read"
+        assert len(reads) == len(TERMS) and len(set(reads)) == len(TERMS), "one read per second-stage miss"
+
+        with ledger.engine.begin() as conn:  # `cache clear`: the answers stay with their run
+            conn.execute(text("delete from cache_entries"))
+        again = ScriptedClient()
+        reads.clear()
+        pages.clear()
+        outcome = await pipeline(ledger, again).run(new_run(ledger, key="run-b", first_position=50))
+    assert again.calls == [] and outcome.stats.cache_hits == 2 * len(TERMS)
+    assert len(pages) == 1 and len(reads) == len(TERMS), "restored from the stored results by the same reads"
+
+
+async def test_the_database_backend_restores_only_answers_younger_than_the_ttl(ledger: Ledger) -> None:
+    from flashcard_pipeline.cache.backends import DatabaseCacheBackend
+    from flashcard_pipeline.cache.compressed_cache import CompressedCache
+    from flashcard_pipeline.config import CacheSettings
+
+    await pipeline(ledger, ScriptedClient()).run(new_run(ledger))
+    with ledger.engine.begin() as conn:
+        conn.execute(text("delete from cache_entries"))
+    young = ScriptedClient()
+    cache = CompressedCache(DatabaseCacheBackend(ledger), CacheSettings(ttl_nuance=3600, ttl_cards=3600))
+    await pipeline(ledger, young, cache=cache).run(new_run(ledger, key="run-b", first_position=50))
+    assert young.calls == [], "stored an hour ago at most: restored"
+    with ledger.engine.begin() as conn:
+        conn.execute(text("delete from cache_entries"))
+    await asyncio.sleep(0.05)
+    old = ScriptedClient()
+    cache = CompressedCache(DatabaseCacheBackend(ledger), CacheSettings(ttl_nuance=0.01, ttl_cards=0.01))
+    await pipeline(ledger, old, cache=cache).run(new_run(ledger, key="run-c", first_position=100))
+    assert len(old.calls) == 2 * len(TERMS), "past the TTL: asked again"

@@ -145,7 +145,12 @@ def test_nuance_request_carries_term_hints_and_strict_schema(settings: StageSett
     payload = json.loads(re.search(r"<input>\n(.*)\n</input>", user, re.S).group(1))
     assert payload == {"term": "학교", "type": "noun", "language": "Korean", "learner_language": "English",
                        "hints": {"Definition": "school"}}
-    assert staged.prompt_version == "nuance.v1"
+    assert staged.prompt_version == "nuance.v2"
+    schema = body["response_format"]["json_schema"]["schema"]
+    keywords = json.dumps(schema)
+    assert '"maxItems"' in keywords and '"maxLength"' not in keywords, "array bounds stay, string lengths move"
+    assert {"example", "conjugations", "honorifics", "synonyms", "antonyms", "collocations", "hanja"} <= set(
+        schema["required"])
 
 
 def test_position_is_not_part_of_the_cache_key(settings: StageSettings) -> None:
@@ -159,7 +164,7 @@ def test_position_is_not_part_of_the_cache_key(settings: StageSettings) -> None:
     lambda s: dataclasses.replace(s, model="openai/gpt-4o"),
     lambda s: dataclasses.replace(s, provider="simulated"),
     lambda s: dataclasses.replace(s, learner_language="French"),
-    lambda s: dataclasses.replace(s, nuance_prompt=dataclasses.replace(s.nuance_prompt, version="nuance.v2")),
+    lambda s: dataclasses.replace(s, nuance_prompt=dataclasses.replace(s.nuance_prompt, version="nuance.v3")),
     lambda s: dataclasses.replace(s, nuance_prompt=dataclasses.replace(s.nuance_prompt, temperature=0.9)),
     lambda s: dataclasses.replace(s, nuance_prompt=dataclasses.replace(s.nuance_prompt, max_tokens=99)),
 ])
@@ -227,3 +232,18 @@ def test_custom_template_is_used(settings: StageSettings) -> None:
     staged = build_nuance_request(item(), dataclasses.replace(settings, nuance_prompt=template))
     assert staged.request.messages[0].content == "Teach Korean to English speakers."
     assert staged.request.max_tokens == 10 and staged.prompt_version == "nuance.test"
+
+
+def test_the_schema_work_done_once_per_stage_gives_the_same_keys_and_estimates() -> None:
+    from flashcard_pipeline.llm.client import estimate_request_tokens
+    from flashcard_pipeline.stages import cache_key_for
+
+    settings = StageSettings(provider="openrouter", model="openai/gpt-4o-mini")
+    first = build_nuance_request(VocabularyItem(position=1, term="학교"), settings)
+    second = build_nuance_request(VocabularyItem(position=2, term="먹다"), settings)
+    assert first.request.response_format is second.request.response_format, "one schema per stage, not per call"
+    for staged in (first, second):
+        # The spliced canonical JSON hashes exactly like the plain dump of the whole body.
+        assert staged.cache_key == cache_key_for("openrouter", staged.request, staged.prompt_version)
+        assert staged.estimated_tokens == estimate_request_tokens(staged.request)
+    assert first.cache_key != second.cache_key

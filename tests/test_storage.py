@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -62,7 +63,10 @@ def test_pool_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch
     engine = create_db_engine(f"sqlite:///{tmp_path / 'p.db'}")
     assert isinstance(engine.pool, MonitoredQueuePool)
     assert engine.pool.size() == 7 and engine.pool._max_overflow == 3 and engine.pool._recycle == 120
-    assert engine.pool._pre_ping is True
+    assert engine.pool._pre_ping is False, "a SQLite file's connections never go stale: no ping per checkout"
+    server = create_db_engine("postgresql+psycopg://u@127.0.0.1:1/x")  # never connected
+    assert server.pool._pre_ping is True and server.pool.size() == 7
+    server.dispose()
     monkeypatch.setenv("DB_POOL_SIZE", "0")
     with pytest.raises(ValueError, match="pool_size"):
         DatabaseSettings()
@@ -201,4 +205,67 @@ def test_processes_opening_a_new_database_at_once_all_get_it(db_url: str) -> Non
     engine = open_database(db_url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+    engine.dispose()
+
+
+def _ledger_state(engine: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row that batched writes touch, without ids and timestamps."""
+    queries = {
+        "items": "select position, nuance_state, nuance_attempts, cards_state, cards_attempts, error_stage, "
+                 "error_category, error_code, error_message from items order by position",
+        "results": "select i.position, r.stage, r.cache_key, r.payload, r.from_cache from stage_results r "
+                   "join items i on i.id = r.item_id order by i.position, r.stage",
+        "cards": "select i.position, c.ordinal, c.card_type, c.front from cards c join items i on i.id = c.item_id "
+                 "order by i.position, c.ordinal",
+        "cache": "select key, stage, codec, value, hit_count from cache_entries order by key",
+        "calls": "select stage, status, tokens_in from api_calls order by id",
+    }
+    with engine.connect() as conn:
+        return {name: [tuple(row) for row in conn.execute(text(sql))] for name, sql in queries.items()}
+
+
+def test_a_batch_written_at_once_ends_as_the_same_operations_applied_one_by_one(db_url: str) -> None:
+    from flashcard_pipeline.models import CardType, Flashcard
+    from flashcard_pipeline.storage.ledger import CacheHit, CachePut, CallRecorded, StageCompleted, StageFailed
+
+    def card(front: str) -> Flashcard:
+        return Flashcard(card_type=CardType.SCENE, front=front, back="back")
+
+    engine = open_database(db_url)
+    ledger = Ledger(engine)
+
+    def run(key: str) -> tuple[int, list[int]]:
+        record = ledger.create_run(run_key=key, input_path="x", input_sha256="0" * 64, provider="p", model="m",
+                                   settings={}, target_language="Korean", learner_language="English",
+                                   simulated=False, items=[VocabularyItem(position=i, term=f"t{i}")
+                                                           for i in range(1, 5)])
+        return record.id, [p.id for p in ledger.pending_items(record.id)]
+
+    def ops(made: tuple[int, list[int]], tag: str) -> list[Any]:
+        run_id, (a, b, c, d) = made
+        put = CachePut(key=f"{tag}-k1", stage="nuance", provider="p", model="m", prompt_version="v", value=b"x")
+        return [
+            StageStarted(a, "nuance"), StageStarted(b, "nuance"), put,
+            StageCompleted(a, "nuance", f"{tag}-k1", '{"a": 1}', False, None), CacheHit(f"{tag}-k1"),
+            StageStarted(a, "cards"), StageFailed(b, "nuance", "server", "http_500", "boom"),
+            CallRecorded(None, a, "nuance", "p", "m", f"{tag}-k1", "ok", tokens_in=3),
+            StageCompleted(a, "cards", f"{tag}-k2", "{}", False, run_id, (card("one"), card("two"))),
+            StageStarted(c, "nuance"), CacheHit(f"{tag}-k1"), StageCompleted(c, "nuance", f"{tag}-k1", '{"c": 1}',
+                                                                             True, None),
+            put, StageStarted(d, "nuance"), StageStarted(c, "cards"),
+            StageCompleted(c, "cards", f"{tag}-k3", "{}", False, run_id, (card("three"),)), CacheHit(f"{tag}-k1"),
+        ]
+
+    ledger.write_batch(ops(run("together"), "t"))
+    together = _ledger_state(engine)
+    with engine.begin() as conn:
+        for table in ("cards", "stage_results", "api_calls", "cache_entries", "items", "runs"):
+            conn.execute(text(f"delete from {table}"))
+    for op in ops(run("one-by-one"), "t"):
+        ledger.write_batch([op])
+    assert _ledger_state(engine) == together
+    assert [row[1:5] for row in together["items"]] == [
+        ("done", 1, "done", 1), ("failed", 1, "pending", 0), ("done", 1, "done", 1), ("in_flight", 1, "pending", 0)]
+    assert [row[4] for row in together["cache"]] == [1], "a put starts its entry's hits afresh"
+    assert len(together["cards"]) == 3
     engine.dispose()

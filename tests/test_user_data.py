@@ -145,7 +145,9 @@ async def test_a_cache_that_fails_to_read_is_a_miss_not_a_failed_item() -> None:
         def attach(self, sink: object) -> None:
             pass
 
-        async def get(self, key: str, *, count: bool = True) -> None:
+        restores = False
+
+        async def get(self, key: str, *, count: bool = True, restore: bool = True, stored_after: Any = None) -> None:
             raise ConnectionError("gone")
 
     cache = CompressedCache(Broken(), CacheSettings())  # type: ignore[arg-type]

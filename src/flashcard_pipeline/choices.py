@@ -31,3 +31,4 @@ class Subdecks(StrEnum):
 
 class AudioEngine(StrEnum):
     ESPEAK = "espeak"
+    OPENAI = "openai"

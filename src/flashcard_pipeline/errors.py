@@ -286,6 +286,24 @@ class SchemaViolationError(InvalidResponseError):
     default_code = "schema_violation"
 
 
+class ContentCheckError(SchemaViolationError):
+    """A schema-valid answer that fails a content check (the example lacks the term, a Hanja reading is wrong).
+
+    Re-asked once with the problems; an answer that still fails is kept and its item flagged for review, so
+    ``value`` carries the parsed answer and ``details["problems"]`` the reasons.
+    """
+
+    default_code = "content_check"
+
+    def __init__(self, message: str, *, value: Any = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.value = value
+
+    @property
+    def problems(self) -> list[str]:
+        return [str(p) for p in self.details.get("problems", [])]
+
+
 class EmptyContentError(InvalidResponseError):
     default_code = "empty_content"
 

@@ -63,6 +63,8 @@ def _normalize_name(name: str) -> str:
 _TERM_KEYS = frozenset(map(_normalize_name, TERM_ALIASES))
 _POSITION_KEYS = frozenset(map(_normalize_name, POSITION_ALIASES))
 _TYPE_KEYS = frozenset(map(_normalize_name, TYPE_ALIASES))
+#: A frequency rank column is no hint (see BOOKKEEPING_COLUMNS), but the learner can sort cards by it.
+_FREQUENCY_KEYS = frozenset(map(_normalize_name, ("frequency", "frequency_rank", "freq_rank")))
 _BOOKKEEPING_KEYS = frozenset(map(_normalize_name, BOOKKEEPING_COLUMNS))
 
 
@@ -100,6 +102,7 @@ class _Columns:
     type: int | None = None
     hints: tuple[tuple[int, str], ...] = ()
     dropped: tuple[str, ...] = ()
+    frequency: int | None = None
 
 
 _TEXT_COLUMNS = _Columns(names=(), term=0)
@@ -160,6 +163,8 @@ def _map_columns(cells: list[str]) -> _Columns | None:
                 roles[role] = index
                 break
         else:
+            if key in _FREQUENCY_KEYS and "frequency" not in roles:
+                roles["frequency"] = index
             if key in _BOOKKEEPING_KEYS:
                 dropped.append(name)
             else:
@@ -173,6 +178,7 @@ def _map_columns(cells: list[str]) -> _Columns | None:
         type=roles.get("type"),
         hints=tuple(hints),
         dropped=tuple(dropped),
+        frequency=roles.get("frequency"),
     )
 
 
@@ -492,7 +498,9 @@ class VocabularyReader:
             # Too long to be a part of speech, but still worth showing the model.
             hints[columns.names[columns.type]] = _clip(word_type, self._max_hint_chars)
             word_type = None
-        return VocabularyItem(position=position, term=term, type=word_type, hints=hints, source_row=start)
+        frequency_rank = _parse_position(cell(columns.frequency)) if cell(columns.frequency) else None
+        return VocabularyItem(position=position, term=term, type=word_type, hints=hints, source_row=start,
+                              frequency_rank=frequency_rank or None)
 
 
 def read_vocabulary(

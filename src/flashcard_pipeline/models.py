@@ -63,6 +63,8 @@ class VocabularyItem(_Strict):
     type: str | None = Field(default=None, max_length=40, description="part of speech as given in the input")
     hints: dict[str, str] = Field(default_factory=dict, description="extra columns given to the model as hints")
     source_row: int | None = Field(default=None, description="line/record number in the input file")
+    frequency_rank: int | None = Field(default=None, ge=1, description="the list's frequency rank column; like "
+                                                                          "the position, never part of a cache key")
 
 
 class Comparison(_Strict):
@@ -71,10 +73,38 @@ class Comparison(_Strict):
 
 
 class Homonym(_Strict):
-    hanja: ShortText = Field(description="the Chinese characters")
-    reading: ShortText = Field(description="their reading in the target language")
+    """Another word that sounds the same as the term (눈 'eye' and 눈 'snow'), native or Sino-Korean."""
+
+    hanja: ShortText | None = Field(default=None, description="its Chinese characters, or null for a native word")
+    reading: ShortText = Field(description="how it is read (the same sound as the term)")
     meaning: ShortText
     differentiator: MediumText = Field(description="how to tell this homonym apart")
+
+
+class ExampleSentence(_Strict):
+    sentence: MediumText = Field(description="a natural sentence in the target language that uses the term")
+    translation: MediumText = Field(description="its translation into the learner's language")
+
+
+class Form(_Strict):
+    """A conjugated or honorific form of a verb or adjective."""
+
+    label: ShortText = Field(description="which form, e.g. 'present polite (-아요/어요)'")
+    form: ShortText = Field(description="the form, in the target language's script")
+
+
+class HanjaCharacter(_Strict):
+    character: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2)]
+    meaning: ShortText = Field(description="its native gloss (훈) in the target language, e.g. 배울 for 學")
+    reading: ShortText = Field(description="its reading (음), e.g. 학 for 學")
+    gloss: ShortText = Field(description="its meaning in the learner's language, e.g. 'learn'")
+
+
+class HanjaSpelling(_Strict):
+    """The term's own Hanja, character by character (學 배울 학 + 校 학교 교)."""
+
+    hanja: ShortText = Field(description="the term's Chinese characters, e.g. 學校 for 학교")
+    characters: list[HanjaCharacter] = Field(min_length=1, max_length=8)
 
 
 class TermAnalysis(_Strict):
@@ -96,10 +126,19 @@ class TermAnalysis(_Strict):
     comparison: Comparison | None = None
     homonyms: list[Homonym] = Field(default_factory=list, max_length=5)
     keywords: list[ShortText] = Field(default_factory=list, max_length=10)
+    # Version 2 (prompt nuance.v2). The defaults let answers stored by version 1 still load.
+    example: ExampleSentence | None = None
+    conjugations: list[Form] = Field(default_factory=list, max_length=8)
+    honorifics: list[Form] = Field(default_factory=list, max_length=4)
+    synonyms: list[ShortText] = Field(default_factory=list, max_length=5)
+    antonyms: list[ShortText] = Field(default_factory=list, max_length=5)
+    collocations: list[ShortText] = Field(default_factory=list, max_length=6)
+    hanja: HanjaSpelling | None = None
 
     @property
     def has_hanja(self) -> bool:
-        return bool(self.homonyms)
+        """The term is written with Hanja (version 1 answers listed the term's own Hanja as homonyms)."""
+        return self.hanja is not None or any(h.hanja for h in self.homonyms)
 
 
 class Flashcard(_Strict):
@@ -137,6 +176,8 @@ class TermResult(_Strict):
     item: VocabularyItem
     analysis: TermAnalysis
     cards: list[Flashcard]
+    #: Content checks the answers still failed after one re-ask ("nuance: ..."); the item needs review.
+    flags: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _has_cards(self) -> TermResult:
@@ -145,20 +186,18 @@ class TermResult(_Strict):
         return self
 
 
-_LIMIT_WORDS = {
-    "minItems": "at least {} items",
-    "maxItems": "at most {} items",
-    "maxLength": "at most {} characters",
-}
-_UNSUPPORTED_IN_STRICT = ("maxLength", "minLength", "maxItems", "minItems", "pattern", "default", "format")
+#: Strict structured outputs accept ``minItems`` and ``maxItems`` on arrays, so those stay in the schema; string
+#: lengths, which it rejects, move into the description.
+_LIMIT_WORDS = {"maxLength": "at most {} characters"}
+_UNSUPPORTED_IN_STRICT = ("maxLength", "minLength", "pattern", "default", "format")
 
 
 def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The model's JSON schema in the subset that OpenAI-style ``strict`` structured output accepts.
 
     Strict mode wants every property required and ``additionalProperties: false``; optional
-    fields stay nullable. Length limits it cannot express move into the description, and our own
-    validation enforces them on the answer.
+    fields stay nullable. Array bounds (``minItems``/``maxItems``) stay; string length limits, which it cannot
+    express, move into the description, and our own validation enforces them on the answer.
     """
     schema = copy.deepcopy(model.model_json_schema())
 

@@ -13,22 +13,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
 from flashcard_pipeline.cache.backends import DatabaseCacheBackend
 from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache
+from flashcard_pipeline.checks import check_analysis, check_cards
 from flashcard_pipeline.errors import (
     APIError,
     BudgetExceededError,
+    ContentCheckError,
     InvalidResponseError,
     StructuredError,
 )
-from flashcard_pipeline.llm.client import estimate_request_tokens
 from flashcard_pipeline.llm.policy import CallContext, CallPolicy, DirectPolicy
-from flashcard_pipeline.llm.types import ChatRequest, ChatResponse
+from flashcard_pipeline.llm.types import ChatMessage, ChatRequest, ChatResponse
 from flashcard_pipeline.models import FlashcardSet, TermAnalysis
 from flashcard_pipeline.stages import (
     CARDS,
@@ -43,6 +44,7 @@ from flashcard_pipeline.stages import (
 from flashcard_pipeline.storage.ledger import (
     CallRecorded,
     FailedItem,
+    FlaggedItem,
     Ledger,
     LedgerWriter,
     PendingItem,
@@ -55,6 +57,22 @@ from flashcard_pipeline.storage.schema import RunStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R")
+Check = Callable[[T], list[str]]
+
+
+def reask_message(problems: list[str]) -> str:
+    """What the model is told when its answer failed the content checks."""
+    listed = "\n".join(f"- {problem}" for problem in problems)
+    return (f"Your answer failed these checks:\n{listed}\nAnswer again with the whole JSON object, following the "
+            "schema, with these problems fixed.")
+
+
+@dataclass
+class _Reask:
+    """The one content re-ask of a stage: the failed answer and the problems, sent back with the request."""
+
+    messages: tuple[ChatMessage, ...] = ()
 
 
 class ChatClient(Protocol):
@@ -76,6 +94,8 @@ class RunStats:
     cost_usd: float = 0.0
     cache_hits: int = 0
     already_done: int = 0
+    #: Items whose answers still failed a content check after the re-ask (kept, flagged for review).
+    flagged: int = 0
     started_at: float = field(default_factory=time.monotonic)
     pause_reason: str | None = None
     rate_limited: int = 0
@@ -107,6 +127,7 @@ class RunOutcome:
     stats: RunStats
     failures: list[FailedItem]
     abort_reason: str | None = None
+    flagged: list[FlaggedItem] = field(default_factory=list)
 
 
 class _Abort(Exception):
@@ -165,6 +186,7 @@ class Pipeline:
                 await self.cache.flush_counts()
                 self.cache.backend.attach(None)
         failures = await asyncio.to_thread(self.ledger.failures, run.id)
+        flagged = await asyncio.to_thread(self.ledger.flagged, run.id)
         final = await asyncio.to_thread(self.ledger.summary, run.id)
         if abort is not None:
             status = RunStatus.ABORTED
@@ -174,7 +196,7 @@ class Pipeline:
             status = RunStatus.FAILED
         await asyncio.to_thread(self.ledger.set_run_status, run.id, status)
         return RunOutcome(run_id=run.id, status=status, stats=self.stats, failures=failures,
-                          abort_reason=None if abort is None else str(abort))
+                          abort_reason=None if abort is None else str(abort), flagged=flagged)
 
     async def _produce(self, queue: asyncio.Queue[PendingItem | None]) -> None:
         after = 0
@@ -182,6 +204,9 @@ class Pipeline:
             page = await asyncio.to_thread(self.ledger.pending_items, self._run_id, after_position=after, limit=200)
             if not page:
                 break
+            if not self.force:  # the page's first-stage answers in one read, not one read per item
+                await self.cache.prefetch([build_nuance_request(p.item, self.settings).cache_key
+                                           for p in page if not p.nuance_done], NUANCE)
             for pending in page:
                 await queue.put(pending)
             after = page[-1].item.position
@@ -205,14 +230,22 @@ class Pipeline:
                 payload = await asyncio.to_thread(self.ledger.stage_payload, pending.id, NUANCE)
                 if payload is not None:
                     analysis = TermAnalysis.model_validate_json(payload)
+            language = self.settings.language
+            flagged = False
             if analysis is None:
-                analysis = await self._stage(pending, build_nuance_request(item, self.settings),
-                                             lambda content: parse_nuance(content, item))
+                analysis, problems = await self._stage(
+                    pending, build_nuance_request(item, self.settings), lambda content: parse_nuance(content, item),
+                    lambda answer: check_analysis(answer, term=item.term, language=language))
+                flagged = bool(problems)
             stage = CARDS
             final_analysis = analysis
-            await self._stage(pending, build_cards_request(item, analysis, self.settings),
-                              lambda content: parse_cards(content, final_analysis))
+            _, problems = await self._stage(
+                pending, build_cards_request(item, analysis, self.settings),
+                lambda content: parse_cards(content, final_analysis),
+                lambda cards: check_cards(cards, final_analysis, term=item.term, language=language))
             self.stats.done += 1
+            if flagged or problems:
+                self.stats.flagged += 1
         except _Abort:
             raise
         except StructuredError as error:
@@ -228,38 +261,70 @@ class Pipeline:
         self.stats.failed += 1
         self._writer.submit(StageFailed(pending.id, stage, error.category.value, error.code, error.message))
 
-    async def _stage(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T]) -> T:
+    async def _stage(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
+                     check: Check[T]) -> tuple[T, list[str]]:
+        """The stage's answer and the content checks it still fails (empty when it passes).
+
+        A fresh answer that fails a check is re-asked once, with the problems, through the policy's re-ask
+        budget (:class:`ContentCheckError` is a schema violation); the answer after that is kept as it is. A
+        cached or recorded answer is checked again but never re-asked (that would pay for it every run)."""
         writer = self._writer
         assert writer is not None
         writer.submit(StageStarted(pending.id, staged.stage))
-        if not self.force and (cached := await self._cached(pending, staged, parse)) is not None:
+        if not self.force and (cached := await self._cached(pending, staged, parse, check)) is not None:
             return cached
         async with self.cache.single_flight(staged.cache_key):
-            # A concurrent task may have paid for this very answer while we waited.
-            if not self.force and (cached := await self._cached(pending, staged, parse, recheck=True)) is not None:
+            # A concurrent task may have paid for this very answer while we waited: it is in this process.
+            if not self.force and (held := self.cache.held(staged.cache_key)) is not None \
+                    and (cached := self._accept(pending, staged, parse, check, held)) is not None:
                 return cached
-            if not self.force and (recorded := await self._recorded(pending, staged, parse)) is not None:
+            if not self.force and not self.cache.backend.restores \
+                    and (recorded := await self._recorded(pending, staged, parse, check)) is not None:
                 return recorded
             self._check_budget()  # not even a rate-limit slot once the budget is spent
             context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
-                                  model=self.settings.model, estimated_tokens=estimate_request_tokens(staged.request),
+                                  model=self.settings.model, estimated_tokens=staged.estimated_tokens,
                                   before_retry=self._check_budget)
+            reask = _Reask()
 
-            async def attempt() -> tuple[T, ChatResponse]:
-                return await self._call(pending, staged, parse)
+            def checked(content: str) -> tuple[T, list[str]]:
+                result = parse(content)
+                problems = check(result)
+                if problems and not reask.messages:
+                    reask.messages = (ChatMessage("assistant", content), ChatMessage("user", reask_message(problems)))
+                    raise ContentCheckError(f"{staged.stage}: the answer failed content checks: {'; '.join(problems)}",
+                                            value=result, details={"stage": staged.stage, "problems": problems})
+                return result, problems
 
-            result, response = await self.policy.execute(attempt, context)
+            async def attempt() -> tuple[tuple[T, list[str]], ChatResponse]:
+                request = staged.request
+                if reask.messages:
+                    request = replace(request, messages=(*request.messages, *reask.messages))
+                return await self._call(pending, staged, checked, request)
+
+            response: ChatResponse | None
+            try:
+                (result, problems), response = await self.policy.execute(attempt, context)
+            except ContentCheckError as error:  # no re-ask left in the policy: keep the answer, flagged
+                result, problems, response = error.value, error.problems, None
+            if problems:
+                log.warning("%s of %r still fails content checks, kept for review: %s", staged.stage,
+                            pending.item.term, "; ".join(problems))
             # The ledger gets the answer first; the cache copy is best effort (a failed write is counted).
-            writer.submit(self._completed(pending, staged, result, False))
+            writer.submit(self._completed(pending, staged, result, False, problems))
             await self.cache.put(self._cache_record(staged, result.model_dump_json().encode("utf-8"), response))
-        return result
+        return result, problems
 
     async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
-                      recheck: bool = False) -> T | None:
+                      check: Check[T]) -> tuple[T, list[str]] | None:
+        value = await self.cache.get(staged.cache_key, staged.stage)
+        return None if value is None else self._accept(pending, staged, parse, check, value)
+
+    def _accept(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T], check: Check[T],
+                value: bytes) -> tuple[T, list[str]] | None:
+        """A cached answer as the stage's result (with its content problems), or None (and forgotten) when it is
+        unusable."""
         assert self._writer is not None
-        value = await self.cache.get(staged.cache_key, staged.stage, count=not recheck)
-        if value is None:
-            return None
         try:
             result = parse(value.decode("utf-8"))
         except (InvalidResponseError, UnicodeDecodeError):
@@ -267,12 +332,15 @@ class Pipeline:
             self.cache.forget(staged.cache_key)
             return None
         self.stats.cache_hits += 1
-        self._writer.submit(self._completed(pending, staged, result, True))
-        return result
+        problems = check(result)
+        self._writer.submit(self._completed(pending, staged, result, True, problems))
+        return result, problems
 
-    async def _recorded(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T]) -> T | None:
-        """An answer some run already paid for whose cache copy is missing (the cache write failed, the cache
-        was cleared, or it lives in a Redis that lost it): taken from the ledger and put back in the cache."""
+    async def _recorded(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
+                        check: Check[T]) -> tuple[T, list[str]] | None:
+        """An answer some run already paid for whose cache copy is missing (the cache write failed, or it lives
+        in a Redis that lost it): taken from the ledger and put back in the cache. The database backend does this
+        in its own read."""
         assert self._writer is not None
         payload = await asyncio.to_thread(self.ledger.payload_for_cache_key, staged.cache_key,
                                           newer_than=self.cache.retired_before(staged.stage))
@@ -284,8 +352,9 @@ class Pipeline:
             return None
         self.stats.cache_hits += 1
         await self.cache.put(self._cache_record(staged, payload.encode("utf-8")))
-        self._writer.submit(self._completed(pending, staged, result, True))
-        return result
+        problems = check(result)
+        self._writer.submit(self._completed(pending, staged, result, True, problems))
+        return result, problems
 
     def _cache_record(self, staged: StageRequest, value: bytes, response: ChatResponse | None = None) -> CacheRecord:
         usage = response.usage if response is not None else None
@@ -297,21 +366,21 @@ class Pipeline:
                            cost_usd=usage.cost_usd if usage else None)
 
     def _completed(self, pending: PendingItem, staged: StageRequest, result: BaseModel,
-                   from_cache: bool) -> StageCompleted:
+                   from_cache: bool, flags: list[str]) -> StageCompleted:
         cards = tuple(result.cards) if isinstance(result, FlashcardSet) else ()
         return StageCompleted(item_id=pending.id, stage=staged.stage, cache_key=staged.cache_key,
                               payload=result.model_dump_json(), from_cache=from_cache, run_id=self._run_id,
-                              cards=cards)
+                              cards=cards, flags=tuple(flags))
 
-    async def _call(self, pending: PendingItem, staged: StageRequest,
-                    parse: Callable[[str], T]) -> tuple[T, ChatResponse]:
+    async def _call(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], R],
+                    request: ChatRequest | None = None) -> tuple[R, ChatResponse]:
         """One provider call: send, record, validate. Raises the structured error of a failed attempt."""
         assert self._writer is not None
         self.stats.requests += 1
         started = self.clock()
         response: ChatResponse | None = None
         try:
-            response = await self.client.complete(staged.request)
+            response = await self.client.complete(request or staged.request)
             result = parse(response.content)
         except StructuredError as error:
             self.stats.api_errors += 1

@@ -24,7 +24,10 @@ from flashcard_pipeline.config import CacheSettings, GeneralSettings, KeySetting
 from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
     FORMATS,
+    AudioEngine,
+    AudioStore,
     ExportReport,
+    SpeechSettings,
     check_options,
     check_writable,
     resolve_format,
@@ -32,7 +35,7 @@ from flashcard_pipeline.export import (
 )
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.capabilities import ModelKind
-from flashcard_pipeline.llm.client import LLMClient, estimate_request_tokens
+from flashcard_pipeline.llm.client import LLMClient
 from flashcard_pipeline.llm.policy import CallPolicy, PolicyPipeline
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
 from flashcard_pipeline.models import VocabularyItem
@@ -353,10 +356,11 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
         output = options.output_path
         results = ledger.results(run.id)
         try:
-            report = await asyncio.to_thread(
-                write_export, options.export_format, results, output, deck_name=options.deck_name,
-                subdecks=options.subdecks, language=run.target_language, simulated=run.simulated,
-                audio=options.audio)
+            async with speech_settings(options, provider, ledger, run) as speech:
+                report = await asyncio.to_thread(
+                    write_export, options.export_format, results, output, deck_name=options.deck_name,
+                    subdecks=options.subdecks, language=run.target_language, simulated=run.simulated,
+                    audio=options.audio, source=options.input_path.stem, speech=speech)
         except OSError as exc:  # the folder went away or filled up during the run; the cards are stored
             raise ConfigurationError(f"cannot write {output}: {exc.strerror or exc}; the cards are stored, "
                                      f"`flashcard-pipeline export --run {run.id} -o FILE` writes them") from exc
@@ -366,6 +370,23 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
                              model=run.model)
     finally:
         engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def speech_settings(options: ProcessOptions, provider: ProviderConfig, ledger: Ledger,
+                          run: RunRecord) -> AsyncIterator[SpeechSettings]:
+    """Audio goes through the run's own provider and key (``--audio openai``; for the simulated provider a
+    simulator serves the export), and is cached and billed in the run's ledger."""
+    store = AudioStore(ledger, run.id)
+    if options.audio != AudioEngine.OPENAI.value:
+        yield SpeechSettings(store=store)
+        return
+    if provider.name is ProviderName.SIMULATED:
+        async with run_simulator(options.simulator) as simulator:
+            yield SpeechSettings(base_url=simulator.base_url, provider=provider.name.value, store=store)
+        return
+    key = provider.api_key.get_secret_value() if provider.api_key is not None else None
+    yield SpeechSettings(base_url=provider.base_url, api_key=key, provider=provider.name.value, store=store)
 
 
 def _check_services(cache: CacheSettings, limiters: list[RateLimitPolicy]) -> None:
@@ -384,7 +405,8 @@ def _finished(ledger: Ledger, run: RunRecord) -> RunOutcome:
         ledger.set_run_status(run.id, RunStatus.COMPLETED)
     stats = RunStats(total=summary.total, done=summary.done, already_done=summary.done,
                      simulated=run.simulated)
-    return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[])
+    return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[],
+                      flagged=ledger.flagged(run.id))
 
 
 def default_policy(options: ProcessOptions) -> CallPolicy:
@@ -439,18 +461,19 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
             _show_pauses(pipeline.stats, breakers)
             await stack.enter_async_context(BreakerSync(BreakerStore(ledger.engine), breakers, run_id=run.id,
                                                         poll_interval=breakers[0].config.poll_interval))
-        # A heartbeat for `monitor` and `runs` in another terminal: live counters, pause reason, options.
-        owner, invocation = process_owner(), _invocation_options(options)
-        await stack.enter_async_context(publishing_progress(
-            lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"progress": snapshot}),
-            lambda active: progress_snapshot(pipeline.stats, owner=owner, options=invocation, active=active)))
         for limiter in rate_limit_policies(policy):
             limiter.on_pause = lambda group, seconds: pipeline.stats.note_rate_limit(group.label, seconds)
             # Published every RL_PUBLISH_INTERVAL s for `ratelimit status` in another terminal.
             stack.push_async_callback(limiter.aclose)
             await stack.enter_async_context(limiter.publishing(
                 lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"ratelimit": snapshot})))
-        async with reporter.live(pipeline.stats):
+        # A heartbeat for `monitor` and `runs` in another terminal (live counters, pause reason, options); its last
+        # beat is written before the pool statistics below are taken, so none of its connections is counted.
+        owner, invocation = process_owner(), _invocation_options(options)
+        heartbeat = publishing_progress(
+            lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"progress": snapshot}),
+            lambda active: progress_snapshot(pipeline.stats, owner=owner, options=invocation, active=active))
+        async with reporter.live(pipeline.stats), heartbeat:
             outcome = await pipeline.run(run)
         monitor = pool_monitor(ledger.engine)
         metrics = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
@@ -480,8 +503,8 @@ async def _estimate(options: ProcessOptions, reader: VocabularyReader, settings:
         if options.force:
             return None
         value = await cache.get(staged.cache_key, staged.stage, count=False)
-        if value is not None:
-            return value.decode("utf-8")
+        if value is not None or cache.backend.restores:
+            return None if value is None else value.decode("utf-8")
         return await asyncio.to_thread(ledger.payload_for_cache_key, staged.cache_key,
                                        newer_than=cache.retired_before(staged.stage))
 
@@ -489,7 +512,7 @@ async def _estimate(options: ProcessOptions, reader: VocabularyReader, settings:
     for item in await asyncio.to_thread(list, _selected(reader, options)):
         items += 1
         staged = build_nuance_request(item, settings)
-        prompt = estimate_request_tokens(staged.request) - staged.request.max_tokens
+        prompt = staged.estimated_tokens - staged.request.max_tokens
         answer = await paid(staged)
         if answer is not None:
             cached += 1

@@ -5,6 +5,7 @@ Nothing here does I/O, so the same code serves the pipeline, ``--dry-run`` estim
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -17,6 +18,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from flashcard_pipeline.errors import ConfigurationError, MalformedJSONError, SchemaViolationError
 from flashcard_pipeline.llm.capabilities import CHAT, ModelCapabilities, ModelKind, capabilities_for, parse_model_kind
+from flashcard_pipeline.llm.client import estimate_request_tokens, estimate_tokens
 from flashcard_pipeline.llm.providers import ProviderName
 from flashcard_pipeline.llm.types import ChatMessage, ChatRequest, check_params
 from flashcard_pipeline.models import (
@@ -123,6 +125,8 @@ class StageRequest:
     request: ChatRequest
     cache_key: str
     prompt_version: str
+    #: Prompt estimate plus ``max_tokens``: what a token budget must hold for this call (computed once).
+    estimated_tokens: int = 0
 
 
 def _canonical(data: Any) -> str:
@@ -133,12 +137,38 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+@dataclass(frozen=True)
+class _Format:
+    """A stage's ``response_format`` with what every request would otherwise recompute from it: pydantic's schema
+    generation, its canonical JSON (for cache keys) and its token estimate cost about a millisecond a request."""
+
+    value: dict[str, Any]
+    canonical: str
+    tokens: int
+
+
+@functools.cache
+def _stage_format(stage: str, model: type[BaseModel]) -> _Format:
+    value = {"type": "json_schema",
+             "json_schema": {"name": SCHEMA_NAMES[stage], "strict": True, "schema": strict_json_schema(model)}}
+    return _Format(value=value, canonical=_canonical(value),
+                   tokens=estimate_tokens(json.dumps(value, ensure_ascii=False)))
+
+
 def _response_format(stage: str, model: type[BaseModel]) -> dict[str, Any]:
-    return {"type": "json_schema",
-            "json_schema": {"name": SCHEMA_NAMES[stage], "strict": True, "schema": strict_json_schema(model)}}
+    """Shared by every request of the stage: nothing may change it."""
+    return _stage_format(stage, model).value
 
 
-def cache_key_for(provider: str, request: ChatRequest, prompt_version: str, upstream: str | None = None) -> str:
+def _canonical_with(data: dict[str, Any], known: dict[str, str]) -> str:
+    """``_canonical(data)`` for a dict, with the canonical JSON of some values given: the same text, since a sorted
+    compact dump is each key's dump followed by its value's, in key order."""
+    return "{" + ",".join(f"{_canonical(key)}:{known[key] if key in known else _canonical(data[key])}"
+                          for key in sorted(data)) + "}"
+
+
+def cache_key_for(provider: str, request: ChatRequest, prompt_version: str, upstream: str | None = None,
+                  *, format_json: str | None = None) -> str:
     """Hash of provider, model, every generation parameter, prompt version, messages and schema.
 
     The item's position is deliberately absent: the same term at another place in another list
@@ -147,13 +177,10 @@ def cache_key_for(provider: str, request: ChatRequest, prompt_version: str, upst
     of answers cached before it was sent. A ``--param provider=...`` is the user's choice and counts.
     """
     body = replace(request, require_parameters=False).to_body()
-    material = {
-        "provider": provider,
-        "prompt_version": prompt_version,
-        "body": {k: v for k, v in body.items() if k not in ("usage", "stream")},
-        "upstream": upstream,
-    }
-    return sha256_text(_canonical(material))
+    body = {k: v for k, v in body.items() if k not in ("usage", "stream")}
+    known = {"response_format": format_json} if format_json is not None and "response_format" in body else {}
+    material = {"provider": provider, "prompt_version": prompt_version, "upstream": upstream}
+    return sha256_text(_canonical_with({**material, "body": body}, {"body": _canonical_with(body, known)}))
 
 
 def _build(stage: str, template: PromptTemplate, settings: StageSettings, payload: dict[str, Any],
@@ -161,10 +188,11 @@ def _build(stage: str, template: PromptTemplate, settings: StageSettings, payloa
     system, user = template.render(language=settings.language, learner_language=settings.learner_language,
                                    input_json=json.dumps(payload, ensure_ascii=False, sort_keys=True, indent=1))
     capabilities = settings.capabilities
+    response_format = _stage_format(stage, output)
     request = ChatRequest(
         model=settings.model,
         messages=(ChatMessage("system", system), ChatMessage("user", user)),
-        response_format=_response_format(stage, output),
+        response_format=response_format.value,
         temperature=template.temperature if capabilities.supports_temperature else None,
         max_tokens=template.max_tokens,
         token_parameter=capabilities.token_parameter,
@@ -174,7 +202,9 @@ def _build(stage: str, template: PromptTemplate, settings: StageSettings, payloa
         extra_body=settings.extra_body,
     )
     return StageRequest(stage=stage, request=request, prompt_version=template.version,
-                        cache_key=cache_key_for(settings.provider, request, template.version, upstream))
+                        cache_key=cache_key_for(settings.provider, request, template.version, upstream,
+                                                format_json=response_format.canonical),
+                        estimated_tokens=estimate_request_tokens(request, format_tokens=response_format.tokens))
 
 
 def build_nuance_request(item: VocabularyItem, settings: StageSettings) -> StageRequest:

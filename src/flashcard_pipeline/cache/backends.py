@@ -61,6 +61,9 @@ class DatabaseCacheBackend:
     """Reads from ``cache_entries``; writes go through the ledger writer when one is attached, so a
     paid answer is committed in the same transaction as the stage result it belongs to."""
 
+    #: A miss also finds the answer a run stored for the same request (same database, same read).
+    restores = True
+
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self._sink: Callable[..., None] | None = None
@@ -79,13 +82,23 @@ class DatabaseCacheBackend:
         else:
             await asyncio.to_thread(self.ledger.write_batch, list(ops))
 
-    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
-        found = await asyncio.to_thread(self.ledger.cache_get, key)
+    async def get(self, key: str, *, count: bool = True, restore: bool = True,
+                  stored_after: datetime | None = None) -> StoredValue | None:
+        found = await asyncio.to_thread(self.ledger.cache_get, key, with_results=restore,
+                                        results_newer_than=stored_after)
         if found is None:
             return None
-        if count:
+        if count and not found.restored:
             await self._write(CacheHit(key))
         return StoredValue(found.codec, found.value, found.expires_at)  # the expiry, so memory never outlives it
+
+    async def get_many(self, keys: list[str], *, stored_after: datetime | None = None) -> dict[str, StoredValue]:
+        found = await asyncio.to_thread(self.ledger.cache_get_many, keys, with_results=True,
+                                        results_newer_than=stored_after)
+        hits = [CacheHit(key) for key, value in found.items() if not value.restored]
+        if hits:
+            await self._write(*hits)
+        return {key: StoredValue(value.codec, value.value, value.expires_at) for key, value in found.items()}
 
     async def put(self, entry: StoredEntry) -> None:
         await self._write(_put_op(entry))
@@ -164,6 +177,8 @@ return {found[1], found[2], redis.call('PTTL', KEYS[1])}
 class RedisCacheBackend:
     """Entries as Redis hashes under a prefix, expiring natively; counters in one hash."""
 
+    restores = False
+
     def __init__(self, url: str, prefix: str = "flashcard-pipeline:cache:", client: Any = None) -> None:
         import redis.asyncio as redis_asyncio
 
@@ -178,7 +193,8 @@ class RedisCacheBackend:
     def _key(self, key: str) -> str:
         return f"{self.prefix}{key}"
 
-    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
+    async def get(self, key: str, *, count: bool = True, restore: bool = True,
+                  stored_after: datetime | None = None) -> StoredValue | None:
         """Read and count the hit in one script: a key expiring between two commands would otherwise be
         recreated by the hit counter without a TTL and without a value (an orphan of type "?")."""
         if self._read_script is None:
@@ -189,6 +205,22 @@ class RedisCacheBackend:
         codec, data, pttl = found
         expires = None if pttl < 0 else utcnow() + timedelta(milliseconds=pttl)
         return StoredValue(codec.decode(), data, expires)
+
+    async def get_many(self, keys: list[str], *, stored_after: datetime | None = None) -> dict[str, StoredValue]:
+        """The read script for every key, in one round trip."""
+        if self._read_script is None:
+            self._read_script = self.client.register_script(_READ_SCRIPT)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                await self._read_script(keys=[self._key(key)], args=["1"], client=pipe)
+            answers = await pipe.execute()
+        found = {}
+        for key, answer in zip(keys, answers, strict=True):
+            if answer:
+                codec, data, pttl = answer
+                expires = None if pttl < 0 else utcnow() + timedelta(milliseconds=pttl)
+                found[key] = StoredValue(codec.decode(), data, expires)
+        return found
 
     async def put(self, entry: StoredEntry) -> None:
         r = entry.record

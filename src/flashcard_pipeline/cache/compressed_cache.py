@@ -80,12 +80,21 @@ class _Flight:
 
 
 class CacheBackend(Protocol):
+    #: Whether a miss also looks for an answer stored with a run (``stored_after`` bounds how old).
+    restores: bool
+
     def attach(self, sink: Callable[..., None] | None) -> None:
         """Let a backend route its writes into the ledger writer's batches (None: write directly)."""
         ...
 
-    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
-        """The stored value; ``count=False`` reads without adding to the entry's hit count (a dry run)."""
+    async def get(self, key: str, *, count: bool = True, restore: bool = True,
+                  stored_after: datetime | None = None) -> StoredValue | None:
+        """The stored value; ``count=False`` reads without adding to the entry's hit count (a dry run);
+        ``restore=False`` finds cache entries only."""
+        ...
+
+    async def get_many(self, keys: list[str], *, stored_after: datetime | None = None) -> dict[str, StoredValue]:
+        """Those of ``keys`` it holds (restoring as ``get`` does), in one read; each found counts as a hit."""
         ...
 
     async def put(self, entry: StoredEntry) -> None: ...
@@ -133,6 +142,9 @@ class CompressedCache:
         self._rng = rng or random.Random()
         self._now = now or (lambda: datetime.now(UTC))
         self._memory: OrderedDict[str, _Held] = OrderedDict()
+        #: What a prefetch read for keys about to be looked up: the value, or None for a known miss. Each is
+        #: used by one lookup (the page's items are pending, so each is asked for once).
+        self._prefetched: dict[str, _Held | None] = {}
         self._flights: dict[str, _Flight] = {}
         self._unreported: dict[str, list[int]] = {}
         self.metrics: dict[str, CacheTypeMetrics] = {}
@@ -144,8 +156,9 @@ class CompressedCache:
         counts = self._unreported.setdefault(cache_type, [0, 0])
         counts[0 if hit else 1] += 1
 
-    async def get(self, key: str, cache_type: str, *, count: bool = True) -> bytes | None:
-        """The raw value, or None. ``count=False`` for a re-check that must not count as a second lookup."""
+    async def get(self, key: str, cache_type: str, *, count: bool = True, restore: bool = True) -> bytes | None:
+        """The raw value, or None. ``count=False`` for a look that must not count as a lookup; ``restore=False``
+        for cache entries only (not an answer a run stored, which a restoring backend finds on a miss)."""
         metrics = self._metrics(cache_type) if count else CacheTypeMetrics()
         held = self._held(key)
         if held is not None:
@@ -153,8 +166,20 @@ class CompressedCache:
             if count:
                 self._count(cache_type, hit=True)
             return held.value
+        if count and restore and key in self._prefetched:
+            prefetched = self._prefetched.pop(key)
+            if prefetched is not None and not self._expired(prefetched):
+                metrics.hits_backend += 1
+                self._count(cache_type, hit=True)
+                self._remember(key, prefetched)
+                return prefetched.value
+            if prefetched is None:
+                metrics.misses += 1
+                self._count(cache_type, hit=False)
+                return None
         try:
-            stored = await self.backend.get(key, count=count)
+            stored = await self.backend.get(key, count=count, restore=restore,
+                                            stored_after=self.retired_before(cache_type))
         except Exception as exc:  # the cache is best effort: an unreachable backend is a miss, not a failed item
             metrics.read_errors += 1
             log.warning("cache read failed for %s (%s): %s: %s", key[:12], cache_type, type(exc).__name__, exc)
@@ -175,6 +200,33 @@ class CompressedCache:
             self._count(cache_type, hit=True)
         self._remember(key, _Held(value, self._read_expiry(cache_type, stored)))
         return value
+
+    async def prefetch(self, keys: list[str], cache_type: str) -> None:
+        """Read ``keys`` in one backend call, so the lookups that follow cost no read each: a hit is held for its
+        lookup, a miss is known. A failed read only means the lookups read for themselves."""
+        wanted = [key for key in keys if self._held(key) is None and key not in self._prefetched]
+        if not wanted:
+            return
+        try:
+            found = await self.backend.get_many(wanted, stored_after=self.retired_before(cache_type))
+        except Exception as exc:
+            log.warning("cache prefetch failed (%s): %s: %s", cache_type, type(exc).__name__, exc)
+            return
+        for key in wanted:
+            self._prefetched[key] = None
+            if (stored := found.get(key)) is not None:
+                try:
+                    value = self.codec.decode(stored.codec, stored.data)
+                except CodecError:
+                    self._metrics(cache_type).decode_errors += 1
+                    continue
+                self._prefetched[key] = _Held(value, self._read_expiry(cache_type, stored))
+
+    def held(self, key: str) -> bytes | None:
+        """The value this process holds for ``key`` (memory, or what a flight was handed), without a backend read:
+        after waiting on a flight, this is where a concurrent task's answer is."""
+        held = self._held(key)
+        return None if held is None else held.value
 
     def _expired(self, held: _Held) -> bool:
         return held.expires_at is not None and held.expires_at <= self._now()
@@ -204,6 +256,7 @@ class CompressedCache:
     def forget(self, key: str) -> None:
         """Drop a key from memory (e.g. its value turned out unusable)."""
         self._memory.pop(key, None)
+        self._prefetched.pop(key, None)
         if (flight := self._flights.get(key)) is not None:
             flight.held = None
 
@@ -241,6 +294,7 @@ class CompressedCache:
             metrics.stored_bytes += entry.stored_bytes
         expires = entry.expires_at if entry is not None else self._expiry_from_now(record.cache_type)
         held = _Held(record.value, expires)
+        self._prefetched.pop(record.key, None)
         if (flight := self._flights.get(record.key)) is not None:
             flight.held = held
         self._remember(record.key, held)
@@ -313,11 +367,18 @@ class MemoryCacheBackend:
     def attach(self, sink: Callable[..., None] | None) -> None:
         pass
 
-    async def get(self, key: str, *, count: bool = True) -> StoredValue | None:
+    restores = False
+
+    async def get(self, key: str, *, count: bool = True, restore: bool = True,
+                  stored_after: datetime | None = None) -> StoredValue | None:
         entry = self.entries.get(key)
         if entry is None or (entry.expires_at is not None and entry.expires_at <= self.now()):
             return None
         return StoredValue(entry.codec, entry.data, entry.expires_at)
+
+    async def get_many(self, keys: list[str], *, stored_after: datetime | None = None) -> dict[str, StoredValue]:
+        found = {key: await self.get(key) for key in keys}
+        return {key: value for key, value in found.items() if value is not None}
 
     async def put(self, entry: StoredEntry) -> None:
         self.entries[entry.record.key] = entry

@@ -167,8 +167,10 @@ def process_command(
                                                                        "vocabulary').")] = None,
     subdecks: Annotated[Subdecks, typer.Option(help="Sub-decks by part of speech or by the input's level "
                                                     "column.")] = Subdecks.NONE,
-    audio: Annotated[AudioEngine | None, typer.Option(help="Pronunciation audio in .apkg decks (needs "
-                                                           "espeak-ng).")] = None,
+    audio: Annotated[AudioEngine | None, typer.Option(help="Pronunciation audio (MP3) of each word and example "
+                                                           "sentence in .apkg decks: espeak (offline, needs "
+                                                           "espeak-ng) or openai (the provider's /audio/speech "
+                                                           "with the same key).")] = None,
     timeout: Annotated[float | None, typer.Option(metavar="SECONDS", help="Seconds to wait for one answer "
                                                                           "before it counts as a timeout (default "
                                                                           "120; 10 for --provider simulated).",
@@ -243,6 +245,11 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
         for f in outcome.failures:
             err.print(f"  #{f.position} {f.term}: {f.stage or '?'} {f.category}/{f.code}: {f.message}",
                       highlight=False, markup=False)
+    if outcome.flagged:
+        err.print(f"[yellow]{len(outcome.flagged)} items kept for review[/] (their answers failed content checks "
+                  "after a re-ask; tagged needs-review, `export --flagged` writes only them):")
+        for item in outcome.flagged:
+            err.print(f"  #{item.position} {item.term}: {'; '.join(item.flags)}", highlight=False, markup=False)
     if outcome.status is RunStatus.ABORTED:
         err.print(f"[red]aborted:[/] {outcome.abort_reason}", highlight=False)
         return ExitCode.ABORTED

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from flashcard_pipeline.choices import AudioEngine, ExportFormat, Subdecks
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.cli.options import DbOption
-from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
+from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console, warning
 
 if TYPE_CHECKING:
+    from flashcard_pipeline.export import SpeechSettings
     from flashcard_pipeline.storage.ledger import Ledger, RunRecord
 
 #: AnkiConnect's own default address (``flashcard_pipeline.export.ankiconnect.DEFAULT_URL``, which loads httpx).
@@ -24,7 +28,50 @@ DeckOption = Annotated[str | None, typer.Option(metavar="NAME", help="Anki deck 
                                                                      "vocabulary').")]
 SubdecksOption = Annotated[Subdecks, typer.Option(help="Sub-decks by part of speech or by the input's level "
                                                        "column.")]
-AudioOption = Annotated[AudioEngine | None, typer.Option(help="Pronunciation audio per term (needs espeak-ng).")]
+AudioOption = Annotated[AudioEngine | None, typer.Option(
+    help="Pronunciation audio (MP3) of each word and example sentence: espeak (offline, needs espeak-ng) or openai "
+         "(an OpenAI-compatible /audio/speech endpoint: --tts-url, key from OPENAI_API_KEY; a simulated run's "
+         "simulator answers it).")]
+TtsUrlOption = Annotated[str | None, typer.Option(
+    "--tts-url", metavar="URL", help="Base URL of the speech endpoint for --audio openai (default: "
+                                     "OPENAI_BASE_URL, else https://api.openai.com/v1).")]
+OPENAI_URL = "https://api.openai.com/v1"
+T = TypeVar("T")
+
+
+def _with_speech(run: RunRecord, ledger: Ledger, audio: AudioEngine | None, tts_url: str | None,
+                 work: Callable[[SpeechSettings], T]) -> T:
+    """Run ``work`` with the speech settings of ``--audio``: clips cached and billed in the run's ledger; for
+    ``openai`` the endpoint of ``--tts-url``, or for a simulated run a simulator serving the export."""
+    from flashcard_pipeline.export import AudioStore, SpeechSettings
+
+    store = AudioStore(ledger, run.id)
+    if audio is not AudioEngine.OPENAI:
+        return work(SpeechSettings(store=store))
+    if run.simulated:
+        import asyncio
+
+        from flashcard_pipeline.simulator import run_simulator
+
+        async def simulated() -> T:
+            async with run_simulator() as simulator:
+                return await asyncio.to_thread(work, SpeechSettings(base_url=simulator.base_url,
+                                                                    provider="simulated", store=store))
+        return asyncio.run(simulated())
+    url = tts_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
+    return work(SpeechSettings(base_url=url, api_key=os.environ.get("OPENAI_API_KEY"), store=store))
+
+
+@contextlib.contextmanager
+def _ledger(db: str | None) -> Iterator[Ledger]:
+    from flashcard_pipeline.storage.db import open_database
+    from flashcard_pipeline.storage.ledger import Ledger
+
+    engine = open_database(db, must_exist=True)
+    try:
+        yield Ledger(engine)
+    finally:
+        engine.dispose()
 
 
 def _select_run(ledger: Ledger, run_id: int | None) -> RunRecord:
@@ -55,31 +102,37 @@ def export_command(
     deck_name: DeckOption = None,
     subdecks: SubdecksOption = Subdecks.NONE,
     audio: AudioOption = None,
+    tts_url: TtsUrlOption = None,
+    flagged: Annotated[bool, typer.Option("--flagged", help="Only the items kept for review (their answers failed "
+                                                            "content checks after a re-ask).")] = False,
     db: DbOption = None,
 ) -> None:
     """Write a stored run's cards to .apkg, Anki text (TSV), CSV or JSONL; makes no API call."""
     from rich.console import Console
 
     from flashcard_pipeline.export import check_writable, resolve_format, write_export
-    from flashcard_pipeline.storage.db import open_database
-    from flashcard_pipeline.storage.ledger import Ledger
 
     err = stderr_console()
     chosen = resolve_format(format.value if format else None, output)
     check_writable(output)
-    engine = open_database(db, must_exist=True)
     try:
-        ledger = Ledger(engine)
-        run = _select_run(ledger, run_id)
-        report = write_export(chosen, ledger.results(run.id), output, deck_name=deck_name, subdecks=subdecks,
-                              language=run.target_language, simulated=run.simulated,
-                              audio=audio.value if audio else None)
+        with _ledger(db) as ledger:
+            run = _select_run(ledger, run_id)
+            results = ledger.results(run.id)
+            if flagged:
+                if not ledger.flagged(run.id):
+                    Console(soft_wrap=True).print(f"run {run.id} has no items flagged for review; nothing written",
+                                                  highlight=False, markup=False)
+                    return
+                results = (result for result in results if result.flags)
+            report = _with_speech(run, ledger, audio, tts_url, lambda speech: write_export(
+                chosen, results, output, deck_name=deck_name, subdecks=subdecks, language=run.target_language,
+                simulated=run.simulated, audio=audio.value if audio else None,
+                source=Path(run.input_path).stem or None, speech=speech))
     except OSError as exc:
         raise fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.USAGE) from None
-    finally:
-        engine.dispose()
-    for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for text in report.warnings:
+        warning(text, err)
     deck = f" (deck {report.deck!r})" if report.deck else ""
     audio_note = f", {report.audio_files} audio files" if report.audio_files else ""
     Console(soft_wrap=True).print(f"wrote {report.cards} cards for {report.terms} terms from run {run.id} to "
@@ -92,6 +145,7 @@ def push_command(
     deck_name: DeckOption = None,
     subdecks: SubdecksOption = Subdecks.NONE,
     audio: AudioOption = None,
+    tts_url: TtsUrlOption = None,
     url: Annotated[str, typer.Option(metavar="URL", help="AnkiConnect address.")] = ANKICONNECT_URL,
     key: Annotated[str | None, typer.Option(metavar="KEY", help="AnkiConnect API key, if one is set in its config.",
                                             show_default=False)] = None,
@@ -105,24 +159,19 @@ def push_command(
 
     from flashcard_pipeline.export import push_results
     from flashcard_pipeline.export.ankiconnect import AnkiConnect, AnkiConnectError
-    from flashcard_pipeline.storage.db import open_database
-    from flashcard_pipeline.storage.ledger import Ledger
 
     err = stderr_console()
-    engine = open_database(db, must_exist=True)
     try:
-        ledger = Ledger(engine)
-        run = _select_run(ledger, run_id)
-        with AnkiConnect(url, key=key) as client:
-            report, warnings = push_results(ledger.results(run.id), client, language=run.target_language,
-                                            deck=deck_name, subdecks=subdecks, simulated=run.simulated,
-                                            audio=audio.value if audio else None, update=update)
+        with _ledger(db) as ledger, AnkiConnect(url, key=key) as client:
+            run = _select_run(ledger, run_id)
+            report, warnings = _with_speech(run, ledger, audio, tts_url, lambda speech: push_results(
+                ledger.results(run.id), client, language=run.target_language, deck=deck_name, subdecks=subdecks,
+                simulated=run.simulated, audio=audio.value if audio else None, update=update,
+                source=Path(run.input_path).stem or None, speech=speech))
     except AnkiConnectError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
-    finally:
-        engine.dispose()
-    for warning in warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for text in warnings:
+        warning(text, err)
     created = "; created the note type" if report.created_note_type else ""
     updated = f"{report.updated} updated, " if update else ""
     Console(soft_wrap=True).print(

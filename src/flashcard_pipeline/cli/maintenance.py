@@ -280,7 +280,7 @@ async def _warm(reader: VocabularyReader, settings: StageSettings, ledger: Ledge
     counts = {"items": 0, "already_cached": 0, "restored": 0, "missing": 0}
 
     async def answer(staged: StageRequest) -> str | None:
-        value = await cache.get(staged.cache_key, staged.stage)
+        value = await cache.get(staged.cache_key, staged.stage, restore=False)
         if value is not None:
             counts["already_cached"] += 1
             return value.decode("utf-8")

@@ -17,7 +17,18 @@ from flashcard_pipeline.export.anki_model import NoteType, note_type
 from flashcard_pipeline.export.anki_tsv import write_anki_tsv
 from flashcard_pipeline.export.ankiconnect import AnkiConnect, PushReport, push_notes
 from flashcard_pipeline.export.apkg import write_apkg
-from flashcard_pipeline.export.audio import AudioEngine, AudioReport, synthesize
+from flashcard_pipeline.export.audio import (
+    DEFAULT_SPEECH_MODEL,
+    DEFAULT_VOICE,
+    AudioEngine,
+    AudioReport,
+    AudioStore,
+    EspeakSpeech,
+    OpenAISpeech,
+    SpeechError,
+    SpeechProvider,
+    synthesize,
+)
 from flashcard_pipeline.export.common import check_writable
 from flashcard_pipeline.export.csv_export import write_csv
 from flashcard_pipeline.export.jsonl import write_jsonl
@@ -28,8 +39,8 @@ FORMATS = tuple(f.value for f in ExportFormat)
 _BY_EXTENSION = {"apkg": "apkg", "tsv": "tsv", "txt": "tsv", "csv": "csv", "jsonl": "jsonl"}
 _WITH_AUDIO = ("apkg",)
 
-__all__ = ["FORMATS", "AudioEngine", "ExportReport", "PreparedDeck", "Subdecks", "check_options", "check_writable",
-           "prepare_deck",
+__all__ = ["FORMATS", "AudioEngine", "AudioStore", "ExportReport", "PreparedDeck", "SpeechSettings", "Subdecks",
+           "check_options", "check_writable", "prepare_deck",
            "push_results", "resolve_format", "write_export"]
 
 
@@ -63,6 +74,51 @@ def check_options(subdecks: str, audio: str | None) -> tuple[Subdecks, AudioEngi
     return mode, engine
 
 
+#: Anki's text import matches the note type by name and cannot create it: without it, the rows land in "Basic".
+TSV_NEEDS_NOTE_TYPE = ("Anki needs the note type {name!r} before this text file: import an .apkg made by "
+                       "flashcard-pipeline once (or run `flashcard-pipeline push`), then import the file")
+
+
+@dataclass(frozen=True)
+class SpeechSettings:
+    """Where ``--audio openai`` sends its text (an OpenAI-compatible base URL and its key), and where clips are
+    cached and their cost recorded (``store``: the run's ledger)."""
+
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    provider: str = "openai"
+    model: str = DEFAULT_SPEECH_MODEL
+    voice: str = DEFAULT_VOICE
+    store: AudioStore | None = None
+
+
+def speech_provider(engine: AudioEngine, language: str, settings: SpeechSettings | None) -> SpeechProvider:
+    """The text-to-speech provider for ``engine``; :class:`SpeechError` (one line) when it cannot work here."""
+    if engine is AudioEngine.ESPEAK:
+        return EspeakSpeech(language)
+    if settings is None or not settings.base_url:
+        raise SpeechError("--audio openai needs an OpenAI-compatible speech endpoint (a base URL)")
+    return OpenAISpeech(settings.base_url, settings.api_key, model=settings.model, voice=settings.voice,
+                        provider=settings.provider)
+
+
+def _speak(results: list[TermResult], language: str, engine: AudioEngine, settings: SpeechSettings | None,
+           directory: Path) -> AudioReport:
+    """The word and its example sentence, spoken."""
+    try:
+        provider = speech_provider(engine, language, settings)
+    except SpeechError as exc:
+        return AudioReport(warning=str(exc))
+    texts = [text for r in results for text in (r.item.term, r.analysis.example.sentence if r.analysis.example
+                                                else "")]
+    try:
+        return synthesize(texts, provider=provider, directory=directory,
+                          store=settings.store if settings is not None else None)
+    finally:
+        if isinstance(provider, OpenAISpeech):
+            provider.close()
+
+
 @dataclass(frozen=True)
 class ExportReport:
     format: str
@@ -93,20 +149,22 @@ class PreparedDeck:
 
 def prepare_deck(results: Iterable[TermResult], *, language: str, deck: str | None = None,
                  subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
-                 audio: AudioEngine | str | None = None, media_dir: Path | None = None) -> PreparedDeck:
-    """Build the notes; with ``audio``, speak each term into ``media_dir`` (which must outlive the deck)."""
+                 audio: AudioEngine | str | None = None, media_dir: Path | None = None,
+                 source: str | None = None, speech: SpeechSettings | None = None) -> PreparedDeck:
+    """Build the notes; with ``audio``, speak each word and example sentence into ``media_dir`` (which must
+    outlive the deck)."""
     mode, engine = check_options(str(subdecks), str(audio) if audio else None)
     results = list(results)
     kind = note_type(language)
     root = resolve_deck_name(deck, language=language, simulated=simulated)
     report = AudioReport()
-    if engine is AudioEngine.ESPEAK:
+    if engine is not None:
         if media_dir is None:
             raise ValueError("audio needs a media_dir")
-        report = synthesize((r.item.term for r in results), language=language, directory=media_dir)
+        report = _speak(results, language, engine, speech, media_dir)
     sounds = report.media_names()
     notes = list(build_notes(results, language=language, root_deck=root, subdecks=mode, simulated=simulated,
-                             lang=kind.lang, sounds=sounds))
+                             lang=kind.lang, sounds=sounds, source=source))
     media = {path.name: path for path in report.files.values()}
     return PreparedDeck(notes=notes, note_type=kind, root_deck=root, terms=len(results), media=media,
                         warnings=(report.warning,) if report.warning else ())
@@ -127,8 +185,10 @@ class _Counted:
 
 def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck_name: str | None = None,
                  subdecks: Subdecks | str = Subdecks.NONE, language: str = "Korean", simulated: bool = False,
-                 audio: AudioEngine | str | None = None, timestamp: float | None = None) -> ExportReport:
-    """Write ``results`` to ``path`` in ``format`` (atomically) and say what was written."""
+                 audio: AudioEngine | str | None = None, timestamp: float | None = None,
+                 source: str | None = None, speech: SpeechSettings | None = None) -> ExportReport:
+    """Write ``results`` to ``path`` in ``format`` (atomically) and say what was written (for Anki formats,
+    ``cards`` counts the cards the notes make)."""
     chosen = resolve_format(format, None)
     mode, engine = check_options(str(subdecks), str(audio) if audio else None)
     warnings: list[str] = []
@@ -150,26 +210,29 @@ def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck
 
     with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
         prepared = prepare_deck(results, language=language, deck=deck_name, subdecks=mode, simulated=simulated,
-                                audio=engine, media_dir=Path(media_dir))
+                                audio=engine, media_dir=Path(media_dir), source=source, speech=speech)
         warnings.extend(prepared.warnings)
         if chosen == "apkg":
-            cards = write_apkg(prepared.notes, path, note_type=prepared.note_type, root_deck=prepared.root_deck,
-                               media=sorted(prepared.media.values()), timestamp=timestamp)
+            write_apkg(prepared.notes, path, note_type=prepared.note_type, root_deck=prepared.root_deck,
+                       media=sorted(prepared.media.values()), timestamp=timestamp)
         else:
-            cards = write_anki_tsv(prepared.notes, path, note_type=prepared.note_type,
-                                   root_deck=prepared.root_deck, with_deck_column=mode is not Subdecks.NONE)
+            write_anki_tsv(prepared.notes, path, note_type=prepared.note_type,
+                           root_deck=prepared.root_deck, with_deck_column=mode is not Subdecks.NONE)
+            warnings.append(TSV_NEEDS_NOTE_TYPE.format(name=prepared.note_type.name))
+        cards = sum(len(note.cards) for note in prepared.notes)
     return ExportReport(format=chosen, path=path, cards=cards, terms=prepared.terms, deck=prepared.root_deck,
                         decks=prepared.decks, audio_files=len(prepared.media), warnings=tuple(warnings))
 
 
 def push_results(results: Iterable[TermResult], client: AnkiConnect, *, language: str, deck: str | None = None,
                  subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
-                 audio: AudioEngine | str | None = None, update: bool = True) -> tuple[PushReport, tuple[str, ...]]:
+                 audio: AudioEngine | str | None = None, update: bool = True,
+                 source: str | None = None, speech: SpeechSettings | None = None) -> tuple[PushReport, tuple[str, ...]]:
     """Send the notes to Anki (updating changed ones unless ``update`` is off); returns AnkiConnect's report
     and any warnings (e.g. no audio)."""
     with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
         prepared = prepare_deck(results, language=language, deck=deck, subdecks=subdecks, simulated=simulated,
-                                audio=audio, media_dir=Path(media_dir))
+                                audio=audio, media_dir=Path(media_dir), source=source, speech=speech)
         report = push_notes(client, prepared.notes, note_type=prepared.note_type, root_deck=prepared.root_deck,
                             media=prepared.media, update=update)
     return report, prepared.warnings

@@ -17,7 +17,8 @@ def write_anki_tsv(notes: Iterable[AnkiNote], path: Path, *, note_type: NoteType
     """Write the file atomically; returns the note count.
 
     The note type must exist in the collection (import any .apkg of this project once, or ``push``):
-    Anki's text import matches it by name and cannot create it.
+    Anki's text import matches it by name and cannot create it, and without it puts the rows into "Basic". A
+    comment line after the header says so to whoever opens the file.
     """
     columns = [*note_type.fields, "GUID", "Tags", *(["Deck"] if with_deck_column else [])]
     header = [
@@ -34,9 +35,12 @@ def write_anki_tsv(notes: Iterable[AnkiNote], path: Path, *, note_type: NoteType
         # Anki's text import loses track of a parent deck it created implicitly for a sub-deck, and creates
         # "Deck+", "Deck++"... for the parent's own rows that follow. Parents first avoids it (stable sort).
         notes = sorted(notes, key=lambda note: note.deck.count("::"))
+    # Anki skips lines that start with '#' as comments; a colon would make this one a header line.
+    note = (f"# Import an .apkg made by flashcard-pipeline first (or run flashcard-pipeline push) so that Anki has "
+            f"the note type {note_type.name.replace(':', ' ')}; without it the rows land in Basic")
     count = 0
     with atomic_output(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as handle:
-        handle.write("\n".join(header) + "\n")
+        handle.write("\n".join([*header, note]) + "\n")
         writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
         for note in notes:
             row = [*note.fields, note.guid, " ".join(note.tags)]

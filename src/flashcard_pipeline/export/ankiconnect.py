@@ -167,10 +167,11 @@ def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: Not
     uploaded: set[str] = set()
 
     def upload(note: AnkiNote) -> None:
-        if note.sound and note.sound not in uploaded and note.sound in media:
-            data = base64.b64encode(media[note.sound].read_bytes()).decode()
-            client.invoke("storeMediaFile", filename=note.sound, data=data)
-            uploaded.add(note.sound)
+        for name in note.media:
+            if name not in uploaded and name in media:
+                data = base64.b64encode(media[name].read_bytes()).decode()
+                client.invoke("storeMediaFile", filename=name, data=data)
+                uploaded.add(name)
 
     existing: ExistingNotes | None = None
     added = present = failed = updated = 0

@@ -1,4 +1,4 @@
-"""The .apkg export: a genanki package with the project's note type, one note per card, no scheduling."""
+"""The .apkg export: a genanki package with the project's note type, one note per word, no scheduling."""
 
 from __future__ import annotations
 

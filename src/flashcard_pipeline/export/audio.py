@@ -1,87 +1,258 @@
-"""Pronunciation audio with espeak-ng, when it is installed.
+"""Pronunciation audio for the word and its example sentence, from a pluggable text-to-speech provider.
 
-Audio is a nice-to-have: when espeak-ng is missing or has no voice for the language, the export
-goes on without it and says so once.
+Two providers: espeak-ng offline (the default), and any OpenAI-compatible ``/v1/audio/speech`` endpoint with the
+run's key (the simulator answers it offline). Either way the card gets MP3 (espeak-ng's WAV is encoded with the
+``lameenc`` wheel: about 4 KB a word instead of 40 KB). With a ledger, every clip is cached like a stage answer
+(same table, type ``audio``, key from provider, model, voice and text) and every paid clip's cost is recorded as an
+API call of the run. Audio is a nice-to-have: a missing tool or voice, or a refusing endpoint, leaves the export
+without audio and says so once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
+import time
+import wave
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import httpx
 
 from flashcard_pipeline.choices import AudioEngine as AudioEngine  # its home before choices.py
 from flashcard_pipeline.export.anki_model import language_code
 
+if TYPE_CHECKING:
+    from flashcard_pipeline.storage.ledger import Ledger
+
 ESPEAK = "espeak-ng"
+AUDIO = "audio"
 _TIMEOUT_S = 30.0
+_MP3_KBPS = 32
+#: US dollars per million input characters of OpenAI's speech models (the simulator bills the same, simulated).
+SPEECH_PRICES_PER_MILLION_CHARS = {"tts-1": 15.0, "tts-1-hd": 30.0, "gpt-4o-mini-tts": 12.0}
+DEFAULT_SPEECH_MODEL = "tts-1"
+DEFAULT_VOICE = "alloy"
+
+
+class SpeechError(Exception):
+    """One clip could not be made; the message is one line."""
 
 
 @dataclass(frozen=True)
-class AudioReport:
-    files: dict[str, Path] = field(default_factory=dict)
-    """term -> its audio file"""
-    warning: str | None = None
-
-    def media_names(self) -> dict[str, str]:
-        return {term: path.name for term, path in self.files.items()}
+class Clip:
+    mp3: bytes
+    cost_usd: float | None = None
+    latency_ms: float = 0.0
 
 
-def media_name(language: str, term: str) -> str:
-    """A file name that depends only on (language, term): safe in ``[sound:...]``, the same in every export."""
-    digest = hashlib.sha256(f"{language}\x1f{term}".encode()).hexdigest()[:24]
-    return f"fp-{digest}.wav"
+class SpeechProvider(Protocol):
+    name: str
+    model: str
+
+    def identity(self) -> str:
+        """What decides the sound besides the text (engine, model, voice): part of the cache key."""
+        ...
+
+    def speak(self, text: str) -> Clip: ...
+
+
+def mp3_from_wav(wav: bytes) -> bytes:
+    """16-bit PCM WAV (what espeak-ng writes) as a small MP3."""
+    with wave.open(io.BytesIO(wav)) as reader:
+        if reader.getsampwidth() != 2:
+            raise SpeechError(f"unexpected WAV sample width {reader.getsampwidth()}")
+        channels, rate, pcm = reader.getnchannels(), reader.getframerate(), reader.readframes(reader.getnframes())
+    return encode_mp3(pcm, rate=rate, channels=channels)
+
+
+def encode_mp3(pcm: bytes, *, rate: int, channels: int = 1) -> bytes:
+    """16-bit little-endian PCM as MP3 at 32 kbit/s (speech needs no more)."""
+    import lameenc
+
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(_MP3_KBPS)
+    encoder.set_in_sample_rate(rate)
+    encoder.set_channels(channels)
+    encoder.set_quality(2)
+    return bytes(encoder.encode(pcm) + encoder.flush())
 
 
 def espeak_voice(language: str) -> str:
     return language_code(language) or language.strip().lower()
 
 
-def synthesize(terms: Iterable[str], *, language: str, directory: Path) -> AudioReport:
-    """Write one WAV per distinct term into ``directory``; never raises for a missing tool or voice."""
-    executable = shutil.which(ESPEAK)
-    if executable is None:
-        return AudioReport(warning=f"{ESPEAK} is not installed, so the export has no audio "
-                                   f"(install it, e.g. `apt-get install {ESPEAK}`, to add pronunciations)")
-    voice = espeak_voice(language)
-    unique = list(dict.fromkeys(terms))
-    directory.mkdir(parents=True, exist_ok=True)
+class EspeakSpeech:
+    """espeak-ng, offline; WAV on stdout, encoded to MP3 here."""
 
-    def speak(term: str) -> tuple[str, Path | None, str | None]:
-        target = directory / media_name(language, term)
+    name = "espeak"
+
+    def __init__(self, language: str, executable: str | None = None) -> None:
+        found = executable or shutil.which(ESPEAK)
+        if found is None:
+            raise SpeechError(f"{ESPEAK} is not installed, so the export has no audio (install it, e.g. "
+                              f"`apt-get install {ESPEAK}`, to add pronunciations)")
+        self.executable = found
+        self.voice = espeak_voice(language)
+        self.model = f"{ESPEAK}:{self.voice}"
+
+    def identity(self) -> str:
+        return f"espeak:{self.voice}:mp3-{_MP3_KBPS}"
+
+    def speak(self, text: str) -> Clip:
+        started = time.perf_counter()
         try:
-            # The term goes in on stdin, so a term that starts with '-' is never read as an option.
-            proc = subprocess.run([executable, "-v", voice, "-w", str(target), "--stdin"], input=term.encode(),
+            # The text goes in on stdin, so a text that starts with '-' is never read as an option.
+            proc = subprocess.run([self.executable, "-v", self.voice, "--stdout", "--stdin"], input=text.encode(),
                                   capture_output=True, timeout=_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return term, None, f"{type(exc).__name__}: {exc}"
-        if proc.returncode != 0 or not target.exists() or target.stat().st_size == 0:
+            raise SpeechError(f"{type(exc).__name__}: {exc}") from exc
+        if proc.returncode != 0 or not proc.stdout:
             detail = proc.stderr.decode(errors="replace").strip().splitlines()
-            return term, None, detail[0] if detail else f"exit status {proc.returncode}"
-        return term, target, None
+            raise SpeechError(detail[0] if detail else f"exit status {proc.returncode}")
+        try:
+            mp3 = mp3_from_wav(proc.stdout)
+        except (wave.Error, EOFError) as exc:
+            raise SpeechError(f"{ESPEAK} wrote no readable WAV: {exc}") from exc
+        return Clip(mp3=mp3, latency_ms=(time.perf_counter() - started) * 1000)
 
+
+class OpenAISpeech:
+    """``POST {base_url}/audio/speech`` as OpenAI defines it; the key never leaves the Authorization header."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str | None, *, model: str = DEFAULT_SPEECH_MODEL,
+                 voice: str = DEFAULT_VOICE, provider: str = "openai", timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout,
+                                    transport=transport, trust_env=False)
+        self.model, self.voice, self.name = model, voice, provider
+
+    def identity(self) -> str:
+        return f"{self.name}:{self.model}:{self.voice}:mp3"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def speak(self, text: str) -> Clip:
+        started = time.perf_counter()
+        try:
+            response = self._client.post("audio/speech", json={"model": self.model, "input": text,
+                                                                "voice": self.voice, "response_format": "mp3"})
+        except httpx.HTTPError as exc:
+            raise SpeechError(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise SpeechError(f"the speech endpoint answered HTTP {response.status_code}")
+        if not response.content or "json" in response.headers.get("content-type", ""):
+            raise SpeechError("the speech endpoint answered without audio")
+        price = SPEECH_PRICES_PER_MILLION_CHARS.get(self.model)
+        return Clip(mp3=response.content, cost_usd=None if price is None else len(text) * price / 1e6,
+                    latency_ms=(time.perf_counter() - started) * 1000)
+
+
+def media_name(identity: str, text: str) -> str:
+    """A file name that depends only on the voice and the text: safe in ``[sound:...]``, the same in every export."""
+    digest = hashlib.sha256(f"{identity}\x1f{text}".encode()).hexdigest()[:24]
+    return f"fp-{digest}.mp3"
+
+
+def cache_key(identity: str, text: str) -> str:
+    return hashlib.sha256(f"{AUDIO}\x1f{identity}\x1f{text}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AudioReport:
+    files: dict[str, Path] = field(default_factory=dict)
+    """text -> its audio file"""
+    warning: str | None = None
+    cached: int = 0
+    cost_usd: float = 0.0
+
+    def media_names(self) -> dict[str, str]:
+        return {text: path.name for text, path in self.files.items()}
+
+
+@dataclass(frozen=True)
+class AudioStore:
+    """Where clips are cached and their cost recorded: the run's ledger."""
+
+    ledger: Ledger
+    run_id: int | None = None
+
+
+def _store_clips(store: AudioStore, provider: SpeechProvider, made: dict[str, Clip]) -> None:
+    from flashcard_pipeline.storage.ledger import CachePut, CallRecorded
+
+    ops: list[CachePut | CallRecorded] = []
+    for text, clip in made.items():
+        key = cache_key(provider.identity(), text)
+        ops.append(CachePut(key=key, stage=AUDIO, provider=provider.name, model=provider.model,
+                            prompt_version=provider.identity()[:40], value=clip.mp3, raw_bytes=len(clip.mp3),
+                            stored_bytes=len(clip.mp3), cost_usd=clip.cost_usd))
+        ops.append(CallRecorded(run_id=store.run_id, item_id=None, stage=AUDIO, provider=provider.name,
+                                model=provider.model, cache_key=key, status="ok", http_status=None,
+                                tokens_in=len(text), cost_usd=clip.cost_usd, latency_ms=clip.latency_ms))
+    store.ledger.write_batch(ops)
+
+
+def synthesize(texts: Iterable[str], *, provider: SpeechProvider, directory: Path,
+               store: AudioStore | None = None) -> AudioReport:
+    """One MP3 per distinct text in ``directory``: from the cache when ``store`` has it, else spoken (and then
+    cached, its cost recorded). Never raises for a failing provider: the report's warning says what happened."""
+    unique = [t for t in dict.fromkeys(t.strip() for t in texts) if t]
+    directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
+    cached = 0
+    wanted: list[str] = []
+    for text in unique:
+        hit = store.ledger.cache_get(cache_key(provider.identity(), text)) if store is not None else None
+        if hit is not None and hit.codec == "identity" and hit.value:
+            target = directory / media_name(provider.identity(), text)
+            target.write_bytes(hit.value)
+            files[text] = target
+            cached += 1
+        else:
+            wanted.append(text)
+
+    def speak(text: str) -> tuple[str, Clip | None, str | None]:
+        try:
+            return text, provider.speak(text), None
+        except SpeechError as exc:
+            return text, None, str(exc)
+
+    made: dict[str, Clip] = {}
     problems: list[tuple[str, str]] = []
-    if unique:
-        first_term, first_path, first_error = speak(unique[0])
-        if first_path is None:
-            # Almost always a missing voice; no point trying the other terms.
-            return AudioReport(warning=f"{ESPEAK} could not speak {language} (voice {voice!r}): {first_error}; "
-                                       "the export has no audio")
-        files[first_term] = first_path
+    if wanted:
+        first_text, first_clip, first_error = speak(wanted[0])
+        if first_clip is None:
+            # Almost always a missing voice or a refusing endpoint; no point trying the other texts.
+            return AudioReport(files=files, cached=cached,
+                               warning=f"{provider.name} could not speak {first_text!r}: {first_error}; "
+                                       f"{len(wanted)} clips are missing")
+        made[first_text] = first_clip
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            for term, path, error in pool.map(speak, unique[1:]):
-                if path is not None:
-                    files[term] = path
+            for text, clip, error in pool.map(speak, wanted[1:]):
+                if clip is not None:
+                    made[text] = clip
                 else:
-                    problems.append((term, error or "unknown error"))
+                    problems.append((text, error or "unknown error"))
+    for text, clip in made.items():
+        target = directory / media_name(provider.identity(), text)
+        target.write_bytes(clip.mp3)
+        files[text] = target
+    if store is not None and made:
+        _store_clips(store, provider, made)
     warning = None
     if problems:
-        term, error = problems[0]
-        warning = f"{ESPEAK} failed for {len(problems)} terms (first: {term!r}: {error}); they have no audio"
-    return AudioReport(files=files, warning=warning)
+        text, error = problems[0]
+        warning = f"{provider.name} failed for {len(problems)} clips (first: {text!r}: {error}); they have no audio"
+    return AudioReport(files=files, warning=warning, cached=cached,
+                       cost_usd=sum(c.cost_usd or 0.0 for c in made.values()))

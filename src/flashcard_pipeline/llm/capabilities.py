@@ -7,6 +7,7 @@ OpenAI's reasoning models (o-series, gpt-5 family) answer HTTP 400 to ``max_toke
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -65,6 +66,7 @@ def model_kind_of(model: str, kind: ModelKind | str = ModelKind.AUTO) -> ModelKi
     return next((rule_kind for pattern, rule_kind in MODEL_RULES if pattern.fullmatch(name)), ModelKind.CHAT)
 
 
+@functools.cache
 def capabilities_for(provider: str, model: str, kind: ModelKind | str = ModelKind.AUTO) -> ModelCapabilities:
     """What ``model`` accepts when sent through ``provider`` (a :class:`ProviderName` value)."""
     if model_kind_of(model, kind) is ModelKind.CHAT:

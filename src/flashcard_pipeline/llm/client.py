@@ -39,6 +39,7 @@ from flashcard_pipeline.errors import (
     TruncatedOutputError,
 )
 from flashcard_pipeline.llm.providers import ProviderConfig
+from flashcard_pipeline.llm.transport import AiohttpTransport
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse, Usage
 
 logger = logging.getLogger("flashcard_pipeline.llm")
@@ -80,12 +81,14 @@ def estimate_tokens(text: str) -> int:
     return wide + math.ceil((len(text) - wide) / 3.5)
 
 
-def estimate_request_tokens(request: ChatRequest) -> int:
-    """Worst-case tokens a request can consume: the prompt (with schema) plus ``max_tokens``."""
+def estimate_request_tokens(request: ChatRequest, *, format_tokens: int | None = None) -> int:
+    """Worst-case tokens a request can consume: the prompt (with schema) plus ``max_tokens``. ``format_tokens``
+    is the response format's estimate when the caller has it already (stages compute it once per schema)."""
     per_message_overhead = 4
     prompt = sum(estimate_tokens(m.content) + per_message_overhead for m in request.messages)
     if request.response_format is not None:
-        prompt += estimate_tokens(json.dumps(request.response_format, ensure_ascii=False))
+        prompt += (format_tokens if format_tokens is not None
+                   else estimate_tokens(json.dumps(request.response_format, ensure_ascii=False)))
     return prompt + request.max_tokens
 
 
@@ -283,6 +286,11 @@ class LLMClient:
                 pool=provider.pool_timeout,
             ),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # Loading the CA bundle costs tens of milliseconds; a plain-HTTP provider (a local server, the
+            # simulator) never needs it.
+            transport=AiohttpTransport(limits=httpx.Limits(max_connections=max_connections,
+                                                           max_keepalive_connections=max_connections),
+                                       verify=provider.base_url.startswith("https://")),
         )
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT, **provider.extra_headers}
         if provider.api_key is not None:

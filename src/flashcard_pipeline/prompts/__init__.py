@@ -14,7 +14,7 @@ from string import Template
 from flashcard_pipeline.errors import ConfigurationError
 
 #: The template each stage uses by default.
-DEFAULT_PROMPTS = {"nuance": "nuance.v1", "cards": "cards.v1"}
+DEFAULT_PROMPTS = {"nuance": "nuance.v2", "cards": "cards.v2"}
 
 
 @dataclass(frozen=True)

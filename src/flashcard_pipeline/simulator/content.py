@@ -10,22 +10,31 @@ validated models, so a caller can never receive an answer the pipeline would rej
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import re
+import struct
 from collections.abc import Mapping
 
+from flashcard_pipeline.export.audio import encode_mp3
+from flashcard_pipeline.korean.analyzer import head_candidates, join, locate
+from flashcard_pipeline.korean.pronunciation import pronounce
 from flashcard_pipeline.models import (
     CardType,
     Comparison,
+    ExampleSentence,
     Flashcard,
     FlashcardSet,
+    Form,
+    HanjaCharacter,
+    HanjaSpelling,
     Homonym,
     HonorificLevel,
     PartOfSpeech,
     TermAnalysis,
 )
 
-__all__ = ["analysis_for", "cards_for", "hangul_ipa", "hanja_homonyms", "part_of_speech"]
+__all__ = ["analysis_for", "cards_for", "hangul_ipa", "hanja_spelling", "part_of_speech", "speech_for"]
 
 _SHORT, _MEDIUM, _LONG = 120, 400, 1200
 #: How much of a long term or meaning is quoted inside generated prose.
@@ -54,53 +63,120 @@ _POS_SYNONYMS: dict[str, PartOfSpeech] = {
     "expression": PartOfSpeech.PHRASE, "idiom": PartOfSpeech.PHRASE, "collocation": PartOfSpeech.PHRASE,
 }
 
-#: Common Sino-Korean syllables and their Hanja; a tuple lists the readings a model would offer first.
-_HANJA: dict[str, tuple[tuple[str, str], ...]] = {
-    "학": (("學", "learning"),), "생": (("生", "life"),), "대": (("大", "big"), ("代", "generation")),
-    "사": (("事", "matter"), ("社", "company"), ("四", "four")), "일": (("日", "day"), ("一", "one")),
-    "인": (("人", "person"), ("因", "cause")), "국": (("國", "country"),),
-    "시": (("時", "time"), ("市", "city"), ("詩", "poem")), "자": (("自", "self"), ("子", "child"), ("字", "letter")),
-    "문": (("文", "writing"), ("門", "gate"), ("問", "question")),
-    "전": (("電", "electricity"), ("前", "before"), ("全", "whole")),
-    "정": (("正", "correct"), ("情", "feeling"), ("定", "fixed")),
-    "성": (("成", "become"), ("性", "nature"), ("姓", "surname")), "고": (("高", "high"), ("古", "old")),
-    "수": (("水", "water"), ("手", "hand"), ("數", "number")),
-    "동": (("東", "east"), ("動", "move"), ("同", "same")), "실": (("室", "room"), ("實", "real")),
-    "명": (("名", "name"), ("明", "bright")), "화": (("話", "speech"), ("火", "fire"), ("花", "flower")),
-    "기": (("氣", "energy"), ("期", "period"), ("記", "record")),
-    "가": (("家", "house"), ("歌", "song"), ("價", "price")), "공": (("工", "work"), ("公", "public"), ("空", "empty")),
-    "교": (("校", "school"), ("敎", "teach")), "구": (("口", "mouth"), ("九", "nine")), "금": (("金", "gold"),),
-    "년": (("年", "year"),), "도": (("道", "way"), ("度", "degree")), "력": (("力", "power"),),
-    "리": (("理", "reason"), ("里", "village")), "목": (("目", "eye"), ("木", "tree")), "물": (("物", "thing"),),
-    "민": (("民", "people"),), "방": (("方", "direction"), ("房", "room")), "부": (("父", "father"), ("部", "part")),
-    "산": (("山", "mountain"),), "상": (("上", "above"), ("商", "trade")), "서": (("書", "book"), ("西", "west")),
-    "선": (("先", "first"), ("線", "line")), "세": (("世", "world"),), "소": (("小", "small"), ("所", "place")),
-    "식": (("食", "food"), ("式", "style")), "신": (("新", "new"), ("身", "body")), "심": (("心", "heart"),),
-    "안": (("安", "peace"), ("案", "plan")), "어": (("語", "language"),), "외": (("外", "outside"),),
-    "용": (("用", "use"),), "우": (("友", "friend"), ("雨", "rain")), "원": (("院", "institution"), ("元", "origin")),
-    "월": (("月", "month"),), "유": (("有", "have"),), "의": (("意", "meaning"), ("醫", "medicine")),
-    "장": (("長", "long"), ("場", "place")), "주": (("主", "master"), ("住", "dwell")),
-    "중": (("中", "middle"), ("重", "heavy")), "지": (("地", "earth"), ("知", "know")),
-    "차": (("車", "vehicle"), ("茶", "tea")), "천": (("天", "sky"), ("千", "thousand")), "체": (("體", "body"),),
-    "통": (("通", "pass through"),), "한": (("韓", "Korea"), ("漢", "Han")), "행": (("行", "go"),),
-    "회": (("會", "meeting"),), "후": (("後", "after"),), "관": (("關", "relation"), ("館", "building")),
-    "경": (("京", "capital"), ("經", "pass")), "계": (("計", "plan"), ("界", "world")), "개": (("開", "open"),),
-    "병": (("病", "illness"),), "간": (("間", "interval"),), "감": (("感", "feeling"),), "강": (("江", "river"),),
-    "과": (("科", "subject"), ("過", "pass")), "남": (("男", "man"), ("南", "south")), "녀": (("女", "woman"),),
-    "여": (("女", "woman"), ("旅", "travel")), "독": (("讀", "read"),), "면": (("面", "face"),),
-    "무": (("無", "none"),), "미": (("美", "beauty"), ("未", "not yet")), "반": (("半", "half"),),
-    "발": (("發", "emit"),), "백": (("白", "white"), ("百", "hundred")), "법": (("法", "law"),),
-    "분": (("分", "part"),), "색": (("色", "colour"),), "업": (("業", "work"),), "역": (("驛", "station"),),
-    "영": (("英", "English"), ("映", "reflect")), "음": (("音", "sound"), ("飮", "drink")),
-    "입": (("入", "enter"),), "작": (("作", "make"),), "점": (("點", "point"), ("店", "shop")),
-    "조": (("朝", "morning"),), "족": (("族", "family"),), "집": (("集", "gather"),), "책": (("冊", "book"),),
-    "초": (("初", "beginning"),), "출": (("出", "go out"),), "친": (("親", "intimate"),), "특": (("特", "special"),),
-    "표": (("表", "surface"), ("票", "ticket")), "품": (("品", "goods"),), "해": (("海", "sea"), ("害", "harm")),
-    "현": (("現", "present"),), "형": (("兄", "elder brother"), ("形", "shape")), "활": (("活", "living"),),
-    "휴": (("休", "rest"),), "제": (("題", "topic"), ("弟", "younger brother")),
+#: Common Sino-Korean syllables and their Hanja (character, native gloss 훈, English gloss), the reading a model
+#: would offer first leading.
+_HANJA: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "학": (("學", "배울", "learning"),),
+    "생": (("生", "날", "life"),),
+    "대": (("大", "큰", "big"), ("代", "대신할", "generation")),
+    "사": (("事", "일", "matter"), ("社", "모일", "company"), ("四", "넉", "four")),
+    "일": (("日", "날", "day"), ("一", "한", "one")),
+    "인": (("人", "사람", "person"), ("因", "인할", "cause")),
+    "국": (("國", "나라", "country"),),
+    "시": (("時", "때", "time"), ("市", "저자", "city"), ("詩", "시", "poem")),
+    "자": (("自", "스스로", "self"), ("子", "아들", "child"), ("字", "글자", "letter")),
+    "문": (("文", "글월", "writing"), ("門", "문", "gate"), ("問", "물을", "question")),
+    "전": (("電", "번개", "electricity"), ("前", "앞", "before"), ("全", "온전할", "whole")),
+    "정": (("正", "바를", "correct"), ("情", "뜻", "feeling"), ("定", "정할", "fixed")),
+    "성": (("成", "이룰", "become"), ("性", "성품", "nature"), ("姓", "성씨", "surname")),
+    "고": (("高", "높을", "high"), ("古", "옛", "old")),
+    "수": (("水", "물", "water"), ("手", "손", "hand"), ("數", "셈", "number")),
+    "동": (("東", "동녘", "east"), ("動", "움직일", "move"), ("同", "한가지", "same")),
+    "실": (("室", "집", "room"), ("實", "열매", "real")),
+    "명": (("名", "이름", "name"), ("明", "밝을", "bright")),
+    "화": (("話", "말씀", "speech"), ("火", "불", "fire"), ("花", "꽃", "flower")),
+    "기": (("氣", "기운", "energy"), ("期", "기약할", "period"), ("記", "기록할", "record")),
+    "가": (("家", "집", "house"), ("歌", "노래", "song"), ("價", "값", "price")),
+    "공": (("工", "장인", "work"), ("公", "공평할", "public"), ("空", "빌", "empty")),
+    "교": (("校", "학교", "school"), ("敎", "가르칠", "teach")),
+    "구": (("口", "입", "mouth"), ("九", "아홉", "nine")),
+    "금": (("金", "쇠", "gold"),),
+    "년": (("年", "해", "year"),),
+    "도": (("道", "길", "way"), ("度", "법도", "degree")),
+    "력": (("力", "힘", "power"),),
+    "리": (("理", "다스릴", "reason"), ("里", "마을", "village")),
+    "목": (("目", "눈", "eye"), ("木", "나무", "tree")),
+    "물": (("物", "물건", "thing"),),
+    "민": (("民", "백성", "people"),),
+    "방": (("方", "모", "direction"), ("房", "방", "room")),
+    "부": (("父", "아비", "father"), ("部", "떼", "part")),
+    "산": (("山", "메", "mountain"),),
+    "상": (("上", "윗", "above"), ("商", "장사", "trade")),
+    "서": (("書", "글", "book"), ("西", "서녘", "west")),
+    "선": (("先", "먼저", "first"), ("線", "줄", "line")),
+    "세": (("世", "인간", "world"),),
+    "소": (("小", "작을", "small"), ("所", "바", "place")),
+    "식": (("食", "밥", "food"), ("式", "법", "style")),
+    "신": (("新", "새", "new"), ("身", "몸", "body")),
+    "심": (("心", "마음", "heart"),),
+    "안": (("安", "편안", "peace"), ("案", "책상", "plan")),
+    "어": (("語", "말씀", "language"),),
+    "외": (("外", "바깥", "outside"),),
+    "용": (("用", "쓸", "use"),),
+    "우": (("友", "벗", "friend"), ("雨", "비", "rain")),
+    "원": (("院", "집", "institution"), ("元", "으뜸", "origin")),
+    "월": (("月", "달", "month"),),
+    "유": (("有", "있을", "have"),),
+    "의": (("意", "뜻", "meaning"), ("醫", "의원", "medicine")),
+    "장": (("長", "긴", "long"), ("場", "마당", "place")),
+    "주": (("主", "주인", "master"), ("住", "살", "dwell")),
+    "중": (("中", "가운데", "middle"), ("重", "무거울", "heavy")),
+    "지": (("地", "땅", "earth"), ("知", "알", "know")),
+    "차": (("車", "수레", "vehicle"), ("茶", "차", "tea")),
+    "천": (("天", "하늘", "sky"), ("千", "일천", "thousand")),
+    "체": (("體", "몸", "body"),),
+    "통": (("通", "통할", "pass through"),),
+    "한": (("韓", "한국", "Korea"), ("漢", "한수", "Han")),
+    "행": (("行", "다닐", "go"),),
+    "회": (("會", "모일", "meeting"),),
+    "후": (("後", "뒤", "after"),),
+    "관": (("關", "관계할", "relation"), ("館", "집", "building")),
+    "경": (("京", "서울", "capital"), ("經", "지날", "pass")),
+    "계": (("計", "셀", "plan"), ("界", "지경", "world")),
+    "개": (("開", "열", "open"),),
+    "병": (("病", "병", "illness"),),
+    "간": (("間", "사이", "interval"),),
+    "감": (("感", "느낄", "feeling"),),
+    "강": (("江", "강", "river"),),
+    "과": (("科", "과목", "subject"), ("過", "지날", "pass")),
+    "남": (("男", "사내", "man"), ("南", "남녘", "south")),
+    "녀": (("女", "여자", "woman"),),
+    "여": (("女", "여자", "woman"), ("旅", "나그네", "travel")),
+    "독": (("讀", "읽을", "read"),),
+    "면": (("面", "낯", "face"),),
+    "무": (("無", "없을", "none"),),
+    "미": (("美", "아름다울", "beauty"), ("未", "아닐", "not yet")),
+    "반": (("半", "반", "half"),),
+    "발": (("發", "필", "emit"),),
+    "백": (("白", "흰", "white"), ("百", "일백", "hundred")),
+    "법": (("法", "법", "law"),),
+    "분": (("分", "나눌", "part"),),
+    "색": (("色", "빛", "colour"),),
+    "업": (("業", "업", "work"),),
+    "역": (("驛", "역", "station"),),
+    "영": (("英", "꽃부리", "English"), ("映", "비칠", "reflect")),
+    "음": (("音", "소리", "sound"), ("飮", "마실", "drink")),
+    "입": (("入", "들", "enter"),),
+    "작": (("作", "지을", "make"),),
+    "점": (("點", "점", "point"), ("店", "가게", "shop")),
+    "조": (("朝", "아침", "morning"),),
+    "족": (("族", "겨레", "family"),),
+    "집": (("集", "모을", "gather"),),
+    "책": (("冊", "책", "book"),),
+    "초": (("初", "처음", "beginning"),),
+    "출": (("出", "날", "go out"),),
+    "친": (("親", "친할", "intimate"),),
+    "특": (("特", "특별할", "special"),),
+    "표": (("表", "겉", "surface"), ("票", "표", "ticket")),
+    "품": (("品", "물건", "goods"),),
+    "해": (("海", "바다", "sea"), ("害", "해할", "harm")),
+    "현": (("現", "나타날", "present"),),
+    "형": (("兄", "형", "elder brother"), ("形", "모양", "shape")),
+    "활": (("活", "살", "living"),),
+    "휴": (("休", "쉴", "rest"),),
+    "제": (("題", "제목", "topic"), ("弟", "아우", "younger brother")),
 }
 _MAX_HANJA_SYLLABLES = 4
-_PARTICLE_ENDINGS = frozenset("이가을를은는에의도로")
 
 #: Words a Korean learner most often confuses with a term of each class.
 _KOREAN_CONFUSABLES: dict[PartOfSpeech, tuple[str, ...]] = {
@@ -218,31 +294,50 @@ def part_of_speech(type_: str | None) -> PartOfSpeech:
         return _POS_SYNONYMS.get(label, _POS_SYNONYMS.get(label.rstrip("."), PartOfSpeech.NOUN))
 
 
-def hanja_homonyms(term: str, pos: PartOfSpeech, rng: random.Random) -> list[Homonym]:
-    """1-2 Hanja readings when every syllable of a short Korean noun is a common Sino-Korean one."""
+def hanja_spelling(term: str, pos: PartOfSpeech) -> tuple[HanjaSpelling | None, list[tuple[str, ...]]]:
+    """The Hanja of a short Korean noun whose every syllable is a common Sino-Korean one, character by character,
+    and the other spellings of the same sound (the homonyms a model would list) as (syllables, *characters)."""
     syllables = term.strip()
-    if len(syllables) >= 3 and syllables[-1] in _PARTICLE_ENDINGS:
-        syllables = syllables[:-1]  # 문제가 is 문제 + subject particle: only the noun has Hanja
+    heads = head_candidates(syllables)
+    if heads and PartOfSpeech.NOUN in heads[0].classes and heads[0].lemma in syllables:
+        syllables = heads[0].lemma  # 문제가 is 문제 + subject particle: only the noun has Hanja
     if pos is not PartOfSpeech.NOUN or not 1 <= len(syllables) <= _MAX_HANJA_SYLLABLES:
-        return []
+        return None, []
     if not all(s in _HANJA for s in syllables):
-        return []
+        return None, []
     combos = list(itertools.product(*(_HANJA[s] for s in syllables)))
-    chosen = [combos[0]]
-    if len(combos) > 1 and rng.random() < 0.6:
-        chosen.append(rng.choice(combos[1:]))
-    homonyms = []
-    for combo in chosen:
-        hanja = "".join(h for h, _ in combo)
-        gloss = " + ".join(g for _, g in combo)
+    first = combos[0]
+    spelling = HanjaSpelling(
+        hanja="".join(c for c, _, _ in first),
+        characters=[HanjaCharacter(character=c, meaning=hun, reading=s, gloss=gloss)
+                    for (c, hun, gloss), s in zip(first, syllables, strict=True)])
+    return spelling, [(syllables, *(c for c, _, _ in combo)) for combo in combos[1:]]
+
+
+#: Native Korean words that sound alike, the classic homonyms.
+_NATIVE_HOMONYMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "눈": (("eye", "snow"),), "배": (("pear", "boat"),), "말": (("horse", "speech"),), "밤": (("night", "chestnut"),),
+    "차": (("tea", "car"),), "다리": (("leg", "bridge"),), "손": (("hand", "guest"),), "발": (("foot", "blind"),),
+}
+
+
+def _homonyms(term: str, meaning: str, others: list[tuple[str, ...]], rng: random.Random) -> list[Homonym]:
+    homonyms: list[Homonym] = []
+    for first, second in _NATIVE_HOMONYMS.get(term, ()):
+        other = second if first.lower() in meaning.lower() else first
+        homonyms.append(Homonym(hanja=None, reading=term, meaning=other,
+                                differentiator=_clip(f"The same sound {term} also means '{other}'; the sentence "
+                                                     "around it tells which one is meant.", _MEDIUM)))
+    if others and rng.random() < 0.6:
+        syllables, *combo = rng.choice(others)
+        spelled = "".join(combo)
+        glosses = " + ".join(g for syllable, char in zip(syllables, combo, strict=True)
+                             for c, _, g in _HANJA.get(syllable, ()) if c == char)
         homonyms.append(Homonym(
-            hanja=hanja,
-            reading=syllables,
-            meaning=_clip(gloss, _SHORT),
-            differentiator=_clip(f"Written {hanja} ({gloss}); the characters, not the sound, tell this "
-                                 f"{syllables} apart from other words read the same way.", _MEDIUM),
-        ))
-    return homonyms
+            hanja=spelled, reading=syllables, meaning=_clip(glosses or spelled, _SHORT),
+            differentiator=_clip(f"Written {spelled} ({glosses}); the characters, not the sound, tell it apart "
+                                 f"from {term}.", _MEDIUM)))
+    return homonyms[:5]
 
 
 def _ipa(term: str, hints: Mapping[str, str], korean: bool) -> str:
@@ -251,6 +346,121 @@ def _ipa(term: str, hints: Mapping[str, str], korean: bool) -> str:
         return _clip(given, _SHORT)
     ipa = hangul_ipa(term) if korean else ""
     return _clip(ipa, _SHORT) if ipa else f"/{_clip(term.lower(), _SHORT - 2)}/"
+
+
+def _korean_pos(term: str, given: PartOfSpeech) -> PartOfSpeech:
+    """The list's class when the analyser allows it, else the analyser's best guess (as a careful model would)."""
+    if " " in term.strip():
+        return given
+    candidates = head_candidates(term)
+    allowed = frozenset().union(*(h.classes for h in candidates)) if candidates else frozenset()
+    if not allowed or given in allowed:
+        return given
+    return next(iter(sorted(candidates[0].classes))) if candidates[0].classes else given
+
+
+_STEM_TAG = {PartOfSpeech.VERB: "VV", PartOfSpeech.ADJECTIVE: "VA"}
+_CONJUGATIONS = (
+    ("present polite (-아요/어요)", (("어요", "EF"),)),
+    ("past polite (-았어요/었어요)", (("었", "EP"), ("어요", "EF"))),
+    ("future / intention (-겠어요)", (("겠", "EP"), ("어요", "EF"))),
+    ("connective 'and' (-고)", (("고", "EC"),)),
+)
+_HONORIFICS = (
+    ("formal polite (-습니다)", (("습니다", "EF"),)),
+    ("honorific polite (-(으)세요)", (("으세요", "EF"),)),
+)
+#: Words with an honorific or humble counterpart of their own.
+_HONORIFIC_WORDS = {
+    "먹다": "드시다", "마시다": "드시다", "자다": "주무시다", "있다": "계시다", "말하다": "말씀하시다",
+    "주다": "드리다", "나": "저", "내가": "제가", "내": "제", "난": "전", "우리": "저희", "집": "댁", "밥": "진지",
+    "이름": "성함", "나이": "연세", "말": "말씀", "사람": "분",
+}
+
+
+def _forms(term: str, pos: PartOfSpeech) -> tuple[list[Form], list[Form]]:
+    """Conjugated and honorific forms, conjugated by the analyser (irregular stems included)."""
+    honorific_word = _HONORIFIC_WORDS.get(term)
+    honorifics = [Form(label="honorific / humble word", form=honorific_word)] if honorific_word else []
+    tag = _STEM_TAG.get(pos)
+    if tag is None or not _dictionary_form(term):
+        return [], honorifics
+    stem = term[:-1]
+    conjugations = [Form(label=label, form=_clip(join([(stem, tag), *ending]), _SHORT))
+                    for label, ending in _CONJUGATIONS]
+    honorifics = [Form(label=label, form=_clip(join([(stem, tag), *ending]), _SHORT))
+                  for label, ending in _HONORIFICS] + honorifics
+    return conjugations, honorifics[:4]
+
+
+def _generated_example(term: str, pos: PartOfSpeech, meaning: str) -> ExampleSentence:
+    """A short sentence that uses the term as its class allows (the verb stem takes -고 싶어요, which never
+    contracts, so the sentence always contains the stem)."""
+    gloss = meaning.split(";")[0].split(",")[0].strip() or meaning
+    if pos in (PartOfSpeech.VERB, PartOfSpeech.ADJECTIVE, PartOfSpeech.INTERJECTION) and not _dictionary_form(term):
+        return ExampleSentence(sentence=f"네, {term}.", translation=f"Yes, {gloss}.")  # an inflected form as listed
+    if pos in (PartOfSpeech.VERB, PartOfSpeech.ADJECTIVE):
+        stem = term[:-1]
+        if pos is PartOfSpeech.VERB:
+            return ExampleSentence(sentence=f"저는 오늘 {stem}고 싶어요.", translation=f"I want to {gloss} today.")
+        return ExampleSentence(sentence=f"오늘은 정말 {stem}지 않아요.", translation=f"Today it is not really {gloss}.")
+    if pos is PartOfSpeech.ADVERB:
+        return ExampleSentence(sentence=f"친구가 {term} 왔어요.", translation=f"My friend came ({gloss}).")
+    if pos is PartOfSpeech.PARTICLE:
+        for sentence, translation in ((f"학교{term} 친구를 만났어요.", f"I met a friend ({gloss}: school)."),
+                                      (f"민수{term}, 안녕!", f"Minsu ({gloss}), hi!")):
+            if locate(term, sentence) is not None:
+                return ExampleSentence(sentence=sentence, translation=translation)
+        return ExampleSentence(sentence=f"{term} 뭐예요?", translation=f"What is {gloss}?")
+    if pos is PartOfSpeech.DETERMINER:
+        return ExampleSentence(sentence=f"{term} 사람을 알아요.", translation=f"I know {gloss} person.")
+    if pos is PartOfSpeech.INTERJECTION:
+        return ExampleSentence(sentence=f"{term}, 정말요?", translation=f"{gloss}, really?")
+    return ExampleSentence(sentence=f"{term} 정말 좋아요.", translation=f"{gloss}: really good.")
+
+
+def _dictionary_form(term: str) -> bool:
+    """먹다 is a dictionary form; 합니다 and 먹어 are inflected ones (their lemma differs from the term)."""
+    heads = head_candidates(term)
+    return term.endswith("다") and len(term) > 1 and bool(heads) and heads[0].lemma == term
+
+
+def _example(term: str, pos: PartOfSpeech, meaning: str, hints: Mapping[str, str], korean: bool) -> ExampleSentence:
+    sentence = _hint(hints, "Example_Sentence")
+    translation = _hint(hints, "Example_Sentence_Translation")
+    if sentence and translation and (not korean or locate(term, sentence) is not None):
+        return ExampleSentence(sentence=_clip(sentence, _MEDIUM), translation=_clip(translation, _MEDIUM))
+    if korean:
+        return _generated_example(term, pos, meaning)
+    return ExampleSentence(sentence=_clip(f"{term}!", _MEDIUM), translation=_clip(f"{meaning}!", _MEDIUM))
+
+
+def _related(term: str, pos: PartOfSpeech, korean: bool, rng: random.Random) -> tuple[list[str], list[str]]:
+    if not korean:
+        return [], []
+    pool = [w for w in _KOREAN_CONFUSABLES.get(pos, ()) if w != term]
+    synonyms = rng.sample(pool, min(len(pool), rng.randint(0, 2)))
+    antonyms = [w for w in pool if w not in synonyms][:rng.randint(0, 1)]
+    return synonyms, antonyms
+
+
+def _collocations(term: str, pos: PartOfSpeech, korean: bool) -> list[str]:
+    if not korean:
+        return []
+    if pos is PartOfSpeech.VERB and _dictionary_form(term):
+        phrases = [f"자주 {term}", f"같이 {term}"]
+    elif pos is PartOfSpeech.ADJECTIVE and _dictionary_form(term):
+        phrases = [f"아주 {term}", f"정말 {term}"]
+    elif pos is PartOfSpeech.NOUN:
+        phrases = [f"{term}에 가다", f"{term}을 좋아하다" if _has_final(term) else f"{term}를 좋아하다"]
+    else:
+        phrases = []
+    return [_clip(phrase, _SHORT) for phrase in phrases]
+
+
+def _has_final(word: str) -> bool:
+    last = word[-1]
+    return _is_hangul(last) and (ord(last) - _HANGUL_FIRST) % 28 != 0
 
 
 def analysis_for(
@@ -262,7 +472,8 @@ def analysis_for(
     hints: Mapping[str, str] | None = None,
     seed: int = 0,
 ) -> TermAnalysis:
-    """A plausible stage-1 answer for ``term``; the same arguments always give the same analysis."""
+    """A plausible stage-1 answer for ``term`` that passes the content checks; the same arguments always give the
+    same analysis."""
     term = term.strip()
     if not term:
         raise ValueError("term must not be blank")
@@ -270,9 +481,13 @@ def analysis_for(
     rng = random.Random(f"{seed}:{term}")
     korean = _is_korean(term, language)
     pos = part_of_speech(type or _hint(hints, "Word_Type"))
+    if korean:
+        pos = _korean_pos(term, pos)
     quoted = _clip(term, _QUOTE)
     definition = _hint(hints, "Definition")
-    meaning = _clip(definition or f"{quoted} (core sense)", _SHORT)
+    spoken = pronounce(term) if korean else None
+    fallback = f"'{spoken.romanization}' (simulated sense)" if spoken else f"{quoted} (core sense)"
+    meaning = _clip(definition or fallback, _SHORT)
     short_meaning = _clip(meaning, _QUOTE)
 
     noun = rng.choice(_METAPHOR_NOUNS)
@@ -281,17 +496,8 @@ def analysis_for(
     anchor = rng.choice(_ANCHORS)
     sensory = rng.choice(_SENSES).format(anchor=anchor)
 
-    example = _hint(hints, "Example_Sentence")
-    translation = _hint(hints, "Example_Sentence_Translation")
-    explanation_parts = [
-        f"{quoted} is a {pos.value} meaning '{short_meaning}'.",
-        f"Picture {_a(noun)} that {action} '{short_meaning}' at {location}.",
-    ]
-    if example:
-        explanation_parts.append(f"Example: {_clip(example, 200)}" + (f" ({_clip(translation, 200)})"
-                                                                       if translation else ""))
-    explanation_parts.append(f"Learners of {language} usually meet it early; say it aloud while "
-                             f"holding the image of {anchor}.")
+    explanation = (f"{quoted} is a {pos.value} meaning '{short_meaning}'. Learners of {language} usually meet it "
+                   f"early; say it aloud while holding the image of {anchor}.")
 
     usage_hint = _hint(hints, "Usage_Hint")
     usage_context = None
@@ -309,6 +515,9 @@ def analysis_for(
                          f"{rng.choice(_CONTRASTS)}.", _MEDIUM),
         )
 
+    spelling, other_spellings = hanja_spelling(term, pos) if korean else (None, [])
+    conjugations, honorifics = _forms(term, pos) if korean else ([], [])
+    synonyms, antonyms = _related(term, pos, korean, rng)
     keywords = _keywords(definition or "", pos, noun, location, rng)
     return TermAnalysis(
         term=term,
@@ -322,11 +531,18 @@ def analysis_for(
         suggested_location=location,
         anchor_object=anchor,
         anchor_sensory=_clip(f"Notice {sensory} whenever you say {quoted}.", _MEDIUM),
-        explanation=_clip(" ".join(explanation_parts), _LONG),
+        explanation=_clip(explanation, _LONG),
         usage_context=usage_context,
         comparison=comparison,
-        homonyms=hanja_homonyms(term, pos, rng) if korean else [],
+        homonyms=_homonyms(term, meaning, other_spellings, rng) if korean else [],
         keywords=keywords,
+        example=_example(term, pos, meaning, hints, korean),
+        conjugations=conjugations,
+        honorifics=honorifics,
+        synonyms=synonyms,
+        antonyms=antonyms,
+        collocations=_collocations(term, pos, korean),
+        hanja=spelling,
     )
 
 
@@ -351,20 +567,21 @@ def cards_for(
     seed: int = 0,
     hints: Mapping[str, str] | None = None,
 ) -> FlashcardSet:
-    """A plausible stage-2 answer: 2-4 cards, with a Hanja card only when the analysis has homonyms; the
-    level tag follows the input's TOPIK_Level column when it has one."""
+    """A plausible stage-2 answer: 2-4 optional cards (recognition and production are made from the analysis),
+    with a Hanja card exactly when the analysis spells the term in Hanja; the level tag follows the input's
+    TOPIK_Level column when it has one."""
     term = term.strip() or analysis.term
     rng = random.Random(f"{seed}:{term}:cards")
     korean = _is_korean(term, language)
     quoted = _clip(term, _QUOTE)
     meaning = _clip(analysis.primary_meaning, 80)
 
-    optional: list[CardType] = [CardType.EXAMPLE, CardType.GRAMMAR, CardType.CULTURAL]
+    optional: list[CardType] = [CardType.SCENE, CardType.EXAMPLE, CardType.GRAMMAR, CardType.CULTURAL]
     if korean:
         optional.append(CardType.FORMAL_CASUAL)
     if analysis.comparison is not None:
         optional.append(CardType.USAGE_COMPARISON)
-    required = [CardType.SCENE] + ([CardType.HANJA] if analysis.homonyms else [])
+    required = [CardType.HANJA] if analysis.has_hanja else []
     count = rng.randint(2, 4)
     types = required + rng.sample(optional, max(0, count - len(required)))
 
@@ -394,26 +611,42 @@ def cards_for(
 
 def _card_text(card_type: CardType, term: str, meaning: str, analysis: TermAnalysis,
                learner_language: str) -> tuple[str, str]:
-    answer = f"{term} [{_clip(analysis.ipa, 60)}] — {meaning}"
+    """Fronts never show the term where it is the answer; backs answer only their own front."""
     if card_type is CardType.SCENE:
+        hidden = meaning.replace(term, "…")  # a list's definition may quote the word itself
         return (f"At {analysis.suggested_location}, {analysis.anchor_object}: {_a(analysis.metaphor_noun)} "
-                f"that {analysis.metaphor_action} '{meaning}'. Which word is it?", answer)
-    if card_type is CardType.HANJA:
-        first = analysis.homonyms[0]
-        return (f"Which Hanja are behind {term} (meaning '{meaning}')?",
-                f"{first.hanja} — {first.meaning}. {term} means '{meaning}'.")
+                f"that {analysis.metaphor_action} '{hidden}' ({analysis.pos.value}). Which word is it?",
+                f"The {analysis.metaphor_noun} is the word for '{meaning}'.")
+    if card_type is CardType.HANJA and analysis.hanja is not None:
+        parts = " + ".join(f"{c.character} {c.meaning} {c.reading} ({c.gloss})" for c in analysis.hanja.characters)
+        return (f"Which Hanja are behind {term} (meaning '{meaning}')?", f"{analysis.hanja.hanja}: {parts}")
     if card_type is CardType.USAGE_COMPARISON and analysis.comparison is not None:
         return (f"{term} or {analysis.comparison.vs}: which one means '{meaning}' here?",
                 f"{term}. {analysis.comparison.nuance}")
     if card_type is CardType.GRAMMAR:
         return (f"How does the {analysis.pos.value} {term} fit into a sentence?",
-                f"{term} ({meaning}): {_GRAMMAR_NOTES[analysis.pos]}.")
+                f"{_GRAMMAR_NOTES[analysis.pos][:1].upper()}{_GRAMMAR_NOTES[analysis.pos][1:]}.")
     if card_type is CardType.FORMAL_CASUAL:
         return (f"Is {term} ('{meaning}') polite enough for a job interview?",
-                f"{term} means '{meaning}'. Match the verb ending to the listener: -습니다 when formal, "
-                f"-아/어 with close friends.")
+                "Match the ending to the listener: -습니다 when formal, -아/어 with close friends.")
     if card_type is CardType.CULTURAL:
-        context = analysis.usage_context or f"everyday situations where '{meaning}' comes up."
-        return (f"When would a native speaker say {term}?", f"{term} ('{meaning}'): {context}")
-    return (f"Fill the gap with the word for '{meaning}': ___ (think of {analysis.anchor_object}).",
-            f"{answer}. {analysis.metaphor}")
+        context = analysis.usage_context or f"Everyday situations where '{meaning}' comes up."
+        return (f"When would a native speaker say {term}?", context)
+    example = analysis.example
+    return (f"Fill the gap with the word for '{meaning}'.",
+            example.sentence if example else f"{term} — {meaning}")
+
+
+_SPEECH_RATE = 16_000
+
+
+def speech_for(text: str) -> bytes:
+    """A short, valid MP3 standing in for spoken ``text``: a soft tone whose pitch comes from the text and whose
+    length grows with it (0.2 to 1.5 s), the same bytes every time."""
+    rng = random.Random(f"speech:{text}")
+    seconds = min(1.5, 0.2 + 0.03 * len(text))
+    pitch = 180 + rng.random() * 140
+    count = int(_SPEECH_RATE * seconds)
+    samples = (int(6000 * math.sin(2 * math.pi * pitch * i / _SPEECH_RATE) * min(1.0, i / 800, (count - i) / 800))
+               for i in range(count))
+    return encode_mp3(struct.pack(f"<{count}h", *samples), rate=_SPEECH_RATE)

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flashcard_pipeline.llm.client import estimate_tokens
 from flashcard_pipeline.models import TermAnalysis
-from flashcard_pipeline.simulator.content import analysis_for, cards_for
+from flashcard_pipeline.simulator.content import analysis_for, cards_for, speech_for
 
 __all__ = [
     "COMPLETION_PRICE_PER_MILLION",
@@ -60,6 +60,9 @@ COMPLETION_PRICE_PER_MILLION = 0.60
 DEFAULT_PORT = 8765
 CHAT_PATHS = ("/v1/chat/completions", "/api/v1/chat/completions")
 MODELS_PATHS = ("/v1/models", "/api/v1/models")
+SPEECH_PATHS = ("/v1/audio/speech", "/api/v1/audio/speech")
+#: OpenAI's limit on the input of one speech request, in characters.
+SPEECH_MAX_INPUT = 4096
 #: What ``GET /v1/models`` lists: the simulated provider's default model (chat answers any model name).
 MODEL_IDS: tuple[str, ...] = ("simulated/flashcard-sim",)
 #: A fixed ``created`` stamp (2025-01-01 UTC) keeps the model list identical run to run.
@@ -83,6 +86,8 @@ class Stage(StrEnum):
     TERM_ANALYSIS = "term_analysis"
     FLASHCARD_SET = "flashcard_set"
     OTHER = "other"
+    #: ``POST /v1/audio/speech``: text to speech, answered with a short MP3.
+    SPEECH = "speech"
 
 
 class Outcome(StrEnum):
@@ -410,6 +415,8 @@ class Simulator:
         app = web.Application(middlewares=[self._http_errors])
         for path in CHAT_PATHS:
             app.router.add_post(path, self._chat)
+        for path in SPEECH_PATHS:
+            app.router.add_post(path, self._speech)
         for path in MODELS_PATHS:
             app.router.add_get(path, self._models)
             app.router.add_get(path + "/{model:.+}", self._model)
@@ -491,6 +498,26 @@ class Simulator:
             entry["pricing"] = {"prompt": _per_token(PROMPT_PRICE_PER_MILLION),
                                 "completion": _per_token(COMPLETION_PRICE_PER_MILLION)}
         return entry
+
+    async def _speech(self, request: web.Request) -> web.Response:
+        """OpenAI's text-to-speech: ``{"model", "input", "voice", "response_format"}`` -> audio/mpeg."""
+        self._stats.total += 1
+        self._stats.stages[Stage.SPEECH] += 1
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            body = None
+        text = body.get("input") if isinstance(body, dict) else None
+        if not isinstance(text, str) or not text.strip() or len(text) > SPEECH_MAX_INPUT:
+            self._stats.outcomes[Outcome.BAD_REQUEST] += 1
+            return self._reply(_Failure(400, f"'input' must be a non-empty string of at most {SPEECH_MAX_INPUT} "
+                                             "characters", code="invalid_value", param="input"))
+        if body.get("response_format", "mp3") != "mp3":
+            self._stats.outcomes[Outcome.BAD_REQUEST] += 1
+            return self._reply(_Failure(400, "the simulator speaks mp3 only", code="invalid_value",
+                                        param="response_format"))
+        self._stats.outcomes[Outcome.OK] += 1
+        return web.Response(body=speech_for(text), content_type="audio/mpeg")
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -107,6 +107,8 @@ def create_db_engine(url: str, settings: DatabaseSettings | None = None) -> Engi
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # A file's connection cannot go stale as a server's can: a ping before every checkout is pure cost.
+        pool_args["pool_pre_ping"] = False
         engine = create_engine(parsed, connect_args={"check_same_thread": False}, **pool_args)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -35,6 +36,19 @@ from flashcard_pipeline.storage.schema import (
 
 NUANCE = "nuance"
 CARDS = "cards"
+#: Core tables for the writer's executemany statements (ORM updates given a parameter list mean something else).
+_ITEMS = Item.__table__
+_ENTRIES = CacheEntry.__table__
+_RESULTS = StageResult.__table__
+#: The reads every cache miss makes, built once: building a statement costs more than running it on SQLite.
+_CACHE_ENTRY = select(_ENTRIES.c.codec, _ENTRIES.c.value, _ENTRIES.c.expires_at).where(
+    _ENTRIES.c.key == bindparam("key"))
+_STORED_ANSWER = (select(_RESULTS.c.payload)
+                  .where(_RESULTS.c.cache_key == bindparam("key"), _RESULTS.c.created_at > bindparam("after"))
+                  .order_by(_RESULTS.c.id.desc()).limit(1))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Keys per IN list: well under every driver's limit on bound parameters.
+_IN_CHUNK = 500
 STAGES = (NUANCE, CARDS)
 _INGEST_BATCH = 500
 
@@ -57,6 +71,8 @@ class StageCompleted:
     from_cache: bool
     run_id: int | None = None
     cards: tuple[Flashcard, ...] = ()
+    #: Content checks the answer still fails (kept for review); empty when it passes.
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,8 @@ class CachedValue:
     codec: str
     value: bytes
     expires_at: datetime | None = None
+    #: Not a cache entry: the answer a run stored for the same request (see :meth:`Ledger.cache_get`).
+    restored: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +182,19 @@ class FailedItem:
     category: str | None
     code: str | None
     message: str | None
+
+
+@dataclass(frozen=True)
+class FlaggedItem:
+    """An item kept with answers that failed a content check after the re-ask: ``stage: problem`` lines."""
+
+    position: int
+    term: str
+    flags: tuple[str, ...]
+
+
+def _flags(stage: str, raw: str | None) -> list[str]:
+    return [f"{stage}: {problem}" for problem in json.loads(raw)] if raw else []
 
 
 @dataclass
@@ -191,17 +222,10 @@ def _count_items(summary: RunSummary, nuance: str, cards: str, count: int) -> No
         summary.pending += count
 
 
-def _upsert(dialect: str, table: Any, values: dict[str, Any], keys: Sequence[str]) -> Any:
-    """INSERT .. ON CONFLICT DO UPDATE for the dialects we support."""
-    module = postgresql if dialect == "postgresql" else sqlite
-    stmt = module.insert(table).values(**values)
-    return stmt.on_conflict_do_update(index_elements=list(keys),
-                                      set_={k: v for k, v in values.items() if k not in keys})
-
-
 def _item_to_model(row: Item) -> VocabularyItem:
     return VocabularyItem(position=row.position, term=row.term, type=row.type,
-                          hints=json.loads(row.hints_json or "{}"), source_row=row.source_row)
+                          hints=json.loads(row.hints_json or "{}"), source_row=row.source_row,
+                          frequency_rank=row.frequency_rank)
 
 
 class Ledger:
@@ -240,6 +264,7 @@ class Ledger:
             for item in items:
                 batch.append({"run_id": run.id, "position": item.position, "term": item.term, "type": item.type,
                               "hints_json": json.dumps(item.hints, ensure_ascii=False),
+                              "frequency_rank": item.frequency_rank,
                               "source_row": item.source_row})
                 if len(batch) >= _INGEST_BATCH:
                     session.execute(insert(Item), batch)
@@ -321,22 +346,25 @@ class Ledger:
         while True:
             with Session(self.engine) as session:
                 rows = session.execute(
-                    select(Item, StageResult.payload)
+                    select(Item, StageResult.payload, StageResult.flags)
                     .join(StageResult, (StageResult.item_id == Item.id) & (StageResult.stage == NUANCE))
                     .where(Item.run_id == run_id, Item.cards_state == StageState.DONE, Item.position > after)
                     .order_by(Item.position).limit(page)).all()
                 if not rows:
                     return
-                ids = [item.id for item, _ in rows]
+                ids = [item.id for item, _, _ in rows]
+                card_flags = dict(session.execute(select(StageResult.item_id, StageResult.flags).where(
+                    StageResult.item_id.in_(ids), StageResult.stage == CARDS, StageResult.flags.is_not(None))).all())
                 cards: dict[int, list[Flashcard]] = {}
                 for card in session.scalars(select(Card).where(Card.item_id.in_(ids))
                                             .order_by(Card.item_id, Card.ordinal)):
                     cards.setdefault(card.item_id, []).append(Flashcard(
                         card_type=card.card_type, front=card.front, back=card.back,
                         tags=json.loads(card.tags_json), honorific_level=card.honorific_level))
-                for item, payload in rows:
+                for item, payload, flags in rows:
                     yield TermResult(item=_item_to_model(item), analysis=TermAnalysis.model_validate_json(payload),
-                                     cards=cards.get(item.id, []))
+                                     cards=cards.get(item.id, []),
+                                     flags=_flags(NUANCE, flags) + _flags(CARDS, card_flags.get(item.id)))
                 after = rows[-1][0].position
 
     def failures(self, run_id: int) -> list[FailedItem]:
@@ -347,6 +375,21 @@ class Ledger:
                 .order_by(Item.position)).all()
             return [FailedItem(r.position, r.term, r.error_stage, r.error_category, r.error_code, r.error_message)
                     for r in rows]
+
+    def flagged(self, run_id: int) -> list[FlaggedItem]:
+        """The run's items whose stored answers failed content checks, in input order."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(Item.position, Item.term, StageResult.stage, StageResult.flags)
+                .join(StageResult, StageResult.item_id == Item.id)
+                .where(Item.run_id == run_id, StageResult.flags.is_not(None))
+                .order_by(Item.position, StageResult.stage.desc())).all()
+        found: dict[int, FlaggedItem] = {}
+        for position, term, stage, raw in rows:
+            previous = found.get(position)
+            flags = (*(previous.flags if previous else ()), *_flags(stage, raw))
+            found[position] = FlaggedItem(position, term, flags)
+        return list(found.values())
 
     def summary(self, run_id: int) -> RunSummary:
         with Session(self.engine) as session:
@@ -439,14 +482,21 @@ class Ledger:
 
     # cache ------------------------------------------------------------------------------------
 
-    def cache_get(self, key: str) -> CachedValue | None:
-        """The stored (encoded) value for ``key``, unless it has expired. Core, not ORM: this is the hot path."""
-        table = CacheEntry.__table__
+    def cache_get(self, key: str, *, with_results: bool = False,
+                  results_newer_than: datetime | None = None) -> CachedValue | None:
+        """The stored (encoded) value for ``key``, unless it has expired. Core, not ORM: this is the hot path.
+
+        ``with_results``: when there is no entry, the answer a run stored for the same request (newer than
+        ``results_newer_than``, so a TTL still retires it), read on the same connection: a paid answer whose
+        cache copy was lost or cleared is found by the one read a miss costs.
+        """
         with self.engine.connect() as conn:
-            row = conn.execute(select(table.c.codec, table.c.value, table.c.expires_at)
-                               .where(table.c.key == key)).first()
-        if row is None:
-            return None
+            row = conn.execute(_CACHE_ENTRY, {"key": key}).first()
+            if row is None:
+                if not with_results:
+                    return None
+                payload = conn.execute(_STORED_ANSWER, {"key": key, "after": results_newer_than or _EPOCH}).scalar()
+                return None if payload is None else CachedValue("identity", payload.encode("utf-8"), restored=True)
         expires = row.expires_at
         if expires is not None:
             if expires.tzinfo is None:
@@ -455,43 +505,83 @@ class Ledger:
                 return None
         return CachedValue(row.codec, row.value, expires)
 
+    def cache_get_many(self, keys: Sequence[str], *, with_results: bool = False,
+                       results_newer_than: datetime | None = None) -> dict[str, CachedValue]:
+        """:meth:`cache_get` for many keys at once (those found), a few statements for a whole page of items."""
+        found: dict[str, CachedValue] = {}
+        now = utcnow()
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), _IN_CHUNK):
+                chunk = list(keys[start:start + _IN_CHUNK])
+                for row in conn.execute(select(_ENTRIES.c.key, _ENTRIES.c.codec, _ENTRIES.c.value,
+                                               _ENTRIES.c.expires_at).where(_ENTRIES.c.key.in_(chunk))):
+                    expires = row.expires_at
+                    if expires is not None and expires.tzinfo is None:
+                        expires = expires.replace(tzinfo=UTC)
+                    if expires is None or expires > now:
+                        found[row.key] = CachedValue(row.codec, row.value, expires)
+                missing = [key for key in chunk if key not in found]
+                if not with_results or not missing:
+                    continue
+                for key, payload in conn.execute(
+                        select(_RESULTS.c.cache_key, _RESULTS.c.payload)
+                        .where(_RESULTS.c.cache_key.in_(missing),
+                               _RESULTS.c.created_at > (results_newer_than or _EPOCH))
+                        .order_by(_RESULTS.c.id.desc())):
+                    found.setdefault(key, CachedValue("identity", payload.encode("utf-8"), restored=True))
+        return found
+
     # writes -----------------------------------------------------------------------------------
 
     def write_batch(self, ops: Sequence[LedgerOp]) -> None:
-        """Apply ``ops`` in order in one transaction."""
+        """Apply ``ops`` in one transaction, one statement per kind of operation (executemany or multi-row), not
+        one per operation: the writer's thread competes with the event loop for the GIL.
+
+        Grouping by kind keeps the outcome of applying them in order, because within a batch each (item, stage)
+        is started before it completes or fails; cache hits are counted after the last put of their entry.
+        """
         if not ops:
             return
         dialect = self.engine.dialect.name
         now = utcnow()
+        groups: dict[type, list[Any]] = {}
+        hits: dict[str, int] = {}
+        for op in ops:
+            groups.setdefault(type(op), []).append(op)
+            if isinstance(op, CachePut):
+                hits.pop(op.key, None)  # a put writes the entry afresh, with no hits
+            elif isinstance(op, CacheHit):
+                hits[op.key] = hits.get(op.key, 0) + 1
         with Session(self.engine) as session, session.begin():
-            calls: list[dict[str, Any]] = []
-            for op in ops:
-                if isinstance(op, CallRecorded):
-                    calls.append({**op.__dict__, "created_at": now})
-                    continue
-                if isinstance(op, StageStarted):
-                    state, attempts = _stage_columns(op.stage)
-                    session.execute(update(Item).where(Item.id == op.item_id)
-                                    .values({state: StageState.IN_FLIGHT, attempts: attempts + 1,
-                                             "updated_at": now}))
-                elif isinstance(op, StageCompleted):
-                    self._complete_stage(session, dialect, op, now)
-                elif isinstance(op, StageFailed):
-                    state, _ = _stage_columns(op.stage)
-                    session.execute(update(Item).where(Item.id == op.item_id).values(
-                        {state: StageState.FAILED, "error_stage": op.stage, "error_category": op.category,
-                         "error_code": op.code, "error_message": op.message[:2000], "updated_at": now}))
-                elif isinstance(op, CachePut):
-                    values = {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
-                    session.execute(_upsert(dialect, CacheEntry.__table__, values, ["key"]))
-                elif isinstance(op, CacheCounts):
-                    for cache_type, hits, misses in op.counts:
-                        self._add_counts(session, dialect, cache_type, hits, misses)
-                elif isinstance(op, CacheHit):
-                    session.execute(update(CacheEntry).where(CacheEntry.key == op.key)
-                                    .values(hit_count=CacheEntry.hit_count + 1, last_hit_at=now))
-            if calls:
-                session.execute(insert(ApiCall), calls)
+            for started in _by_stage(groups.get(StageStarted, ())):
+                state, attempts = _stage_columns(started[0].stage)
+                session.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id"))
+                                .values({state.key: StageState.IN_FLIGHT, attempts.key: attempts + 1,
+                                         "updated_at": now}),
+                                [{"b_id": op.item_id} for op in started])
+            if puts := groups.get(CachePut):
+                rows = list({op.key: {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
+                             for op in puts}.values())  # the last put of a key wins, as in order
+                _upsert_many(session, dialect, CacheEntry.__table__, rows, ("key",))
+            if completed := groups.get(StageCompleted):
+                self._complete_stages(session, dialect, completed, now)
+            for failed in _by_stage(groups.get(StageFailed, ())):
+                state, _ = _stage_columns(failed[0].stage)
+                session.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(
+                    {state.key: StageState.FAILED, "error_stage": failed[0].stage, "error_category": bindparam("b_cat"),
+                     "error_code": bindparam("b_code"), "error_message": bindparam("b_msg"), "updated_at": now}),
+                    [{"b_id": op.item_id, "b_cat": op.category, "b_code": op.code, "b_msg": op.message[:2000]}
+                     for op in failed])
+            if hits:
+                entries = CacheEntry.__table__
+                session.execute(update(entries).where(entries.c.key == bindparam("b_key"))
+                                .values(hit_count=entries.c.hit_count + bindparam("b_n"), last_hit_at=now),
+                                [{"b_key": key, "b_n": n} for key, n in hits.items()])
+            for op in groups.get(CacheCounts, ()):
+                for cache_type, hits_n, misses in op.counts:
+                    self._add_counts(session, dialect, cache_type, hits_n, misses)
+            if calls := groups.get(CallRecorded):
+                session.execute(insert(ApiCall.__table__), [{**op.__dict__, "created_at": now} for op in calls])
 
     @staticmethod
     def _add_counts(session: Session, dialect: str, cache_type: str, hits: int, misses: int) -> None:
@@ -503,23 +593,28 @@ class Ledger:
             set_={"hits": table.c.hits + hits, "misses": table.c.misses + misses}))
 
     @staticmethod
-    def _complete_stage(session: Session, dialect: str, op: StageCompleted, now: datetime) -> None:
-        session.execute(_upsert(dialect, StageResult.__table__,
-                                {"item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key,
-                                 "payload": op.payload, "from_cache": op.from_cache, "created_at": now},
-                                ["item_id", "stage"]))
-        if op.stage == CARDS:
-            session.execute(Card.__table__.delete().where(Card.item_id == op.item_id))
-            session.execute(insert(Card), [
-                {"run_id": op.run_id, "item_id": op.item_id, "ordinal": i, "card_type": card.card_type.value,
-                 "front": card.front, "back": card.back, "tags_json": json.dumps(card.tags, ensure_ascii=False),
-                 "honorific_level": card.honorific_level.value}
-                for i, card in enumerate(op.cards, start=1)])
-        state, _ = _stage_columns(op.stage)
-        values: dict[Any, Any] = {state: StageState.DONE, "updated_at": now}
-        if op.stage == CARDS:
-            values.update(error_stage=None, error_category=None, error_code=None, error_message=None)
-        session.execute(update(Item).where(Item.id == op.item_id).values(values))
+    def _complete_stages(session: Session, dialect: str, ops: list[StageCompleted], now: datetime) -> None:
+        results = {(op.item_id, op.stage): {
+            "item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key, "payload": op.payload,
+            "from_cache": op.from_cache, "created_at": now,
+            "flags": json.dumps(list(op.flags), ensure_ascii=False) if op.flags else None} for op in ops}
+        _upsert_many(session, dialect, StageResult.__table__, list(results.values()), ("item_id", "stage"))
+        carded = {op.item_id: op for op in ops if op.stage == CARDS}  # the last answer of an item wins
+        if carded:
+            session.execute(Card.__table__.delete().where(Card.item_id.in_(list(carded))))
+            cards = [{"run_id": op.run_id, "item_id": op.item_id, "ordinal": i, "card_type": card.card_type.value,
+                      "front": card.front, "back": card.back, "tags_json": json.dumps(card.tags, ensure_ascii=False),
+                      "honorific_level": card.honorific_level.value}
+                     for op in carded.values() for i, card in enumerate(op.cards, start=1)]
+            if cards:
+                session.execute(insert(Card.__table__), cards)
+        for done in _by_stage(ops):
+            state, _ = _stage_columns(done[0].stage)
+            values: dict[str, Any] = {state.key: StageState.DONE, "updated_at": now}
+            if done[0].stage == CARDS:
+                values.update(error_stage=None, error_category=None, error_code=None, error_message=None)
+            session.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(values),
+                            [{"b_id": item_id} for item_id in dict.fromkeys(op.item_id for op in done)])
 
     @staticmethod
     def _run_record(row: Run) -> RunRecord:
@@ -529,6 +624,30 @@ class Ledger:
                          created_at=_aware(row.created_at), settings=json.loads(row.settings_json or "{}"),
                          input_path=row.input_path, input_sha256=row.input_sha256,
                          updated_at=_aware(row.updated_at), finished_at=_aware(row.finished_at))
+
+
+def _by_stage(ops: Iterable[Any]) -> list[list[Any]]:
+    """Operations grouped by their stage (each group is one statement), in a fixed order."""
+    groups: dict[str, list[Any]] = {}
+    for op in ops:
+        groups.setdefault(op.stage, []).append(op)
+    return [groups[stage] for stage in sorted(groups)]
+
+
+@functools.cache
+def _upsert_statement(dialect: str, table: Any, columns: tuple[str, ...], keys: tuple[str, ...]) -> Any:
+    """INSERT .. ON CONFLICT DO UPDATE (every column but the keys takes the new row's value), made once per shape
+    so SQLAlchemy compiles it once: a multi-row VALUES statement is compiled anew for every batch size."""
+    module = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(table)
+    return stmt.on_conflict_do_update(index_elements=list(keys),
+                                      set_={c: stmt.excluded[c] for c in columns if c not in keys})
+
+
+def _upsert_many(session: Session, dialect: str, table: Any, rows: list[dict[str, Any]],
+                 keys: tuple[str, ...]) -> None:
+    """Upsert ``rows`` (all with the same columns) with one executemany."""
+    session.execute(_upsert_statement(dialect, table, tuple(rows[0]), keys), rows)
 
 
 def _aware(value: datetime | None) -> datetime | None:

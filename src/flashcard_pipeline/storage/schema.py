@@ -77,6 +77,7 @@ class Item(Base):
     type: Mapped[str | None] = mapped_column(String(40), nullable=True)
     hints_json: Mapped[str] = mapped_column(Text, default="{}")
     source_row: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    frequency_rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     nuance_state: Mapped[str] = mapped_column(String(16), default=StageState.PENDING, index=True)
     nuance_attempts: Mapped[int] = mapped_column(Integer, default=0)
     cards_state: Mapped[str] = mapped_column(String(16), default=StageState.PENDING, index=True)
@@ -101,6 +102,8 @@ class StageResult(Base):
     payload: Mapped[str] = mapped_column(Text)
     from_cache: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: JSON list of the content checks the answer failed after its re-ask (kept for review); NULL when it passed.
+    flags: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Card(Base):
