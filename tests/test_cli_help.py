@@ -142,3 +142,18 @@ def test_breaker_status_never_cuts_a_circuit_name(tmp_path: Path, width: int) ->
     assert "5 failed of 9 calls" in " ".join(lines) and "refused 30" in " ".join(lines)
     as_json = json.loads(runner.invoke(app, ["breaker", "status", "--db", db, "--json"]).stdout)
     assert as_json["circuits"][0]["circuit"] == long_name
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["cache", "clear", "--help"], ["process", "--help"]])
+def test_help_and_version_load_none_of_the_heavy_libraries(args: list[str]) -> None:
+    """What keeps `--help` fast (benchmarks/bench_startup.py measures it): the libraries a command uses are
+    imported when it runs, not when the command line is built."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "flashcard_pipeline", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    heavy = {"sqlalchemy", "alembic", "httpx", "aiohttp", "genanki", "redis", "pydantic_settings", "kiwipiepy"}
+    assert not heavy & loaded, sorted(heavy & loaded)
