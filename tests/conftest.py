@@ -118,7 +118,9 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     home = tmp_path_factory.mktemp("home")
     monkeypatch.chdir(home)
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
-    for variable in ("FLASHCARD_DATABASE_URL", "OPENROUTER_API_KEY", "OPENAI_API_KEY"):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))  # the developer's config file stays out
+    for variable in ("FLASHCARD_DATABASE_URL", "FLASHCARD_CONFIG", "FLASHCARD_MODEL_KIND", "OPENROUTER_API_KEY",
+                     "OPENAI_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
 
 

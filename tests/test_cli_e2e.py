@@ -328,11 +328,12 @@ def test_progress_display_on_a_terminal_and_in_a_log() -> None:
     line = describe(stats)
     for part in ("done 4/10", "failed 1", "in flight 2", "tokens 150", "$0.0123", "cache hits 3", "paused: circuit"):
         assert part in line
-    assert "API errors" not in line
+    assert "API errors 0" in line
     stats.note_rate_limit("openrouter/some-model", 12.0, now=100.0)
     stats.note_rate_limit("openrouter/some-model", 3.0, now=101.0)  # an earlier end never shortens the wait
     assert stats.rate_limited == 2
-    assert "paused: openrouter/some-model answered 429 (rate limit), every call waits 7 s" in describe(stats, 105.0)
+    assert ("paused: circuit open (retry in 12 s); openrouter/some-model answered 429 (rate limit), every call "
+            "waits 7 s") in describe(stats, 105.0)
     assert "429" not in describe(stats, 112.0), "once the pause is over nothing is shown"
     stats.rate_limit_until = 0.0
     stats.api_errors = 5

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
-from flashcard_pipeline.cli.maintenance import parse_age
+from flashcard_pipeline.cli.maintenance import human_bytes, parse_age
 from flashcard_pipeline.errors import ConfigurationError
 from tests.conftest import REDIS_URL, require_service
 
@@ -62,7 +62,9 @@ def test_cache_stats_clear_and_warm(tmp_path: Path, db_url: str) -> None:
     assert types["nuance"]["misses"] == 6 and types["nuance"]["hits"] == 0
     assert types["cards"]["stored_bytes"] < 0.6 * types["cards"]["raw_bytes"]
 
-    assert cli("cache", "clear", "--db", db_url, "--type", "cards", "-y")[1].strip() == "removed 6 cached answers"
+    code, stdout, _ = cli("cache", "clear", "--db", db_url, "--type", "cards", "-y")
+    assert code == 0 and stdout.startswith("6 cached answers of type cards (")
+    assert stdout.strip().splitlines()[-1] == "removed 6 cached answers"
     code, stdout, _ = cli("cache", "warm", str(source), "--provider", "simulated", "--db", db_url, "--json")
     assert code == 0
     assert json.loads(stdout) == {"items": 6, "already_cached": 6, "restored": 6, "missing": 0}
@@ -90,11 +92,44 @@ def test_cache_vacuum_and_bad_age(tmp_path: Path, sqlite_url: str) -> None:
     assert code == 2 and "unknown cache type 'nuances'; use nuance or cards" in stderr
 
 
+def test_cache_clear_shows_what_it_deletes_and_deletes_nothing_on_no(tmp_path: Path, sqlite_url: str) -> None:
+    process(words(tmp_path, 3), sqlite_url, tmp_path / "o.jsonl")
+
+    def nuance() -> dict[str, int]:
+        stats = json.loads(cli("cache", "stats", "--db", sqlite_url, "--json")[1])["types"]
+        return next(t for t in stats if t["cache_type"] == "nuance")
+
+    before = nuance()
+    result = runner.invoke(app, ["cache", "clear", "--db", sqlite_url, "--type", "nuance"], input="n\n")
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"3 cached answers of type nuance ({human_bytes(before['stored_bytes'])} "
+                                    "stored). Answers stored with runs stay")
+    assert result.stdout.strip().endswith("nothing deleted") and nuance()["entries"] == 3
+    code, stdout, _ = cli("cache", "clear", "--db", sqlite_url, "--older-than", "30d")
+    assert code == 0 and stdout.strip() == "no cached answers older than 30d: nothing deleted"
+    code, _, stderr = cli("cache", "clear", "--db", sqlite_url, "--older-than", "1m", "-y")
+    assert code == 2 and "ambiguous age '1m': minutes or months?" in stderr and nuance()["entries"] == 3
+    result = runner.invoke(app, ["cache", "clear", "--db", sqlite_url, "--type", "nuance"], input="y\n")
+    assert result.exit_code == 0 and result.stdout.strip().endswith("removed 3 cached answers")
+    assert nuance()["entries"] == 0
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (0, 999, 1000, 1_234_567, 5 * 10**12)] == \
+        ["0 bytes", "999 bytes", "1.0 kB", "1.2 MB", "5000.0 GB"]
+
+
 def test_parse_age() -> None:
     assert parse_age("30d").days == 30 and parse_age("12h").total_seconds() == 43200
-    assert parse_age(" 1.5 m ").total_seconds() == 90
-    with pytest.raises(ConfigurationError):
-        parse_age("3 days")
+    assert parse_age("90m").total_seconds() == 5400 and parse_age(" 1.5 min ").total_seconds() == 90
+    assert parse_age("3 days").days == 3 and parse_age("2w").days == 14 and parse_age("45s").total_seconds() == 45
+    for ambiguous in ("1m", "6m", "18m", "59m"):  # a month meant, everything older than a minute deleted
+        with pytest.raises(ConfigurationError, match=r"ambiguous.*minutes or months"):
+            parse_age(ambiguous)
+    for bad, why in (("30", "give a number and a unit"), ("2mo", "in days"), ("3y", "unknown unit"),
+                     ("-1d", "not an age"), ("soon", "not an age")):
+        with pytest.raises(ConfigurationError, match=why):
+            parse_age(bad)
 
 
 def test_redis_cache_is_shared_by_two_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,8 +146,8 @@ def test_redis_cache_is_shared_by_two_workers(tmp_path: Path, monkeypatch: pytes
     code, stdout, _ = cli("cache", "stats", "--db", f"sqlite:///{tmp_path / 'worker1.db'}", "--json")
     types = {t["cache_type"]: t for t in json.loads(stdout)["types"]}
     assert code == 0 and types["nuance"]["entries"] == 4 and types["nuance"]["hits"] == 4
-    assert cli("cache", "clear", "--db", f"sqlite:///{tmp_path / 'worker1.db'}", "-y")[1].strip() == \
-        "removed 8 cached answers"
+    code, stdout, _ = cli("cache", "clear", "--db", f"sqlite:///{tmp_path / 'worker1.db'}", "-y")
+    assert stdout.startswith("8 cached answers (") and stdout.strip().endswith("removed 8 cached answers")
 
 
 ENGINE_SETTINGS = [

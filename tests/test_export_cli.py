@@ -143,7 +143,7 @@ def test_export_format_option_beats_the_extension_and_deck_options_apply(tmp_pat
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--run", "99"], "there is no run 99"),
-    (["--format", "xlsx"], "unknown export format 'xlsx'"),
+    (["--format", "xlsx"], "'xlsx' is not one of 'apkg', 'tsv', 'csv', 'jsonl'"),
 ])
 def test_export_usage_errors_are_one_line_and_exit_2(tmp_path: Path, small_run: Run, args: list[str],
                                                      message: str) -> None:

@@ -167,6 +167,47 @@ async def test_writer_surfaces_a_failed_commit(sqlite_url: str) -> None:
     ledger.engine.dispose()
 
 
+def test_the_head_revision_is_alembics_and_a_current_schema_opens_without_alembic(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from flashcard_pipeline.storage.db import head_revision
+
+    config = Config()
+    config.set_main_option("script_location", "flashcard_pipeline.storage:migrations")
+    assert head_revision() == ScriptDirectory.from_config(config).get_current_head()
+    open_database(db_url).dispose()  # creates the schema through Alembic
+    calls: list[str] = []
+    monkeypatch.setattr(command, "upgrade", lambda *args, **kwargs: calls.append("upgrade"))
+    engine = open_database(db_url)
+    assert calls == [], "a schema at head is opened with one query, not Alembic's start-up"
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+    engine.dispose()
+    open_database(db_url).dispose()
+    assert calls == ["upgrade"], "an older schema is still migrated"
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_database_at_once_all_get_it(db_url: str) -> None:
+    """`monitor` started beside the `process` that creates the database (or two workers starting together): one
+    creates the tables, the others wait for it instead of creating them again and failing."""
+    import subprocess
+    import sys
+
+    script = "import sys; from flashcard_pipeline.storage.db import open_database; open_database(sys.argv[1]).dispose()"
+    workers = [subprocess.Popen([sys.executable, "-c", script, db_url], stderr=subprocess.PIPE, text=True)
+               for _ in range(6)]
+    failures = [worker.stderr.read() for worker in workers if worker.wait(timeout=120) != 0]  # type: ignore[union-attr]
+    assert not failures, failures[0]
+    engine = open_database(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+    engine.dispose()
+
+
 def _ledger_state(engine: Any) -> dict[str, list[tuple[Any, ...]]]:
     """Every row that batched writes touch, without ids and timestamps."""
     queries = {

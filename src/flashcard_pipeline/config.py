@@ -1,18 +1,37 @@
-"""Settings read from the environment (the plan's variable names), validated once at the edge.
+"""Settings read from the environment (the plan's variable names) and the config file, validated once at the edge.
 
-This is the only module that reads the environment for settings: everything below it (the resilience engine,
-the cache, the database) takes the plain objects made here, so building one in code never depends on the
-shell it runs in.
+Precedence, strongest first: a command-line flag (applied by the command), the environment, the config files
+(``./flashcard-pipeline.toml``, then ``$XDG_CONFIG_HOME/flashcard-pipeline/flashcard-pipeline.toml``; or only
+``$FLASHCARD_CONFIG``), the defaults. A file holds one TOML table per settings class (``[retry]``,
+``[rate_limit]``, ...) whose keys are the field names: ``RETRY_MAX_ATTEMPTS`` is ``[retry] max_attempts``.
+
+This is the only module that reads the environment and the files for settings: everything below it (the
+resilience engine, the cache, the database) takes the plain objects made here, so building one in code never
+depends on the shell it runs in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import math
-from typing import Annotated, Literal, TypeVar
+import os
+import stat
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic import ValidationError as PydanticValidationError
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from flashcard_pipeline.errors import ConfigurationError, ErrorCategory
 from flashcard_pipeline.resilience import CircuitBreakerConfig, RateLimitSettings, RetryConfig
@@ -20,31 +39,203 @@ from flashcard_pipeline.resilience.breaker.config import DEFAULT_FAILURE_CATEGOR
 
 S = TypeVar("S", bound=BaseSettings)
 
+CONFIG_FILE_NAME = "flashcard-pipeline.toml"
+#: A config file to use instead of the working directory's and the user's.
+CONFIG_FILE_ENV = "FLASHCARD_CONFIG"
+
+#: Files ``config validate FILE`` checks instead of the ones found (a context variable, reset on exit).
+_FILES_OVERRIDE: ContextVar[tuple[Path, ...] | None] = ContextVar("flashcard_config_files", default=None)
+
+
+def user_config_file(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME/flashcard-pipeline/flashcard-pipeline.toml`` (``~/.config/...`` when unset)."""
+    env = os.environ if env is None else env
+    base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "flashcard-pipeline" / CONFIG_FILE_NAME
+
+
+def config_files(env: Mapping[str, str] | None = None) -> list[Path]:
+    """The config files in effect, strongest first: ``$FLASHCARD_CONFIG`` alone when it is set (it must exist),
+    else those of ``./flashcard-pipeline.toml`` and the user's file that exist."""
+    override = _FILES_OVERRIDE.get()
+    if override is not None:
+        return list(override)
+    env = os.environ if env is None else env
+    if explicit := env.get(CONFIG_FILE_ENV, "").strip():
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"{CONFIG_FILE_ENV}={explicit}: no such file")
+        return [path]
+    return [path for path in (Path.cwd() / CONFIG_FILE_NAME, user_config_file(env)) if path.is_file()]
+
+
+@contextlib.contextmanager
+def using_config_files(files: list[Path]) -> Iterator[None]:
+    """Read settings from ``files`` (strongest first) instead of the ones found, inside the block."""
+    token = _FILES_OVERRIDE.set(tuple(files))
+    try:
+        yield
+    finally:
+        _FILES_OVERRIDE.reset(token)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML document of ``path``; unreadable or invalid TOML is a one-line :class:`ConfigurationError`."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def config_file_problems(path: Path, document: Mapping[str, Any] | None = None) -> list[str]:
+    """Every section or key of the file that no setting has (a typo would otherwise be ignored in silence)."""
+    document = read_config_file(path) if document is None else document
+    sections = {cls.config_section: cls for cls in SETTINGS}
+    problems = []
+    for name, table in document.items():
+        if name not in sections:
+            problems.append(f"{path}: unknown section [{name}]{_did_you_mean(name, sections)}; the sections are "
+                            + ", ".join(f"[{s}]" for s in sections))
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{path}: [{name}] must be a table of settings, not a value")
+            continue
+        fields = sections[name].model_fields
+        problems.extend(f"{path}: unknown setting [{name}] {key}{_did_you_mean(key, fields)}"
+                        for key in table if key not in fields)
+    return problems
+
+
+def _did_you_mean(word: str, choices: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+class ConfigFileSource(TomlConfigSettingsSource):
+    """pydantic-settings' TOML source, reading the class's own table of every config file in effect (the
+    strongest file's value of a key wins)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        self.section = getattr(settings_cls, "config_section", "")
+        super().__init__(settings_cls, toml_file=list(reversed(config_files())))  # later files override earlier
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        table = read_config_file(Path(file_path)).get(self.section)
+        return dict(table) if isinstance(table, dict) else {}
+
+
+class FileSettings(BaseSettings):
+    """Settings that come from the environment, else the config files, else the defaults."""
+
+    #: The TOML table that holds this class's settings.
+    config_section: ClassVar[str] = ""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, ConfigFileSource(settings_cls)
+
 
 def read_settings(cls: type[S]) -> S:
-    """``cls()`` from the environment; a bad value becomes a one-line :class:`ConfigurationError` that names
-    the variable (``invalid DB_POOL_SIZE: Input should be a valid integer``) instead of pydantic's report."""
+    """``cls()`` from the environment and the config files; a bad value becomes a one-line
+    :class:`ConfigurationError` that names where it came from (``invalid DB_POOL_SIZE: Input should be a valid
+    integer``, or ``invalid [database] pool_size in ./flashcard-pipeline.toml: ...``) instead of pydantic's
+    report. A key in a config file that no setting has is refused the same way."""
+    for path in config_files():
+        if problems := config_file_problems(path):
+            raise ConfigurationError(problems[0])
     try:
         return cls()
     except (PydanticValidationError, ValueError) as exc:
-        raise ConfigurationError(f"invalid {settings_problem(exc, str(cls.model_config.get('env_prefix', '')))}") \
-            from exc
+        raise ConfigurationError(f"invalid {settings_problems(cls, exc)[0]}") from exc
 
 
-def settings_problem(exc: Exception, prefix: str) -> str:
-    """``PREFIX_FIELD: message`` for the first problem of a settings validation error."""
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    """The environment variable of a setting: ``RETRY_MAX_ATTEMPTS`` for RetrySettings' ``max_attempts``."""
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def setting_source(cls: type[BaseSettings], field: str) -> str:
+    """Where a setting's value comes from: ``env RETRY_MAX_ATTEMPTS``, ``file ./flashcard-pipeline.toml`` or
+    ``default``."""
+    name = env_name(cls, field)
+    if any(key.upper() == name for key in os.environ):
+        return f"env {name}"
+    section = getattr(cls, "config_section", "")
+    for path in config_files():
+        table = read_config_file(path).get(section)
+        if isinstance(table, dict) and field in table:
+            return f"file {path}"
+    return "default"
+
+
+def setting_location(cls: type[BaseSettings], field: str) -> str:
+    """What to name in a message about a setting's value: its variable, or its key and file."""
+    source = setting_source(cls, field)
+    if source.startswith("file "):
+        return f"[{getattr(cls, 'config_section', '')}] {field} in {source.removeprefix('file ')}"
+    return env_name(cls, field)
+
+
+def settings_problems(cls: type[BaseSettings], exc: Exception) -> list[str]:
+    """``WHERE: message`` for every problem of a settings validation error, each naming the variable or the
+    file key that gave the bad value."""
     if isinstance(exc, PydanticValidationError) and exc.errors():
-        first = exc.errors()[0]
-        where = str(first["loc"][0]).upper() if first["loc"] else ""  # the field; deeper parts name union members
-        message = str(first["msg"]).removeprefix("Value error, ")
-        return f"{prefix}{where}: {message}" if where else f"{prefix}*: {message}"
-    return f"{prefix}*: {exc}"
+        found = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""  # deeper parts name union members
+            message = str(error["msg"]).removeprefix("Value error, ")
+            found.append(f"{setting_location(cls, field)}: {message}" if field else f"{env_name(cls, '*')}: {message}")
+        return found
+    return [f"{env_name(cls, '*')}: {exc}"]
 
 
-class DatabaseSettings(BaseSettings):
+class GeneralSettings(FileSettings):
+    """FLASHCARD_DATABASE_URL and FLASHCARD_MODEL_KIND: where runs are stored, and how models are addressed."""
+
+    model_config = SettingsConfigDict(env_prefix="FLASHCARD_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "general"
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL or SQLite file of the ledger and cache (process --db wins); "
+                                  "unset: $XDG_DATA_HOME/flashcard-pipeline/flashcards.db")
+    model_kind: Literal["auto", "chat", "reasoning"] = Field(
+        default="auto", description="how to address the model (process --model-kind wins): auto tells reasoning "
+                                    "models by their name")
+
+    @field_validator("model_kind", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return (value.strip().lower() or "auto") if isinstance(value, str) else value
+
+
+class KeySettings(FileSettings):
+    """OPENROUTER_API_KEY and OPENAI_API_KEY (``--api-key`` wins). In a config file they are refused nowhere, but a
+    file that holds one and that others may read gets a warning (``chmod 600``)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "keys"
+
+    openrouter_api_key: SecretStr | None = Field(default=None, description="key for --provider openrouter")
+    openai_api_key: SecretStr | None = Field(default=None, description="key for --provider openai-compatible "
+                                                                         "(optional for local servers)")
+
+    def key_for(self, provider: str) -> str | None:
+        secret = {"openrouter": self.openrouter_api_key, "openai-compatible": self.openai_api_key}.get(provider)
+        return secret.get_secret_value() if secret is not None else None
+
+
+class DatabaseSettings(FileSettings):
     """Connection pool settings: DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_RECYCLE, DB_POOL_TIMEOUT, DB_POOL_PRE_PING."""
 
     model_config = SettingsConfigDict(env_prefix="DB_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "database"
 
     pool_size: int = Field(default=20, ge=1, le=1000)
     max_overflow: int = Field(default=40, ge=0, le=1000)
@@ -53,10 +244,11 @@ class DatabaseSettings(BaseSettings):
     pool_pre_ping: bool = True
 
 
-class CacheSettings(BaseSettings):
+class CacheSettings(FileSettings):
     """CACHE_COMPRESSION_ENABLED, CACHE_COMPRESSION_LEVEL, CACHE_COMPRESSION_MIN_BYTES, CACHE_TTL_JITTER, ..."""
 
     model_config = SettingsConfigDict(env_prefix="CACHE_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "cache"
 
     compression_enabled: bool = True
     compression_level: int = Field(default=6, ge=1, le=9)
@@ -76,43 +268,62 @@ class CacheSettings(BaseSettings):
         return {"nuance": self.ttl_nuance, "cards": self.ttl_cards}.get(cache_type)
 
 
-class RetrySettings(BaseSettings, RetryConfig):
-    """RETRY_MAX_ATTEMPTS, RETRY_INITIAL_DELAY, RETRY_MAX_DELAY, RETRY_JITTER_ENABLED, ... (every RetryConfig field)."""
+class RetrySettings(FileSettings, RetryConfig):
+    """RETRY_MAX_ATTEMPTS, RETRY_INITIAL_DELAY, RETRY_MAX_DELAY, ... (every RetryConfig field)."""
 
     model_config = SettingsConfigDict(env_prefix="RETRY_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "retry"
 
 
-class CircuitBreakerSettings(BaseSettings, CircuitBreakerConfig):
+class CircuitBreakerSettings(FileSettings, CircuitBreakerConfig):
     """CB_FAILURE_RATIO, CB_MIN_THROUGHPUT, CB_BREAK_DURATION, CB_MAX_WAIT, ... (every CircuitBreakerConfig field)."""
 
     model_config = SettingsConfigDict(env_prefix="CB_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "circuit_breaker"
 
     #: ``external_service,network`` or a JSON list, not pydantic-settings' JSON-only decoding.
     failure_categories: Annotated[frozenset[ErrorCategory], NoDecode] = DEFAULT_FAILURE_CATEGORIES
 
 
-class RateLimitEnvironment(BaseSettings, RateLimitSettings):
+class RateLimitEnvironment(FileSettings, RateLimitSettings):
     """RL_REQUESTS_PER_MINUTE, RL_TOKENS_PER_MINUTE, RL_SHARDS, RL_BACKEND, ... (every RateLimitSettings field)."""
 
     model_config = SettingsConfigDict(env_prefix="RL_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "rate_limit"
 
 
 def retry_config() -> RetryConfig:
-    """Defaults overridden by the ``RETRY_<FIELD>`` variables; a bad value is a :class:`ConfigurationError`."""
+    """Defaults overridden by ``RETRY_<FIELD>`` or ``[retry]``; a bad value is a :class:`ConfigurationError`."""
     return RetryConfig.model_validate(read_settings(RetrySettings).model_dump())
 
 
 def breaker_config() -> CircuitBreakerConfig:
-    """Defaults overridden by the ``CB_<FIELD>`` variables; a bad value is a :class:`ConfigurationError`."""
+    """Defaults overridden by ``CB_<FIELD>`` or ``[circuit_breaker]``; a bad value is a :class:`ConfigurationError`."""
     return CircuitBreakerConfig.model_validate(read_settings(CircuitBreakerSettings).model_dump())
 
 
 def rate_limit_settings(*, rpm: float | None = None, tpm: float | None = None) -> RateLimitSettings:
-    """``RL_*`` from the environment, with explicit per-minute limits (``--rpm`` / ``--tpm``) winning; a bad
-    value is a usage error."""
+    """``RL_*`` / ``[rate_limit]``, with explicit per-minute limits (``--rpm`` / ``--tpm``) winning; a bad value is
+    a usage error."""
     for flag, value in (("--rpm", rpm), ("--tpm", tpm)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigurationError(f"{flag} must be a positive number per minute, got {value!r}")
     settings = RateLimitSettings.model_validate(read_settings(RateLimitEnvironment).model_dump())
     updates = {k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm)) if v is not None}
     return settings.model_copy(update=updates) if updates else settings
+
+
+#: Every settings class, in the order `config show`, `config init` and docs/settings.md list them.
+SETTINGS: tuple[type[FileSettings], ...] = (GeneralSettings, KeySettings, DatabaseSettings, CacheSettings,
+                                            RetrySettings, CircuitBreakerSettings, RateLimitEnvironment)
+
+
+def loose_key_files() -> list[Path]:
+    """Config files in effect that hold an API key and that others than their owner may read."""
+    found = []
+    for path in config_files():
+        keys = read_config_file(path).get(KeySettings.config_section)
+        if isinstance(keys, dict) and any(keys.get(field) for field in KeySettings.model_fields) \
+                and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            found.append(path)
+    return found

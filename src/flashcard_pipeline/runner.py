@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,16 @@ from typing import Any, Protocol
 
 from flashcard_pipeline.cache.backends import make_cache
 from flashcard_pipeline.cache.compressed_cache import CompressedCache
-from flashcard_pipeline.config import CacheSettings, breaker_config, rate_limit_settings, read_settings, retry_config
+from flashcard_pipeline.config import (
+    CacheSettings,
+    GeneralSettings,
+    KeySettings,
+    breaker_config,
+    config_files,
+    rate_limit_settings,
+    read_settings,
+    retry_config,
+)
 from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
     FORMATS,
@@ -39,6 +47,7 @@ from flashcard_pipeline.llm.capabilities import ModelKind
 from flashcard_pipeline.llm.client import LLMClient
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
 from flashcard_pipeline.models import VocabularyItem
+from flashcard_pipeline.monitoring import progress_snapshot, publishing_progress
 from flashcard_pipeline.observers import EventTally, ProgressObserver
 from flashcard_pipeline.pipeline import Pipeline, RunOutcome, RunStats
 from flashcard_pipeline.pricing import TYPICAL_COMPLETION_TOKENS, price_for
@@ -55,7 +64,7 @@ from flashcard_pipeline.stages import (
     language_name,
     parse_nuance,
 )
-from flashcard_pipeline.storage.breaker_store import BreakerStore, BreakerSync
+from flashcard_pipeline.storage.breaker_store import BreakerStore, BreakerSync, process_owner
 from flashcard_pipeline.storage.db import open_database, pool_monitor
 from flashcard_pipeline.storage.ledger import Ledger, RunRecord
 from flashcard_pipeline.storage.schema import RunStatus
@@ -248,13 +257,20 @@ def _provider(options: ProcessOptions, simulator_url: str | None) -> ProviderCon
     if options.provider == ProviderName.SIMULATED:
         return resolve_provider(ProviderName.SIMULATED, base_url=simulator_url or "http://127.0.0.1:9/v1",
                                 read_timeout=options.timeout or SIMULATED_READ_TIMEOUT, **kwargs)
-    return resolve_provider(options.provider, base_url=options.base_url, api_key=options.api_key,
+    api_key = options.api_key
+    if api_key is None and options.env is None:  # the environment's key, else the config file's
+        api_key = read_settings(KeySettings).key_for(options.provider)
+    return resolve_provider(options.provider, base_url=options.base_url, api_key=api_key,
                             read_timeout=options.timeout, require_key=not options.dry_run, **kwargs)
 
 
 def model_kind_setting(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
-    """``--model-kind``, else FLASHCARD_MODEL_KIND, else ``auto``."""
-    return explicit or (os.environ if env is None else env).get(MODEL_KIND_ENV, "").strip() or ModelKind.AUTO.value
+    """``--model-kind``, else FLASHCARD_MODEL_KIND, else the config file's, else ``auto``."""
+    if explicit:
+        return explicit
+    if env is None:
+        return read_settings(GeneralSettings).model_kind
+    return env.get(MODEL_KIND_ENV, "").strip() or ModelKind.AUTO.value
 
 
 def _settings(options: ProcessOptions, provider: ProviderConfig) -> StageSettings:
@@ -444,7 +460,13 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
                 stack.push_async_callback(engine.aclose)
                 await stack.enter_async_context(engine.publishing(
                     lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"ratelimit": snapshot})))
-        async with reporter.live(pipeline.stats):
+        # A heartbeat for `monitor` and `runs` in another terminal (live counters, pause reason, options); its last
+        # beat is written before the pool statistics below are taken, so none of its connections is counted.
+        owner, invocation = process_owner(), _invocation_options(options)
+        heartbeat = publishing_progress(
+            lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"progress": snapshot}),
+            lambda active: progress_snapshot(pipeline.stats, owner=owner, options=invocation, active=active))
+        async with reporter.live(pipeline.stats), heartbeat:
             outcome = await pipeline.run(run)
         monitor = pool_monitor(ledger.engine)
         metrics: dict[str, Any] = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
@@ -455,6 +477,16 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
         await asyncio.to_thread(ledger.merge_run_metrics, run.id, metrics)
         return outcome, metrics["cache"]
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _invocation_options(options: ProcessOptions) -> dict[str, Any]:
+    """The options of this invocation that shape how (not what) it runs, for `runs show` and `monitor`."""
+    return {"concurrency": options.concurrency, "max_cost": options.max_cost, "rpm": options.rpm, "tpm": options.tpm,
+            "timeout": options.timeout, "force": options.force, "output": str(options.output_path),
+            "format": options.export_format,
+            "max_attempts": options.retry.max_attempts if options.retry else None,
+            "breaker_max_wait": options.breaker.max_wait if options.breaker else None,
+            "config_files": [str(path) for path in config_files()]}
 
 
 async def _estimate(options: ProcessOptions, reader: VocabularyReader, settings: StageSettings, ledger: Ledger,

@@ -41,6 +41,14 @@ class CacheTypeStats:
                 "compression_ratio": round(self.stored_bytes / self.raw_bytes, 4) if self.raw_bytes else None}
 
 
+@dataclass(frozen=True)
+class CacheSelection:
+    """The entries a ``cache clear`` would delete: how many, and the bytes they take in the backend."""
+
+    entries: int
+    stored_bytes: int
+
+
 def _put_op(entry: StoredEntry) -> CachePut:
     r = entry.record
     return CachePut(key=r.key, stage=r.cache_type, provider=r.provider, model=r.model,
@@ -111,14 +119,25 @@ class DatabaseCacheBackend:
                 s.hits, s.misses = counter.hits, counter.misses
             return [stats[k] for k in sorted(stats)]
 
+    @staticmethod
+    def _selected(stmt: Any, cache_type: str | None, older_than: timedelta | None) -> Any:
+        if cache_type:
+            stmt = stmt.where(CacheEntry.stage == cache_type)
+        if older_than is not None:
+            stmt = stmt.where(CacheEntry.created_at < utcnow() - older_than)
+        return stmt
+
+    def matching(self, cache_type: str | None = None, older_than: timedelta | None = None) -> CacheSelection:
+        """What :meth:`clear` with the same arguments would delete, deleting nothing."""
+        with Session(self.engine) as session:
+            count, stored = session.execute(self._selected(
+                select(func.count(), func.coalesce(func.sum(CacheEntry.stored_bytes), 0)), cache_type,
+                older_than)).one()
+        return CacheSelection(int(count), int(stored))
+
     def clear(self, cache_type: str | None = None, older_than: timedelta | None = None) -> int:
         with Session(self.engine) as session, session.begin():
-            stmt = delete(CacheEntry)
-            if cache_type:
-                stmt = stmt.where(CacheEntry.stage == cache_type)
-            if older_than is not None:
-                stmt = stmt.where(CacheEntry.created_at < utcnow() - older_than)
-            removed = session.execute(stmt).rowcount or 0
+            removed = session.execute(self._selected(delete(CacheEntry), cache_type, older_than)).rowcount or 0
             if cache_type is None and older_than is None:
                 session.execute(update(CacheCounter).values(hits=0, misses=0))
             return removed
@@ -250,15 +269,25 @@ class RedisCacheBackend:
             setattr(s, kind, int(value))
         return [stats[k] for k in sorted(stats)]
 
-    async def clear(self, cache_type: str | None = None, older_than: timedelta | None = None) -> int:
+    async def _selected(self, cache_type: str | None, older_than: timedelta | None) -> list[tuple[str, int]]:
+        """(key, stored bytes) of the entries of ``cache_type`` older than ``older_than``."""
         cutoff = None if older_than is None else utcnow() - older_than
-        doomed = []
-        for key, (ctype, _raw, _stored, created) in await self._entries():
+        chosen = []
+        for key, (ctype, _raw, stored, created) in await self._entries():
             if cache_type and (ctype or b"").decode() != cache_type:
                 continue
             if cutoff is not None and created and datetime.fromisoformat(created.decode()) >= cutoff:
                 continue
-            doomed.append(key)
+            chosen.append((key, int(stored or 0)))
+        return chosen
+
+    async def matching(self, cache_type: str | None = None, older_than: timedelta | None = None) -> CacheSelection:
+        """What :meth:`clear` with the same arguments would delete, deleting nothing."""
+        chosen = await self._selected(cache_type, older_than)
+        return CacheSelection(len(chosen), sum(stored for _, stored in chosen))
+
+    async def clear(self, cache_type: str | None = None, older_than: timedelta | None = None) -> int:
+        doomed = [key for key, _ in await self._selected(cache_type, older_than)]
         if doomed:
             await self.client.delete(*doomed)
         if cache_type is None and older_than is None:

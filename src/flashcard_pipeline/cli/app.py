@@ -6,45 +6,30 @@ Exit codes: 0 every item done; 1 finished with failed items; 2 bad usage or bad 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from flashcard_pipeline.cli.breaker_commands import breaker_app
-from flashcard_pipeline.cli.export_commands import export_command, push_command
-from flashcard_pipeline.cli.maintenance import cache_app, db_app
+from flashcard_pipeline.choices import AudioEngine, ExportFormat, ProviderName, Subdecks
 from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
-from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, money, stderr_console
-from flashcard_pipeline.cli.progress import ConsoleReporter
-from flashcard_pipeline.cli.ratelimit_commands import ratelimit_app
-from flashcard_pipeline.config import breaker_config, retry_config
+from flashcard_pipeline.cli.output import ExitCode, fail, money, stderr_console, warning
+from flashcard_pipeline.cli.root import app
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
-from flashcard_pipeline.export import AudioEngine, Subdecks
-from flashcard_pipeline.llm.providers import ProviderName
-from flashcard_pipeline.resilience import CircuitBreakerConfig, RetryConfig
-from flashcard_pipeline.runner import ProcessOptions, ProcessResult, process
-from flashcard_pipeline.simulator import Simulator, SimulatorConfig, serve
-from flashcard_pipeline.stages import parse_params
-from flashcard_pipeline.storage.schema import RunStatus
 
-app = typer.Typer(
-    name="flashcard-pipeline",
-    help="Turn vocabulary lists into rich, AI-generated flashcards.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    cls=OneLineErrors,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
 
+    from flashcard_pipeline.resilience import CircuitBreakerConfig, RetryConfig
+    from flashcard_pipeline.runner import ProcessResult
+    from flashcard_pipeline.simulator import SimulatorConfig
 
 def parse_sim_options(pairs: list[str]) -> SimulatorConfig:
     """``--sim latency=0.05 --sim server_error_rate=0.2`` -> a validated SimulatorConfig."""
+    from flashcard_pipeline.simulator import SimulatorConfig
+
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -75,6 +60,8 @@ def _retry_config(max_attempts: int | None) -> RetryConfig | None:
     """``None`` lets the runner read RETRY_* itself; ``--max-attempts`` overrides just that field."""
     if max_attempts is None:
         return None
+    from flashcard_pipeline.config import retry_config
+
     return retry_config().model_copy(update={"max_attempts": max_attempts})
 
 
@@ -82,10 +69,14 @@ def _breaker_config(max_wait: float | None) -> CircuitBreakerConfig | None:
     """``None`` lets the runner read CB_* itself; ``--breaker-max-wait`` overrides just that field."""
     if max_wait is None:
         return None
+    from flashcard_pipeline.config import breaker_config
+
     return breaker_config().model_copy(update={"max_wait": max_wait})
 
 
 def _run_async(coro: Any) -> Any:
+    import asyncio
+
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:
@@ -95,65 +86,90 @@ def _run_async(coro: Any) -> Any:
 
 @app.command("process")
 def process_command(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Vocabulary list: CSV, TSV or plain text.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the cards.")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="apkg | tsv | csv | jsonl (default: from the -o "
-                                                                "extension, else jsonl).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Process at most N items.", min=1)] = None,
-    start_from: Annotated[int | None, typer.Option(help="Skip items before position N.", min=1)] = None,
-    concurrency: Annotated[int, typer.Option(help="Calls in flight at once.", min=1, max=256)] = 8,
-    model: Annotated[str | None, typer.Option(help="Model name (default depends on the provider).")] = None,
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Vocabulary list: CSV, TSV or plain text.",
+                                               show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
+                                                help="Where to write the cards (default: ./<INPUT name>.jsonl).")]
+    = None,
+    format: Annotated[ExportFormat | None, typer.Option(
+        "--format", case_sensitive=False, help="Deck format (default: from the -o extension, else jsonl).")]
+    = None,
+    limit: Annotated[int | None, typer.Option(metavar="N", help="Process at most N items.", min=1)] = None,
+    start_from: Annotated[int | None, typer.Option(metavar="N", help="Skip items before position N.", min=1)]
+    = None,
+    concurrency: Annotated[int, typer.Option(metavar="N", help="Calls in flight at once.", min=1, max=256)] = 8,
+    model: Annotated[str | None, typer.Option(metavar="NAME", help="Model name (default depends on the "
+                                                                   "provider).")] = None,
     provider: Annotated[ProviderName, typer.Option(help="Where requests go.")] = ProviderName.OPENROUTER,
-    base_url: Annotated[str | None, typer.Option(help="API base URL for openai-compatible servers.")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key (default: OPENROUTER_API_KEY / OPENAI_API_KEY).",
+    base_url: Annotated[str | None, typer.Option(metavar="URL", help="API base URL for openai-compatible "
+                                                                     "servers.")] = None,
+    api_key: Annotated[str | None, typer.Option(metavar="KEY", help="API key (default: OPENROUTER_API_KEY / "
+                                                                    "OPENAI_API_KEY, else the config file).",
                                                 show_default=False)] = None,
-    db: Annotated[str | None, typer.Option(help="Database URL or SQLite file (default: FLASHCARD_DATABASE_URL, "
-                                                "else ~/.local/share/flashcard-pipeline/flashcards.db).")] = None,
-    force: Annotated[bool, typer.Option(help="Ignore cached answers and ask again.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Estimate requests, tokens and cost; call nothing.")] = False,
-    language: Annotated[str, typer.Option(help="Language of the terms (code or name).")] = "ko",
-    learner_language: Annotated[str, typer.Option(help="Language of explanations (code or name).")] = "en",
+    db: Annotated[str | None, typer.Option(metavar="URL", help="Database URL or SQLite file (default: "
+                                                               "FLASHCARD_DATABASE_URL, else the config file, "
+                                                               "else ~/.local/share/flashcard-pipeline/"
+                                                               "flashcards.db).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Ignore cached answers and ask again.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate requests, tokens and cost; call "
+                                                            "nothing.")] = False,
+    language: Annotated[str, typer.Option(metavar="LANG", help="Language of the terms (code or name).")] = "ko",
+    learner_language: Annotated[str, typer.Option(metavar="LANG", help="Language of explanations (code or "
+                                                                       "name).")] = "en",
     max_cost: Annotated[float | None, typer.Option(
-        help="Stop (exit 3) once the run has spent this many US dollars, earlier invocations included.")] = None,
-    max_attempts: Annotated[int | None, typer.Option(help="Calls per request before a transient error fails the "
-                                                          "item (default: RETRY_MAX_ATTEMPTS, else 3).",
+        metavar="USD", help="Stop (exit 3) once the run has spent this many US dollars, earlier invocations "
+                            "included.")] = None,
+    max_attempts: Annotated[int | None, typer.Option(metavar="N", help="Calls per request before a transient "
+                                                                       "error fails the item (default: "
+                                                                       "RETRY_MAX_ATTEMPTS, else 3).",
                                                      min=1)] = None,
-    breaker_max_wait: Annotated[float | None, typer.Option(help="Seconds a request waits for an open circuit "
-                                                               "breaker before its item fails (default: "
-                                                               "CB_MAX_WAIT, else 600).", min=0)] = None,
-    rpm: Annotated[float | None, typer.Option("--rpm", help="The provider's requests-per-minute limit (default: "
-                                                            "RL_REQUESTS_PER_MINUTE, else found adaptively).",
+    breaker_max_wait: Annotated[float | None, typer.Option(metavar="SECONDS", help="Seconds a request waits for "
+                                                                                   "an open circuit breaker before "
+                                                                                   "its item fails (default: "
+                                                                                   "CB_MAX_WAIT, else 600).",
+                                                           min=0)] = None,
+    rpm: Annotated[float | None, typer.Option("--rpm", metavar="N", help="The provider's requests-per-minute "
+                                                                         "limit (default: RL_REQUESTS_PER_MINUTE, "
+                                                                         "else found adaptively).",
                                               min=0.001)] = None,
-    tpm: Annotated[float | None, typer.Option("--tpm", help="The provider's tokens-per-minute limit (default: "
-                                                            "RL_TOKENS_PER_MINUTE, else found adaptively).",
-                                              min=1)] = None,
+    tpm: Annotated[float | None, typer.Option("--tpm", metavar="N", help="The provider's tokens-per-minute limit "
+                                                                         "(default: RL_TOKENS_PER_MINUTE, else "
+                                                                         "not enforced).", min=1)] = None,
     sim: Annotated[list[str] | None, typer.Option("--sim", metavar="KEY=VALUE",
                                                    help="Simulator setting for --provider simulated "
                                                         "(e.g. latency=0.05, server_error_rate=0.1).")] = None,
-    deck_name: Annotated[str | None, typer.Option(help="Anki deck name (default: '<Language> vocabulary').")] = None,
+    deck_name: Annotated[str | None, typer.Option(metavar="NAME", help="Anki deck name (default: '<Language> "
+                                                                       "vocabulary').")] = None,
     subdecks: Annotated[Subdecks, typer.Option(help="Sub-decks by part of speech or by the input's level "
                                                     "column.")] = Subdecks.NONE,
     audio: Annotated[AudioEngine | None, typer.Option(help="Pronunciation audio (MP3) of each word and example "
                                                            "sentence in .apkg decks: espeak (offline, needs "
                                                            "espeak-ng) or openai (the provider's /audio/speech "
                                                            "with the same key).")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait for one answer before it counts as a "
-                                                       "timeout (default 120; 10 for --provider simulated).",
+    timeout: Annotated[float | None, typer.Option(metavar="SECONDS", help="Seconds to wait for one answer "
+                                                                          "before it counts as a timeout (default "
+                                                                          "120; 10 for --provider simulated).",
                                                   min=0.001)] = None,
-    encoding: Annotated[str, typer.Option(help="Text encoding of INPUT (utf-8 with or without BOM; or cp949, "
-                                               "euc-kr, latin-1, ...).")] = "utf-8",
+    encoding: Annotated[str, typer.Option(metavar="NAME", help="Text encoding of INPUT (utf-8 with or without "
+                                                               "BOM; or cp949, euc-kr, latin-1, ...).")] = "utf-8",
     param: ParamOption = None,
     model_kind: ModelKindOption = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
+    from flashcard_pipeline.cli.config_commands import warn_loose_key_files
+    from flashcard_pipeline.cli.progress import ConsoleReporter
+    from flashcard_pipeline.runner import ProcessOptions, process
+    from flashcard_pipeline.stages import parse_params
+
     err = stderr_console()
     try:
+        warn_loose_key_files()
         options = ProcessOptions(
-            input_path=input_path, output=output, format=format, limit=limit, start_from=start_from,
-            concurrency=concurrency, model=model, provider=provider.value, base_url=base_url, api_key=api_key,
-            db_url=db, force=force, dry_run=dry_run, language=language, learner_language=learner_language,
-            max_cost=max_cost, simulator=parse_sim_options(sim or []), retry=_retry_config(max_attempts),
-            breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
+            input_path=input_path, output=output, format=format.value if format else None, limit=limit,
+            start_from=start_from, concurrency=concurrency, model=model, provider=provider.value,
+            base_url=base_url, api_key=api_key, db_url=db, force=force, dry_run=dry_run, language=language,
+            learner_language=learner_language, max_cost=max_cost, simulator=parse_sim_options(sim or []),
+            retry=_retry_config(max_attempts), breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
             deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout,
             encoding=encoding, params=parse_params(param or []), model_kind=model_kind)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
@@ -165,6 +181,11 @@ def process_command(
 
 
 def _report(result: ProcessResult, err: Console) -> ExitCode:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flashcard_pipeline.storage.schema import RunStatus
+
     out = Console(soft_wrap=True)
     if result.estimate is not None:
         e = result.estimate
@@ -188,12 +209,12 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
     if result.output is not None:
         out.print(f"wrote {result.cards_written} cards to {result.output}", highlight=False)
     if (incomplete := result.incomplete) is not None:
-        err.print(f"[yellow]warning:[/] {incomplete}", highlight=False)
+        warning(incomplete, err)
     if result.cache_write_errors:
-        err.print(f"[yellow]warning:[/] {result.cache_write_errors} answers could not be written to the cache "
-                  "(see the log); they are kept with the run, and later runs reuse them", highlight=False)
-    for warning in result.export.warnings if result.export else ():
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        warning(f"{result.cache_write_errors} answers could not be written to the cache (see the log); they are "
+                "kept with the run, and later runs reuse them", err)
+    for text in result.export.warnings if result.export else ():
+        warning(text, err)
     if outcome.failures:
         err.print(f"[red]{len(outcome.failures)} items failed:[/]")
         for f in outcome.failures:
@@ -212,13 +233,18 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
 
 @app.command("simulate")
 def simulate_command(
-    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).", min=0, max=65535)] = 8787,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on (0 picks a free one).", min=0,
+                                      max=65535)] = 8787,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to bind.")] = "127.0.0.1",
     sim: Annotated[list[str] | None, typer.Option("--sim", metavar="KEY=VALUE",
                                                    help="Simulator setting (latency=0.05, requests_per_minute=600, "
                                                         "server_error_rate=0.1, seed=1, ...).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible simulated provider with fault injection (Ctrl-C stops it)."""
+    import asyncio
+
+    from flashcard_pipeline.simulator import Simulator, serve
+
     config = parse_sim_options(sim or [])
     err = stderr_console()
 
@@ -233,14 +259,6 @@ def simulate_command(
         raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.USAGE) from None
 
 
-app.add_typer(db_app, name="db")
-app.add_typer(cache_app, name="cache")
-app.add_typer(breaker_app, name="breaker")
-app.command("export")(export_command)
-app.command("push")(push_command)
-app.add_typer(ratelimit_app, name="ratelimit")
-
-
 def main() -> None:
     """Console-script entry point: one line on stderr for unexpected errors unless FLASHCARD_DEBUG is set."""
     try:
@@ -251,3 +269,16 @@ def main() -> None:
         stderr_console().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} "
                                "(set FLASHCARD_DEBUG=1 for details)", highlight=False)
         sys.exit(1)
+
+
+# The other commands live in modules of their own, each registering itself on the root `app` (cli/root.py, which
+# imports none of them, so there is no import cycle).
+from flashcard_pipeline.cli import (  # noqa: E402, F401
+    breaker_commands,
+    config_commands,
+    export_commands,
+    maintenance,
+    monitor,
+    ratelimit_commands,
+    runs_commands,
+)

@@ -4,34 +4,36 @@ running ``process`` commands through the database (so a second terminal can do i
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from flashcard_pipeline.cli.output import fail
-from flashcard_pipeline.config import CircuitBreakerSettings, read_settings
+from flashcard_pipeline.cli.options import DbOption, JsonOption
+from flashcard_pipeline.cli.output import command_group, fail
+from flashcard_pipeline.cli.root import app
 from flashcard_pipeline.errors import ConfigurationError
-from flashcard_pipeline.storage.breaker_store import BreakerStore, CircuitSnapshotRecord
-from flashcard_pipeline.storage.db import open_database
-from flashcard_pipeline.storage.ledger import Ledger
-from flashcard_pipeline.storage.schema import utcnow
 
-breaker_app = typer.Typer(help="Circuit breakers: state and history; isolate or close a circuit, also while a "
-                               "process runs.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from flashcard_pipeline.storage.breaker_store import BreakerStore, CircuitSnapshotRecord
 
-DbOption = Annotated[str | None, typer.Option("--db", help="Database URL or SQLite file (default as for process).")]
+breaker_app = command_group("Circuit breakers: state and history; isolate or close a circuit, also while a "
+                            "process runs.")
+app.add_typer(breaker_app, name="breaker")
+
 CircuitArgument = Annotated[str | None, typer.Argument(
     metavar="CIRCUIT", help="provider/model, e.g. openrouter/openai/gpt-4o-mini (may be left out when only one "
                               "circuit is known).", show_default=False)]
-ReasonOption = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded with the action; required).")]
+ReasonOption = Annotated[str, typer.Option("--reason", "-r", metavar="WHY",
+                                           help="Why (recorded with the action; required).")]
 AllOption = Annotated[bool, typer.Option("--all", help="Every known circuit.")]
 
 
 def _store(db: str | None, *, create: bool = False) -> BreakerStore:
     """The breaker tables; only an isolation of a ``--new`` circuit may be the first thing a database holds."""
+    from flashcard_pipeline.storage.breaker_store import BreakerStore
+    from flashcard_pipeline.storage.db import open_database
+
     return BreakerStore(open_database(db, must_exist=not create))
 
 
@@ -48,15 +50,16 @@ def _liveness(snapshot: CircuitSnapshotRecord, now: datetime) -> str:
 @breaker_app.command("status")
 def status(
     db: DbOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    history: Annotated[int, typer.Option(help="How many recent transitions to show.", min=0, max=1000)] = 10,
+    as_json: JsonOption = False,
+    history: Annotated[int, typer.Option(metavar="N", help="How many recent transitions to show.", min=0,
+                                         max=1000)] = 10,
     every: Annotated[bool, typer.Option("--all", help="Every process's view, not only the running ones' (or "
                                                       "the last one's).")] = False,
 ) -> None:
     """Each circuit as running processes report it, standing isolations, and the latest transitions."""
     store = _store(db)
     try:
-        now = utcnow()
+        now = datetime.now(UTC)
         snapshots = store.snapshots()
         if not every:
             snapshots = _current(snapshots, now)
@@ -75,34 +78,42 @@ def status(
         }
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
-    console = Console(soft_wrap=True)
+    from rich.console import Console
+
+    console = Console()
     if not snapshots and not isolated:
         console.print("no circuit reported yet (a `process` run reports its circuits while it runs)")
     if snapshots:
-        table = Table(title="circuits")
-        for column in ("circuit", "state", "since", "window failed/calls", "ok / failed / refused", "process"):
-            table.add_column(column)
-        for s in snapshots:
-            window = s.stats.get("window") or {}
-            state = s.state + (f" until {_when(s.open_until)}" if s.open_until else "")
-            failed = f"{window.get('failures', 0)}/{window.get('throughput', 0)}"
-            totals = f"{s.success_count} / {s.failure_count} / {s.rejected_count}"
-            table.add_row(s.circuit, state, _when(s.since), failed, totals, f"{s.owner} ({_liveness(s, now)})")
-        console.print(table)
+        console.print("[bold]circuits[/]")
+        for snapshot in snapshots:
+            print_circuit(console, snapshot, now)
     for name, command in isolated.items():
         console.print(f"[yellow]{name} is isolated[/] since {_when(command.created_at)} by {command.requested_by}: "
                       f"{command.reason} (command #{command.id}; `breaker close {name} -r ...` releases it)",
                       highlight=False)
     if events:
-        table = Table(title=f"last {len(events)} transitions")
-        for column in ("when", "circuit", "change", "why", "by"):
-            table.add_column(column)
+        console.print(f"[bold]last {len(events)} transitions[/]")
         for e in events:
-            change = f"{e.from_state} -> {e.to_state}" + (" (manual)" if e.manual else "")
-            table.add_row(_when(e.created_at), e.circuit, change, e.reason, e.source or e.owner)
-        console.print(table)
+            manual = " (manual)" if e.manual else ""
+            console.print(f"  {_when(e.created_at)}  {e.circuit}  {e.from_state} -> {e.to_state}{manual}: "
+                          f"{e.reason} (by {e.source or e.owner})", highlight=False, markup=False)
     elif history and commands:
         console.print(f"{len(commands)} command(s) recorded, none applied by a running process yet")
+
+
+def print_circuit(console: Any, snapshot: CircuitSnapshotRecord, now: datetime) -> None:
+    """A circuit on two lines: its name whole on the first (it is what `breaker isolate` takes, so no width may
+    cut it), its state and counters on the second, wrapped between words."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    window = snapshot.stats.get("window") or {}
+    state = snapshot.state + (f" until {_when(snapshot.open_until)}" if snapshot.open_until else "")
+    console.print(f"  {snapshot.circuit}", highlight=False, markup=False, soft_wrap=True)
+    console.print(Padding(Text(f"{state} since {_when(snapshot.since)} · window {window.get('failures', 0)} failed "
+                               f"of {window.get('throughput', 0)} calls · ok {snapshot.success_count}, failed "
+                               f"{snapshot.failure_count}, refused {snapshot.rejected_count} · {snapshot.owner} "
+                               f"({_liveness(snapshot, now)})"), (0, 0, 0, 6)))
 
 
 def _current(snapshots: list[CircuitSnapshotRecord], now: datetime) -> list[CircuitSnapshotRecord]:
@@ -118,6 +129,8 @@ def _current(snapshots: list[CircuitSnapshotRecord], now: datetime) -> list[Circ
 def _targets(store: BreakerStore, circuit: str | None, every: bool, new: bool = False) -> list[str]:
     """The circuits to act on. A name no process, command or run has used is refused (exit 2) unless ``new``
     says it is meant: a typo must not be stored as an isolation that waits for a circuit that never comes."""
+    from flashcard_pipeline.storage.ledger import Ledger
+
     known = sorted({*store.known_circuits(),
                     *(f"{provider}/{model}" for provider, model in Ledger(store.engine).models_used())})
     if every:
@@ -142,6 +155,8 @@ def _targets(store: BreakerStore, circuit: str | None, every: bool, new: bool = 
 
 
 def _poll_interval() -> float:
+    from flashcard_pipeline.config import CircuitBreakerSettings, read_settings
+
     try:
         return read_settings(CircuitBreakerSettings).poll_interval
     except ConfigurationError:
@@ -155,7 +170,7 @@ def _command(action: str, circuit: str | None, reason: str, every: bool, db: str
     store = _store(db, create=bool(new))
     try:
         targets = _targets(store, circuit, every, new)
-        now = utcnow()
+        now = datetime.now(UTC)
         running = {s.circuit for s in store.snapshots() if s.live(now)}
         for name in targets:
             command = store.add_command(name, action, reason)

@@ -1,40 +1,31 @@
-"""``export`` and ``push``: stored results to a file or into a running Anki, without any API call.
-
-:mod:`flashcard_pipeline.cli.app` registers both commands."""
+"""``export`` and ``push``: stored results to a file or into a running Anki, without any API call."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.console import Console
 
-from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console
-from flashcard_pipeline.export import (
-    FORMATS,
-    AudioEngine,
-    AudioStore,
-    SpeechSettings,
-    Subdecks,
-    check_writable,
-    push_results,
-    resolve_format,
-    write_export,
-)
-from flashcard_pipeline.export.ankiconnect import DEFAULT_URL, AnkiConnect, AnkiConnectError
-from flashcard_pipeline.simulator import run_simulator
-from flashcard_pipeline.storage.db import open_database
-from flashcard_pipeline.storage.ledger import Ledger, RunRecord
+from flashcard_pipeline.choices import AudioEngine, ExportFormat, Subdecks
+from flashcard_pipeline.cli.options import DbOption
+from flashcard_pipeline.cli.output import ExitCode, fail, stderr_console, warning
+from flashcard_pipeline.cli.root import app
 
-RunOption = Annotated[int | None, typer.Option("--run", help="Run id (default: the newest run).", min=1)]
-DbOption = Annotated[str | None, typer.Option(help="Database URL or SQLite file (default: FLASHCARD_DATABASE_URL, "
-                                                   "else ~/.local/share/flashcard-pipeline/flashcards.db).")]
-DeckOption = Annotated[str | None, typer.Option(help="Anki deck name (default: '<Language> vocabulary').")]
+if TYPE_CHECKING:
+    from flashcard_pipeline.export import SpeechSettings
+    from flashcard_pipeline.storage.ledger import Ledger, RunRecord
+
+#: AnkiConnect's own default address (``flashcard_pipeline.export.ankiconnect.DEFAULT_URL``, which loads httpx).
+ANKICONNECT_URL = "http://127.0.0.1:8765"
+
+RunOption = Annotated[int | None, typer.Option("--run", metavar="ID", help="Run id (default: the newest run).",
+                                               min=1)]
+DeckOption = Annotated[str | None, typer.Option(metavar="NAME", help="Anki deck name (default: '<Language> "
+                                                                     "vocabulary').")]
 SubdecksOption = Annotated[Subdecks, typer.Option(help="Sub-decks by part of speech or by the input's level "
                                                        "column.")]
 AudioOption = Annotated[AudioEngine | None, typer.Option(
@@ -42,8 +33,8 @@ AudioOption = Annotated[AudioEngine | None, typer.Option(
          "(an OpenAI-compatible /audio/speech endpoint: --tts-url, key from OPENAI_API_KEY; a simulated run's "
          "simulator answers it).")]
 TtsUrlOption = Annotated[str | None, typer.Option(
-    "--tts-url", help="Base URL of the speech endpoint for --audio openai (default: OPENAI_BASE_URL, else "
-                      "https://api.openai.com/v1).")]
+    "--tts-url", metavar="URL", help="Base URL of the speech endpoint for --audio openai (default: "
+                                     "OPENAI_BASE_URL, else https://api.openai.com/v1).")]
 OPENAI_URL = "https://api.openai.com/v1"
 T = TypeVar("T")
 
@@ -52,10 +43,16 @@ def _with_speech(run: RunRecord, ledger: Ledger, audio: AudioEngine | None, tts_
                  work: Callable[[SpeechSettings], T]) -> T:
     """Run ``work`` with the speech settings of ``--audio``: clips cached and billed in the run's ledger; for
     ``openai`` the endpoint of ``--tts-url``, or for a simulated run a simulator serving the export."""
+    from flashcard_pipeline.export import AudioStore, SpeechSettings
+
     store = AudioStore(ledger, run.id)
     if audio is not AudioEngine.OPENAI:
         return work(SpeechSettings(store=store))
     if run.simulated:
+        import asyncio
+
+        from flashcard_pipeline.simulator import run_simulator
+
         async def simulated() -> T:
             async with run_simulator() as simulator:
                 return await asyncio.to_thread(work, SpeechSettings(base_url=simulator.base_url,
@@ -67,6 +64,9 @@ def _with_speech(run: RunRecord, ledger: Ledger, audio: AudioEngine | None, tts_
 
 @contextlib.contextmanager
 def _ledger(db: str | None) -> Iterator[Ledger]:
+    from flashcard_pipeline.storage.db import open_database
+    from flashcard_pipeline.storage.ledger import Ledger
+
     engine = open_database(db, must_exist=True)
     try:
         yield Ledger(engine)
@@ -92,11 +92,13 @@ def _select_run(ledger: Ledger, run_id: int | None) -> RunRecord:
     return run
 
 
+@app.command("export")
 def export_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write (the extension picks the format).")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
+                                         help="Where to write (the extension picks the format).")],
     run_id: RunOption = None,
-    format: Annotated[str | None, typer.Option(
-        "--format", help=f"{' | '.join(FORMATS)} (default: from the -o extension).")] = None,
+    format: Annotated[ExportFormat | None, typer.Option(
+        "--format", case_sensitive=False, help="Deck format (default: from the -o extension).")] = None,
     deck_name: DeckOption = None,
     subdecks: SubdecksOption = Subdecks.NONE,
     audio: AudioOption = None,
@@ -106,8 +108,12 @@ def export_command(
     db: DbOption = None,
 ) -> None:
     """Write a stored run's cards to .apkg, Anki text (TSV), CSV or JSONL; makes no API call."""
+    from rich.console import Console
+
+    from flashcard_pipeline.export import check_writable, resolve_format, write_export
+
     err = stderr_console()
-    chosen = resolve_format(format, output)
+    chosen = resolve_format(format.value if format else None, output)
     check_writable(output)
     try:
         with _ledger(db) as ledger:
@@ -125,22 +131,23 @@ def export_command(
                 source=Path(run.input_path).stem or None, speech=speech))
     except OSError as exc:
         raise fail(f"cannot write {output}: {exc.strerror or exc}", ExitCode.USAGE) from None
-    for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for text in report.warnings:
+        warning(text, err)
     deck = f" (deck {report.deck!r})" if report.deck else ""
     audio_note = f", {report.audio_files} audio files" if report.audio_files else ""
     Console(soft_wrap=True).print(f"wrote {report.cards} cards for {report.terms} terms from run {run.id} to "
                                   f"{report.path}{deck}{audio_note}", highlight=False, markup=False)
 
 
+@app.command("push")
 def push_command(
     run_id: RunOption = None,
     deck_name: DeckOption = None,
     subdecks: SubdecksOption = Subdecks.NONE,
     audio: AudioOption = None,
     tts_url: TtsUrlOption = None,
-    url: Annotated[str, typer.Option(help="AnkiConnect address.")] = DEFAULT_URL,
-    key: Annotated[str | None, typer.Option(help="AnkiConnect API key, if one is set in its config.",
+    url: Annotated[str, typer.Option(metavar="URL", help="AnkiConnect address.")] = ANKICONNECT_URL,
+    key: Annotated[str | None, typer.Option(metavar="KEY", help="AnkiConnect API key, if one is set in its config.",
                                             show_default=False)] = None,
     update: Annotated[bool, typer.Option(
         "--update/--no-update", help="Rewrite notes already in the deck whose content changed (review history "
@@ -148,6 +155,11 @@ def push_command(
     db: DbOption = None,
 ) -> None:
     """Send a stored run's cards to a running Anki through AnkiConnect (creates the deck and note type)."""
+    from rich.console import Console
+
+    from flashcard_pipeline.export import push_results
+    from flashcard_pipeline.export.ankiconnect import AnkiConnect, AnkiConnectError
+
     err = stderr_console()
     try:
         with _ledger(db) as ledger, AnkiConnect(url, key=key) as client:
@@ -158,8 +170,8 @@ def push_command(
                 source=Path(run.input_path).stem or None, speech=speech))
     except AnkiConnectError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
-    for warning in warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for text in warnings:
+        warning(text, err)
     created = "; created the note type" if report.created_note_type else ""
     updated = f"{report.updated} updated, " if update else ""
     Console(soft_wrap=True).print(

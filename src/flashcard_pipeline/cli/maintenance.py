@@ -2,59 +2,77 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from flashcard_pipeline.cache.backends import CacheTypeStats, DatabaseCacheBackend, RedisCacheBackend, make_cache
-from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache
-from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
-from flashcard_pipeline.cli.output import fail
-from flashcard_pipeline.config import CacheSettings, DatabaseSettings, read_settings
-from flashcard_pipeline.errors import ConfigurationError, InvalidResponseError
-from flashcard_pipeline.ingest import VocabularyReader
-from flashcard_pipeline.llm.providers import ProviderName
-from flashcard_pipeline.runner import DEFAULT_MODELS, model_kind_setting
-from flashcard_pipeline.services import check_redis
-from flashcard_pipeline.stages import (
-    CARDS,
-    NUANCE,
-    StageRequest,
-    StageSettings,
-    build_cards_request,
-    build_nuance_request,
-    language_name,
-    parse_nuance,
-    parse_params,
-)
-from flashcard_pipeline.storage.db import open_database, pool_monitor
-from flashcard_pipeline.storage.ledger import Ledger
+from flashcard_pipeline.choices import ProviderName
+from flashcard_pipeline.cli.options import DbOption, JsonOption, ModelKindOption, ParamOption
+from flashcard_pipeline.cli.output import command_group, fail
+from flashcard_pipeline.cli.root import app
+from flashcard_pipeline.errors import ConfigurationError
 
-db_app = typer.Typer(help="The ledger database: connection pool statistics.", no_args_is_help=True)
-cache_app = typer.Typer(help="The answer cache: statistics, clearing, vacuuming, warming.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from flashcard_pipeline.cache.backends import CacheTypeStats
+    from flashcard_pipeline.cache.compressed_cache import CompressedCache
+    from flashcard_pipeline.ingest import VocabularyReader
+    from flashcard_pipeline.stages import StageRequest, StageSettings
+    from flashcard_pipeline.storage.ledger import Ledger
 
-DbOption = Annotated[str | None, typer.Option("--db", help="Database URL or SQLite file (default as for process).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+db_app = command_group("The ledger database: connection pool statistics.")
+cache_app = command_group("The answer cache: statistics, clearing, vacuuming, warming.")
+app.add_typer(db_app, name="db")
+app.add_typer(cache_app, name="cache")
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
+_UNITS = {**dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+          **dict.fromkeys(("min", "mins", "minute", "minutes"), 60),
+          **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+          **dict.fromkeys(("d", "day", "days"), 86400),
+          **dict.fromkeys(("w", "week", "weeks"), 604800)}
+#: Below this a bare ``m`` could as well mean months (``1m``, ``6m``, ``18m``); from it on only minutes make sense.
+_UNAMBIGUOUS_MINUTES = 60
 
 
 def parse_age(text: str) -> timedelta:
-    """'30d', '12h', '90m', '45s', '2w' -> timedelta."""
+    """'30d', '12h', '90m', '45s', '2w' -> timedelta. The unit is required, and ``m`` under 60 is refused: a
+    user who means one month must not delete everything older than one minute."""
     match = _AGE.match(text)
     if not match:
-        raise ConfigurationError(f"not an age: {text!r} (use e.g. 30d, 12h, 90m)")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+        raise ConfigurationError(f"not an age: {text!r}; give a number and a unit: 30d, 12h, 90min, 45s, 2w")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if unit == "m":
+        if number < _UNAMBIGUOUS_MINUTES:
+            raise ConfigurationError(f"ambiguous age {text!r}: minutes or months? write {match.group(1)}min for "
+                                     f"minutes, or the age in days (e.g. 30d) for months")
+        unit = "min"
+    if unit in ("mo", "month", "months"):
+        raise ConfigurationError(f"months differ in length; give the age {text!r} in days, e.g. 30d")
+    if unit not in _UNITS:
+        raise ConfigurationError(f"unknown unit {match.group(2)!r} in {text!r}; use s, min, h, d or w "
+                                 "(30d, 12h, 90min)")
+    return timedelta(seconds=number * _UNITS[unit])
+
+
+def human_bytes(count: int) -> str:
+    """1,234,567 -> '1.2 MB' (decimal units, as file managers show them)."""
+    size = float(count)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{count:,} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _open(db: str | None) -> Ledger:
+    from flashcard_pipeline.storage.db import open_database
+    from flashcard_pipeline.storage.ledger import Ledger
+
     return Ledger(open_database(db, must_exist=True))
 
 
@@ -63,9 +81,16 @@ def _print_json(data: Any) -> None:
 
 
 @db_app.command("stats")
-def db_stats(db: DbOption = None, run: Annotated[int | None, typer.Option(help="Run id (default: newest).")] = None,
+def db_stats(db: DbOption = None,
+             run: Annotated[int | None, typer.Option(metavar="ID", help="Run id (default: newest).")] = None,
              as_json: JsonOption = False) -> None:
     """Pool settings and the pool statistics recorded by a run (checkouts, waits, efficiency, ages)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flashcard_pipeline.config import DatabaseSettings, read_settings
+    from flashcard_pipeline.storage.db import pool_monitor
+
     ledger = _open(db)
     settings = read_settings(DatabaseSettings)
     record = ledger.get_run(run)
@@ -106,6 +131,10 @@ def _stats_rows(stats: list[CacheTypeStats]) -> list[dict[str, Any]]:
 
 
 def _backend(db: str | None) -> tuple[Ledger, CompressedCache]:
+    from flashcard_pipeline.cache.backends import make_cache
+    from flashcard_pipeline.config import CacheSettings, read_settings
+    from flashcard_pipeline.services import check_redis
+
     settings = read_settings(CacheSettings)
     if settings.backend == "redis":
         check_redis(settings.redis_url, "CACHE_BACKEND=redis")
@@ -113,31 +142,40 @@ def _backend(db: str | None) -> tuple[Ledger, CompressedCache]:
     return ledger, make_cache(ledger, settings)
 
 
-async def _close(cache: CompressedCache) -> None:
-    await cache.aclose()
+def _on_backend(db: str | None, operation: Callable[[Any], Any]) -> Any:
+    """``operation(backend)`` on the configured cache backend (awaited when the backend is Redis's)."""
+    import asyncio
+    import inspect
+
+    ledger, cache = _backend(db)
+
+    async def run() -> Any:
+        try:
+            result = operation(cache.backend)
+            return await result if inspect.isawaitable(result) else result
+        finally:
+            await cache.aclose()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        ledger.engine.dispose()
 
 
 @cache_app.command("stats")
 def cache_stats(db: DbOption = None, as_json: JsonOption = False) -> None:
     """Entries, raw and stored bytes, hits, misses and hit rate per cache type."""
-    ledger, cache = _backend(db)
-    backend = cache.backend
+    from rich.console import Console
+    from rich.table import Table
 
-    async def collect() -> list[CacheTypeStats]:
-        try:
-            if isinstance(backend, RedisCacheBackend):
-                return await backend.stats()
-            assert isinstance(backend, DatabaseCacheBackend)
-            return backend.stats()
-        finally:
-            await _close(cache)
+    from flashcard_pipeline.config import CacheSettings, read_settings
 
-    rows = _stats_rows(asyncio.run(collect()))
-    ledger.engine.dispose()
+    rows = _stats_rows(_on_backend(db, lambda backend: backend.stats()))
+    backend_name = read_settings(CacheSettings).backend
     if as_json:
-        _print_json({"backend": read_settings(CacheSettings).backend, "types": rows})
+        _print_json({"backend": backend_name, "types": rows})
         return
-    table = Table(title=f"answer cache ({read_settings(CacheSettings).backend})")
+    table = Table(title=f"answer cache ({backend_name})")
     for column in ("type", "entries", "raw bytes", "stored bytes", "ratio", "hits", "misses", "hit rate"):
         table.add_column(column, justify="left" if column == "type" else "right")
     for r in rows:
@@ -150,37 +188,41 @@ def cache_stats(db: DbOption = None, as_json: JsonOption = False) -> None:
 @cache_app.command("clear")
 def cache_clear(
     db: DbOption = None,
-    cache_type: Annotated[str | None, typer.Option("--type", help="Only this type (nuance, cards).")] = None,
-    older_than: Annotated[str | None, typer.Option(help="Only entries older than this (30d, 12h).")] = None,
+    cache_type: Annotated[str | None, typer.Option("--type", metavar="nuance|cards",
+                                                   help="Only this type (stage).")] = None,
+    older_than: Annotated[str | None, typer.Option(metavar="AGE", help="Only entries older than this: a number "
+                                                                       "and a unit (45s, 90min, 12h, 30d, 2w; a "
+                                                                       "bare m under 60 is refused as "
+                                                                       "ambiguous).")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Delete cached answers (all, by type, or by age). Stored run results are kept."""
+    """Delete cached answers (all, by type, or by age), after showing how many and how many bytes. Answers stored
+    with runs are kept."""
+    from flashcard_pipeline.stages import CARDS, NUANCE
+
     age = parse_age(older_than) if older_than else None
     if cache_type is not None and cache_type not in (NUANCE, CARDS):
         raise fail(f"unknown cache type {cache_type!r}; use {NUANCE} or {CARDS}")
-    if not yes and not typer.confirm("Delete these cached answers? Answers stored with runs stay and are reused "
-                                     "(--force asks the provider again, at a cost)", default=False):
+    selection = _on_backend(db, lambda backend: backend.matching(cache_type, age))
+    what = " ".join(filter(None, ["cached answers", f"of type {cache_type}" if cache_type else "",
+                                  f"older than {older_than}" if older_than else ""]))
+    if selection.entries == 0:
+        typer.echo(f"no {what}: nothing deleted")
+        return
+    typer.echo(f"{selection.entries:,} {what} ({human_bytes(selection.stored_bytes)} stored). Answers stored with "
+               "runs stay and are reused; --force asks the provider again, at a cost.")
+    if not yes and not typer.confirm("Delete them?", default=False):
+        typer.echo("nothing deleted")
         raise typer.Exit(1)
-    ledger, cache = _backend(db)
-    backend = cache.backend
-
-    async def clear() -> int:
-        try:
-            if isinstance(backend, RedisCacheBackend):
-                return await backend.clear(cache_type, age)
-            assert isinstance(backend, DatabaseCacheBackend)
-            return backend.clear(cache_type, age)
-        finally:
-            await _close(cache)
-
-    removed = asyncio.run(clear())
-    ledger.engine.dispose()
-    typer.echo(f"removed {removed} cached answers")
+    removed = _on_backend(db, lambda backend: backend.clear(cache_type, age))
+    typer.echo(f"removed {removed:,} cached answers")
 
 
 @cache_app.command("vacuum")
 def cache_vacuum(db: DbOption = None) -> None:
     """Drop expired entries and compact the database file."""
+    from flashcard_pipeline.cache.backends import DatabaseCacheBackend
+
     ledger = _open(db)
     removed = DatabaseCacheBackend(ledger).vacuum()
     ledger.engine.dispose()
@@ -189,20 +231,27 @@ def cache_vacuum(db: DbOption = None) -> None:
 
 @cache_app.command("warm")
 def cache_warm(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Vocabulary list whose answers to load.")],
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Vocabulary list whose answers to load.",
+                                               show_default=False)],
     db: DbOption = None,
     provider: Annotated[ProviderName, typer.Option(help="Provider the answers were made with.")]
     = ProviderName.OPENROUTER,
-    model: Annotated[str | None, typer.Option(help="Model (default as for process).")] = None,
-    language: Annotated[str, typer.Option()] = "ko",
-    learner_language: Annotated[str, typer.Option()] = "en",
-    encoding: Annotated[str, typer.Option(help="Text encoding of INPUT.")] = "utf-8",
+    model: Annotated[str | None, typer.Option(metavar="NAME", help="Model (default as for process).")] = None,
+    language: Annotated[str, typer.Option(metavar="LANG", help="Language of the terms.")] = "ko",
+    learner_language: Annotated[str, typer.Option(metavar="LANG", help="Language of explanations.")] = "en",
+    encoding: Annotated[str, typer.Option(metavar="NAME", help="Text encoding of INPUT.")] = "utf-8",
     param: ParamOption = None,
     model_kind: ModelKindOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fill the cache for INPUT from answers already paid for (stored run results, or the database cache when
     the cache lives in Redis). Never calls a provider; reports what would still need a call."""
+    import asyncio
+
+    from flashcard_pipeline.ingest import VocabularyReader
+    from flashcard_pipeline.runner import DEFAULT_MODELS, model_kind_setting
+    from flashcard_pipeline.stages import StageSettings, language_name, parse_params
+
     reader = VocabularyReader(input_path, encoding=encoding)
     reader.detect()
     settings = StageSettings(provider=provider.value, model=model or DEFAULT_MODELS[provider],
@@ -220,6 +269,13 @@ def cache_warm(
 
 async def _warm(reader: VocabularyReader, settings: StageSettings, ledger: Ledger,
                 cache: CompressedCache) -> dict[str, int]:
+    import asyncio
+
+    from flashcard_pipeline.cache.backends import DatabaseCacheBackend
+    from flashcard_pipeline.cache.compressed_cache import CacheRecord
+    from flashcard_pipeline.errors import InvalidResponseError
+    from flashcard_pipeline.stages import build_cards_request, build_nuance_request, parse_nuance
+
     database = DatabaseCacheBackend(ledger)
     counts = {"items": 0, "already_cached": 0, "restored": 0, "missing": 0}
 
@@ -259,5 +315,5 @@ async def _warm(reader: VocabularyReader, settings: StageSettings, ledger: Ledge
                 continue
             await answer(build_cards_request(item, analysis, settings))
     finally:
-        await _close(cache)
+        await cache.aclose()
     return counts

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from flashcard_pipeline.errors import ConfigurationError, InputError
@@ -18,6 +19,12 @@ class ExitCode(IntEnum):
     USAGE = 2
     ABORTED = 3
     INTERRUPTED = 130
+
+
+def command_group(help: str) -> typer.Typer:
+    """A group of subcommands whose ``--help`` is plain text (option, value name, what it does), without the
+    ``<str>`` and ``<bool>`` type columns of Typer's boxed help."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)
 
 
 def stderr_console() -> Console:
@@ -35,10 +42,39 @@ def money(cost: float, *, simulated: bool, model: str | None = None) -> str:
     return f"${cost:.4f} est., what {model} would have cost (simulated: no money spent)"
 
 
+def duration(seconds: float) -> str:
+    """42 -> '42 s', 192 -> '3 min 12 s', 7500 -> '2 h 5 min', 200000 -> '2 d 7 h'."""
+    seconds = max(0, round(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size} {unit}")
+            seconds %= size
+    return " ".join(parts[:2])
+
+
+def label_grid(rows: list[tuple[str, str]]) -> Any:
+    """Label/value rows whose values wrap at any width under their own column (values are text, not markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for label, value in rows:
+        grid.add_row(label, Text(value))
+    return grid
+
+
 def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     """Print ``error: message`` on stderr; the caller raises the returned Exit."""
-    stderr_console().print(f"[red]error:[/] {message}", highlight=False)
+    stderr_console().print(f"[red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(int(code))
+
+
+def warning(message: str, console: Console | None = None) -> None:
+    """``warning: message`` on stderr (the message is text: a ``[section]`` in it is not markup)."""
+    (console or stderr_console()).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 #: click's UsageError (a bad option value, an unknown command), which newer typer vendors without a public name.
@@ -67,8 +103,9 @@ class OneLineErrors(TyperGroup):
 
 def _one_line(exc: Exception, ctx: Any) -> Exception:
     """``error: <what> (see `<command> --help`)``; a group called without a command shows its help as before."""
-    if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed; nothing went wrong
-        return exc
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, on stdout like `--help`'s
+        typer.echo(exc.format_message())  # type: ignore[attr-defined]
+        return typer.Exit(int(ExitCode.USAGE))
     where = getattr(getattr(exc, "ctx", None), "command_path", None) or ctx.command_path
     message = exc.format_message().replace("Value error, ", "")  # type: ignore[attr-defined]
     return fail(f"{message} (see `{where} --help`)")

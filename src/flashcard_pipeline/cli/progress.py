@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -17,6 +16,7 @@ from rich.text import Text
 
 from flashcard_pipeline.cli.output import money
 from flashcard_pipeline.ingest import RowProblem
+from flashcard_pipeline.monitoring import pause_text
 from flashcard_pipeline.pipeline import RunStats
 from flashcard_pipeline.storage.ledger import RunRecord
 
@@ -29,18 +29,21 @@ def _visible(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def describe_lines(stats: RunStats, now: float | None = None) -> list[str]:
+    """The counters in order of urgency: items and errors, then why the run waits (when it does), then pace and
+    cost. A narrow terminal, or a log viewer that cuts lines, loses the least important last."""
+    lines = [f"done {stats.done}/{stats.total} · failed {stats.failed} · API errors {stats.api_errors} · "
+             f"in flight {stats.in_flight}"]
+    if paused := pause_text(stats, now):
+        lines.append(f"paused: {paused}")
+    lines.append(f"{stats.requests_per_minute(now):.0f} req/min · tokens {stats.tokens_in + stats.tokens_out:,} · "
+                 f"{money(stats.cost_usd, simulated=stats.simulated)} · cache hits {stats.cache_hits}")
+    return lines
+
+
 def describe(stats: RunStats, now: float | None = None) -> str:
-    text = (f"done {stats.done}/{stats.total} · failed {stats.failed} · in flight {stats.in_flight} · "
-            f"{stats.requests_per_minute(now):.0f} req/min · tokens {stats.tokens_in + stats.tokens_out:,} · "
-            f"{money(stats.cost_usd, simulated=stats.simulated)} · cache hits {stats.cache_hits}")
-    if stats.api_errors:
-        text += f" · API errors {stats.api_errors}"
-    if stats.pause_reason:
-        text += f" · paused: {stats.pause_reason}"
-    if (wait := stats.rate_limit_wait(now)) > 0:
-        text += (f" · paused: {stats.rate_limit_label} answered 429 (rate limit), "
-                 f"every call waits {math.ceil(wait)} s")
-    return text
+    """The progress as one line (for logs and pipes)."""
+    return " · ".join(describe_lines(stats, now))
 
 
 class _RunProgress(Progress):
@@ -53,7 +56,8 @@ class _RunProgress(Progress):
 
     def get_renderables(self) -> Iterable[RenderableType]:
         yield self.make_tasks_table(self.tasks)
-        yield Text(describe(self.stats))
+        for line in describe_lines(self.stats):
+            yield Text(line)
 
 
 class ConsoleReporter:

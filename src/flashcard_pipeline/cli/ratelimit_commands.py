@@ -8,29 +8,31 @@ every process using that Redis sees.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from redis.exceptions import RedisError
-from rich.console import Console
-from rich.table import Table
 
-from flashcard_pipeline.cli.output import ExitCode, fail
-from flashcard_pipeline.config import rate_limit_settings
-from flashcard_pipeline.resilience.ratelimit import RateLimitSettings, RedisLimits
-from flashcard_pipeline.storage.db import open_database
-from flashcard_pipeline.storage.ledger import Ledger
+from flashcard_pipeline.cli.options import DbOption, JsonOption
+from flashcard_pipeline.cli.output import ExitCode, command_group, fail
+from flashcard_pipeline.cli.root import app
 
-ratelimit_app = typer.Typer(help="The provider rate limiter: limits, tokens available, waits.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from flashcard_pipeline.resilience.ratelimit import RateLimitSettings
+
+ratelimit_app = command_group("The provider rate limiter: limits, tokens available, waits.")
+app.add_typer(ratelimit_app, name="ratelimit")
 
 _SUFFIXES = (":used", ":adaptive")
 
 
 async def live_redis_state(settings: RateLimitSettings) -> list[dict[str, Any]]:
     """The state of every bucket under ``RL_REDIS_PREFIX``, straight from Redis."""
+    from flashcard_pipeline.resilience.ratelimit import RedisLimits
+
     limits = RedisLimits(settings.redis_url, prefix=settings.redis_prefix)
     try:
         found: list[dict[str, Any]] = []
@@ -70,7 +72,19 @@ def _age(stamp: str | None) -> str:
     return f"{stamp} ({max(0.0, seconds):.0f}s ago)"
 
 
+#: (row label, dimension key, sub-dictionary or None, digits) of the published figures, one row each.
+_ROWS = (("mode", "mode", None, None), ("planned/min", "planned_per_minute", None, 0),
+         ("rate/min", "rate_per_minute", None, 0), ("burst", "burst", None, 1), ("available", "available", None, 1),
+         ("paused s", "paused_for", None, 2), ("acquired", "acquired", "acquire", 1),
+         ("waited", "waited", "acquire", 1), ("wait s", "wait_time", "acquire", 2),
+         ("refunded", "refunded", "acquire", 0))
+
+
 def _print_published(console: Console, run_id: int, status: str, published: dict[str, Any] | None) -> None:
+    """One block per limit group: its name whole on a line of its own, then a three-column table (figure,
+    requests, tokens) that fits an 80-column terminal."""
+    from rich.table import Table
+
     if not published:
         console.print(f"run {run_id} ({status}) has published no rate-limiter state (it is saved every few "
                       "seconds while `process` runs with the limiter enabled)")
@@ -79,42 +93,50 @@ def _print_published(console: Console, run_id: int, status: str, published: dict
                   f"{published.get('algorithm')} · shards {published.get('shards')} · updated "
                   f"{_age(published.get('updated_at'))}", highlight=False)
     for label, group in (published.get("limits") or {}).items():
-        table = Table(title=f"{label}: {group.get('rate_limited', 0)} 429s, paused {group.get('paused_total_s', 0)}s "
-                            f"in total, {group.get('waiting', 0)} waiting")
-        for column in ("limit", "mode", "planned/min", "rate/min", "burst", "available", "paused s", "acquired",
-                       "waited", "wait s", "refunded"):
-            table.add_column(column, justify="left" if column in ("limit", "mode") else "right")
-        for name in ("requests", "tokens"):
-            dim = group.get(name) or {}
-            acquire = dim.get("acquire") or {}
-            table.add_row(
-                name, str(dim.get("mode", "-")), _number(dim.get("planned_per_minute"), 0),
-                _number(dim.get("rate_per_minute"), 0), _number(dim.get("burst")), _number(dim.get("available")),
-                _number(dim.get("paused_for"), 2), _number(acquire.get("acquired")), _number(acquire.get("waited")),
-                _number(acquire.get("wait_time"), 2), _number(acquire.get("refunded"), 0))
+        console.print(f"[bold]{label}[/]", highlight=False, soft_wrap=True)
+        console.print(f"  {group.get('rate_limited', 0)} 429s · paused {group.get('paused_total_s', 0)} s in total · "
+                      f"{group.get('waiting', 0)} waiting", highlight=False)
+        table = Table(box=None, padding=(0, 2), pad_edge=True)
+        table.add_column("")
+        table.add_column("requests", justify="right")
+        table.add_column("tokens", justify="right")
+        dims = [group.get(name) or {} for name in ("requests", "tokens")]
+        for label_text, key, sub, digits in _ROWS:
+            cells = []
+            for dim in dims:
+                value = (dim.get(sub) or {}).get(key) if sub else dim.get(key)
+                cells.append(str(value if value is not None else "-") if digits is None else _number(value, digits))
+            table.add_row(label_text, *cells)
         console.print(table)
 
 
 def _print_live(console: Console, live: list[dict[str, Any]]) -> None:
-    table = Table(title="live in Redis (every process sharing these limits)")
-    for column in ("key", "rate/min", "burst", "available", "paused s", "used last minute"):
-        table.add_column(column, justify="left" if column == "key" else "right")
+    if not live:
+        console.print("no limits in Redis under this prefix")
+        return
+    console.print("[bold]live in Redis[/] (every process sharing these limits)")
     for state in live:
-        table.add_row(state["key"], _number(state.get("rate_per_minute"), 0), _number(state.get("burst")),
-                      _number(state.get("available")), _number(state.get("paused_for"), 2),
-                      _number(state.get("used_last_minute_all_processes"), 0))
-    console.print(table if live else "no limits in Redis under this prefix")
+        console.print(f"  {state['key']}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"      rate/min {_number(state.get('rate_per_minute'), 0)} · burst {_number(state.get('burst'))}"
+                      f" · available {_number(state.get('available'))} · paused s "
+                      f"{_number(state.get('paused_for'), 2)} · used last minute "
+                      f"{_number(state.get('used_last_minute_all_processes'), 0)}", highlight=False)
 
 
 @ratelimit_app.command("status")
 def ratelimit_status(
-    db: Annotated[str | None, typer.Option("--db", help="Database URL or SQLite file (default as for process).")]
-    = None,
-    run: Annotated[int | None, typer.Option(help="Run id (default: newest).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    db: DbOption = None,
+    run: Annotated[int | None, typer.Option(metavar="ID", help="Run id (default: newest).")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Each limit's rate, tokens available, waits and refunds, as the running process last published
     them (and the live Redis buckets with RL_BACKEND=redis)."""
+    from rich.console import Console
+
+    from flashcard_pipeline.config import rate_limit_settings
+    from flashcard_pipeline.storage.db import open_database
+    from flashcard_pipeline.storage.ledger import Ledger
+
     settings = rate_limit_settings()
     ledger = Ledger(open_database(db, must_exist=True))
     try:
@@ -126,6 +148,10 @@ def ratelimit_status(
         ledger.engine.dispose()
     live = None
     if settings.backend == "redis":
+        import asyncio
+
+        from redis.exceptions import RedisError
+
         try:
             live = asyncio.run(live_redis_state(settings))
         except (OSError, RedisError) as exc:

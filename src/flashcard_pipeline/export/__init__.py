@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flashcard_pipeline.choices import ExportFormat
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export.anki_model import NoteType, note_type
 from flashcard_pipeline.export.anki_tsv import write_anki_tsv
@@ -34,7 +35,7 @@ from flashcard_pipeline.export.jsonl import write_jsonl
 from flashcard_pipeline.export.notes import AnkiNote, Subdecks, build_notes, resolve_deck_name
 from flashcard_pipeline.models import TermResult
 
-FORMATS = ("apkg", "tsv", "csv", "jsonl")
+FORMATS = tuple(f.value for f in ExportFormat)
 _BY_EXTENSION = {"apkg": "apkg", "tsv": "tsv", "txt": "tsv", "csv": "csv", "jsonl": "jsonl"}
 _WITH_AUDIO = ("apkg",)
 

@@ -20,12 +20,12 @@ import wave
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
+from flashcard_pipeline.choices import AudioEngine as AudioEngine  # its home before choices.py
 from flashcard_pipeline.export.anki_model import language_code
 
 if TYPE_CHECKING:
@@ -39,11 +39,6 @@ _MP3_KBPS = 32
 SPEECH_PRICES_PER_MILLION_CHARS = {"tts-1": 15.0, "tts-1-hd": 30.0, "gpt-4o-mini-tts": 12.0}
 DEFAULT_SPEECH_MODEL = "tts-1"
 DEFAULT_VOICE = "alloy"
-
-
-class AudioEngine(StrEnum):
-    ESPEAK = "espeak"
-    OPENAI = "openai"
 
 
 class SpeechError(Exception):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 
 import genanki
 
+from flashcard_pipeline.choices import Subdecks
 from flashcard_pipeline.export.anki_model import FIELDS
 from flashcard_pipeline.export.common import SIMULATED_TAG, anki_tags, html_text, one_line
 from flashcard_pipeline.export.sentences import mark
@@ -22,14 +22,6 @@ from flashcard_pipeline.korean.pronunciation import pronounce
 from flashcard_pipeline.models import CardType, Form, TermAnalysis, TermResult
 
 SIMULATED_SUFFIX = " (simulated)"
-
-
-class Subdecks(StrEnum):
-    """How notes are split below the deck: not at all, by part of speech, or by the input's level column."""
-
-    NONE = "none"
-    POS = "pos"
-    LEVEL = "level"
 
 
 @dataclass(frozen=True)

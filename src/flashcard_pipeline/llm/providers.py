@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from flashcard_pipeline.choices import ProviderName
 from flashcard_pipeline.errors import ConfigurationError
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
@@ -20,12 +20,6 @@ OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 #: (``X-Title`` is the legacy name).
 APP_URL = "https://github.com/flashcard-pipeline/flashcard-pipeline"
 APP_TITLE = "flashcard-pipeline"
-
-
-class ProviderName(StrEnum):
-    OPENROUTER = "openrouter"
-    OPENAI_COMPATIBLE = "openai-compatible"
-    SIMULATED = "simulated"
 
 
 class ProviderConfig(BaseModel):

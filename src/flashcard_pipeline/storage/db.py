@@ -7,14 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
-from flashcard_pipeline.config import DatabaseSettings, read_settings
+from flashcard_pipeline.config import DatabaseSettings, GeneralSettings, read_settings, setting_location
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.storage.pool_monitor import MonitoredQueuePool, PoolMonitor
 
@@ -37,17 +35,21 @@ _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
 def resolve_database_url(url: str | None = None, env: dict[str, str] | None = None) -> str:
-    """A SQLAlchemy URL for ``--db`` / FLASHCARD_DATABASE_URL / the default file.
+    """A SQLAlchemy URL for ``--db`` / FLASHCARD_DATABASE_URL / the config file's / the default file.
 
     A bare value is a SQLite file only when it looks like one (an existing file, or a name ending in .db,
     .sqlite, .sqlite3 or .db3): a mistyped URL such as ``postgresql:/x`` or ``not a url`` must not quietly
     become a new SQLite file in the current folder, with the user's runs in the other database.
     """
+    configured = env is None  # the real environment: the config file counts too
     env = dict(os.environ) if env is None else env
     chosen = (url or env.get(DATABASE_URL_ENV) or "").strip()
+    source = "--db" if url else DATABASE_URL_ENV
+    if not chosen and configured:
+        chosen = (read_settings(GeneralSettings).database_url or "").strip()
+        source = setting_location(GeneralSettings, "database_url")
     if not chosen:
         return f"sqlite:///{default_database_path(env)}"
-    source = "--db" if url else DATABASE_URL_ENV
     if "://" in chosen:
         return chosen
     path = Path(chosen).expanduser()
@@ -124,11 +126,67 @@ def pool_monitor(engine: Engine) -> PoolMonitor | None:
     return getattr(engine.pool, "monitor", None)
 
 
+_MIGRATIONS = Path(__file__).parent / "migrations" / "versions"
+_REVISION = re.compile(r"""^(down_revision|revision)\s*=\s*["']([^"']+)["']""", re.MULTILINE)
+
+
+def head_revision() -> str | None:
+    """The newest migration's id, read from the revision files without loading Alembic (None: not one head)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in _MIGRATIONS.glob("*.py"):
+        for kind, value in _REVISION.findall(path.read_text(encoding="utf-8")):
+            (revisions if kind == "revision" else parents).add(value)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _version(connection: Any) -> list[str] | None:
+    """The schema's revision(s), or None when Alembic never ran on it (a new database). Asked without a failing
+    statement, which would abort the migration's transaction on PostgreSQL."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the schema is already current: then opening costs one query instead of Alembic's start-up."""
+    head = head_revision()
+    if head is None:
+        return False
+    with engine.connect() as connection:
+        return _version(connection) == [head]
+
+
+#: Any constant: the key of the PostgreSQL advisory lock migrations hold.
+_MIGRATION_LOCK = 0x464C5348
+
+
+def _lock_for_migration(connection: Any) -> None:
+    """One migrator at a time per database: a second process that opens a new database while the first creates its
+    tables (`monitor` started beside `process`, two workers) waits, then finds the schema current, instead of
+    creating the same tables again and failing."""
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")  # the whole migration is one transaction, under the lock
+    elif dialect == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (idempotent; runs on every open)."""
+    """Bring the schema to the newest revision (idempotent; runs on every open, Alembic only when needed)."""
+    if _at_head(engine):
+        return
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "flashcard_pipeline.storage:migrations")
     with engine.begin() as connection:
+        _lock_for_migration(connection)
+        head = head_revision()
+        if head is not None and _version(connection) == [head]:
+            return  # another process migrated it while this one waited for the lock
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -153,6 +153,9 @@ class RunRecord:
     created_at: datetime
     settings: dict[str, Any] = field(default_factory=dict)
     input_path: str = ""
+    input_sha256: str = ""
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,16 @@ class RunSummary:
     cost_usd: float = 0.0
     cached_stages: int = 0
     by_error: dict[str, int] = field(default_factory=dict)
+
+
+def _count_items(summary: RunSummary, nuance: str, cards: str, count: int) -> None:
+    summary.total += count
+    if cards == StageState.DONE:
+        summary.done += count
+    elif StageState.FAILED in (nuance, cards):
+        summary.failed += count
+    else:
+        summary.pending += count
 
 
 def _item_to_model(row: Item) -> VocabularyItem:
@@ -385,13 +398,7 @@ class Ledger:
                                      .where(Item.run_id == run_id)
                                      .group_by(Item.nuance_state, Item.cards_state)).all()
             for nuance, cards, count in states:
-                s.total += count
-                if cards == StageState.DONE:
-                    s.done += count
-                elif StageState.FAILED in (nuance, cards):
-                    s.failed += count
-                else:
-                    s.pending += count
+                _count_items(s, nuance, cards, count)
             calls = session.execute(select(ApiCall.status, ApiCall.error_category, func.count(),
                                            func.coalesce(func.sum(ApiCall.tokens_in), 0),
                                            func.coalesce(func.sum(ApiCall.tokens_out), 0),
@@ -410,6 +417,64 @@ class Ledger:
                 select(func.count()).select_from(StageResult).join(Item, Item.id == StageResult.item_id)
                 .where(Item.run_id == run_id, StageResult.from_cache.is_(True))) or 0
             return s
+
+    def runs(self, limit: int | None = None) -> list[RunRecord]:
+        """Every run, newest first."""
+        with Session(self.engine) as session:
+            return [self._run_record(row) for row in session.scalars(select(Run).order_by(Run.id.desc())
+                                                                     .limit(limit))]
+
+    def summaries(self, run_ids: Sequence[int]) -> dict[int, RunSummary]:
+        """Item counts, calls, tokens and cost of several runs in two queries (no per-error detail)."""
+        found = {run_id: RunSummary() for run_id in run_ids}
+        if not found:
+            return found
+        with Session(self.engine) as session:
+            for run_id, nuance, cards, count in session.execute(
+                    select(Item.run_id, Item.nuance_state, Item.cards_state, func.count())
+                    .where(Item.run_id.in_(found)).group_by(Item.run_id, Item.nuance_state, Item.cards_state)):
+                _count_items(found[run_id], nuance, cards, count)
+            for run_id, status, count, tin, tout, cost in session.execute(
+                    select(ApiCall.run_id, ApiCall.status, func.count(), func.coalesce(func.sum(ApiCall.tokens_in), 0),
+                           func.coalesce(func.sum(ApiCall.tokens_out), 0),
+                           func.coalesce(func.sum(ApiCall.cost_usd), 0.0))
+                    .where(ApiCall.run_id.in_(found)).group_by(ApiCall.run_id, ApiCall.status)):
+                s = found[run_id]
+                s.api_calls += count
+                s.api_errors += count if status != "ok" else 0
+                s.tokens_in, s.tokens_out, s.cost_usd = s.tokens_in + int(tin), s.tokens_out + int(tout), \
+                    s.cost_usd + float(cost)
+        return found
+
+    def recent_activity(self, run_id: int, since: datetime) -> tuple[int, int]:
+        """(API calls made, items finished) by the run since ``since``: its current pace."""
+        with Session(self.engine) as session:
+            calls = session.scalar(select(func.count()).select_from(ApiCall).where(
+                ApiCall.run_id == run_id, ApiCall.created_at >= since)) or 0
+            items = session.scalar(select(func.count()).select_from(Item).where(
+                Item.run_id == run_id, Item.cards_state == StageState.DONE, Item.updated_at >= since)) or 0
+        return calls, items
+
+    def errors_by_code(self, run_id: int) -> dict[str, int]:
+        """Failed calls of the run by ``category/code``, most frequent first."""
+        with Session(self.engine) as session:
+            rows = session.execute(select(ApiCall.error_category, ApiCall.error_code, func.count())
+                                   .where(ApiCall.run_id == run_id, ApiCall.status != "ok")
+                                   .group_by(ApiCall.error_category, ApiCall.error_code)).all()
+        return {f"{category or 'unknown'}/{code or 'unknown'}": count
+                for category, code, count in sorted(rows, key=lambda r: -r[2])}
+
+    def delete_run(self, run_id: int) -> bool:
+        """Delete the run with its items, stage results and cards; its API calls stay in the call log (their run
+        becomes unknown) and the cache keeps its answers. False when there is no such run."""
+        with Session(self.engine) as session, session.begin():
+            item_ids = select(Item.id).where(Item.run_id == run_id).scalar_subquery()
+            # Explicit, not only ON DELETE CASCADE: a SQLite connection without foreign keys would keep orphans.
+            session.execute(update(ApiCall).where(ApiCall.run_id == run_id).values(run_id=None, item_id=None))
+            session.execute(Card.__table__.delete().where(Card.run_id == run_id))
+            session.execute(StageResult.__table__.delete().where(StageResult.item_id.in_(item_ids)))
+            session.execute(Item.__table__.delete().where(Item.run_id == run_id))
+            return bool(session.execute(Run.__table__.delete().where(Run.id == run_id)).rowcount)
 
     def api_calls(self, run_id: int) -> list[ApiCall]:
         with Session(self.engine, expire_on_commit=False) as session:
@@ -556,8 +621,9 @@ class Ledger:
         return RunRecord(id=row.id, run_key=row.run_key, status=row.status, total_items=row.total_items,
                          simulated=row.simulated, provider=row.provider, model=row.model,
                          target_language=row.target_language, learner_language=row.learner_language,
-                         created_at=row.created_at, settings=json.loads(row.settings_json or "{}"),
-                         input_path=row.input_path)
+                         created_at=_aware(row.created_at), settings=json.loads(row.settings_json or "{}"),
+                         input_path=row.input_path, input_sha256=row.input_sha256,
+                         updated_at=_aware(row.updated_at), finished_at=_aware(row.finished_at))
 
 
 def _by_stage(ops: Iterable[Any]) -> list[list[Any]]:
@@ -582,6 +648,11 @@ def _upsert_many(session: Session, dialect: str, table: Any, rows: list[dict[str
                  keys: tuple[str, ...]) -> None:
     """Upsert ``rows`` (all with the same columns) with one executemany."""
     session.execute(_upsert_statement(dialect, table, tuple(rows[0]), keys), rows)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back the UTC times it stores without their zone."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _stage_columns(stage: str) -> tuple[Any, Any]:
