@@ -78,6 +78,8 @@ DEFAULT_MODELS = {
 }
 EXPORT_FORMATS = FORMATS
 MODEL_KIND_ENV = "FLASHCARD_MODEL_KIND"
+#: What the ``telemetry`` extra installs: missing, telemetry is a usage error that says how to get it.
+TELEMETRY_PACKAGES = frozenset({"opentelemetry", "prometheus_client", "greenlet"})
 
 
 @dataclass(frozen=True)
@@ -322,8 +324,13 @@ def start_telemetry(options: ProcessOptions) -> Telemetry | None:
                                   capture_content=options.trace_content)
     if not settings.enabled or options.dry_run:
         return None
-    from flashcard_pipeline.telemetry import Telemetry
-
+    try:
+        from flashcard_pipeline.telemetry import Telemetry
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in TELEMETRY_PACKAGES:
+            raise
+        raise ConfigurationError(f"telemetry needs OpenTelemetry ({exc.name} is not installed): "
+                                 "pip install 'flashcard-pipeline[telemetry]'") from None
     return Telemetry.start(settings)
 
 

@@ -19,7 +19,13 @@ from rich.table import Table
 from flashcard_pipeline.cli.breaker_commands import breaker_app
 from flashcard_pipeline.cli.export_commands import export_command, push_command
 from flashcard_pipeline.cli.maintenance import cache_app, db_app
-from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
+from flashcard_pipeline.cli.options import (
+    MetricsPortOption,
+    ModelKindOption,
+    ParamOption,
+    TelemetryOption,
+    TraceContentOption,
+)
 from flashcard_pipeline.cli.output import ExitCode, OneLineErrors, fail, money, stderr_console
 from flashcard_pipeline.cli.progress import ConsoleReporter
 from flashcard_pipeline.cli.ratelimit_commands import ratelimit_app
@@ -144,6 +150,9 @@ def process_command(
                                                "euc-kr, latin-1, ...).")] = "utf-8",
     param: ParamOption = None,
     model_kind: ModelKindOption = None,
+    telemetry: TelemetryOption = None,
+    metrics_port: MetricsPortOption = None,
+    trace_content: TraceContentOption = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
     err = stderr_console()
@@ -155,7 +164,8 @@ def process_command(
             max_cost=max_cost, simulator=parse_sim_options(sim or []), retry=_retry_config(max_attempts),
             breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
             deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout,
-            encoding=encoding, params=parse_params(param or []), model_kind=model_kind)
+            encoding=encoding, params=parse_params(param or []), model_kind=model_kind,
+            telemetry=telemetry.value if telemetry else None, metrics_port=metrics_port, trace_content=trace_content)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None

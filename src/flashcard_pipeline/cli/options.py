@@ -3,6 +3,7 @@ request the same way, or their cache keys would differ."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -13,3 +14,22 @@ ParamOption = Annotated[list[str] | None, typer.Option(
 ModelKindOption = Annotated[str | None, typer.Option(
     "--model-kind", metavar="auto|chat|reasoning", help="How to address the model: reasoning models get "
     "max_completion_tokens and no temperature (default: FLASHCARD_MODEL_KIND, else auto: from its name).")]
+
+
+class TelemetryChoice(StrEnum):
+    OFF = "off"
+    OTLP = "otlp"
+    CONSOLE = "console"
+
+
+TelemetryOption = Annotated[TelemetryChoice | None, typer.Option(
+    "--telemetry", help="Export traces and metrics: otlp (to OTEL_EXPORTER_OTLP_ENDPOINT, default "
+    "http://localhost:4318) or console; default FLASHCARD_TELEMETRY, else off. The OTEL_* variables configure the "
+    "rest (docs/observability.md).", show_default=False)]
+MetricsPortOption = Annotated[int | None, typer.Option(
+    "--metrics-port", min=1, max=65535, help="Serve the run's metrics for Prometheus on "
+    "http://127.0.0.1:PORT/metrics while it runs (default FLASHCARD_METRICS_PORT; FLASHCARD_METRICS_HOST binds "
+    "another address).", show_default=False)]
+TraceContentOption = Annotated[bool | None, typer.Option(
+    "--trace-content/--no-trace-content", help="Put prompts and answers on the spans (default "
+    "FLASHCARD_TRACE_CONTENT or OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT, else no).", show_default=False)]

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from flashcard_pipeline.errors import ConfigurationError, InputError
@@ -37,7 +38,7 @@ def money(cost: float, *, simulated: bool, model: str | None = None) -> str:
 
 def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     """Print ``error: message`` on stderr; the caller raises the returned Exit."""
-    stderr_console().print(f"[red]error:[/] {message}", highlight=False)
+    stderr_console().print(f"[red]error:[/] {escape(message)}", highlight=False)  # "[telemetry]" is no style
     return typer.Exit(int(code))
 
 

@@ -15,6 +15,9 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+# The SQLAlchemy instrumentation's start imports sqlalchemy.ext.asyncio, which needs greenlet: missing, it is
+# missing here, where the runner turns it into the one line that says to install the extra.
+import greenlet  # noqa: F401
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
@@ -49,7 +52,8 @@ class RunScope:
 
     def outcome(self, outcome: RunOutcome) -> None:
         stats = outcome.stats
-        self.span.set_attributes({"flashcard.run.status": str(outcome.status), "flashcard.items.done": stats.done,
+        self.span.set_attributes({"flashcard.run.status": str(outcome.status), "flashcard.items.total": stats.total,
+                                  "flashcard.items.done": stats.done,
                                   "flashcard.items.failed": stats.failed, "flashcard.requests": stats.requests,
                                   "flashcard.cost_usd": round(stats.cost_usd, 6)})
         if outcome.abort_reason is not None:
@@ -107,8 +111,8 @@ class Telemetry:
         self.instruments.view = RunView(run_id=run.id, provider=hooks.provider, model=hooks.model, stats=stats,
                                         spent=spent, max_cost=max_cost, pool=pool, limit_groups=limit_groups)
         span = self.tracer.start_span("run", attributes={
-            "flashcard.run.id": run.id, "flashcard.run.resumed": resumed, "flashcard.items.total": stats.total,
-            "flashcard.language": run.target_language, **hooks.model_attributes})
+            "flashcard.run.id": run.id, "flashcard.run.resumed": resumed, "flashcard.language": run.target_language,
+            **hooks.model_attributes})
         hooks.run_links = [Link(span.get_span_context())]
         self.listener.run_span = span
         token = otel_context.attach(trace.set_span_in_context(span))
