@@ -228,6 +228,17 @@ def test_cached_answers_are_cache_hits_on_stage_spans_and_make_no_attempt(
     assert not captured.points("gen_ai.client.operation.duration")
 
 
+def test_housekeeping_polls_are_not_traced(tmp_path: Path, sqlite_url: str, captured: Captured) -> None:
+    """The breaker's command polls (here every 20 ms) would otherwise be a trace each."""
+    options = faulty_options(tmp_path, sqlite_url, simulator=SimulatorConfig(latency=0.02), concurrency=1,
+                             breaker=CircuitBreakerConfig(poll_interval=0.02))
+    result = asyncio.run(process(options, telemetry=captured.telemetry))
+    assert result.outcome is not None and result.outcome.stats.done == len(TERMS)  # lasting about half a second
+    statements = [str(attrs(s).get("db.statement", "")) for s in captured.finished()]
+    assert any("stage_results" in statement for statement in statements)  # the database is traced
+    assert not [statement for statement in statements if "circuit_breaker_commands" in statement]
+
+
 async def _simulated_provider_run(tmp_path: Path, db_url: str, telemetry: Telemetry) -> None:
     async with run_simulator(SimulatorConfig(seed=1)) as simulator:
         options = ProcessOptions(input_path=word_list(tmp_path, TERMS[:3]), output=tmp_path / "cards.jsonl",
