@@ -8,8 +8,10 @@ on a fresh SQLite database (every stage answer a paid call) and reports its wall
 the modes alternate within each repeat, so drift hits them alike. Modes:
 
 - `off`: no telemetry (the default);
-- `otlp`: `--telemetry otlp` to the sink: spans (item, stage, attempt, ledger batch, every SQL statement) and
-  metrics, batched and exported from the SDK's threads;
+- `otlp`: `--telemetry otlp` to the sink: every span (item, stage, attempt, ledger batch, every SQL statement) and
+  the metrics, batched and exported from the SDK's threads;
+- `otlp 10%`: the same with `OTEL_TRACES_SAMPLER=parentbased_traceidratio`, `OTEL_TRACES_SAMPLER_ARG=0.1`;
+- `otlp metrics`: the same with `OTEL_TRACES_EXPORTER=none`: metrics only;
 - `prometheus`: `--metrics-port`: metrics only, served for scraping (nothing scrapes them here);
 - `off (baseline)`: with `--baseline-src DIR`, `off` on another checkout's `src` (e.g. `git archive main src`),
   to see whether the hooks cost anything when telemetry is off.
@@ -35,7 +37,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import DATA, free_port, measured, simulator, timed
 
-MODES = ("off", "otlp", "prometheus")
+#: Mode -> (what the worker turns on, extra environment).
+MODES: dict[str, tuple[str, dict[str, str]]] = {
+    "off": ("off", {}),
+    "otlp": ("otlp", {}),
+    "otlp 10%": ("otlp", {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
+    "otlp metrics": ("otlp", {"OTEL_TRACES_EXPORTER": "none"}),
+    "prometheus": ("prometheus", {}),
+}
 
 
 @contextmanager
@@ -97,19 +106,19 @@ def run(args: argparse.Namespace) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RL_", "CB_", "RETRY_", "CACHE_", "DB_", "OTEL_", "FLASHCARD_"))}
         env.update(XDG_DATA_HOME=str(folder / "data"), OTEL_EXPORTER_OTLP_ENDPOINT=sink_url)
-        modes = [(mode, env) for mode in MODES]
+        modes = [(mode, worker_mode, {**env, **extra}) for mode, (worker_mode, extra) in MODES.items()]
         if args.baseline_src:
-            modes.append(("off (baseline)", {**env, "PYTHONPATH": str(Path(args.baseline_src).resolve())}))
+            modes.append(("off (baseline)", "off", {**env, "PYTHONPATH": str(Path(args.baseline_src).resolve())}))
         print(f"{args.terms} terms ({2 * args.terms} calls) per run, {args.repeats} repeats; simulator {url}")
         print(f"{'concurrency':>11} {'mode':>15} {'items/s best':>12} {'median':>8} {'CPU ms/item':>12}")
         for concurrency in args.concurrency:
-            samples: dict[str, list[tuple[float, float]]] = {mode: [] for mode, _ in modes}
+            samples: dict[str, list[tuple[float, float]]] = {mode: [] for mode, _, _ in modes}
             for repeat in range(args.repeats):
-                for number, (mode, mode_env) in enumerate(modes):
+                for number, (mode, worker_mode, mode_env) in enumerate(modes):
                     db = folder / f"ledger-{concurrency}-{repeat}-{number}.db"
                     samples[mode].append(measured(
                         [sys.executable, __file__, "--worker", url, f"sqlite:///{db}", str(concurrency),
-                         str(args.terms), str(folder / "cards.jsonl"), mode.split()[0]], mode_env))
+                         str(args.terms), str(folder / "cards.jsonl"), worker_mode], mode_env))
             medians = {}
             for mode, runs in samples.items():
                 rates = [args.terms / wall for wall, _ in runs]

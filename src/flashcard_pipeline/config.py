@@ -121,6 +121,7 @@ def rate_limit_settings(*, rpm: float | None = None, tpm: float | None = None) -
 TelemetryMode = Literal["off", "otlp", "console"]
 SignalExporter = Literal["otlp", "console", "none"]
 OtlpProtocol = Literal["http/protobuf", "grpc"]
+ExemplarFilter = Literal["always_off", "always_on", "trace_based"]
 
 
 class TelemetrySettings(BaseModel):
@@ -141,6 +142,8 @@ class TelemetrySettings(BaseModel):
     metrics_host: str = "127.0.0.1"
     #: Put prompts and answers on attempt spans (GenAI ``gen_ai.input.messages`` / ``gen_ai.output.messages``).
     capture_content: bool = False
+    #: OTEL_METRICS_EXEMPLAR_FILTER; ours defaults to off (the SDK's trace_based doubles each measurement's cost).
+    exemplar_filter: ExemplarFilter = "always_off"
 
     @property
     def enabled(self) -> bool:
@@ -171,6 +174,7 @@ class OtelEnvironment(BaseSettings):
     exporter_otlp_traces_protocol: OtlpProtocol | None = None
     exporter_otlp_metrics_protocol: OtlpProtocol | None = None
     instrumentation_genai_capture_message_content: bool = False
+    metrics_exemplar_filter: ExemplarFilter = "always_off"
 
 
 def telemetry_settings(*, mode: str | None = None, metrics_port: int | None = None,
@@ -198,6 +202,6 @@ def telemetry_settings(*, mode: str | None = None, metrics_port: int | None = No
         metrics=otel.metrics_exporter if on and otel.metrics_exporter is not None else signal,
         traces_protocol=otel.exporter_otlp_traces_protocol or otel.exporter_otlp_protocol,
         metrics_protocol=otel.exporter_otlp_metrics_protocol or otel.exporter_otlp_protocol,
-        metrics_port=port, metrics_host=own.metrics_host,
+        metrics_port=port, metrics_host=own.metrics_host, exemplar_filter=otel.metrics_exemplar_filter,
         capture_content=capture_content if capture_content is not None
         else own.trace_content or otel.instrumentation_genai_capture_message_content)

@@ -79,7 +79,7 @@ DEFAULT_MODELS = {
 EXPORT_FORMATS = FORMATS
 MODEL_KIND_ENV = "FLASHCARD_MODEL_KIND"
 #: What the ``telemetry`` extra installs: missing, telemetry is a usage error that says how to get it.
-TELEMETRY_PACKAGES = frozenset({"opentelemetry", "prometheus_client", "greenlet"})
+TELEMETRY_PACKAGES = frozenset({"opentelemetry", "prometheus_client"})
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,6 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-# The SQLAlchemy instrumentation's start imports sqlalchemy.ext.asyncio, which needs greenlet: missing, it is
-# missing here, where the runner turns it into the one line that says to install the extra.
-import greenlet  # noqa: F401
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
@@ -89,14 +86,25 @@ class Telemetry:
                               capture_content=self.capture_content)
 
     def instrument_database(self, engine: Engine) -> None:
-        """Trace every statement on ``engine`` with the OpenTelemetry SQLAlchemy instrumentation."""
-        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+        """Trace every statement on ``engine`` with the OpenTelemetry SQLAlchemy instrumentation.
 
-        # Its declared range stops before SQLAlchemy 2.1, whose engine events it hooks are unchanged; the tests
-        # (tests/test_telemetry.py) check the statements' spans on the SQLAlchemy we install.
-        SQLAlchemyInstrumentor().instrument(engine=engine, skip_dep_check=True,
-                                            tracer_provider=self.tracer_provider or NoOpTracerProvider(),
-                                            meter_provider=self.meter_provider or NoOpMeterProvider())
+        Its engine tracer on our one engine, as ``SQLAlchemyInstrumentor().instrument(engine=...)`` makes it, without
+        the instrumentor's process-wide patches: of ``create_engine`` (we make no other engine) and of
+        ``Engine.connect``, which adds a ``connect`` span to every checkout, a third of the database spans of a
+        run for what the pool metrics already say (docs/benchmarks.md, "Telemetry")."""
+        if self.tracer_provider is None:
+            return  # without traces it would only repeat, slower, what the pool monitor's gauges say
+        from opentelemetry.instrumentation.sqlalchemy import __name__ as scope
+        from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+        from opentelemetry.instrumentation.sqlalchemy.version import __version__
+        from opentelemetry.semconv.metrics import MetricInstruments
+
+        tracer = (self.tracer_provider or NoOpTracerProvider()).get_tracer(scope, __version__)
+        meter = (self.meter_provider or NoOpMeterProvider()).get_meter(scope, __version__)
+        usage = meter.create_up_down_counter(
+            MetricInstruments.DB_CLIENT_CONNECTIONS_USAGE, unit="connections",
+            description="The number of connections that are currently in state described by the state attribute.")
+        EngineTracer(tracer, engine, usage)
         self._instrumented = True
 
     def listen(self, events: EventHub) -> None:
@@ -129,9 +137,9 @@ class Telemetry:
     def shutdown(self) -> None:
         """Flush and stop: the batch of spans and the last metrics are exported before this returns."""
         if self._instrumented:
-            from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+            from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 
-            SQLAlchemyInstrumentor().uninstrument()
+            EngineTracer.remove_all_event_listeners()
             self._instrumented = False
         if self._providers is not None:
             self._providers.close()

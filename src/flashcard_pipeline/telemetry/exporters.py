@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    AlwaysOnExemplarFilter,
+    ExemplarFilter,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricExporter,
@@ -29,6 +35,8 @@ from flashcard_pipeline.config import OtlpProtocol, TelemetrySettings
 from flashcard_pipeline.errors import ConfigurationError
 
 SERVICE = "flashcard-pipeline"
+EXEMPLAR_FILTERS: dict[str, type[ExemplarFilter]] = {
+    "always_off": AlwaysOffExemplarFilter, "always_on": AlwaysOnExemplarFilter, "trace_based": TraceBasedExemplarFilter}
 
 
 def package_version() -> str:
@@ -130,7 +138,8 @@ def build(settings: TelemetrySettings) -> Providers:
 
         providers.closers.append(stop_serving)
     if readers:
-        providers.meter_provider = MeterProvider(resource=shared, metric_readers=readers)
+        providers.meter_provider = MeterProvider(resource=shared, metric_readers=readers,
+                                                 exemplar_filter=EXEMPLAR_FILTERS[settings.exemplar_filter]())
         # Flushed before the endpoint stops, so a last export carries the run's final figures.
         providers.closers.insert(0, providers.meter_provider.shutdown)
     if tracer_provider is not None:
