@@ -144,8 +144,6 @@ DASHBOARDS = (
                      f"rate(flashcard_db_pool_checkouts_total[{RATE}])"),), unit="s"),
         Panel("Connections", "Checked out, in overflow beyond the pool size, the peak, and the pool size.",
               (Query("flashcard_db_pool_connections", "{{flashcard_pool_state}}"),)),
-        Panel("Connections by state (instrumentation)", "The SQLAlchemy instrumentation's idle and used "
-              "connections.", (Query("sum by (state) (db_client_connections_usage_connections)", "{{state}}"),)),
         Panel("Ledger batch commit p95", "Seconds to commit one batch of ledger writes.",
               (Query("histogram_quantile(0.95, sum by (le) "
                      f"(rate(flashcard_ledger_batch_duration_seconds_bucket[{RATE}])))", "p95"),), unit="s"),
