@@ -21,9 +21,9 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, cast
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -327,3 +327,92 @@ def loose_key_files() -> list[Path]:
                 and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             found.append(path)
     return found
+
+
+TelemetryMode = Literal["off", "otlp", "console"]
+SignalExporter = Literal["otlp", "console", "none"]
+OtlpProtocol = Literal["http/protobuf", "grpc"]
+ExemplarFilter = Literal["always_off", "always_on", "trace_based"]
+
+
+class TelemetrySettings(BaseModel):
+    """What telemetry a run exports (plain; ``telemetry_settings()`` reads it from flags and the environment).
+
+    ``mode`` is the one switch; each signal's exporter defaults to it. The SDK itself reads the rest of the
+    standard variables (endpoint, headers, timeouts, service name, resource attributes, sampler, batching)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: TelemetryMode = "off"
+    traces: SignalExporter = "none"
+    metrics: SignalExporter = "none"
+    traces_protocol: OtlpProtocol = "http/protobuf"
+    metrics_protocol: OtlpProtocol = "http/protobuf"
+    #: Serve the metrics for Prometheus to scrape on this port (0: any free one).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    #: Put prompts and answers on attempt spans (GenAI ``gen_ai.input.messages`` / ``gen_ai.output.messages``).
+    capture_content: bool = False
+    #: OTEL_METRICS_EXEMPLAR_FILTER; ours defaults to off (the SDK's trace_based doubles each measurement's cost).
+    exemplar_filter: ExemplarFilter = "always_off"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is exported; when not, a run never imports OpenTelemetry."""
+        return self.traces != "none" or self.metrics != "none" or self.metrics_port is not None
+
+
+class FlashcardTelemetryEnvironment(BaseSettings):
+    """FLASHCARD_TELEMETRY, FLASHCARD_METRICS_PORT, FLASHCARD_METRICS_HOST, FLASHCARD_TRACE_CONTENT."""
+
+    model_config = SettingsConfigDict(env_prefix="FLASHCARD_", extra="ignore", frozen=True)
+
+    telemetry: TelemetryMode = "off"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    trace_content: bool = False
+
+
+class OtelEnvironment(BaseSettings):
+    """The standard OTEL_* variables that choose exporters (the SDK reads the others itself)."""
+
+    model_config = SettingsConfigDict(env_prefix="OTEL_", extra="ignore", frozen=True)
+
+    sdk_disabled: bool = False
+    traces_exporter: SignalExporter | None = None
+    metrics_exporter: SignalExporter | None = None
+    exporter_otlp_protocol: OtlpProtocol = "http/protobuf"
+    exporter_otlp_traces_protocol: OtlpProtocol | None = None
+    exporter_otlp_metrics_protocol: OtlpProtocol | None = None
+    instrumentation_genai_capture_message_content: bool = False
+    metrics_exemplar_filter: ExemplarFilter = "always_off"
+
+
+def telemetry_settings(*, mode: str | None = None, metrics_port: int | None = None,
+                       capture_content: bool | None = None) -> TelemetrySettings:
+    """``--telemetry`` (else FLASHCARD_TELEMETRY, else off), ``--metrics-port``, ``--trace-content``, and the
+    OTEL_* variables that pick exporters: OTEL_SDK_DISABLED=true turns everything off, OTEL_TRACES_EXPORTER /
+    OTEL_METRICS_EXPORTER (otlp, console or none) override the switch for one signal, OTEL_EXPORTER_OTLP_PROTOCOL
+    (and its per-signal forms) choose http/protobuf or grpc. A value the SDK could not honour is a usage error
+    rather than silently ignored."""
+    own = read_settings(FlashcardTelemetryEnvironment)
+    chosen = mode or own.telemetry
+    if chosen not in ("off", "otlp", "console"):
+        raise ConfigurationError(f"--telemetry must be off, otlp or console, got {chosen!r}")
+    port = metrics_port if metrics_port is not None else own.metrics_port
+    if chosen == "off" and port is None:
+        return TelemetrySettings()  # the OTEL_* variables of other programs are not ours to judge
+    otel = read_settings(OtelEnvironment)
+    if otel.sdk_disabled:
+        return TelemetrySettings()
+    signal = cast(SignalExporter, "none" if chosen == "off" else chosen)
+    on = chosen != "off"
+    return TelemetrySettings(
+        mode=cast(TelemetryMode, chosen),
+        traces=otel.traces_exporter if on and otel.traces_exporter is not None else signal,
+        metrics=otel.metrics_exporter if on and otel.metrics_exporter is not None else signal,
+        traces_protocol=otel.exporter_otlp_traces_protocol or otel.exporter_otlp_protocol,
+        metrics_protocol=otel.exporter_otlp_metrics_protocol or otel.exporter_otlp_protocol,
+        metrics_port=port, metrics_host=own.metrics_host, exemplar_filter=otel.metrics_exemplar_filter,
+        capture_content=capture_content if capture_content is not None
+        else own.trace_content or otel.instrumentation_genai_capture_message_content)

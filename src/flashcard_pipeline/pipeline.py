@@ -28,6 +28,7 @@ from flashcard_pipeline.errors import (
     InvalidResponseError,
     StructuredError,
 )
+from flashcard_pipeline.hooks import NO_HOOKS, NOTE, Note, RunHooks
 from flashcard_pipeline.llm.types import ChatMessage, ChatRequest, ChatResponse
 from flashcard_pipeline.models import FlashcardSet, TermAnalysis
 from flashcard_pipeline.resilience import CallContext, CallPolicy, DirectPolicy, ProviderAnswer
@@ -141,7 +142,7 @@ class Pipeline:
                  policy: CallPolicy | None = None, cache: CompressedCache | None = None,
                  concurrency: int = 8, force: bool = False,
                  max_cost: float | None = None, flush_interval: float = 0.1,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, hooks: RunHooks = NO_HOOKS) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.ledger = ledger
@@ -154,6 +155,8 @@ class Pipeline:
         self.max_cost = max_cost
         self.flush_interval = flush_interval
         self.clock = clock
+        #: Told of every item, stage, attempt and ledger batch (telemetry; nothing by default).
+        self.hooks = hooks
         self.stats = RunStats()
         self._writer: LedgerWriter | None = None
         self._run_id = 0
@@ -167,7 +170,7 @@ class Pipeline:
         self.stats.done = summary.done
         self._spent_before = summary.cost_usd  # --max-cost is the run's budget, resumed or not
         abort: StructuredError | None = None
-        async with LedgerWriter(self.ledger, flush_interval=self.flush_interval) as writer:
+        async with LedgerWriter(self.ledger, flush_interval=self.flush_interval, hooks=self.hooks) as writer:
             self._writer = writer
             self.cache.backend.attach(writer.submit)
             queue: asyncio.Queue[PendingItem | None] = asyncio.Queue(maxsize=self.concurrency * 2)
@@ -222,6 +225,10 @@ class Pipeline:
                 self.stats.in_flight -= 1
 
     async def _process(self, pending: PendingItem) -> None:
+        with self.hooks.item(pending.item) as note:
+            await self._process_item(pending, note)
+
+    async def _process_item(self, pending: PendingItem, note: Note) -> None:
         item = pending.item
         stage = NUANCE
         try:
@@ -252,9 +259,12 @@ class Pipeline:
             if error.aborts_run:
                 raise _Abort(error) from error
             self._fail(pending, stage, error)
+            note.failed(error)
         except Exception as error:  # a bug must cost one item, not the run
             log.exception("unexpected error on %r (%s)", item.term, stage)
-            self._fail(pending, stage, StructuredError(f"internal error: {type(error).__name__}: {error}"))
+            internal = StructuredError(f"internal error: {type(error).__name__}: {error}")
+            self._fail(pending, stage, internal)
+            note.failed(internal)
 
     def _fail(self, pending: PendingItem, stage: str, error: StructuredError) -> None:
         assert self._writer is not None
@@ -268,24 +278,38 @@ class Pipeline:
         A fresh answer that fails a check is re-asked once, with the problems, through the policy's re-ask
         budget (:class:`ContentCheckError` is a schema violation); the answer after that is kept as it is. A
         cached or recorded answer is checked again but never re-asked (that would pay for it every run)."""
+        with self.hooks.stage(staged.stage, pending.item) as note:
+            result, problems = await self._answer(pending, staged, parse, check, note)
+            if problems:
+                note.flagged(problems)
+            return result, problems
+
+    async def _answer(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
+                      check: Check[T], note: Note) -> tuple[T, list[str]]:
         writer = self._writer
         assert writer is not None
         writer.submit(StageStarted(pending.id, staged.stage))
         if not self.force and (cached := await self._cached(pending, staged, parse, check)) is not None:
+            note.cache_hit("cache")
             return cached
         async with self.cache.single_flight(staged.cache_key):
             # A concurrent task may have paid for this very answer while we waited: it is in this process.
             if not self.force and (held := self.cache.held(staged.cache_key)) is not None \
                     and (cached := self._accept(pending, staged, parse, check, held)) is not None:
+                note.cache_hit("in_flight")
                 return cached
             if not self.force and not self.cache.backend.restores \
                     and (recorded := await self._recorded(pending, staged, parse, check)) is not None:
+                note.cache_hit("ledger")
                 return recorded
+            if not self.force:
+                note.cache_miss()
             self._check_budget()  # not even a rate-limit slot once the budget is spent
             context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
                                   model=self.settings.model, estimated_tokens=staged.estimated_tokens,
                                   before_retry=self._check_budget)
             reask = _Reask()
+            attempts = 0
 
             def checked(content: str) -> tuple[T, list[str]]:
                 result = parse(content)
@@ -297,10 +321,13 @@ class Pipeline:
                 return result, problems
 
             async def attempt() -> tuple[tuple[T, list[str]], ChatResponse]:
+                nonlocal attempts
                 request = staged.request
                 if reask.messages:
                     request = replace(request, messages=(*request.messages, *reask.messages))
-                answer = await self._call(pending, staged, checked, request)
+                attempts += 1
+                with self.hooks.attempt(context, request, attempts) as call_note:
+                    answer = await self._call(pending, staged, checked, request, call_note)
                 # What the provider counted and said about its limits, for the rate limiter.
                 context.report(ProviderAnswer(answer[1].usage.total_tokens, answer[1].headers))
                 return answer
@@ -376,7 +403,7 @@ class Pipeline:
                               cards=cards, flags=tuple(flags))
 
     async def _call(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], R],
-                    request: ChatRequest | None = None) -> tuple[R, ChatResponse]:
+                    request: ChatRequest | None = None, note: Note = NOTE) -> tuple[R, ChatResponse]:
         """One provider call: send, record, validate. Raises the structured error of a failed attempt."""
         assert self._writer is not None
         self.stats.requests += 1
@@ -384,6 +411,7 @@ class Pipeline:
         response: ChatResponse | None = None
         try:
             response = await self.client.complete(request or staged.request)
+            note.answered(response)
             result = parse(response.content)
         except StructuredError as error:
             self.stats.api_errors += 1
@@ -421,10 +449,15 @@ class Pipeline:
             latency_ms=(self.clock() - started) * 1000.0,
             response_id=response.response_id if response else None))
 
+    @property
+    def spent(self) -> float:
+        """Dollars the run has spent, earlier invocations included: what ``max_cost`` is measured against."""
+        return self._spent_before + self.stats.cost_usd
+
     def _check_budget(self) -> None:
         """Stop before a call that would start beyond the budget; answers already paid for are kept. The
         error aborts the run, and as a non-retryable error it leaves every policy's loop at once."""
-        spent = self._spent_before + self.stats.cost_usd
+        spent = self.spent
         if self.max_cost is not None and spent >= self.max_cost:
             raise BudgetExceededError(
                 f"budget of ${self.max_cost:.4f} reached (this run has spent ${spent:.4f}); "

@@ -16,7 +16,7 @@ import json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flashcard_pipeline.cache.backends import make_cache
 from flashcard_pipeline.cache.compressed_cache import CompressedCache
@@ -29,6 +29,7 @@ from flashcard_pipeline.config import (
     rate_limit_settings,
     read_settings,
     retry_config,
+    telemetry_settings,
 )
 from flashcard_pipeline.errors import ConfigurationError, InputError
 from flashcard_pipeline.export import (
@@ -42,6 +43,7 @@ from flashcard_pipeline.export import (
     resolve_format,
     write_export,
 )
+from flashcard_pipeline.hooks import NO_HOOKS, RunHooks
 from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.capabilities import ModelKind
 from flashcard_pipeline.llm.client import LLMClient
@@ -69,6 +71,9 @@ from flashcard_pipeline.storage.db import open_database, pool_monitor
 from flashcard_pipeline.storage.ledger import Ledger, RunRecord
 from flashcard_pipeline.storage.schema import RunStatus
 
+if TYPE_CHECKING:
+    from flashcard_pipeline.telemetry import RunScope, Telemetry
+
 DEFAULT_MODELS = {
     ProviderName.OPENROUTER: "openai/gpt-4o-mini",
     ProviderName.OPENAI_COMPATIBLE: "gpt-4o-mini",
@@ -76,6 +81,8 @@ DEFAULT_MODELS = {
 }
 EXPORT_FORMATS = FORMATS
 MODEL_KIND_ENV = "FLASHCARD_MODEL_KIND"
+#: What the ``telemetry`` extra installs: missing, telemetry is a usage error that says how to get it.
+TELEMETRY_PACKAGES = frozenset({"opentelemetry", "prometheus_client"})
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,12 @@ class ProcessOptions:
     params: dict[str, Any] = field(default_factory=dict)
     #: ``auto`` (the model-name table), ``chat`` or ``reasoning``; ``None`` reads FLASHCARD_MODEL_KIND.
     model_kind: str | None = None
+    #: ``off``, ``otlp`` or ``console``; ``None`` reads FLASHCARD_TELEMETRY (default off).
+    telemetry: str | None = None
+    #: Serve metrics for Prometheus on this port; ``None`` reads FLASHCARD_METRICS_PORT (default: not served).
+    metrics_port: int | None = None
+    #: Put prompts and answers on spans; ``None`` reads FLASHCARD_TRACE_CONTENT.
+    trace_content: bool | None = None
 
     @property
     def export_format(self) -> str:
@@ -295,16 +308,44 @@ def _run_key(options: ProcessOptions, settings: StageSettings, input_sha: str, p
 
 
 async def process(options: ProcessOptions, reporter: Reporter | None = None,
-                  policy: CallPolicy | None = None) -> ProcessResult:
+                  policy: CallPolicy | None = None, telemetry: Telemetry | None = None) -> ProcessResult:
     """Run (or resume) the pipeline for ``options`` and export what is done.
 
     Without a ``policy`` every provider call goes through :func:`default_policy`. When the policy used is (or
-    holds) a :class:`Resilience` engine, its events feed the progress display and the run's metrics, its breakers obey
-    `breaker` commands and its limits are published for `ratelimit status`.
+    holds) a :class:`Resilience` engine, its events feed the progress display and the run's metrics (and
+    telemetry), its breakers obey `breaker` commands and its limits are published for `ratelimit status`.
+    Without ``telemetry`` the options (else FLASHCARD_TELEMETRY and the OTEL_* variables) say whether to start
+    one for this call; one passed in stays the caller's to shut down.
     """
     reporter = reporter or SilentReporter()
     _validate(options)
     policy = policy or default_policy(options)
+    session = telemetry if telemetry is not None else start_telemetry(options)
+    try:
+        return await _process(options, reporter, policy, session)
+    finally:
+        if session is not None and telemetry is None:
+            await asyncio.to_thread(session.shutdown)  # the last export may take a network round trip
+
+
+def start_telemetry(options: ProcessOptions) -> Telemetry | None:
+    """The telemetry ``options`` ask for, or None; OpenTelemetry is imported only when it is on."""
+    settings = telemetry_settings(mode=options.telemetry, metrics_port=options.metrics_port,
+                                  capture_content=options.trace_content)
+    if not settings.enabled or options.dry_run:
+        return None
+    try:
+        from flashcard_pipeline.telemetry import Telemetry
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in TELEMETRY_PACKAGES:
+            raise
+        raise ConfigurationError(f"telemetry needs OpenTelemetry ({exc.name} is not installed): "
+                                 "pip install 'flashcard-pipeline[telemetry]'") from None
+    return Telemetry.start(settings)
+
+
+async def _process(options: ProcessOptions, reporter: Reporter, policy: CallPolicy,
+                   session: Telemetry | None) -> ProcessResult:
     cache_settings = read_settings(CacheSettings)  # every setting is checked before the run starts
     reader = VocabularyReader(options.input_path, encoding=options.encoding)
     reader.detect()
@@ -316,6 +357,8 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
 
     engine = await asyncio.to_thread(open_database, options.db_url)
     database = engine.url.render_as_string(hide_password=True)
+    if session is not None:
+        session.instrument_database(engine)
     try:
         ledger = Ledger(engine)
         if options.dry_run:
@@ -357,7 +400,7 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
 
         if to_process:
             outcome, cache_stats = await _execute(options, provider, settings, ledger, run, reporter, policy,
-                                                  cache_settings)
+                                                  cache_settings, session, resumed=resumed)
         else:  # nothing left to do: the statistics of the invocation that did the work stay as they are
             outcome, cache_stats = await asyncio.to_thread(_finished, ledger, run), {}
         if outcome.stats.done == 0:
@@ -436,7 +479,8 @@ def default_policy(options: ProcessOptions) -> Resilience:
 
 async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: StageSettings, ledger: Ledger,
                    run: RunRecord, reporter: Reporter, policy: CallPolicy | None,
-                   cache_settings: CacheSettings) -> tuple[RunOutcome, dict[str, Any]]:
+                   cache_settings: CacheSettings, session: Telemetry | None = None,
+                   resumed: bool = False) -> tuple[RunOutcome, dict[str, Any]]:
     async with contextlib.AsyncExitStack() as stack:
         if provider.name is ProviderName.SIMULATED:
             simulator = await stack.enter_async_context(run_simulator(options.simulator))
@@ -444,30 +488,43 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
         client = await stack.enter_async_context(LLMClient(provider, max_connections=max(options.concurrency, 10)))
         cache = make_cache(ledger, cache_settings)
         stack.push_async_callback(cache.aclose)
+        hooks = NO_HOOKS if session is None else session.hooks(provider=settings.provider, model=settings.model,
+                                                               base_url=provider.base_url)
         pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy, cache=cache,
-                            concurrency=options.concurrency, force=options.force, max_cost=options.max_cost)
+                            concurrency=options.concurrency, force=options.force, max_cost=options.max_cost,
+                            hooks=hooks)
         pipeline.stats.simulated = run.simulated
         engine = Resilience.find(policy)
         tally = EventTally()
         if engine is not None:
             ProgressObserver(pipeline.stats).attach(engine.events)
             tally.attach(engine.events)
+            if session is not None:
+                session.listen(engine.events)
             if engine.breaker_config is not None:
-                await stack.enter_async_context(BreakerSync(BreakerStore(ledger.engine), engine, run_id=run.id,
-                                                            poll_interval=engine.breaker_config.poll_interval))
+                with hooks.background():
+                    await stack.enter_async_context(BreakerSync(BreakerStore(ledger.engine), engine, run_id=run.id,
+                                                                poll_interval=engine.breaker_config.poll_interval))
             if engine.ratelimit is not None:
                 # Published every RL_PUBLISH_INTERVAL s for `ratelimit status` in another terminal.
                 stack.push_async_callback(engine.aclose)
-                await stack.enter_async_context(engine.publishing(
-                    lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"ratelimit": snapshot})))
+                with hooks.background():
+                    await stack.enter_async_context(engine.publishing(
+                        lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"ratelimit": snapshot})))
         # A heartbeat for `monitor` and `runs` in another terminal (live counters, pause reason, options); its last
         # beat is written before the pool statistics below are taken, so none of its connections is counted.
         owner, invocation = process_owner(), _invocation_options(options)
         heartbeat = publishing_progress(
             lambda snapshot: asyncio.to_thread(ledger.merge_run_metrics, run.id, {"progress": snapshot}),
             lambda active: progress_snapshot(pipeline.stats, owner=owner, options=invocation, active=active))
-        async with reporter.live(pipeline.stats), heartbeat:
-            outcome = await pipeline.run(run)
+        async with contextlib.AsyncExitStack() as beating:
+            with hooks.background():  # housekeeping, like the limit publishing: not traced
+                await beating.enter_async_context(heartbeat)
+            async with reporter.live(pipeline.stats):
+                with _traced(session, hooks, run, pipeline, engine, resumed=resumed) as scope:
+                    outcome = await pipeline.run(run)
+                    if scope is not None:
+                        scope.outcome(outcome)
         monitor = pool_monitor(ledger.engine)
         metrics: dict[str, Any] = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
         if engine is not None:
@@ -487,6 +544,19 @@ def _invocation_options(options: ProcessOptions) -> dict[str, Any]:
             "max_attempts": options.retry.max_attempts if options.retry else None,
             "breaker_max_wait": options.breaker.max_wait if options.breaker else None,
             "config_files": [str(path) for path in config_files()]}
+
+
+def _traced(session: Telemetry | None, hooks: RunHooks, run: RunRecord, pipeline: Pipeline,
+            engine: Resilience | None, *, resumed: bool) -> contextlib.AbstractContextManager[RunScope | None]:
+    """The run's span and gauges when telemetry is on."""
+    if session is None:
+        return contextlib.nullcontext()
+    from flashcard_pipeline.telemetry import TelemetryHooks
+
+    assert isinstance(hooks, TelemetryHooks)
+    return session.run(run, hooks, pipeline.stats, spent=lambda: pipeline.spent, max_cost=pipeline.max_cost,
+                       pool=pool_monitor(pipeline.ledger.engine), resumed=resumed,
+                       limit_groups=(lambda: engine.limit_groups) if engine is not None else tuple)
 
 
 async def _estimate(options: ProcessOptions, reader: VocabularyReader, settings: StageSettings, ledger: Ledger,

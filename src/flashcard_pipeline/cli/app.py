@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flashcard_pipeline.choices import AudioEngine, ExportFormat, ProviderName, Subdecks
-from flashcard_pipeline.cli.options import ModelKindOption, ParamOption
+from flashcard_pipeline.cli.options import (
+    MetricsPortOption,
+    ModelKindOption,
+    ParamOption,
+    TelemetryOption,
+    TraceContentOption,
+)
 from flashcard_pipeline.cli.output import ExitCode, fail, money, stderr_console, warning
 from flashcard_pipeline.cli.root import app
 from flashcard_pipeline.errors import ConfigurationError, InputError, StructuredError
@@ -154,6 +160,9 @@ def process_command(
                                                                "BOM; or cp949, euc-kr, latin-1, ...).")] = "utf-8",
     param: ParamOption = None,
     model_kind: ModelKindOption = None,
+    telemetry: TelemetryOption = None,
+    metrics_port: MetricsPortOption = None,
+    trace_content: TraceContentOption = False,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
     from flashcard_pipeline.cli.config_commands import warn_loose_key_files
@@ -171,7 +180,9 @@ def process_command(
             learner_language=learner_language, max_cost=max_cost, simulator=parse_sim_options(sim or []),
             retry=_retry_config(max_attempts), breaker=_breaker_config(breaker_max_wait), rpm=rpm, tpm=tpm,
             deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout,
-            encoding=encoding, params=parse_params(param or []), model_kind=model_kind)
+            encoding=encoding, params=parse_params(param or []), model_kind=model_kind,
+            telemetry=telemetry.value if telemetry else None, metrics_port=metrics_port,
+            trace_content=trace_content or None)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None

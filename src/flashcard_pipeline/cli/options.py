@@ -4,6 +4,7 @@ cache keys would differ."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -19,3 +20,21 @@ DbOption = Annotated[str | None, typer.Option(
     "--db", metavar="URL", help="Database URL or SQLite file (default: FLASHCARD_DATABASE_URL, else the config file, "
     "else ~/.local/share/flashcard-pipeline/flashcards.db).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+class TelemetryChoice(StrEnum):
+    OFF = "off"
+    OTLP = "otlp"
+    CONSOLE = "console"
+
+
+TelemetryOption = Annotated[TelemetryChoice | None, typer.Option(
+    "--telemetry", help="Export traces and metrics: otlp (to OTEL_EXPORTER_OTLP_ENDPOINT, default "
+    "http://localhost:4318) or console; default FLASHCARD_TELEMETRY, else off. The OTEL_* variables configure the "
+    "rest (docs/observability.md).", show_default=False)]
+MetricsPortOption = Annotated[int | None, typer.Option(
+    "--metrics-port", metavar="PORT", min=1, max=65535, help="Serve the run's metrics for Prometheus on "
+    "http://127.0.0.1:PORT/metrics while it runs (default FLASHCARD_METRICS_PORT; FLASHCARD_METRICS_HOST binds "
+    "another address).", show_default=False)]
+TraceContentOption = Annotated[bool, typer.Option(
+    "--trace-content", help="Put prompts and answers on the spans (also FLASHCARD_TRACE_CONTENT or "
+    "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT; off by default).", show_default=False)]

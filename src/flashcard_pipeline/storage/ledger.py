@@ -20,6 +20,7 @@ from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from flashcard_pipeline.hooks import NO_HOOKS, RunHooks
 from flashcard_pipeline.models import Flashcard, TermAnalysis, TermResult, VocabularyItem
 from flashcard_pipeline.storage.schema import (
     ApiCall,
@@ -672,8 +673,10 @@ class LedgerWriter:
     next caller of ``submit`` or ``flush`` rather than lost.
     """
 
-    def __init__(self, ledger: Ledger, *, flush_interval: float = 0.1, max_batch: int = 512) -> None:
+    def __init__(self, ledger: Ledger, *, flush_interval: float = 0.1, max_batch: int = 512,
+                 hooks: RunHooks = NO_HOOKS) -> None:
         self.ledger = ledger
+        self.hooks = hooks
         self.flush_interval = flush_interval
         self.max_batch = max_batch
         self._pending: list[LedgerOp] = []
@@ -708,7 +711,8 @@ class LedgerWriter:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    await asyncio.to_thread(self.ledger.write_batch, batch)
+                    with self.hooks.ledger_batch(len(batch)):
+                        await asyncio.to_thread(self.ledger.write_batch, batch)
                 except Exception as exc:
                     self._error = exc
                     raise
