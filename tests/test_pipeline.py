@@ -166,9 +166,12 @@ async def test_bad_answer_fails_one_item_and_the_run_goes_on(ledger: Ledger) -> 
     outcome = await pipeline(ledger, client).run(run)
     assert outcome.status is RunStatus.FAILED
     failed = {f.term: f for f in outcome.failures}
-    assert set(failed) == {"학교", "그"}
-    assert (failed["학교"].stage, failed["학교"].category, failed["학교"].code) == (
-        "cards", "invalid_response", "schema_violation")
+    assert set(failed) == {"그"}
+    # An answer that fails validation sets its item aside with that answer (the recovery registry's default).
+    [quarantined] = outcome.quarantined
+    assert (quarantined.term, quarantined.stage, quarantined.code, quarantined.last_answer) == (
+        "학교", "cards", "schema_violation", '{"cards": []}')
+    assert ledger.summary(run.id).quarantined == 1 and ledger.summary(run.id).failed == 2
     assert (failed["그"].stage, failed["그"].category, failed["그"].code) == ("nuance", "external_service",
                                                                              "server_error")
     assert len(list(ledger.results(run.id))) == len(TERMS) - 2
@@ -179,7 +182,8 @@ async def test_bad_answer_fails_one_item_and_the_run_goes_on(ledger: Ledger) -> 
 
 async def test_resume_retries_failures_without_repeating_finished_stages(ledger: Ledger) -> None:
     run = new_run(ledger)
-    await pipeline(ledger, ScriptedClient(faults={("학교", "cards"): lambda: "{"})).run(run)
+    await pipeline(ledger, ScriptedClient(faults={("학교", "cards"): raise_(ServerError("down", status_code=503))})
+                   ).run(run)
     assert ledger.prepare_resume(run.id) == 1
     second = ScriptedClient()
     outcome = await pipeline(ledger, second).run(run)

@@ -69,7 +69,11 @@ def test_runs_list_show_and_delete(tmp_path: Path, db_url: str) -> None:
     shown = json.loads(stdout)
     assert code == 0 and shown["errors_by_category"] == {"invalid_response": 6}
     assert shown["errors_by_code"] == {"invalid_response/schema_violation": 6}
-    assert [f["term"] for f in shown["failures"]] == ["단어1", "단어2"]
+    # Answers that keep breaking the schema set their items aside (quarantined), with the re-asks on record.
+    assert shown["failures"] == [] and shown["quarantined"] == 2
+    assert [(q["term"], q["code"]) for q in shown["quarantined_items"]] == [("단어1", "schema_violation"),
+                                                                           ("단어2", "schema_violation")]
+    assert shown["recovery"]["applied"] == {"quarantine": 2, "reask_with_errors": 6}
     assert set(shown["settings"]["prompts"]) == {"cards", "nuance"}
     assert shown["last_invocation"]["max_attempts"] == 1 and shown["last_invocation"]["concurrency"] == 8
     result = runner.invoke(app, ["runs", "show", "1", "--db", db_url], env={"COLUMNS": "250"})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import math
 import os
 import stat
@@ -34,6 +35,8 @@ from pydantic_settings import (
 )
 
 from flashcard_pipeline.errors import ConfigurationError, ErrorCategory
+from flashcard_pipeline.logging_config import LogOptions, RunLogOptions, parse_level, parse_levels
+from flashcard_pipeline.recovery import RecoveryPlan, parse_strategies
 from flashcard_pipeline.resilience import CircuitBreakerConfig, RateLimitSettings, RetryConfig
 from flashcard_pipeline.resilience.breaker.config import DEFAULT_FAILURE_CATEGORIES
 
@@ -45,6 +48,12 @@ CONFIG_FILE_ENV = "FLASHCARD_CONFIG"
 
 #: Files ``config validate FILE`` checks instead of the ones found (a context variable, reset on exit).
 _FILES_OVERRIDE: ContextVar[tuple[Path, ...] | None] = ContextVar("flashcard_config_files", default=None)
+
+
+def data_directory(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_DATA_HOME/flashcard-pipeline`` (``~/.local/share/...`` when unset): the default database, run logs."""
+    env = os.environ if env is None else env
+    return Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "flashcard-pipeline"
 
 
 def user_config_file(env: Mapping[str, str] | None = None) -> Path:
@@ -313,9 +322,131 @@ def rate_limit_settings(*, rpm: float | None = None, tpm: float | None = None) -
     return settings.model_copy(update=updates) if updates else settings
 
 
+def _comma_list(value: Any) -> Any:
+    """``a,b`` (or a JSON list, or a TOML array) -> a tuple of the non-empty trimmed names."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            value = json.loads(text)
+        else:
+            value = text.split(",")
+    if isinstance(value, list | tuple):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return value
+
+
+class LogSettings(FileSettings):
+    """LOG_LEVEL, LOG_FORMAT, LOG_LEVELS, LOG_FILE, LOG_DIR, ...: what the console and each run's log file get."""
+
+    model_config = SettingsConfigDict(env_prefix="LOG_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "logging"
+
+    level: str = Field(default="WARNING", description="console level: DEBUG, INFO, WARNING, ERROR (-v is INFO, -vv "
+                                                      "DEBUG, -q ERROR; --log-level wins)")
+    format: Literal["text", "json"] = Field(default="text", description="console lines: text, or json (one object "
+                                                                        "per line; --log-format wins)")
+    levels: str = Field(default="", description="per-module levels for the console and the file: "
+                                                "flashcard_pipeline.resilience=DEBUG,httpx=INFO")
+    file: bool = Field(default=True, description="write each run's lines, as JSON, to a file of its own in LOG_DIR "
+                                                 "(`logs` reads it)")
+    file_level: str = Field(default="INFO", description="level of the run log file")
+    dir: Path | None = Field(default=None, description="where run log files go; unset: "
+                                                      "$XDG_DATA_HOME/flashcard-pipeline/logs")
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="a run log file is rotated at this size")
+    backups: int = Field(default=5, ge=0, le=100, description="rotated files kept per run log")
+
+    @field_validator("level", "file_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        return logging.getLevelName(parse_level(value, "level"))
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: str) -> str:
+        parse_levels(value, "levels")
+        return value
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+class RecoverySettings(FileSettings):
+    """RECOVERY_STRATEGIES, RECOVERY_FALLBACK_MODELS, ...: what happens to a failure beyond retrying it."""
+
+    model_config = SettingsConfigDict(env_prefix="RECOVERY_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "recovery"
+
+    strategies: str = Field(
+        default="", description="changes to the registry: CODE_OR_CATEGORY=STRATEGY[+STRATEGY],... with "
+                                "reask_with_errors, larger_budget, fallback_model, quarantine or none")
+    fallback_models: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="models that take an item over when the run's model cannot answer it, in order "
+                                "(comma list; process --fallback-model wins)")
+    budget_factor: float = Field(default=2.0, gt=1.0, le=16.0, description="larger_budget multiplies the "
+                                                                          "prompt's max_tokens by this, once")
+    max_output_tokens: int = Field(default=16384, ge=1, description="larger_budget never asks for more")
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, value: str) -> str:
+        parse_strategies(value)
+        return value
+
+    @field_validator("fallback_models", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+
+def recovery_plan(fallback_models: list[str] | None = None) -> RecoveryPlan:
+    """The registry from ``RECOVERY_*`` / ``[recovery]``; ``--fallback-model`` (repeatable) replaces the chain."""
+    settings = read_settings(RecoverySettings)
+    models = tuple(fallback_models) if fallback_models else settings.fallback_models
+    return RecoveryPlan.with_overrides(parse_strategies(settings.strategies), fallback_models=models,
+                                       budget_factor=settings.budget_factor,
+                                       max_output_tokens=settings.max_output_tokens)
+
+
+def log_options(*, level: str | None = None, format: str | None = None, verbosity: int = 0) -> LogOptions:
+    """The console's logging: ``--log-level``, else ``-v``/``-q`` (verbosity 1, 2 or -1), else ``LOG_LEVEL``;
+    ``--log-format``, else ``LOG_FORMAT``. Keys in effect are redacted from every line."""
+    settings = read_settings(LogSettings)
+    if level is not None:
+        try:
+            chosen = parse_level(level, "--log-level")
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+    elif verbosity:
+        chosen = {-1: logging.ERROR, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    else:
+        chosen = parse_level(settings.level)
+    return LogOptions(level=chosen, format=(format or settings.format),  # type: ignore[arg-type]
+                      levels=parse_levels(settings.levels), secrets=_secrets())
+
+
+def run_log_options() -> RunLogOptions | None:
+    """Each run's own log file, or None with ``LOG_FILE=false``."""
+    settings = read_settings(LogSettings)
+    if not settings.file:
+        return None
+    return RunLogOptions(directory=settings.dir or data_directory() / "logs", level=parse_level(settings.file_level),
+                         levels=parse_levels(settings.levels), max_bytes=settings.max_bytes,
+                         backups=settings.backups, secrets=_secrets())
+
+
+def _secrets() -> tuple[str, ...]:
+    keys = read_settings(KeySettings)
+    return tuple(s.get_secret_value() for s in (keys.openrouter_api_key, keys.openai_api_key) if s is not None)
+
+
 #: Every settings class, in the order `config show`, `config init` and docs/settings.md list them.
 SETTINGS: tuple[type[FileSettings], ...] = (GeneralSettings, KeySettings, DatabaseSettings, CacheSettings,
-                                            RetrySettings, CircuitBreakerSettings, RateLimitEnvironment)
+                                            RetrySettings, CircuitBreakerSettings, RateLimitEnvironment,
+                                            RecoverySettings, LogSettings)
 
 
 def loose_key_files() -> list[Path]:

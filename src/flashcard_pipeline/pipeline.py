@@ -26,11 +26,16 @@ from flashcard_pipeline.errors import (
     BudgetExceededError,
     ContentCheckError,
     InvalidResponseError,
+    MalformedJSONError,
+    SchemaViolationError,
     StructuredError,
+    TruncatedOutputError,
 )
 from flashcard_pipeline.hooks import NO_HOOKS, NOTE, Note, RunHooks
 from flashcard_pipeline.llm.types import ChatMessage, ChatRequest, ChatResponse
+from flashcard_pipeline.logging_config import bind, bound, new_call_id
 from flashcard_pipeline.models import FlashcardSet, TermAnalysis
+from flashcard_pipeline.recovery import RecoveryPlan, Strategy
 from flashcard_pipeline.resilience import CallContext, CallPolicy, DirectPolicy, ProviderAnswer
 from flashcard_pipeline.stages import (
     CARDS,
@@ -49,6 +54,7 @@ from flashcard_pipeline.storage.ledger import (
     Ledger,
     LedgerWriter,
     PendingItem,
+    QuarantinedItem,
     RunRecord,
     StageCompleted,
     StageFailed,
@@ -57,23 +63,74 @@ from flashcard_pipeline.storage.ledger import (
 from flashcard_pipeline.storage.schema import RunStatus
 
 log = logging.getLogger(__name__)
+recovery_log = logging.getLogger("flashcard_pipeline.recovery")
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")
 Check = Callable[[T], list[str]]
+#: Answers that fail validation: re-asked with their errors, quarantined when that does not help.
+INVALID_ANSWERS = (MalformedJSONError, SchemaViolationError)
+
+CONTENT_HEADING = "Your answer failed these checks:"
+VALIDATION_HEADING = "Your answer was rejected: it is not a JSON object that follows the schema. The validator said:"
 
 
-def reask_message(problems: list[str]) -> str:
-    """What the model is told when its answer failed the content checks."""
+def reask_message(problems: list[str], heading: str = CONTENT_HEADING) -> str:
+    """What the model is told when its answer failed the content checks, or validation (``heading``)."""
     listed = "\n".join(f"- {problem}" for problem in problems)
-    return (f"Your answer failed these checks:\n{listed}\nAnswer again with the whole JSON object, following the "
+    return (f"{heading}\n{listed}\nAnswer again with the whole JSON object, following the "
             "schema, with these problems fixed.")
+
+
+def validation_problems(error: StructuredError) -> list[str]:
+    """What the validator said about an invalid answer, to quote back to the model."""
+    errors = error.details.get("errors")
+    if isinstance(errors, list) and errors:
+        return [str(e) for e in errors]
+    return [error.message]
 
 
 @dataclass
 class _Reask:
-    """The one content re-ask of a stage: the failed answer and the problems, sent back with the request."""
+    """What a stage request carries from one attempt to the next: the failed answer and what was wrong with it
+    (content problems, or validation errors), sent back with the request; a larger output budget after a cut-off
+    answer; the attempt count and the last answer (kept when the item is quarantined)."""
 
     messages: tuple[ChatMessage, ...] = ()
+    #: The strategy that put ``messages`` there: ``content_check`` or ``reask_with_errors``.
+    kind: str | None = None
+    content_reasked: bool = False
+    max_tokens: int | None = None
+    attempts: int = 0
+    last_answer: str | None = None
+    #: A fallback model answers this request.
+    fallback: bool = False
+
+    @property
+    def recovery(self) -> str | None:
+        """The strategy that shapes the next call, for its ``api_calls`` row."""
+        if self.messages:
+            return self.kind
+        if self.max_tokens is not None:
+            return Strategy.LARGER_BUDGET.value
+        return Strategy.FALLBACK_MODEL.value if self.fallback else None
+
+
+class _Quarantined(Exception):
+    """An item whose answers kept failing validation, with the last of them."""
+
+    def __init__(self, error: StructuredError, last_answer: str | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.last_answer = last_answer
+
+
+@dataclass(frozen=True)
+class _CallMark:
+    """One attempt's identity in the ledger and the logs."""
+
+    id: str
+    attempt: int
+    recovery: str | None
 
 
 class ChatClient(Protocol):
@@ -97,6 +154,10 @@ class RunStats:
     already_done: int = 0
     #: Items whose answers still failed a content check after the re-ask (kept, flagged for review).
     flagged: int = 0
+    #: Items set aside because their answers kept failing validation (counted in ``failed`` too).
+    quarantined: int = 0
+    #: Recovery strategies applied, by name.
+    recoveries: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     pause_reason: str | None = None
     rate_limited: int = 0
@@ -129,6 +190,7 @@ class RunOutcome:
     failures: list[FailedItem]
     abort_reason: str | None = None
     flagged: list[FlaggedItem] = field(default_factory=list)
+    quarantined: list[QuarantinedItem] = field(default_factory=list)
 
 
 class _Abort(Exception):
@@ -142,7 +204,8 @@ class Pipeline:
                  policy: CallPolicy | None = None, cache: CompressedCache | None = None,
                  concurrency: int = 8, force: bool = False,
                  max_cost: float | None = None, flush_interval: float = 0.1,
-                 clock: Callable[[], float] = time.perf_counter, hooks: RunHooks = NO_HOOKS) -> None:
+                 clock: Callable[[], float] = time.perf_counter, recovery: RecoveryPlan | None = None,
+                 only: frozenset[int] | None = None, hooks: RunHooks = NO_HOOKS) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.ledger = ledger
@@ -157,7 +220,11 @@ class Pipeline:
         self.clock = clock
         #: Told of every item, stage, attempt and ledger batch (telemetry; nothing by default).
         self.hooks = hooks
+        self.recovery = recovery or RecoveryPlan()
+        #: Process only these items (``--retry-failed``); None: every pending item.
+        self.only = only
         self.stats = RunStats()
+        self._by_model: dict[str, StageSettings] = {settings.model: settings}
         self._writer: LedgerWriter | None = None
         self._run_id = 0
         self._spent_before = 0.0
@@ -190,6 +257,7 @@ class Pipeline:
                 self.cache.backend.attach(None)
         failures = await asyncio.to_thread(self.ledger.failures, run.id)
         flagged = await asyncio.to_thread(self.ledger.flagged, run.id)
+        quarantined = await asyncio.to_thread(self.ledger.quarantined, run.id)
         final = await asyncio.to_thread(self.ledger.summary, run.id)
         if abort is not None:
             status = RunStatus.ABORTED
@@ -199,7 +267,8 @@ class Pipeline:
             status = RunStatus.FAILED
         await asyncio.to_thread(self.ledger.set_run_status, run.id, status)
         return RunOutcome(run_id=run.id, status=status, stats=self.stats, failures=failures,
-                          abort_reason=None if abort is None else str(abort), flagged=flagged)
+                          abort_reason=None if abort is None else str(abort), flagged=flagged,
+                          quarantined=quarantined)
 
     async def _produce(self, queue: asyncio.Queue[PendingItem | None]) -> None:
         after = 0
@@ -207,12 +276,14 @@ class Pipeline:
             page = await asyncio.to_thread(self.ledger.pending_items, self._run_id, after_position=after, limit=200)
             if not page:
                 break
+            after = page[-1].item.position
+            if self.only is not None:
+                page = [p for p in page if p.id in self.only]
             if not self.force:  # the page's first-stage answers in one read, not one read per item
                 await self.cache.prefetch([build_nuance_request(p.item, self.settings).cache_key
                                            for p in page if not p.nuance_done], NUANCE)
             for pending in page:
                 await queue.put(pending)
-            after = page[-1].item.position
         for _ in range(self.concurrency):
             await queue.put(None)
 
@@ -225,7 +296,7 @@ class Pipeline:
                 self.stats.in_flight -= 1
 
     async def _process(self, pending: PendingItem) -> None:
-        with self.hooks.item(pending.item) as note:
+        with bound(item=pending.item.term), self.hooks.item(pending.item) as note:
             await self._process_item(pending, note)
 
     async def _process_item(self, pending: PendingItem, note: Note) -> None:
@@ -242,19 +313,24 @@ class Pipeline:
             if analysis is None:
                 analysis, problems = await self._stage(
                     pending, build_nuance_request(item, self.settings), lambda content: parse_nuance(content, item),
-                    lambda answer: check_analysis(answer, term=item.term, language=language))
+                    lambda answer: check_analysis(answer, term=item.term, language=language),
+                    lambda settings: build_nuance_request(item, settings))
                 flagged = bool(problems)
             stage = CARDS
             final_analysis = analysis
             _, problems = await self._stage(
                 pending, build_cards_request(item, analysis, self.settings),
                 lambda content: parse_cards(content, final_analysis),
-                lambda cards: check_cards(cards, final_analysis, term=item.term, language=language))
+                lambda cards: check_cards(cards, final_analysis, term=item.term, language=language),
+                lambda settings: build_cards_request(item, final_analysis, settings))
             self.stats.done += 1
             if flagged or problems:
                 self.stats.flagged += 1
         except _Abort:
             raise
+        except _Quarantined as quarantined:
+            self._fail(pending, stage, quarantined.error, last_answer=quarantined.last_answer)
+            note.failed(quarantined.error)
         except StructuredError as error:
             if error.aborts_run:
                 raise _Abort(error) from error
@@ -266,26 +342,60 @@ class Pipeline:
             self._fail(pending, stage, internal)
             note.failed(internal)
 
-    def _fail(self, pending: PendingItem, stage: str, error: StructuredError) -> None:
+    def _fail(self, pending: PendingItem, stage: str, error: StructuredError, *,
+              last_answer: str | None = None) -> None:
+        """Fail the item's stage; with ``last_answer``, quarantine it (its answers kept failing validation)."""
         assert self._writer is not None
         self.stats.failed += 1
-        self._writer.submit(StageFailed(pending.id, stage, error.category.value, error.code, error.message))
+        quarantined = last_answer is not None
+        with bound(stage=stage):
+            if quarantined:
+                self.stats.quarantined += 1
+                self._recovered(Strategy.QUARANTINE, "%s of %r quarantined: its answers kept failing validation "
+                                "(%s)", stage, pending.item.term, error.code)
+            else:
+                # INFO: the end of the run lists failed items; the log file keeps each with its error.
+                log.info("%s of %r failed", stage, pending.item.term, exc_info=error)
+        self._writer.submit(StageFailed(pending.id, stage, error.category.value, error.code, error.message,
+                                        quarantined=quarantined, last_answer=last_answer))
+
+    def _recovered(self, strategy: Strategy, message: str, *args: object) -> None:
+        """Count and log one application of a recovery strategy."""
+        self.stats.recoveries[strategy.value] = self.stats.recoveries.get(strategy.value, 0) + 1
+        level = logging.WARNING if strategy is Strategy.FALLBACK_MODEL else logging.INFO
+        recovery_log.log(level, f"recovery {strategy.value}: {message}", *args, extra={"strategy": strategy.value})
+
+    def _settings_for(self, model: str) -> StageSettings:
+        found = self._by_model.get(model)
+        if found is None:
+            found = self._by_model[model] = replace(self.settings, model=model)
+        return found
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The run's model, then the fallback chain."""
+        primary = self.settings.model
+        return (primary, *dict.fromkeys(m for m in self.recovery.fallback_models if m != primary))
 
     async def _stage(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
-                     check: Check[T]) -> tuple[T, list[str]]:
+                     check: Check[T], rebuild: Callable[[StageSettings], StageRequest]) -> tuple[T, list[str]]:
         """The stage's answer and the content checks it still fails (empty when it passes).
 
         A fresh answer that fails a check is re-asked once, with the problems, through the policy's re-ask
         budget (:class:`ContentCheckError` is a schema violation); the answer after that is kept as it is. A
-        cached or recorded answer is checked again but never re-asked (that would pay for it every run)."""
+        cached or recorded answer is checked again but never re-asked (that would pay for it every run).
+
+        When the run's model gives up (its retries spent, its circuit open too long) the next model of the fallback
+        chain takes the request over (``rebuild`` makes it for that model: its own cache key); an item whose
+        answers keep failing validation is quarantined."""
         with self.hooks.stage(staged.stage, pending.item) as note:
-            result, problems = await self._answer(pending, staged, parse, check, note)
+            result, problems = await self._answer(pending, staged, parse, check, rebuild, note)
             if problems:
                 note.flagged(problems)
             return result, problems
 
-    async def _answer(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
-                      check: Check[T], note: Note) -> tuple[T, list[str]]:
+    async def _answer(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T], check: Check[T],
+                      rebuild: Callable[[StageSettings], StageRequest], note: Note) -> tuple[T, list[str]]:
         writer = self._writer
         assert writer is not None
         writer.submit(StageStarted(pending.id, staged.stage))
@@ -304,34 +414,85 @@ class Pipeline:
                 return recorded
             if not self.force:
                 note.cache_miss()
-            self._check_budget()  # not even a rate-limit slot once the budget is spent
-            context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
-                                  model=self.settings.model, estimated_tokens=staged.estimated_tokens,
-                                  before_retry=self._check_budget)
-            reask = _Reask()
-            attempts = 0
+            models = self.models
+            for index, model in enumerate(models):
+                if index:
+                    staged = rebuild(self._settings_for(model))
+                    if not self.force and (cached := await self._cached(pending, staged, parse, check)) is not None:
+                        note.cache_hit("cache")
+                        return cached
+                reask = _Reask(fallback=index > 0)
+                try:
+                    return await self._ask(pending, staged, parse, check, reask)
+                except StructuredError as error:
+                    if error.aborts_run:
+                        raise
+                    if index + 1 < len(models) and self.recovery.wants(Strategy.FALLBACK_MODEL, error):
+                        self._recovered(Strategy.FALLBACK_MODEL, "%s of %r goes to %s: %s gave up (%s/%s)",
+                                        staged.stage, pending.item.term, models[index + 1], model,
+                                        error.category.value, error.code)
+                        continue
+                    if isinstance(error, INVALID_ANSWERS) and reask.last_answer is not None \
+                            and self.recovery.wants(Strategy.QUARANTINE, error):
+                        raise _Quarantined(error, reask.last_answer) from error
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
-            def checked(content: str) -> tuple[T, list[str]]:
+    async def _ask(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T], check: Check[T],
+                   reask: _Reask) -> tuple[T, list[str]]:
+        """Ask ``staged``'s model through the policy, store the answer and return it with its content problems."""
+        writer = self._writer
+        assert writer is not None
+        self._check_budget()  # not even a rate-limit slot once the budget is spent
+        model = staged.request.model
+        context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
+                              model=model, estimated_tokens=staged.estimated_tokens,
+                              before_retry=self._check_budget)
+
+        def checked(content: str) -> tuple[T, list[str]]:
+            reask.last_answer = content
+            try:
                 result = parse(content)
-                problems = check(result)
-                if problems and not reask.messages:
-                    reask.messages = (ChatMessage("assistant", content), ChatMessage("user", reask_message(problems)))
-                    raise ContentCheckError(f"{staged.stage}: the answer failed content checks: {'; '.join(problems)}",
-                                            value=result, details={"stage": staged.stage, "problems": problems})
-                return result, problems
+            except INVALID_ANSWERS as error:
+                if self.recovery.wants(Strategy.REASK_WITH_ERRORS, error):
+                    problems = validation_problems(error)
+                    reask.messages = (ChatMessage("assistant", content),
+                                      ChatMessage("user", reask_message(problems, VALIDATION_HEADING)))
+                    reask.kind = Strategy.REASK_WITH_ERRORS.value
+                    self._recovered(Strategy.REASK_WITH_ERRORS, "%s of %r: the next call quotes %d validation "
+                                    "errors: %s", staged.stage, pending.item.term, len(problems), "; ".join(problems))
+                raise
+            problems = check(result)
+            if problems and not reask.content_reasked:
+                reask.content_reasked = True
+                reask.messages = (ChatMessage("assistant", content), ChatMessage("user", reask_message(problems)))
+                reask.kind = "content_check"
+                raise ContentCheckError(f"{staged.stage}: the answer failed content checks: {'; '.join(problems)}",
+                                        value=result, details={"stage": staged.stage, "problems": problems})
+            return result, problems
 
-            async def attempt() -> tuple[tuple[T, list[str]], ChatResponse]:
-                nonlocal attempts
-                request = staged.request
-                if reask.messages:
-                    request = replace(request, messages=(*request.messages, *reask.messages))
-                attempts += 1
-                with self.hooks.attempt(context, request, attempts) as call_note:
-                    answer = await self._call(pending, staged, checked, request, call_note)
-                # What the provider counted and said about its limits, for the rate limiter.
-                context.report(ProviderAnswer(answer[1].usage.total_tokens, answer[1].headers))
-                return answer
+        async def attempt() -> tuple[tuple[T, list[str]], ChatResponse]:
+            request = staged.request
+            if reask.messages:
+                request = replace(request, messages=(*request.messages, *reask.messages))
+            if reask.max_tokens is not None:
+                request = replace(request, max_tokens=reask.max_tokens)
+            try:
+                with self.hooks.attempt(context, request, reask.attempts + 1) as call_note:
+                    answer = await self._call(pending, staged, checked, request, reask, call_note)
+            except TruncatedOutputError as error:
+                if reask.max_tokens is None and self.recovery.wants(Strategy.LARGER_BUDGET, error):
+                    reask.max_tokens = self.recovery.larger_budget(request.max_tokens)
+                    context.estimated_tokens += reask.max_tokens - request.max_tokens
+                    self._recovered(Strategy.LARGER_BUDGET, "%s of %r was cut off at max_tokens=%d; the next call "
+                                    "may use %d", staged.stage, pending.item.term, request.max_tokens,
+                                    reask.max_tokens)
+                raise
+            # What the provider counted and said about its limits, for the rate limiter.
+            context.report(ProviderAnswer(answer[1].usage.total_tokens, answer[1].headers))
+            return answer
 
+        with bound(stage=staged.stage, provider=self.settings.provider, model=model):
             response: ChatResponse | None
             try:
                 (result, problems), response = await self.policy.execute(attempt, context)
@@ -389,7 +550,7 @@ class Pipeline:
     def _cache_record(self, staged: StageRequest, value: bytes, response: ChatResponse | None = None) -> CacheRecord:
         usage = response.usage if response is not None else None
         return CacheRecord(key=staged.cache_key, cache_type=staged.stage, value=value,
-                           provider=self.settings.provider, model=self.settings.model,
+                           provider=self.settings.provider, model=staged.request.model,
                            prompt_version=staged.prompt_version,
                            tokens_in=usage.prompt_tokens if usage else 0,
                            tokens_out=usage.completion_tokens if usage else 0,
@@ -400,28 +561,39 @@ class Pipeline:
         cards = tuple(result.cards) if isinstance(result, FlashcardSet) else ()
         return StageCompleted(item_id=pending.id, stage=staged.stage, cache_key=staged.cache_key,
                               payload=result.model_dump_json(), from_cache=from_cache, run_id=self._run_id,
-                              cards=cards, flags=tuple(flags))
+                              cards=cards, flags=tuple(flags), model=staged.request.model)
 
     async def _call(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], R],
-                    request: ChatRequest | None = None, note: Note = NOTE) -> tuple[R, ChatResponse]:
-        """One provider call: send, record, validate. Raises the structured error of a failed attempt."""
+                    request: ChatRequest | None = None, reask: _Reask | None = None,
+                    note: Note = NOTE) -> tuple[R, ChatResponse]:
+        """One provider call: send, record, validate. Raises the structured error of a failed attempt.
+
+        The call gets an id, bound to the task's log context until the stage ends (so the retry policy's line about
+        this call carries it too), stored with its ``api_calls`` row and put in its error's details."""
         assert self._writer is not None
+        reask = reask or _Reask()
+        reask.attempts += 1
+        call = _CallMark(new_call_id(), reask.attempts, reask.recovery)
+        bind(call_id=call.id, attempt=call.attempt)
+        request = request or staged.request
         self.stats.requests += 1
         started = self.clock()
         response: ChatResponse | None = None
         try:
-            response = await self.client.complete(request or staged.request)
+            response = await self.client.complete(request)
             note.answered(response)
             result = parse(response.content)
         except StructuredError as error:
             self.stats.api_errors += 1
-            self._record(pending, staged, response, started, error)
+            error.details.setdefault("run_id", self._run_id)
+            error.details.setdefault("call_id", call.id)
+            self._record(pending, staged, request, response, started, error, call)
             raise
-        self._record(pending, staged, response, started, None)
+        self._record(pending, staged, request, response, started, None, call)
         return result, response
 
-    def _record(self, pending: PendingItem, staged: StageRequest, response: ChatResponse | None,
-                started: float, error: StructuredError | None) -> None:
+    def _record(self, pending: PendingItem, staged: StageRequest, request: ChatRequest, response: ChatResponse | None,
+                started: float, error: StructuredError | None, call: _CallMark) -> None:
         assert self._writer is not None
         if response is not None:
             tokens_in, tokens_out = response.usage.prompt_tokens, response.usage.completion_tokens
@@ -441,13 +613,14 @@ class Pipeline:
         self.stats.cost_usd += cost or 0.0
         self._writer.submit(CallRecorded(
             run_id=self._run_id, item_id=pending.id, stage=staged.stage, provider=self.settings.provider,
-            model=self.settings.model, cache_key=staged.cache_key, status="ok" if error is None else "error",
+            model=request.model, cache_key=staged.cache_key, status="ok" if error is None else "error",
             http_status=http_status, error_category=None if error is None else error.category.value,
             error_code=None if error is None else error.code,
             error_message=None if error is None else error.message[:500],
             tokens_in=tokens_in, tokens_out=tokens_out, cost_usd=cost,
             latency_ms=(self.clock() - started) * 1000.0,
-            response_id=response.response_id if response else None))
+            response_id=response.response_id if response else None, call_id=call.id, attempt=call.attempt,
+            recovery=call.recovery))
 
     @property
     def spent(self) -> float:

@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,6 +28,7 @@ from flashcard_pipeline.config import (
     config_files,
     rate_limit_settings,
     read_settings,
+    recovery_plan,
     retry_config,
     telemetry_settings,
 )
@@ -48,11 +49,13 @@ from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.capabilities import ModelKind
 from flashcard_pipeline.llm.client import LLMClient
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
+from flashcard_pipeline.logging_config import RunLogOptions, add_secrets, bound, run_log, run_log_directory
 from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.monitoring import progress_snapshot, publishing_progress
 from flashcard_pipeline.observers import EventTally, ProgressObserver
 from flashcard_pipeline.pipeline import Pipeline, RunOutcome, RunStats
 from flashcard_pipeline.pricing import TYPICAL_COMPLETION_TOKENS, price_for
+from flashcard_pipeline.recovery import RecoveryPlan, describe
 from flashcard_pipeline.resilience import CallPolicy, CircuitBreakerConfig, RateLimitSettings, Resilience, RetryConfig
 from flashcard_pipeline.services import check_redis
 from flashcard_pipeline.simulator import SimulatorConfig, run_simulator
@@ -129,6 +132,14 @@ class ProcessOptions:
     metrics_port: int | None = None
     #: Put prompts and answers on spans; ``None`` reads FLASHCARD_TRACE_CONTENT.
     trace_content: bool | None = None
+    #: Models that take an item over when the run's model gives up (``--fallback-model``); empty: RECOVERY_*.
+    fallback_models: tuple[str, ...] = ()
+    #: The recovery registry; ``None`` reads RECOVERY_* (with ``fallback_models``).
+    recovery: RecoveryPlan | None = None
+    #: Process only the run's failed and quarantined items (``--retry-failed``).
+    retry_failed: bool = False
+    #: The run's own log file; ``None``: none.
+    log_file: RunLogOptions | None = None
 
     @property
     def export_format(self) -> str:
@@ -187,6 +198,8 @@ class ProcessResult:
     #: Cache writes that failed this invocation (the answers are in the ledger all the same).
     cache_write_errors: int = 0
     model: str | None = None
+    #: This invocation's log file (rotated copies beside it), if one was written.
+    log_file: Path | None = None
 
     @property
     def incomplete(self) -> str | None:
@@ -195,14 +208,15 @@ class ProcessResult:
             return None
         stats = self.outcome.stats
         missing = stats.total - stats.done
+        again = ("run the same command again with --retry-failed to try the quarantined items again"
+                 if self.outcome.quarantined and missing <= len(self.outcome.quarantined)
+                 else "run the same command again to complete it")
         if self.output is None:
-            return (f"no deck written: none of the run's {stats.total} terms has cards yet; "
-                    "run the same command again to finish it")
+            return f"no deck written: none of the run's {stats.total} terms has cards yet; {again}"
         if missing <= 0:
             return None
         return (f"the deck is partial: {stats.done} of {stats.total} terms ({missing} missing: "
-                f"{stats.failed} failed, {max(0, missing - stats.failed)} not processed); "
-                "run the same command again to complete it")
+                f"{stats.failed} failed, {max(0, missing - stats.failed)} not processed); {again}")
 
 
 def file_sha256(path: Path) -> str:
@@ -319,10 +333,11 @@ async def process(options: ProcessOptions, reporter: Reporter | None = None,
     """
     reporter = reporter or SilentReporter()
     _validate(options)
+    recovery = options.recovery or recovery_plan(list(options.fallback_models))
     policy = policy or default_policy(options)
     session = telemetry if telemetry is not None else start_telemetry(options)
     try:
-        return await _process(options, reporter, policy, session)
+        return await _process(options, reporter, policy, session, recovery)
     finally:
         if session is not None and telemetry is None:
             await asyncio.to_thread(session.shutdown)  # the last export may take a network round trip
@@ -345,11 +360,12 @@ def start_telemetry(options: ProcessOptions) -> Telemetry | None:
 
 
 async def _process(options: ProcessOptions, reporter: Reporter, policy: CallPolicy,
-                   session: Telemetry | None) -> ProcessResult:
+                   session: Telemetry | None, recovery: RecoveryPlan) -> ProcessResult:
     cache_settings = read_settings(CacheSettings)  # every setting is checked before the run starts
     reader = VocabularyReader(options.input_path, encoding=options.encoding)
     reader.detect()
     provider = _provider(options, None)
+    add_secrets(provider.secrets())
     settings = _settings(options, provider)
     engine = Resilience.find(policy)
     limits = engine.ratelimit.settings if engine is not None and engine.ratelimit is not None else None
@@ -378,6 +394,9 @@ async def _process(options: ProcessOptions, reporter: Reporter, policy: CallPoli
             run = None  # --force starts afresh, but an interrupted --force run of this command resumes
         resumed = run is not None
         problems: list[RowProblem] = []
+        if run is None and options.retry_failed:
+            raise ConfigurationError("--retry-failed: this command has no run yet, so nothing failed; run it without "
+                                     "--retry-failed")
         if run is None:
             items = _selected(reader, options)
             first = await asyncio.to_thread(next, items, None)
@@ -395,17 +414,26 @@ async def _process(options: ProcessOptions, reporter: Reporter, policy: CallPoli
                 simulated=provider.name is ProviderName.SIMULATED, items=itertools.chain([first], items))
             problems = list(reader.problems)
             reporter.problems(problems)
-        to_process = await asyncio.to_thread(ledger.prepare_resume, run.id)
+        only: frozenset[int] | None = None
+        if options.retry_failed:
+            only = frozenset(await asyncio.to_thread(ledger.retry_failed, run.id))
+            to_process = len(only)
+        else:
+            to_process = await asyncio.to_thread(ledger.prepare_resume, run.id)
         reporter.started(run, resumed=resumed, to_process=to_process, database=database)
 
-        if to_process:
-            outcome, cache_stats = await _execute(options, provider, settings, ledger, run, reporter, policy,
-                                                  cache_settings, session, resumed=resumed)
-        else:  # nothing left to do: the statistics of the invocation that did the work stay as they are
-            outcome, cache_stats = await asyncio.to_thread(_finished, ledger, run), {}
+        log_options = options.log_file if to_process else None
+        if log_options is not None:
+            log_options = replace(log_options, directory=run_log_directory(log_options.directory, database))
+        with bound(run_id=run.id), run_log(log_options, run.id) as log_file:
+            if to_process:
+                outcome, cache_stats = await _execute(options, provider, settings, ledger, run, reporter, policy,
+                                                      cache_settings, recovery, only, session, resumed=resumed)
+            else:  # nothing left to do: the statistics of the invocation that did the work stay as they are
+                outcome, cache_stats = await asyncio.to_thread(_finished, ledger, run), {}
         if outcome.stats.done == 0:
             return ProcessResult(outcome=outcome, output=None, cards_written=0, problems=problems, resumed=resumed,
-                                 database=database, model=run.model)
+                                 database=database, model=run.model, log_file=log_file)
         output = options.output_path
         results = ledger.results(run.id)
         try:
@@ -420,7 +448,7 @@ async def _process(options: ProcessOptions, reporter: Reporter, policy: CallPoli
         write_errors = sum(int(m.get("write_errors", 0)) for m in cache_stats.values())
         return ProcessResult(outcome=outcome, output=output, cards_written=report.cards, problems=problems,
                              resumed=resumed, export=report, database=database, cache_write_errors=write_errors,
-                             model=run.model)
+                             model=run.model, log_file=log_file)
     finally:
         engine.dispose()
 
@@ -453,12 +481,14 @@ def _check_services(cache: CacheSettings, limits: RateLimitSettings | None) -> N
 def _finished(ledger: Ledger, run: RunRecord) -> RunOutcome:
     """The outcome of a run with nothing left to process, without touching what its working runs recorded."""
     summary = ledger.summary(run.id)
-    if run.status != RunStatus.COMPLETED:
-        ledger.set_run_status(run.id, RunStatus.COMPLETED)
-    stats = RunStats(total=summary.total, done=summary.done, already_done=summary.done,
-                     simulated=run.simulated)
-    return RunOutcome(run_id=run.id, status=RunStatus.COMPLETED, stats=stats, failures=[],
-                      flagged=ledger.flagged(run.id))
+    # Nothing left to do, but quarantined items (set aside until --retry-failed) keep the run from completing.
+    status = RunStatus.FAILED if summary.quarantined else RunStatus.COMPLETED
+    if run.status != status:
+        ledger.set_run_status(run.id, status)
+    stats = RunStats(total=summary.total, done=summary.done, already_done=summary.done, failed=summary.quarantined,
+                     quarantined=summary.quarantined, simulated=run.simulated)
+    return RunOutcome(run_id=run.id, status=status, stats=stats, failures=[],
+                      flagged=ledger.flagged(run.id), quarantined=ledger.quarantined(run.id))
 
 
 def default_policy(options: ProcessOptions) -> Resilience:
@@ -479,8 +509,8 @@ def default_policy(options: ProcessOptions) -> Resilience:
 
 async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: StageSettings, ledger: Ledger,
                    run: RunRecord, reporter: Reporter, policy: CallPolicy | None,
-                   cache_settings: CacheSettings, session: Telemetry | None = None,
-                   resumed: bool = False) -> tuple[RunOutcome, dict[str, Any]]:
+                   cache_settings: CacheSettings, recovery: RecoveryPlan, only: frozenset[int] | None,
+                   session: Telemetry | None = None, resumed: bool = False) -> tuple[RunOutcome, dict[str, Any]]:
     async with contextlib.AsyncExitStack() as stack:
         if provider.name is ProviderName.SIMULATED:
             simulator = await stack.enter_async_context(run_simulator(options.simulator))
@@ -492,7 +522,7 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
                                                                base_url=provider.base_url)
         pipeline = Pipeline(ledger=ledger, client=client, settings=settings, policy=policy, cache=cache,
                             concurrency=options.concurrency, force=options.force, max_cost=options.max_cost,
-                            hooks=hooks)
+                            recovery=recovery, only=only, hooks=hooks)
         pipeline.stats.simulated = run.simulated
         engine = Resilience.find(policy)
         tally = EventTally()
@@ -526,7 +556,10 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
                     if scope is not None:
                         scope.outcome(outcome)
         monitor = pool_monitor(ledger.engine)
-        metrics: dict[str, Any] = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None}
+        metrics: dict[str, Any] = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None,
+                                   "recovery": {"applied": dict(sorted(pipeline.stats.recoveries.items())),
+                                                "fallback_models": list(recovery.fallback_models),
+                                                "registry": describe(recovery)}}
         if engine is not None:
             metrics["resilience_events"] = tally.to_dict()
             if engine.breaker_config is not None:
@@ -543,6 +576,7 @@ def _invocation_options(options: ProcessOptions) -> dict[str, Any]:
             "format": options.export_format,
             "max_attempts": options.retry.max_attempts if options.retry else None,
             "breaker_max_wait": options.breaker.max_wait if options.breaker else None,
+            "fallback_models": list(options.fallback_models), "retry_failed": options.retry_failed,
             "config_files": [str(path) for path in config_files()]}
 
 

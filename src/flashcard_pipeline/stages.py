@@ -234,10 +234,15 @@ def _load_json(content: str, stage: str) -> Any:
                                  details={"stage": stage, "length": len(content)}) from exc
 
 
+#: Validation errors kept with a schema violation (all of them go back to the model on a re-ask, up to this many).
+MAX_SCHEMA_ERRORS = 20
+
+
 def _schema_error(stage: str, exc: PydanticValidationError) -> SchemaViolationError:
-    problems = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:3]]
+    problems = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                for e in exc.errors(include_url=False)[:MAX_SCHEMA_ERRORS]]
     more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
-    return SchemaViolationError(f"{stage}: the answer does not match the schema: {'; '.join(problems)}{more}",
+    return SchemaViolationError(f"{stage}: the answer does not match the schema: {'; '.join(problems[:3])}{more}",
                                 details={"stage": stage, "errors": problems})
 
 

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from flashcard_pipeline.runner import ProcessResult
     from flashcard_pipeline.simulator import SimulatorConfig
 
+#: ``--sim`` settings that are lists of names (comma-separated or repeated), not numbers.
+_LIST_OPTIONS = frozenset({"down_models"})
+
+
 def parse_sim_options(pairs: list[str]) -> SimulatorConfig:
     """``--sim latency=0.05 --sim server_error_rate=0.2`` -> a validated SimulatorConfig."""
     from flashcard_pipeline.simulator import SimulatorConfig
@@ -42,7 +46,9 @@ def parse_sim_options(pairs: list[str]) -> SimulatorConfig:
         if not sep or not key.strip():
             raise ConfigurationError(f"--sim expects KEY=VALUE, got {pair!r}")
         key = key.strip().replace("-", "_")
-        if "," in value:
+        if key in _LIST_OPTIONS:
+            values[key] = (*values.get(key, ()), *(v.strip() for v in value.split(",") if v.strip()))
+        elif "," in value:
             parts = [v.strip() for v in value.split(",")]
             if any("=" in part for part in parts):
                 raise ConfigurationError(f"--sim takes one KEY=VALUE each; repeat --sim for every setting "
@@ -163,10 +169,17 @@ def process_command(
     telemetry: TelemetryOption = None,
     metrics_port: MetricsPortOption = None,
     trace_content: TraceContentOption = False,
+    fallback_model: Annotated[list[str] | None, typer.Option(
+        "--fallback-model", metavar="NAME", help="A model that takes an item over when the run's model gives up "
+                                                 "(retries spent, circuit open past CB_MAX_WAIT); repeat for a chain "
+                                                 "(default: RECOVERY_FALLBACK_MODELS).")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Process only the run's failed and "
+                                                                      "quarantined items again.")] = False,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
     from flashcard_pipeline.cli.config_commands import warn_loose_key_files
     from flashcard_pipeline.cli.progress import ConsoleReporter
+    from flashcard_pipeline.config import run_log_options
     from flashcard_pipeline.runner import ProcessOptions, process
     from flashcard_pipeline.stages import parse_params
 
@@ -182,7 +195,8 @@ def process_command(
             deck_name=deck_name, subdecks=subdecks.value, audio=audio.value if audio else None, timeout=timeout,
             encoding=encoding, params=parse_params(param or []), model_kind=model_kind,
             telemetry=telemetry.value if telemetry else None, metrics_port=metrics_port,
-            trace_content=trace_content or None)
+            trace_content=trace_content or None, fallback_models=tuple(fallback_model or ()),
+            retry_failed=retry_failed, log_file=None if dry_run else run_log_options())
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
@@ -236,10 +250,22 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
                   "after a re-ask; tagged needs-review, `export --flagged` writes only them):")
         for item in outcome.flagged:
             err.print(f"  #{item.position} {item.term}: {'; '.join(item.flags)}", highlight=False, markup=False)
+    if outcome.quarantined:
+        err.print(f"[red]{len(outcome.quarantined)} items quarantined[/] (their answers kept failing validation; the "
+                  "last answer is kept in the ledger; `process --retry-failed` tries them again):")
+        for q in outcome.quarantined:
+            err.print(f"  #{q.position} {q.term}: {q.stage or '?'} {q.code}: {q.message}", highlight=False,
+                      markup=False)
+    if applied := stats.recoveries:
+        err.print("recovery: " + ", ".join(f"{name} {count}" for name, count in sorted(applied.items())),
+                  highlight=False, markup=False)
+    if result.log_file is not None:
+        err.print(f"log: {result.log_file}", highlight=False, markup=False)
     if outcome.status is RunStatus.ABORTED:
         err.print(f"[red]aborted:[/] {outcome.abort_reason}", highlight=False)
         return ExitCode.ABORTED
-    return ExitCode.FAILED_ITEMS if outcome.failures or outcome.status is not RunStatus.COMPLETED else ExitCode.OK
+    failed = outcome.failures or outcome.quarantined
+    return ExitCode.FAILED_ITEMS if failed or outcome.status is not RunStatus.COMPLETED else ExitCode.OK
 
 
 @app.command("simulate")
@@ -287,7 +313,9 @@ def main() -> None:
 from flashcard_pipeline.cli import (  # noqa: E402, F401
     breaker_commands,
     config_commands,
+    errors_commands,
     export_commands,
+    logs_commands,
     maintenance,
     monitor,
     ratelimit_commands,

@@ -77,6 +77,9 @@ def warning(message: str, console: Console | None = None) -> None:
     (console or stderr_console()).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
+#: Where the root command group keeps the whole command line (``ctx.meta``).
+ARGS_KEY = "flashcard_pipeline.args"
+
 #: click's UsageError (a bad option value, an unknown command), which newer typer vendors without a public name.
 _USAGE_ERROR: type[Exception] = typer.BadParameter.__bases__[0]
 
@@ -87,6 +90,7 @@ class OneLineErrors(TyperGroup):
     traceback or a framed box."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta[ARGS_KEY] = tuple(args)  # the root callback skips logging set-up for `COMMAND --help`
         try:
             return super().parse_args(ctx, args)
         except _USAGE_ERROR as exc:  # an unknown option before the command: `flashcard-pipeline --bogus`

@@ -47,7 +47,8 @@ def _row(run: RunRecord, summary: RunSummary, state: str, now: datetime) -> dict
             "created_at": run.created_at.isoformat(),
             "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
             "duration_s": round(_seconds(run, state, now), 1), "total": summary.total, "done": summary.done,
-            "failed": summary.failed, "pending": summary.pending, "api_calls": summary.api_calls,
+            "failed": summary.failed, "quarantined": summary.quarantined, "pending": summary.pending,
+            "api_calls": summary.api_calls,
             "api_errors": summary.api_errors, "tokens": summary.tokens_in + summary.tokens_out,
             "cost_usd": round(summary.cost_usd, 6)}
 
@@ -109,6 +110,9 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
             "cached_stages": summary.cached_stages, "errors_by_category": summary.by_error,
             "errors_by_code": ledger.errors_by_code(run.id),
             "failures": [f.__dict__ for f in ledger.failures(run.id)],
+            "quarantined_items": [{k: v for k, v in q.__dict__.items() if k != "last_answer"}
+                                  for q in ledger.quarantined(run.id)],
+            "recovery": metrics.get("recovery"),
             "cache": metrics.get("cache"), "circuit_breakers": metrics.get("circuit_breakers")})
     finally:
         ledger.engine.dispose()
@@ -125,8 +129,9 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
         rows.append(("last run", ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in options.items()
                                            if v not in (None, [], False))))
     finished = _when(run.finished_at) if state not in ("running", "starting") else None
-    rows += [("items", f"{summary.done}/{summary.total} done · {summary.failed} failed · {summary.pending} pending · "
-                       f"{summary.cached_stages} stage answers from the cache"),
+    quarantined = f" ({summary.quarantined} quarantined)" if summary.quarantined else ""
+    rows += [("items", f"{summary.done}/{summary.total} done · {summary.failed} failed{quarantined} · "
+                       f"{summary.pending} pending · {summary.cached_stages} stage answers from the cache"),
              ("calls", f"{summary.api_calls} API calls · {summary.api_errors} errors · "
                        f"{summary.tokens_in + summary.tokens_out:,} tokens"),
              ("cost", money(summary.cost_usd, simulated=run.simulated, model=run.model if run.simulated else None)),
@@ -138,6 +143,10 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
                         f"{f['message']}") for f in data["failures"][:10]]
     if len(data["failures"]) > 10:
         rows.append(("", f"… and {len(data['failures']) - 10} more (--json lists them all)"))
+    rows += [("quarantined", f"#{q['position']} {q['term']}: {q['stage'] or '?'} {q['code']}: {q['message']}")
+             for q in data["quarantined_items"][:10]]
+    if applied := (data["recovery"] or {}).get("applied"):
+        rows.append(("recovery", ", ".join(f"{name} {count}" for name, count in applied.items())))
     Console().print(label_grid(rows))
 
 

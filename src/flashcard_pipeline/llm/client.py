@@ -13,8 +13,7 @@ import logging
 import math
 import re
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -42,30 +41,14 @@ from flashcard_pipeline.headers import header_number
 from flashcard_pipeline.llm.providers import ProviderConfig
 from flashcard_pipeline.llm.transport import AiohttpTransport
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse, Usage
+from flashcard_pipeline.redaction import redact
 
 logger = logging.getLogger("flashcard_pipeline.llm")
 
 #: Enough of a body to diagnose a failure, small enough to store for every failed call.
 SNIPPET_CHARS = 500
 MESSAGE_CHARS = 240
-REDACTED = "***"
 USER_AGENT = "flashcard-pipeline"
-
-
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Replace every occurrence of each secret (bare, ``Bearer``-prefixed, JSON- or URL-escaped) with ``***``.
-
-    Applied to anything taken from a response, because providers sometimes echo the key back.
-    """
-    variants: set[str] = set()
-    for secret in secrets:
-        if not secret:
-            continue
-        escaped = json.dumps(secret)[1:-1]
-        variants.update({secret, escaped, escaped.replace("/", "\\/"), urllib.parse.quote(secret, safe="")})
-    for variant in sorted(variants, key=len, reverse=True):
-        text = text.replace(f"Bearer {variant}", REDACTED).replace(variant, REDACTED)
-    return text
 
 
 _WIDE_CHARS = re.compile(

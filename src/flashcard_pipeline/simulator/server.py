@@ -146,6 +146,13 @@ class SimulatorConfig(BaseModel):
     retry_after_seconds: int = Field(default=1, ge=1, description="Retry-After of injected 429s")
     rate_limit_headers: bool = Field(
         default=True, description="send x-ratelimit-{limit,remaining,reset}-{requests,tokens} for configured limits")
+    down_models: tuple[str, ...] = Field(
+        default=(), description="models in a full outage: every chat request for one is answered 503 (others "
+                                "answer as configured), to try fallback models; comma list")
+    heeds_feedback: bool = Field(
+        default=False, description="a re-ask that sends the rejected answer back with a message about it is "
+                                   "answered without an injected invalid-JSON or schema fault, as a model that reads "
+                                   "the errors would (a blind re-ask of the same question is not)")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -285,6 +292,8 @@ class _Chat:
     answer: dict[str, Any] | None
     prompt_tokens: int
     max_tokens: int | None
+    #: The request carries an earlier answer and a user message after it: a re-ask with feedback.
+    feedback: bool = False
 
     @property
     def content(self) -> str:
@@ -546,8 +555,14 @@ class Simulator:
                                         code="rate_limit_exceeded", metadata={"headers": headers}),
                                headers=headers)
 
+        if chat.model in self.config.down_models:
+            stats.outcomes[Outcome.SERVER_ERROR] += 1
+            return self._reply(_Failure(503, f"Simulated outage: {chat.model} is down.", metadata={
+                "provider_name": _UPSTREAM, "raw": "model unavailable"}))
         rng = self._request_rng(chat)
         fault = self._pick_fault(rng)
+        if chat.feedback and self.config.heeds_feedback and fault in (Outcome.MALFORMED_JSON, Outcome.SCHEMA_INVALID):
+            fault = None
         low, high = self.config.latency_range
         delay = rng.uniform(low, high) if high > low else low
         if fault is Outcome.HANG:
@@ -619,8 +634,10 @@ class Simulator:
                 detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
                 raise _BadRequest(f"invalid <input> for {stage.value}: {detail}", param="messages") from exc
             answer = result.model_dump(mode="json")
+        roles = [m.role for m in body.messages]
+        feedback = "assistant" in roles and roles[-1] == "user" and roles.index("assistant") < len(roles) - 1
         return _Chat(model=body.model, stage=stage, term=term, answer=answer, prompt_tokens=prompt_tokens,
-                     max_tokens=body.max_completion_tokens or body.max_tokens)
+                     max_tokens=body.max_completion_tokens or body.max_tokens, feedback=feedback)
 
     def _request_rng(self, chat: _Chat) -> random.Random:
         """An RNG per (stage, term, attempt): faults repeat run to run whatever the request order."""
@@ -703,14 +720,16 @@ def _per_token(per_million: float) -> str:
 
 
 def _input_block(messages: list[_Message]) -> Any:
-    """The JSON between ``<input>`` and ``</input>`` in the last user message."""
-    user = next((m for m in reversed(messages) if m.role == "user"), None)
-    if user is None:
+    """The JSON between ``<input>`` and ``</input>`` in the last user message that has one (a re-ask appends the
+    rejected answer and a user message about it after the question)."""
+    users = [m for m in messages if m.role == "user"]
+    if not users:
         raise _BadRequest("no user message", param="messages")
+    user = next((m for m in reversed(users) if "<input>" in m.text), users[-1])
     text = user.text
     start, end = text.find("<input>"), text.rfind("</input>")
     if start < 0 or end < start:
-        raise _BadRequest("the last user message has no <input>...</input> block", param="messages")
+        raise _BadRequest("no user message has an <input>...</input> block", param="messages")
     try:
         return json.loads(text[start + len("<input>"): end])
     except json.JSONDecodeError as exc:

@@ -12,7 +12,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
-from flashcard_pipeline.config import DatabaseSettings, GeneralSettings, read_settings, setting_location
+from flashcard_pipeline.config import (
+    DatabaseSettings,
+    GeneralSettings,
+    data_directory,
+    read_settings,
+    setting_location,
+)
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.storage.pool_monitor import MonitoredQueuePool, PoolMonitor
 
@@ -24,9 +30,7 @@ def default_database_path(env: dict[str, str] | None = None) -> Path:
 
     One file per user, so the cache of paid answers serves every project of that user.
     """
-    env = dict(os.environ) if env is None else env
-    base = Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "flashcard-pipeline" / "flashcards.db"
+    return data_directory(env) / "flashcards.db"
 
 
 #: What a bare SQLite file name ends with; anything else that is not an existing file is taken for a typo.

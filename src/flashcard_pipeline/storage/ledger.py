@@ -52,6 +52,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _IN_CHUNK = 500
 STAGES = (NUANCE, CARDS)
 _INGEST_BATCH = 500
+#: How much of a quarantined item's last answer is kept.
+LAST_ANSWER_CHARS = 20_000
+#: Items that are not set aside: what a resume and the producer consider.
+_NOT_QUARANTINED = (Item.nuance_state != StageState.QUARANTINED) & (Item.cards_state != StageState.QUARANTINED)
 
 
 # --- write operations -------------------------------------------------------------------------
@@ -74,6 +78,8 @@ class StageCompleted:
     cards: tuple[Flashcard, ...] = ()
     #: Content checks the answer still fails (kept for review); empty when it passes.
     flags: tuple[str, ...] = ()
+    #: The model that answered (a fallback's name when one took over); None: unknown.
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ class StageFailed:
     category: str
     code: str
     message: str
+    #: Set the item aside (its answers kept failing validation) instead of failing it; ``last_answer`` is kept.
+    quarantined: bool = False
+    last_answer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,9 @@ class CallRecorded:
     cost_usd: float | None = None
     latency_ms: float = 0.0
     response_id: str | None = None
+    call_id: str | None = None
+    attempt: int | None = None
+    recovery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,18 @@ class FailedItem:
 
 
 @dataclass(frozen=True)
+class QuarantinedItem:
+    """An item set aside because its answers kept failing validation, with the last of them."""
+
+    position: int
+    term: str
+    stage: str | None
+    code: str | None
+    message: str | None
+    last_answer: str | None
+
+
+@dataclass(frozen=True)
 class FlaggedItem:
     """An item kept with answers that failed a content check after the re-ask: ``stage: problem`` lines."""
 
@@ -202,8 +226,10 @@ def _flags(stage: str, raw: str | None) -> list[str]:
 class RunSummary:
     total: int = 0
     done: int = 0
+    #: Failed items, quarantined ones included.
     failed: int = 0
     pending: int = 0
+    quarantined: int = 0
     api_calls: int = 0
     api_errors: int = 0
     tokens_in: int = 0
@@ -217,6 +243,9 @@ def _count_items(summary: RunSummary, nuance: str, cards: str, count: int) -> No
     summary.total += count
     if cards == StageState.DONE:
         summary.done += count
+    elif StageState.QUARANTINED in (nuance, cards):
+        summary.failed += count
+        summary.quarantined += count
     elif StageState.FAILED in (nuance, cards):
         summary.failed += count
     else:
@@ -302,7 +331,8 @@ class Ledger:
             return None if raw is None else json.loads(raw)
 
     def prepare_resume(self, run_id: int) -> int:
-        """Return interrupted and failed stages to pending; answers already stored are kept.
+        """Return interrupted and failed stages to pending; answers already stored are kept, quarantined items
+        stay aside (:meth:`retry_failed` takes them back).
 
         Returns how many items will be processed again.
         """
@@ -311,10 +341,29 @@ class Ledger:
                 session.execute(update(Item).where(Item.run_id == run_id,
                                                    state_col.in_([StageState.IN_FLIGHT, StageState.FAILED]))
                                 .values({state_col: StageState.PENDING}))
-            session.execute(update(Item).where(Item.run_id == run_id, Item.cards_state != StageState.DONE)
+            session.execute(update(Item).where(Item.run_id == run_id, Item.cards_state != StageState.DONE,
+                                               _NOT_QUARANTINED)
                             .values(error_stage=None, error_category=None, error_code=None, error_message=None))
             return session.scalar(select(func.count()).select_from(Item).where(
-                Item.run_id == run_id, Item.cards_state != StageState.DONE)) or 0
+                Item.run_id == run_id, Item.cards_state != StageState.DONE, _NOT_QUARANTINED)) or 0
+
+    def retry_failed(self, run_id: int) -> list[int]:
+        """Return the failed and quarantined stages of the run to pending (``process --retry-failed``); the ids of
+        those items, the only ones that run processes."""
+        again = [StageState.FAILED, StageState.QUARANTINED]
+        with Session(self.engine) as session, session.begin():
+            ids = list(session.scalars(select(Item.id).where(
+                Item.run_id == run_id, Item.nuance_state.in_(again) | Item.cards_state.in_(again))
+                .order_by(Item.position)))
+            for state_col in (Item.nuance_state, Item.cards_state):
+                session.execute(update(Item).where(Item.run_id == run_id, state_col.in_(again))
+                                .values({state_col: StageState.PENDING}))
+            if ids:
+                for start in range(0, len(ids), _IN_CHUNK):
+                    session.execute(update(Item).where(Item.id.in_(ids[start:start + _IN_CHUNK])).values(
+                        error_stage=None, error_category=None, error_code=None, error_message=None,
+                        last_answer=None))
+            return ids
 
     # items ------------------------------------------------------------------------------------
 
@@ -322,7 +371,7 @@ class Ledger:
         with Session(self.engine) as session:
             rows = session.scalars(
                 select(Item).where(Item.run_id == run_id, Item.position > after_position,
-                                   Item.cards_state != StageState.DONE)
+                                   Item.cards_state != StageState.DONE, _NOT_QUARANTINED)
                 .order_by(Item.position).limit(limit)).all()
             return [PendingItem(id=r.id, item=_item_to_model(r), nuance_done=r.nuance_state == StageState.DONE)
                     for r in rows]
@@ -368,14 +417,21 @@ class Ledger:
                                      flags=_flags(NUANCE, flags) + _flags(CARDS, card_flags.get(item.id)))
                 after = rows[-1][0].position
 
-    def failures(self, run_id: int) -> list[FailedItem]:
+    def _items_in(self, run_id: int, state: StageState) -> list[Item]:
+        """The run's items with a stage in ``state``, in input order."""
         with Session(self.engine) as session:
-            rows = session.scalars(select(Item).where(
-                Item.run_id == run_id,
-                (Item.nuance_state == StageState.FAILED) | (Item.cards_state == StageState.FAILED))
-                .order_by(Item.position)).all()
-            return [FailedItem(r.position, r.term, r.error_stage, r.error_category, r.error_code, r.error_message)
-                    for r in rows]
+            return list(session.scalars(select(Item).where(
+                Item.run_id == run_id, (Item.nuance_state == state) | (Item.cards_state == state))
+                .order_by(Item.position)))
+
+    def failures(self, run_id: int) -> list[FailedItem]:
+        return [FailedItem(r.position, r.term, r.error_stage, r.error_category, r.error_code, r.error_message)
+                for r in self._items_in(run_id, StageState.FAILED)]
+
+    def quarantined(self, run_id: int) -> list[QuarantinedItem]:
+        """The run's quarantined items, in input order, with their last answers."""
+        return [QuarantinedItem(r.position, r.term, r.error_stage, r.error_code, r.error_message, r.last_answer)
+                for r in self._items_in(run_id, StageState.QUARANTINED)]
 
     def flagged(self, run_id: int) -> list[FlaggedItem]:
         """The run's items whose stored answers failed content checks, in input order."""
@@ -569,9 +625,12 @@ class Ledger:
             for failed in _by_stage(groups.get(StageFailed, ())):
                 state, _ = _stage_columns(failed[0].stage)
                 session.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(
-                    {state.key: StageState.FAILED, "error_stage": failed[0].stage, "error_category": bindparam("b_cat"),
-                     "error_code": bindparam("b_code"), "error_message": bindparam("b_msg"), "updated_at": now}),
-                    [{"b_id": op.item_id, "b_cat": op.category, "b_code": op.code, "b_msg": op.message[:2000]}
+                    {state.key: bindparam("b_state"), "error_stage": failed[0].stage,
+                     "error_category": bindparam("b_cat"), "error_code": bindparam("b_code"),
+                     "error_message": bindparam("b_msg"), "last_answer": bindparam("b_answer"), "updated_at": now}),
+                    [{"b_id": op.item_id, "b_cat": op.category, "b_code": op.code, "b_msg": op.message[:2000],
+                      "b_state": StageState.QUARANTINED if op.quarantined else StageState.FAILED,
+                      "b_answer": op.last_answer[:LAST_ANSWER_CHARS] if op.last_answer is not None else None}
                      for op in failed])
             if hits:
                 entries = CacheEntry.__table__
@@ -597,7 +656,7 @@ class Ledger:
     def _complete_stages(session: Session, dialect: str, ops: list[StageCompleted], now: datetime) -> None:
         results = {(op.item_id, op.stage): {
             "item_id": op.item_id, "stage": op.stage, "cache_key": op.cache_key, "payload": op.payload,
-            "from_cache": op.from_cache, "created_at": now,
+            "from_cache": op.from_cache, "created_at": now, "model": op.model,
             "flags": json.dumps(list(op.flags), ensure_ascii=False) if op.flags else None} for op in ops}
         _upsert_many(session, dialect, StageResult.__table__, list(results.values()), ("item_id", "stage"))
         carded = {op.item_id: op for op in ops if op.stage == CARDS}  # the last answer of an item wins
@@ -613,7 +672,8 @@ class Ledger:
             state, _ = _stage_columns(done[0].stage)
             values: dict[str, Any] = {state.key: StageState.DONE, "updated_at": now}
             if done[0].stage == CARDS:
-                values.update(error_stage=None, error_category=None, error_code=None, error_message=None)
+                values.update(error_stage=None, error_category=None, error_code=None, error_message=None,
+                              last_answer=None)
             session.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(values),
                             [{"b_id": item_id} for item_id in dict.fromkeys(op.item_id for op in done)])
 

@@ -41,6 +41,9 @@ class StageState(StrEnum):
     IN_FLIGHT = "in_flight"
     DONE = "done"
     FAILED = "failed"
+    #: Set aside: its answers kept failing validation (the last one is in ``items.last_answer``); only
+    #: ``process --retry-failed`` tries it again.
+    QUARANTINED = "quarantined"
 
 
 class Run(Base):
@@ -86,6 +89,8 @@ class Item(Base):
     error_category: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The last (invalid) answer of a quarantined item, as the model sent it (bounded).
+    last_answer: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
@@ -104,6 +109,8 @@ class StageResult(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: JSON list of the content checks the answer failed after its re-ask (kept for review); NULL when it passed.
     flags: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The model that answered (a fallback model's name when one took the item over); NULL before migration 0004.
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Card(Base):
@@ -144,6 +151,12 @@ class ApiCall(Base):
     cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     response_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    #: The attempt's id, also in its log lines and its error (``details.call_id``).
+    call_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    #: 1 for a request's first call, 2 for its first retry or re-ask, ...
+    attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: The recovery strategy that shaped this call (reask_with_errors, larger_budget, fallback_model), if any.
+    recovery: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
