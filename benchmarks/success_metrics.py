@@ -99,11 +99,13 @@ class Measured:
 
 
 @contextlib.asynccontextmanager
-async def outage_during(sim: Simulator, workload: Workload, start: float, measured: Measured) -> AsyncIterator[None]:
-    """Turn the provider off for ``workload.outage`` seconds from ``start`` seconds on, counting what arrives."""
+async def outage_during(sim: Simulator, workload: Workload, after: int, measured: Measured) -> AsyncIterator[None]:
+    """Turn the provider off for ``workload.outage`` seconds once ``after`` requests have arrived, counting what
+    arrives meanwhile: both sides meet the outage at the same point of their work, whatever their pace."""
 
     async def schedule() -> None:
-        await asyncio.sleep(start)
+        while sim.stats().total < after:  # noqa: ASYNC110 - the simulator counts, it does not signal
+            await asyncio.sleep(0.05)
         before = sim.stats().total
         sim.config = workload.provider(outage=True)
         await asyncio.sleep(workload.outage)
@@ -285,9 +287,9 @@ def _opened(engine: Any) -> int:
                    or 0)
 
 
-def _outage_start(workload: Workload) -> float:
-    """A third of the way into the first run, as the limit paces it."""
-    return (2 * workload.words / (workload.requests_per_minute / 60)) / 3
+def _outage_start(workload: Workload) -> int:
+    """A third of the way into the first run: after a third of its two calls per word have arrived."""
+    return max(1, 2 * workload.words // 3)
 
 
 # -- the table ----------------------------------------------------------------------------------------------
@@ -346,7 +348,7 @@ def run(argv: list[str] | None = None) -> list[tuple[str, str, str, str, str]]:
     parser.add_argument("--words", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--outage", type=float, default=30.0, help="seconds the provider is down")
-    parser.add_argument("--rpm", type=int, default=1200, help="the provider's rolling-window requests limit")
+    parser.add_argument("--rpm", type=int, default=600, help="the provider's rolling-window requests limit")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
