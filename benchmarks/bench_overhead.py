@@ -4,7 +4,8 @@
 
 A zero-latency simulator runs in its own process, so neither side pays for the server's CPU. Each run is a
 subprocess that reports the wall and CPU time (user + system) of its work, after its imports: interpreter start-up
-is the same few hundred milliseconds whatever the list's length and is measured by bench_startup.py instead.
+is the same few hundred milliseconds whatever the list's length and is measured by bench_startup.py instead, and
+the content checks' analyser and Hanja table (about 1.3 s of CPU, once per process) are loaded before the clock.
 
 - `process`: the runner's `process()` (what `flashcard-pipeline process LIST --provider openai-compatible
   --base-url SIM --rpm 1000000` does, export included) on a fresh SQLite database, so every stage answer is a paid
