@@ -52,6 +52,20 @@ def test_codec_round_trips_and_the_dictionary_beats_plain_zlib(payload: bytes) -
     assert len(stored) < len(plain_stored) < len(payload)
 
 
+def test_codec_bytes_are_a_fresh_dictionary_compressor_s() -> None:
+    """Values compress with copies of one primed compressor: the stored bytes are what a compressor made for each
+    value writes, call after call (entries written before stay byte-identical)."""
+    import zlib
+
+    from flashcard_pipeline.cache.codec import DICTIONARY_NAME, _dictionary
+
+    for level in (1, 6, 9):
+        for payload in (ANSWER, CARDS, ANSWER):
+            fresh = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY,
+                                     _dictionary(DICTIONARY_NAME))
+            assert Codec(level=level).encode(payload) == (ZLIB_DICT, fresh.compress(payload) + fresh.flush())
+
+
 def test_codec_leaves_small_values_and_disabled_compression_alone() -> None:
     assert Codec(min_bytes=1024).encode(b"x" * 1000) == (IDENTITY, b"x" * 1000)
     assert Codec(enabled=False).encode(ANSWER) == (IDENTITY, ANSWER)

@@ -98,3 +98,72 @@ def test_only_an_https_provider_loads_certificates() -> None:
     secure_ctx = secure._http._transport.ssl_context
     assert plain_ctx.verify_mode == ssl.CERT_NONE
     assert secure_ctx.verify_mode == ssl.CERT_REQUIRED and secure_ctx.cert_store_stats()["x509_ca"] > 0
+
+
+async def capturing_server(answer: bytes) -> tuple[asyncio.Server, str, list[bytes]]:
+    """A server that keeps each raw request (head and body) and answers ``answer``."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:  # a kept-alive connection carries the next request
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            seen.append(head + await reader.readexactly(length))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(answer)).encode() + b"\r\n\r\n" + answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", seen
+
+
+ANSWER = (b'{"id": "r1", "model": "m", "choices": [{"message": {"content": "\xed\x95\x99"}, "finish_reason": "stop"}],'
+          b' "usage": {"prompt_tokens": 3, "completion_tokens": 1}}')
+SCHEMA_REQUEST = ChatRequest(model="m", messages=(ChatMessage("user", "학교"),),
+                             response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": True}})
+
+
+async def test_the_owned_client_posts_what_httpx_would_send() -> None:
+    """Owned clients post straight through the transport; the wire request is httpx's: its default headers merged
+    with ours, the body byte for byte as ``json=`` encodes it (the response format serialised once)."""
+    server, url, seen = await capturing_server(ANSWER)
+    async with server:
+        provider = resolve_provider(ProviderName.OPENAI_COMPATIBLE, base_url=url, api_key="sk-test", env={})
+        async with LLMClient(provider) as client:
+            assert client._direct is not None
+            for _ in range(2):  # the second call uses the format's cached JSON
+                answer = await client.complete(SCHEMA_REQUEST)
+                assert answer.content == "학" and answer.usage.total_tokens == 4 and answer.status_code == 200
+    expected_body = httpx.Request("POST", url, json=SCHEMA_REQUEST.to_body()).content
+    for raw in seen:
+        head, body = raw.split(b"\r\n\r\n", 1)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.decode().partition(":")
+                                                                for line in head.split(b"\r\n")[1:])}
+        assert head.startswith(b"POST /v1/chat/completions HTTP/1.1")
+        assert body == expected_body
+        assert headers["content-type"] == "application/json" and headers["authorization"] == "Bearer sk-test"
+        assert headers["accept"] == "application/json" and headers["user-agent"] == "flashcard-pipeline"
+        assert headers["accept-encoding"] == httpx.AsyncClient().headers["accept-encoding"]
+
+
+async def test_an_injected_client_gets_the_same_body() -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, content=ANSWER, headers={"content-type": "application/json"})
+
+    provider = resolve_provider(ProviderName.OPENAI_COMPATIBLE, base_url="http://x.invalid/v1", env={})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        client = LLMClient(provider, http=http)
+        assert client._direct is None
+        await client.complete(SCHEMA_REQUEST)
+        await client.complete(SCHEMA_REQUEST)
+    expected = httpx.Request("POST", "http://x.invalid", json=SCHEMA_REQUEST.to_body())
+    assert [r.content for r in sent] == [expected.content] * 2
+    assert all(r.headers["content-type"] == "application/json" for r in sent)

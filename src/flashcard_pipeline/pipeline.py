@@ -502,8 +502,9 @@ class Pipeline:
                 log.warning("%s of %r still fails content checks, kept for review: %s", staged.stage,
                             pending.item.term, "; ".join(problems))
             # The ledger gets the answer first; the cache copy is best effort (a failed write is counted).
-            writer.submit(self._completed(pending, staged, result, False, problems))
-            await self.cache.put(self._cache_record(staged, result.model_dump_json().encode("utf-8"), response))
+            payload = result.model_dump_json()  # one serialisation for the ledger and the cache
+            writer.submit(self._completed(pending, staged, result, False, problems, payload))
+            await self.cache.put(self._cache_record(staged, payload.encode("utf-8"), response))
         return result, problems
 
     async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
@@ -557,10 +558,11 @@ class Pipeline:
                            cost_usd=usage.cost_usd if usage else None)
 
     def _completed(self, pending: PendingItem, staged: StageRequest, result: BaseModel,
-                   from_cache: bool, flags: list[str]) -> StageCompleted:
+                   from_cache: bool, flags: list[str], payload: str | None = None) -> StageCompleted:
         cards = tuple(result.cards) if isinstance(result, FlashcardSet) else ()
         return StageCompleted(item_id=pending.id, stage=staged.stage, cache_key=staged.cache_key,
-                              payload=result.model_dump_json(), from_cache=from_cache, run_id=self._run_id,
+                              payload=payload if payload is not None else result.model_dump_json(),
+                              from_cache=from_cache, run_id=self._run_id,
                               cards=cards, flags=tuple(flags), model=staged.request.model)
 
     async def _call(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], R],

@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self
 
+import aiohttp
 import httpx
 
 from flashcard_pipeline.errors import (
@@ -230,6 +231,25 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _dumps(value: Any) -> str:
+    """JSON as httpx's ``json=`` writes it."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _direct_post(http: httpx.AsyncClient, transport: AiohttpTransport, url: str, headers: Mapping[str, str],
+                 timeout: httpx.Timeout) -> tuple[AiohttpTransport, dict[str, str], aiohttp.ClientTimeout] | None:
+    """What posting straight through our own transport needs: the headers httpx's client would merge (its defaults,
+    ours, the body's type) and the timeouts as the transport maps them. None when httpx would route the URL
+    elsewhere (a proxy from the environment): then the call goes through httpx's client."""
+    if http._transport_for_url(httpx.URL(url)) is not transport:
+        return None
+    merged = http.headers.copy()
+    merged.update(headers)
+    merged["Content-Type"] = "application/json"
+    return transport, dict(merged.items()), aiohttp.ClientTimeout(sock_connect=timeout.connect,
+                                                                   sock_read=timeout.read, connect=timeout.pool)
+
+
 class LLMClient:
     """One provider, one pooled HTTP client, one call per :meth:`complete`.
 
@@ -251,24 +271,26 @@ class LLMClient:
         self._clock = clock
         self._wall_clock = wall_clock
         self._owns_http = http is None
+        timeout = httpx.Timeout(connect=provider.connect_timeout, read=provider.read_timeout,
+                                write=provider.write_timeout, pool=provider.pool_timeout)
+        # Loading the CA bundle costs tens of milliseconds; a plain-HTTP provider (a local server, the simulator)
+        # never needs it.
+        transport = AiohttpTransport(limits=httpx.Limits(max_connections=max_connections,
+                                                         max_keepalive_connections=max_connections),
+                                     verify=provider.base_url.startswith("https://"))
         self._http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=provider.connect_timeout,
-                read=provider.read_timeout,
-                write=provider.write_timeout,
-                pool=provider.pool_timeout,
-            ),
+            timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            # Loading the CA bundle costs tens of milliseconds; a plain-HTTP provider (a local server, the
-            # simulator) never needs it.
-            transport=AiohttpTransport(limits=httpx.Limits(max_connections=max_connections,
-                                                           max_keepalive_connections=max_connections),
-                                       verify=provider.base_url.startswith("https://")),
+            transport=transport,
         )
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT, **provider.extra_headers}
         if provider.api_key is not None:
             headers["Authorization"] = f"Bearer {provider.api_key.get_secret_value()}"
         self._headers = headers
+        self._direct = _direct_post(self._http, transport, provider.chat_completions_url, headers, timeout) \
+            if http is None else None
+        #: The JSON of each response format seen (one per stage), kept with the dict it was made from.
+        self._format_json: dict[int, tuple[Any, str]] = {}
 
     def __repr__(self) -> str:
         return f"LLMClient(provider={self._provider.name.value!r}, base_url={self._provider.base_url!r})"
@@ -328,10 +350,26 @@ class LLMClient:
         )
         return result
 
+    def _encode(self, body: dict[str, Any]) -> bytes:
+        """``body`` as httpx's ``json=`` encodes it, byte for byte; the response format (the stage's schema, most
+        of a request's structure and shared by every request of a stage) is serialised once, not per call."""
+        fmt = body.get("response_format")
+        if fmt is None or next(reversed(body)) != "response_format":
+            return _dumps(body).encode("utf-8")
+        known = self._format_json.get(id(fmt))
+        if known is None or known[0] is not fmt:
+            known = self._format_json[id(fmt)] = (fmt, _dumps(fmt))
+        head = _dumps({k: v for k, v in body.items() if k != "response_format"})
+        return f'{head[:-1]},"response_format":{known[1]}}}'.encode()
+
     async def _post(self, body: dict[str, Any], request: ChatRequest) -> httpx.Response:
         url = self._provider.chat_completions_url
         try:
-            return await self._http.post(url, json=body, headers=self._headers)
+            if self._direct is not None:
+                transport, headers, timeout = self._direct
+                return await transport.post(url, self._encode(body), headers, timeout)
+            return await self._http.post(url, content=self._encode(body),
+                                         headers={**self._headers, "Content-Type": "application/json"})
         except httpx.TimeoutException as exc:
             code = next((c for kind, c in _TIMEOUT_CODES if isinstance(exc, kind)), "timeout")
             raise RequestTimeoutError(
