@@ -77,10 +77,12 @@ class WorkerRecord:
 
 @dataclass(frozen=True)
 class OpenItems:
-    """A run's open items: how many, and how many of them no live lease holds (``claimable``)."""
+    """A run's open items: how many, how many of them no live lease holds (``claimable``), and how many the asking
+    worker holds (``mine``)."""
 
     open: int
     claimable: int
+    mine: int = 0
 
 
 class LeaseStore:
@@ -135,12 +137,13 @@ class LeaseStore:
                 items_failed=items_failed, in_flight=0))
             return int(released or 0)
 
-    def open_items(self, run_id: int, now: datetime) -> OpenItems:
+    def open_items(self, run_id: int, now: datetime, worker_id: int | None = None) -> OpenItems:
         with Session(self.engine) as session:
-            total, claimable = session.execute(
-                select(func.count(), func.count().filter(_free(now)))  # type: ignore[no-untyped-call]
+            total, claimable, mine = session.execute(
+                select(func.count(), func.count().filter(_free(now)),  # type: ignore[no-untyped-call]
+                       func.count().filter(Item.lease_owner == worker_id))  # type: ignore[no-untyped-call]
                 .select_from(Item).where(Item.run_id == run_id, _OPEN)).one()
-        return OpenItems(open=int(total), claimable=int(claimable))
+        return OpenItems(open=int(total), claimable=int(claimable), mine=int(mine))
 
     def workers(self, run_id: int) -> list[WorkerRecord]:
         """The run's workers, oldest first."""
