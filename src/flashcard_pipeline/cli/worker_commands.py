@@ -58,18 +58,26 @@ def worker_command(
     the ledger, a killed worker's items are taken over when its lease expires, and the provider's limits are
     shared through Redis (RL_BACKEND=redis). Exits when the run has no item left: 0 completed, 1 failed items,
     3 aborted."""
-    from flashcard_pipeline.cli.app import _breaker_config, _retry_config, _run_async
+    import asyncio
+
+    from flashcard_pipeline.config import breaker_config, retry_config
     from flashcard_pipeline.storage.schema import RunStatus
     from flashcard_pipeline.worker import WorkerOptions, run_worker
 
     err = stderr_console()
     try:
-        options = WorkerOptions(run_id=run, db_url=db, concurrency=concurrency, base_url=base_url, api_key=api_key,
-                                timeout=timeout, rpm=rpm, tpm=tpm, retry=_retry_config(max_attempts),
-                                breaker=_breaker_config(breaker_max_wait), max_cost=max_cost,
-                                fallback_models=tuple(fallback_model or ()), model_kind=model_kind,
-                                lease_seconds=lease)
-        result = _run_async(run_worker(options))
+        options = WorkerOptions(
+            run_id=run, db_url=db, concurrency=concurrency, base_url=base_url, api_key=api_key, timeout=timeout,
+            rpm=rpm, tpm=tpm, max_cost=max_cost, fallback_models=tuple(fallback_model or ()),
+            model_kind=model_kind, lease_seconds=lease,
+            retry=None if max_attempts is None else retry_config().model_copy(update={"max_attempts": max_attempts}),
+            breaker=None if breaker_max_wait is None else breaker_config().model_copy(
+                update={"max_wait": breaker_max_wait}))
+        try:
+            result = asyncio.run(run_worker(options))
+        except KeyboardInterrupt:  # the items it held went back to the run (released, not left to expire)
+            raise fail("interrupted; the run's other workers go on, and its items wait for them or the next "
+                       "worker", ExitCode.INTERRUPTED) from None
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     except StructuredError as exc:
