@@ -59,6 +59,7 @@ def worker_command(
     shared through Redis (RL_BACKEND=redis). Exits when the run has no item left: 0 completed, 1 failed items,
     3 aborted."""
     import asyncio
+    import signal
 
     from flashcard_pipeline.config import breaker_config, retry_config
     from flashcard_pipeline.storage.schema import RunStatus
@@ -73,6 +74,8 @@ def worker_command(
             retry=None if max_attempts is None else retry_config().model_copy(update={"max_attempts": max_attempts}),
             breaker=None if breaker_max_wait is None else breaker_config().model_copy(
                 update={"max_wait": breaker_max_wait}))
+        # SIGTERM (Kubernetes, systemd, docker stop) as Ctrl-C: the worker gives its items back before it exits.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             result = asyncio.run(run_worker(options))
         except KeyboardInterrupt:  # the items it held went back to the run (released, not left to expire)
