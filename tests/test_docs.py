@@ -23,10 +23,11 @@ from flashcard_pipeline.errors import ErrorCategory, StructuredError
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
-#: `# needs: api-key` (a real provider), `anki` (a running Anki), `network` (the package index), `minutes` (a
-#: benchmark or the test suite): such a line is not run; its program's `--help` must list every option it uses.
+#: `# needs: api-key` (a real provider), `anki` (a running Anki), `network` (the package index), `postgres` (a
+#: PostgreSQL server and Redis), `minutes` (a benchmark or the test suite): such a line is not run; its program's
+#: `--help` must list every option it uses.
 NEEDS = re.compile(r"#\s*needs:\s*([\w-]+)")
-KNOWN_NEEDS = {"api-key", "anki", "network", "minutes"}
+KNOWN_NEEDS = {"api-key", "anki", "network", "minutes", "postgres"}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -438,6 +438,32 @@ def run_log_options() -> RunLogOptions | None:
                          backups=settings.backups, secrets=_secrets())
 
 
+class WorkerSettings(FileSettings):
+    """WORKER_LEASE_SECONDS, WORKER_HEARTBEAT_INTERVAL, WORKER_POLL_INTERVAL: how `worker` processes share a run."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore", frozen=True)
+    config_section: ClassVar[str] = "worker"
+
+    lease_seconds: float = Field(
+        default=60.0, ge=1.0, le=3600.0, description="seconds a worker holds the items it took without a heartbeat; "
+                                                      "a dead worker's items go to the others this long after its "
+                                                      "last heartbeat (worker --lease wins)")
+    heartbeat_interval: float = Field(
+        default=10.0, gt=0.0, le=600.0, description="seconds between two heartbeats of a worker (renewing its "
+                                                    "leases); keep it well under the lease")
+    poll_interval: float = Field(
+        default=2.0, gt=0.0, le=600.0, description="seconds an idle worker waits before it looks again for items "
+                                                   "to take (others hold the rest, or their leases have not "
+                                                   "expired yet)")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> WorkerSettings:
+        if self.heartbeat_interval >= self.lease_seconds:
+            raise ValueError(f"WORKER_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g}) must be shorter than "
+                             f"WORKER_LEASE_SECONDS ({self.lease_seconds:g}), or live workers lose their items")
+        return self
+
+
 def _secrets() -> tuple[str, ...]:
     keys = read_settings(KeySettings)
     return tuple(s.get_secret_value() for s in (keys.openrouter_api_key, keys.openai_api_key) if s is not None)
@@ -446,7 +472,7 @@ def _secrets() -> tuple[str, ...]:
 #: Every settings class, in the order `config show`, `config init` and docs/settings.md list them.
 SETTINGS: tuple[type[FileSettings], ...] = (GeneralSettings, KeySettings, DatabaseSettings, CacheSettings,
                                             RetrySettings, CircuitBreakerSettings, RateLimitEnvironment,
-                                            RecoverySettings, LogSettings)
+                                            RecoverySettings, LogSettings, WorkerSettings)
 
 
 def loose_key_files() -> list[Path]:

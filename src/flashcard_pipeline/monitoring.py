@@ -129,6 +129,8 @@ class RunSnapshot:
     heartbeat_age_s: float | None = None
     owner: str | None = None
     redis: list[dict[str, Any]] | None = None
+    #: The run's ``worker`` processes (host, pid, items done, last heartbeat, state); empty for a single `process`.
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -151,6 +153,7 @@ def newest_watchable_run(ledger: Ledger, now: datetime | None = None) -> RunReco
 def take_snapshot(engine: Engine, run: RunRecord, now: datetime | None = None) -> RunSnapshot:
     """The run as the database and its process's last heartbeat show it."""
     from flashcard_pipeline.storage.breaker_store import BreakerStore
+    from flashcard_pipeline.storage.leases import LeaseStore
     from flashcard_pipeline.storage.ledger import Ledger
 
     now = now or datetime.now(UTC)
@@ -158,7 +161,10 @@ def take_snapshot(engine: Engine, run: RunRecord, now: datetime | None = None) -
     record = ledger.get_run(run.id) or run
     metrics = ledger.run_metrics(run.id) or {}
     progress = metrics.get("progress") or {}
+    workers = [w.to_dict(now) for w in LeaseStore(engine).workers(run.id)]
     state = run_state(record, progress or None, now)
+    if state not in LIVE_STATES and record.status == "running" and any(w["state"] == "running" for w in workers):
+        state = "running"  # a worker that beats is the run's life sign, whatever the last progress line said
     live = state in LIVE_STATES
     summary = ledger.summary(run.id)
     elapsed = float(progress.get("elapsed_s") or 0.0)
@@ -177,11 +183,12 @@ def take_snapshot(engine: Engine, run: RunRecord, now: datetime | None = None) -
         run_id=record.id, state=state, provider=record.provider, model=record.model, input_path=record.input_path,
         simulated=record.simulated, started_at=record.created_at.isoformat(), total=summary.total,
         done=summary.done, failed=summary.failed, pending=summary.pending,
-        in_flight=int(progress.get("in_flight") or 0) if live else 0, api_calls=summary.api_calls,
+        in_flight=(sum(int(w["in_flight"]) for w in workers if w["state"] == "running") if workers
+                   else int(progress.get("in_flight") or 0)) if live else 0, api_calls=summary.api_calls,
         api_errors=summary.api_errors, tokens=summary.tokens_in + summary.tokens_out,
         cost_usd=round(summary.cost_usd, 6), calls_per_minute=round(calls * 60.0 / window, 1) if window else 0.0,
         items_per_minute=round(items_per_minute, 1), eta_seconds=None if eta is None else round(eta, 1),
         paused=progress.get("paused") if live else None, errors_by_category=dict(summary.by_error),
         errors_by_code=ledger.errors_by_code(run.id), circuits=circuits, isolated=isolated,
-        limits=metrics.get("ratelimit"), owner=progress.get("owner"),
+        limits=metrics.get("ratelimit"), owner=progress.get("owner"), workers=workers,
         heartbeat_age_s=None if beat is None else round((now - beat).total_seconds(), 1))

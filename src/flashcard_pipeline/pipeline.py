@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -137,6 +137,14 @@ class ChatClient(Protocol):
     async def complete(self, request: ChatRequest) -> ChatResponse: ...
 
 
+class ItemSource(Protocol):
+    """Where items come from instead of the ledger's pending list: a worker's leases (:mod:`..leasing`)."""
+
+    async def next_page(self, want: int) -> list[PendingItem]:
+        """Up to ``want`` items to process next; an empty list when the run has nothing left for this process."""
+        ...
+
+
 @dataclass
 class RunStats:
     """Live counters that the progress display reads; only the event loop writes them."""
@@ -205,7 +213,8 @@ class Pipeline:
                  concurrency: int = 8, force: bool = False,
                  max_cost: float | None = None, flush_interval: float = 0.1,
                  clock: Callable[[], float] = time.perf_counter, recovery: RecoveryPlan | None = None,
-                 only: frozenset[int] | None = None, hooks: RunHooks = NO_HOOKS) -> None:
+                 only: frozenset[int] | None = None, hooks: RunHooks = NO_HOOKS,
+                 source: ItemSource | None = None, durable: bool = False) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.ledger = ledger
@@ -223,6 +232,11 @@ class Pipeline:
         self.recovery = recovery or RecoveryPlan()
         #: Process only these items (``--retry-failed``); None: every pending item.
         self.only = only
+        #: Items from here instead of the ledger's pending list (a worker's leases).
+        self.source = source
+        #: Commit each paid answer before its task makes another call: a process killed mid-run then loses only
+        #: the answers of the calls it had in flight (workers, whose items another worker takes over).
+        self.durable = durable
         self.stats = RunStats()
         self._by_model: dict[str, StageSettings] = {settings.model: settings}
         self._writer: LedgerWriter | None = None
@@ -240,7 +254,8 @@ class Pipeline:
         async with LedgerWriter(self.ledger, flush_interval=self.flush_interval, hooks=self.hooks) as writer:
             self._writer = writer
             self.cache.backend.attach(writer.submit)
-            queue: asyncio.Queue[PendingItem | None] = asyncio.Queue(maxsize=self.concurrency * 2)
+            queue: asyncio.Queue[PendingItem | None] = asyncio.Queue(
+                maxsize=1 if self.source is not None else self.concurrency * 2)
             workers = [asyncio.create_task(self._worker(queue), name=f"worker-{i}") for i in range(self.concurrency)]
             producer = asyncio.create_task(self._produce(queue), name="producer")
             try:
@@ -270,15 +285,22 @@ class Pipeline:
                           abort_reason=None if abort is None else str(abort), flagged=flagged,
                           quarantined=quarantined)
 
-    async def _produce(self, queue: asyncio.Queue[PendingItem | None]) -> None:
+    async def _pages(self, queue: asyncio.Queue[PendingItem | None]) -> AsyncIterator[list[PendingItem]]:
+        if self.source is not None:
+            # Only as many as idle tasks can start now: what a process takes, the others cannot (a late worker
+            # finds its share).
+            while page := await self.source.next_page(max(1, self.concurrency - self.stats.in_flight
+                                                          - queue.qsize())):
+                yield page
+            return
         after = 0
-        while True:
-            page = await asyncio.to_thread(self.ledger.pending_items, self._run_id, after_position=after, limit=200)
-            if not page:
-                break
+        while page := await asyncio.to_thread(self.ledger.pending_items, self._run_id, after_position=after,
+                                              limit=200):
             after = page[-1].item.position
-            if self.only is not None:
-                page = [p for p in page if p.id in self.only]
+            yield page if self.only is None else [p for p in page if p.id in self.only]
+
+    async def _produce(self, queue: asyncio.Queue[PendingItem | None]) -> None:
+        async for page in self._pages(queue):
             if not self.force:  # the page's first-stage answers in one read, not one read per item
                 await self.cache.prefetch([build_nuance_request(p.item, self.settings).cache_key
                                            for p in page if not p.nuance_done], NUANCE)
@@ -505,6 +527,8 @@ class Pipeline:
             payload = result.model_dump_json()  # one serialisation for the ledger and the cache
             writer.submit(self._completed(pending, staged, result, False, problems, payload))
             await self.cache.put(self._cache_record(staged, payload.encode("utf-8"), response))
+            if self.durable:
+                await writer.flush()
         return result, problems
 
     async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],

@@ -13,7 +13,8 @@ import contextlib
 import hashlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,6 +50,7 @@ from flashcard_pipeline.ingest import RowProblem, VocabularyReader
 from flashcard_pipeline.llm.capabilities import ModelKind
 from flashcard_pipeline.llm.client import LLMClient
 from flashcard_pipeline.llm.providers import ProviderConfig, ProviderName, resolve_provider
+from flashcard_pipeline.local_workers import delegate
 from flashcard_pipeline.logging_config import RunLogOptions, add_secrets, bound, run_log, run_log_directory
 from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.monitoring import progress_snapshot, publishing_progress
@@ -70,7 +72,13 @@ from flashcard_pipeline.stages import (
     parse_nuance,
 )
 from flashcard_pipeline.storage.breaker_store import BreakerStore, BreakerSync, process_owner
-from flashcard_pipeline.storage.db import open_database, pool_monitor
+from flashcard_pipeline.storage.db import (
+    DATABASE_URL_ENV,
+    open_database,
+    pool_monitor,
+    require_postgresql,
+    resolve_database_url,
+)
 from flashcard_pipeline.storage.ledger import Ledger, RunRecord
 from flashcard_pipeline.storage.schema import RunStatus
 
@@ -140,6 +148,9 @@ class ProcessOptions:
     retry_failed: bool = False
     #: The run's own log file; ``None``: none.
     log_file: RunLogOptions | None = None
+    #: ``--workers N``: leave the items to N local ``worker`` processes (0: to workers started elsewhere);
+    #: ``None``: this process does them. PostgreSQL only.
+    workers: int | None = None
 
     @property
     def export_format(self) -> str:
@@ -200,6 +211,8 @@ class ProcessResult:
     model: str | None = None
     #: This invocation's log file (rotated copies beside it), if one was written.
     log_file: Path | None = None
+    #: ``--workers 0``: the run is ready and its items wait for ``worker`` processes.
+    awaiting_workers: bool = False
 
     @property
     def incomplete(self) -> str | None:
@@ -264,6 +277,8 @@ def _validate(options: ProcessOptions) -> None:
         raise ConfigurationError("--limit must be at least 1")
     if options.start_from is not None and options.start_from < 1:
         raise ConfigurationError("--start-from must be at least 1")
+    if options.workers is not None and options.workers < 0:
+        raise ConfigurationError("--workers must be 0 or more")
     if options.max_cost is not None and options.max_cost <= 0:
         raise ConfigurationError("--max-cost must be a positive amount of US dollars")
     options.export_format  # noqa: B018 - validates the format early
@@ -282,7 +297,9 @@ SIMULATED_READ_TIMEOUT = 10.0
 def _provider(options: ProcessOptions, simulator_url: str | None) -> ProviderConfig:
     kwargs: dict[str, Any] = {} if options.env is None else {"env": options.env}
     if options.provider == ProviderName.SIMULATED:
-        return resolve_provider(ProviderName.SIMULATED, base_url=simulator_url or "http://127.0.0.1:9/v1",
+        # --base-url: a simulator serving elsewhere (`simulate`, or the one `process --workers` shares).
+        return resolve_provider(ProviderName.SIMULATED,
+                                base_url=simulator_url or options.base_url or "http://127.0.0.1:9/v1",
                                 read_timeout=options.timeout or SIMULATED_READ_TIMEOUT, **kwargs)
     api_key = options.api_key
     if api_key is None and options.env is None:  # the environment's key, else the config file's
@@ -371,6 +388,10 @@ async def _process(options: ProcessOptions, reporter: Reporter, policy: CallPoli
     limits = engine.ratelimit.settings if engine is not None and engine.ratelimit is not None else None
     await asyncio.to_thread(_check_services, cache_settings, None if options.dry_run else limits)
 
+    if options.workers is not None and not options.dry_run:
+        require_postgresql(resolve_database_url(options.db_url), f"--workers {options.workers}")
+        if (problem := shared_limits_problem(policy)) is not None:
+            raise ConfigurationError(problem)
     engine = await asyncio.to_thread(open_database, options.db_url)
     database = engine.url.render_as_string(hide_password=True)
     if session is not None:
@@ -425,8 +446,15 @@ async def _process(options: ProcessOptions, reporter: Reporter, policy: CallPoli
         log_options = options.log_file if to_process else None
         if log_options is not None:
             log_options = replace(log_options, directory=run_log_directory(log_options.directory, database))
+        if options.workers == 0:
+            stats = RunStats(total=run.total_items, done=run.total_items - to_process)
+            return ProcessResult(outcome=RunOutcome(run.id, RunStatus.RUNNING, stats, []), output=None,
+                                 cards_written=0, problems=problems, resumed=resumed, database=database,
+                                 model=run.model, awaiting_workers=True)
         with bound(run_id=run.id), run_log(log_options, run.id) as log_file:
-            if to_process:
+            if to_process and options.workers:
+                outcome, cache_stats = await _delegate(options, ledger, run, engine.url, reporter), {}
+            elif to_process:
                 outcome, cache_stats = await _execute(options, provider, settings, ledger, run, reporter, policy,
                                                       cache_settings, recovery, only, session, resumed=resumed)
             else:  # nothing left to do: the statistics of the invocation that did the work stay as they are
@@ -510,9 +538,13 @@ def default_policy(options: ProcessOptions) -> Resilience:
 async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: StageSettings, ledger: Ledger,
                    run: RunRecord, reporter: Reporter, policy: CallPolicy | None,
                    cache_settings: CacheSettings, recovery: RecoveryPlan, only: frozenset[int] | None,
-                   session: Telemetry | None = None, resumed: bool = False) -> tuple[RunOutcome, dict[str, Any]]:
+                   session: Telemetry | None = None, resumed: bool = False,
+                   attach: Callable[[Pipeline], contextlib.AbstractAsyncContextManager[Any]] | None = None,
+                   ) -> tuple[RunOutcome, dict[str, Any]]:
+    """Run the pipeline on ``run`` with the engine's observers, the heartbeat and the run's metrics; ``attach`` is
+    entered around the run with the pipeline (a worker's leases: its item source and its heartbeat)."""
     async with contextlib.AsyncExitStack() as stack:
-        if provider.name is ProviderName.SIMULATED:
+        if provider.name is ProviderName.SIMULATED and options.base_url is None:
             simulator = await stack.enter_async_context(run_simulator(options.simulator))
             provider = _provider(options, simulator.base_url)
         client = await stack.enter_async_context(LLMClient(provider, max_connections=max(options.concurrency, 10)))
@@ -524,6 +556,8 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
                             concurrency=options.concurrency, force=options.force, max_cost=options.max_cost,
                             recovery=recovery, only=only, hooks=hooks)
         pipeline.stats.simulated = run.simulated
+        if attach is not None:
+            await stack.enter_async_context(attach(pipeline))
         engine = Resilience.find(policy)
         tally = EventTally()
         if engine is not None:
@@ -567,6 +601,56 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
         await asyncio.to_thread(ledger.merge_run_metrics, run.id, metrics)
         return outcome, metrics["cache"]
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def shared_limits_problem(policy: CallPolicy) -> str | None:
+    """Why workers using ``policy`` would not share the provider's limits, or None."""
+    engine = Resilience.find(policy)
+    if engine is None or engine.ratelimit is None:
+        return None
+    limits = engine.ratelimit.settings
+    if limits.backend == "redis" or (limits.requests_per_minute is None and limits.tokens_per_minute is None
+                                     and not limits.adaptive):
+        return None
+    return ("workers share the provider's limits through Redis: set RL_BACKEND=redis (and RL_REDIS_URL) for every "
+            "worker, or RL_ENABLED=false; with RL_BACKEND=memory each worker would spend the whole limit alone")
+
+
+async def _delegate(options: ProcessOptions, ledger: Ledger, run: RunRecord, url: Any,
+                    reporter: Reporter) -> RunOutcome:
+    """``--workers N``: N local workers do the run; a simulated provider is one simulator they all call."""
+    assert options.workers
+    async with contextlib.AsyncExitStack() as stack:
+        if options.provider == ProviderName.SIMULATED and options.base_url is None:
+            simulator = await stack.enter_async_context(run_simulator(options.simulator))
+            options = replace(options, base_url=simulator.base_url)
+        args, env = _worker_command(options, run, url)
+        return await delegate(ledger, run, options.workers, args, env, live=reporter.live)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _worker_command(options: ProcessOptions, run: RunRecord, url: Any) -> tuple[list[str], dict[str, str]]:
+    """The arguments and environment of `process --workers`' local workers: this invocation's options, the
+    database and the key in the environment (a command line is readable by every user of the machine)."""
+    args = ["--run", str(run.id), "--concurrency", str(options.concurrency)]
+    rpm, tpm = options.rpm, options.tpm
+    if options.provider == ProviderName.SIMULATED:
+        rpm = rpm or options.simulator.requests_per_minute
+        tpm = tpm or options.simulator.tokens_per_minute
+    for flag, value in (("--base-url", options.base_url), ("--timeout", options.timeout), ("--rpm", rpm),
+                        ("--tpm", tpm), ("--max-cost", options.max_cost), ("--model-kind", options.model_kind),
+                        ("--max-attempts", options.retry.max_attempts if options.retry else None),
+                        ("--breaker-max-wait", options.breaker.max_wait if options.breaker else None)):
+        if value is not None:
+            args += [flag, str(value)]
+    for model in options.fallback_models:
+        args += ["--fallback-model", model]
+    env = {**(options.env if options.env is not None else os.environ),
+           DATABASE_URL_ENV: url.render_as_string(hide_password=False)}
+    if options.api_key:
+        env["OPENROUTER_API_KEY" if options.provider == ProviderName.OPENROUTER else "OPENAI_API_KEY"] = \
+            options.api_key
+    return args, env
 
 
 def _invocation_options(options: ProcessOptions) -> dict[str, Any]:

@@ -175,6 +175,11 @@ def process_command(
                                                  "(default: RECOVERY_FALLBACK_MODELS).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Process only the run's failed and "
                                                                       "quarantined items again.")] = False,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", metavar="N", min=0, max=256,
+        help="Leave the items to N `worker` processes started here (PostgreSQL only; limits shared through "
+             "Redis: RL_BACKEND=redis); 0 prepares the run for workers started elsewhere (`worker --run ID`). "
+             "Default: this process does them.")] = None,
 ) -> None:
     """Turn a vocabulary list into flashcards (resumes an interrupted run of the same command)."""
     from flashcard_pipeline.cli.config_commands import warn_loose_key_files
@@ -196,7 +201,7 @@ def process_command(
             encoding=encoding, params=parse_params(param or []), model_kind=model_kind,
             telemetry=telemetry.value if telemetry else None, metrics_port=metrics_port,
             trace_content=trace_content or None, fallback_models=tuple(fallback_model or ()),
-            retry_failed=retry_failed, log_file=None if dry_run else run_log_options())
+            retry_failed=retry_failed, log_file=None if dry_run else run_log_options(), workers=workers)
         result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
@@ -227,6 +232,11 @@ def _report(result: ProcessResult, err: Console) -> ExitCode:
     outcome = result.outcome
     assert outcome is not None
     stats = outcome.stats
+    if result.awaiting_workers:
+        out.print(f"run {outcome.run_id}: {stats.total - stats.done} of {stats.total} items wait for workers: start "
+                  f"them with `flashcard-pipeline worker --run {outcome.run_id}` on any machine that reaches "
+                  f"{result.database}", highlight=False, markup=False)
+        return ExitCode.OK
     out.print(f"run {outcome.run_id}: {outcome.status} · {stats.done}/{stats.total} items done "
               f"({stats.already_done} before this run) · {stats.requests} API calls · "
               f"{stats.cache_hits} cache hits · {money(stats.cost_usd, simulated=stats.simulated, model=result.model)}",
@@ -320,4 +330,5 @@ from flashcard_pipeline.cli import (  # noqa: E402, F401
     monitor,
     ratelimit_commands,
     runs_commands,
+    worker_commands,
 )

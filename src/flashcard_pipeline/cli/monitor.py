@@ -97,9 +97,17 @@ def render(snapshot: RunSnapshot) -> RenderableType:
         rows += [("redis", state["key"]),
                  ("", f"{state.get('rate_per_minute') or 0:,.0f}/min · available {state.get('available') or 0:,.1f} · "
                       f"used last minute {state.get('used_last_minute_all_processes') or 0:,.0f}")]
+    rows += worker_rows(snapshot.workers)
     if snapshot.heartbeat_age_s is not None:
         rows.append(("updated", f"{snapshot.heartbeat_age_s:.0f} s ago by {snapshot.owner}"))
     return label_grid(rows)
+
+
+def worker_rows(workers: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """One row per worker of the run: where it runs, what it did, when it last reported."""
+    return [("worker", f"{w['id']} · {w['host']} pid {w['pid']} · {w['state']} · {w['items_done']} items done, "
+                       f"{w['items_failed']} failed, {w['in_flight']} in flight · last heartbeat "
+                       f"{w['heartbeat_age_s']:.0f} s ago") for w in workers]
 
 
 def _final(console: Console, snapshot: RunSnapshot) -> typer.Exit:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from flashcard_pipeline.cli.monitor import worker_rows
 from flashcard_pipeline.cli.options import DbOption, JsonOption
 from flashcard_pipeline.cli.output import ExitCode, command_group, duration, fail, label_grid, money
 from flashcard_pipeline.cli.root import app
@@ -92,6 +93,7 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
     from rich.console import Console
 
     from flashcard_pipeline.monitoring import run_state
+    from flashcard_pipeline.storage.leases import LeaseStore
 
     ledger = _ledger(db)
     try:
@@ -113,7 +115,8 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
             "quarantined_items": [{k: v for k, v in q.__dict__.items() if k != "last_answer"}
                                   for q in ledger.quarantined(run.id)],
             "recovery": metrics.get("recovery"),
-            "cache": metrics.get("cache"), "circuit_breakers": metrics.get("circuit_breakers")})
+            "cache": metrics.get("cache"), "circuit_breakers": metrics.get("circuit_breakers"),
+            "workers": [w.to_dict(now) for w in LeaseStore(ledger.engine).workers(run.id)]})
     finally:
         ledger.engine.dispose()
     if as_json:
@@ -147,6 +150,7 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
              for q in data["quarantined_items"][:10]]
     if applied := (data["recovery"] or {}).get("applied"):
         rows.append(("recovery", ", ".join(f"{name} {count}" for name, count in applied.items())))
+    rows += worker_rows(data["workers"])
     Console().print(label_grid(rows))
 
 

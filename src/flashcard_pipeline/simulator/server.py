@@ -27,7 +27,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal, Self
 
@@ -133,6 +133,11 @@ class SimulatorConfig(BaseModel):
         default=0.0, description="seconds before answering: fixed, or a (min, max) range drawn per request")
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
+    limit_window: float = Field(
+        default=60.0, gt=0, le=60.0, description="seconds over which the per-minute limits are enforced, pro rata "
+                                                 "(600/min over 5 s: 50 per 5 s), as providers that check a minute's "
+                                                 "limit over shorter periods do; /stats reports the peak requests "
+                                                 "received in any such window")
     server_error_rate: float = _rate()
     rate_limit_rate: float = _rate()
     hang_rate: float = _rate()
@@ -190,6 +195,9 @@ class SimulatorStats:
     term_successes: dict[str, int]
     #: The same per stage (``term_analysis`` / ``flashcard_set`` / ``other``): any value > 1 is a repeat.
     term_successes_by_stage: dict[str, dict[str, int]]
+    #: The most chat requests received (admitted or not) in any ``limit_window`` seconds: what all clients together
+    #: sent, to compare with the limit (``requests_per_minute * limit_window / 60``).
+    peak_requests_per_window: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -310,28 +318,32 @@ class _Window:
     providers do, rather than being refused forever.
     """
 
-    def __init__(self, rpm: int | None, tpm: int | None, clock: Clock) -> None:
-        self._rpm, self._tpm, self._clock = rpm, tpm, clock
+    def __init__(self, rpm: int | None, tpm: int | None, clock: Clock, span: float = WINDOW_SECONDS) -> None:
+        self._rpm, self._tpm, self._clock, self._span = rpm, tpm, clock, span
+        # What one window of ``span`` seconds admits: the per-minute limits pro rata (the limits themselves when
+        # the window is a minute).
+        self._rpm_cap = None if rpm is None else max(1, math.floor(rpm * span / WINDOW_SECONDS))
+        self._tpm_cap = None if tpm is None else max(1, math.floor(tpm * span / WINDOW_SECONDS))
         self._entries: deque[list[float]] = deque()
         self._tokens = 0.0
 
     def admit(self, tokens: int) -> tuple[list[float] | None, float]:
         """(entry to add completion tokens to, 0) if admitted, else (None, seconds until it would be)."""
         now = self._clock()
-        while self._entries and self._entries[0][0] <= now - WINDOW_SECONDS:
+        while self._entries and self._entries[0][0] <= now - self._span:
             self._tokens -= self._entries.popleft()[1]
         wait = 0.0
-        if self._rpm is not None and len(self._entries) >= self._rpm:
-            wait = self._entries[len(self._entries) - self._rpm][0] + WINDOW_SECONDS - now
-        if self._tpm is not None and self._entries and self._tokens + tokens > self._tpm:
+        if self._rpm_cap is not None and len(self._entries) >= self._rpm_cap:
+            wait = self._entries[len(self._entries) - self._rpm_cap][0] + self._span - now
+        if self._tpm_cap is not None and self._entries and self._tokens + tokens > self._tpm_cap:
             # Without a fit the request alone exceeds the limit: it waits for an empty window.
             freed, expires = 0.0, self._entries[-1][0]
             for stamp, used in self._entries:
                 freed += used
-                if self._tokens - freed + tokens <= self._tpm:
+                if self._tokens - freed + tokens <= self._tpm_cap:
                     expires = stamp
                     break
-            wait = max(wait, expires + WINDOW_SECONDS - now)
+            wait = max(wait, expires + self._span - now)
         if wait > 0:
             return None, wait
         entry = [now, float(tokens)]
@@ -346,9 +358,9 @@ class _Window:
     def headers(self) -> dict[str, str]:
         """``x-ratelimit-*`` as OpenAI sends them; the reset is when the oldest entry leaves the window."""
         now = self._clock()
-        while self._entries and self._entries[0][0] <= now - WINDOW_SECONDS:
+        while self._entries and self._entries[0][0] <= now - self._span:
             self._tokens -= self._entries.popleft()[1]
-        reset = f"{self._entries[0][0] + WINDOW_SECONDS - now:.3f}s" if self._entries else "0s"
+        reset = f"{self._entries[0][0] + self._span - now:.3f}s" if self._entries else "0s"
         found: dict[str, str] = {}
         if self._rpm is not None:
             found.update({"x-ratelimit-limit-requests": str(self._rpm),
@@ -359,6 +371,22 @@ class _Window:
                           "x-ratelimit-remaining-tokens": str(max(0, int(self._tpm - self._tokens))),
                           "x-ratelimit-reset-tokens": reset})
         return found
+
+
+class _Arrivals:
+    """Every chat request received, over a sliding window of ``span`` seconds, and the most the window ever held."""
+
+    def __init__(self, span: float, clock: Clock) -> None:
+        self._span, self._clock = span, clock
+        self._stamps: deque[float] = deque()
+        self.peak = 0
+
+    def note(self) -> None:
+        now = self._clock()
+        self._stamps.append(now)
+        while self._stamps[0] <= now - self._span:
+            self._stamps.popleft()
+        self.peak = max(self.peak, len(self._stamps))
 
 
 @dataclass(frozen=True)
@@ -412,7 +440,9 @@ class Simulator:
         self._clock = clock
         self._sleep = sleep
         self._stats = _Recorder()
-        self._window = _Window(self.config.requests_per_minute, self.config.tokens_per_minute, clock)
+        self._window = _Window(self.config.requests_per_minute, self.config.tokens_per_minute, clock,
+                               self.config.limit_window)
+        self._arrivals = _Arrivals(self.config.limit_window, clock)
         self._attempts: Counter[str] = Counter()
         self._runner: web.AppRunner | None = None
         self._host = ""
@@ -469,7 +499,7 @@ class Simulator:
         return f"http://{host}:{self.port}/v1"
 
     def stats(self) -> SimulatorStats:
-        return self._stats.snapshot()
+        return replace(self._stats.snapshot(), peak_requests_per_window=self._arrivals.peak)
 
     # -- handlers ------------------------------------------------------------------------------
 
@@ -537,6 +567,7 @@ class Simulator:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         stats = self._stats
         stats.total += 1
+        self._arrivals.note()
         try:
             chat = self._parse(await request.read())
         except _BadRequest as exc:

@@ -65,6 +65,18 @@ def resolve_database_url(url: str | None = None, env: dict[str, str] | None = No
     return f"sqlite:///{path.resolve()}"
 
 
+def require_postgresql(url: str, what: str) -> None:
+    """Several processes on one run need a database they can all reach and write at once: PostgreSQL."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        backend = ""
+    if backend != "postgresql":
+        raise ConfigurationError(
+            f"{what} needs PostgreSQL: SQLite takes one writer at a time on one machine, so it stays the "
+            "single-process default; use --db postgresql://USER@HOST/DB (see docs/scaling.md)")
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a file-backed SQLite URL, else None."""
     try:

@@ -32,6 +32,7 @@ from flashcard_pipeline.storage.schema import (
     RunStatus,
     StageResult,
     StageState,
+    Worker,
     utcnow,
 )
 
@@ -256,6 +257,10 @@ def _item_to_model(row: Item) -> VocabularyItem:
     return VocabularyItem(position=row.position, term=row.term, type=row.type,
                           hints=json.loads(row.hints_json or "{}"), source_row=row.source_row,
                           frequency_rank=row.frequency_rank)
+
+
+#: The vocabulary item an ``items`` row holds (for the lease store's claims).
+item_model = _item_to_model
 
 
 class Ledger:
@@ -531,6 +536,7 @@ class Ledger:
             session.execute(Card.__table__.delete().where(Card.run_id == run_id))
             session.execute(StageResult.__table__.delete().where(StageResult.item_id.in_(item_ids)))
             session.execute(Item.__table__.delete().where(Item.run_id == run_id))
+            session.execute(Worker.__table__.delete().where(Worker.run_id == run_id))
             return bool(session.execute(Run.__table__.delete().where(Run.id == run_id)).rowcount)
 
     def api_calls(self, run_id: int) -> list[ApiCall]:

@@ -91,7 +91,32 @@ class Item(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: The last (invalid) answer of a quarantined item, as the model sent it (bounded).
     last_answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The worker (``workers.id``) holding the item while it works on it, until ``lease_expires_at``; then any
+    #: worker of the run may take it over. NULL: nobody holds it (always so for a single ``process``).
+    lease_owner: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Worker(Base):
+    """One ``worker`` process on a run (host, pid), with its heartbeat: ``runs show`` and ``monitor`` list them."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    #: ``running`` until it stops (``stopped``); a running worker whose heartbeat is older than its lease is gone.
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    lease_seconds: Mapped[float] = mapped_column(Float)
+    items_done: Mapped[int] = mapped_column(Integer, default=0)
+    items_failed: Mapped[int] = mapped_column(Integer, default=0)
+    in_flight: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class StageResult(Base):
