@@ -233,6 +233,38 @@ async def test_a_standing_isolation_holds_a_circuit_first_made_after_the_command
     store.engine.dispose()
 
 
+async def test_a_trip_in_one_worker_opens_the_circuit_in_the_others_once(store: BreakerStore) -> None:
+    """Workers of one run call the same provider: one worker's evidence opens every worker's circuit, and the
+    follow is not echoed back (a followed trip travels one hop)."""
+    config = CircuitBreakerConfig(min_throughput=2, max_wait=0.0, break_duration=60.0)
+    stale = Resilience(breaker=config, clock=FakeClock(autojump=False))
+    async with BreakerSync(store, stale, poll_interval=0.02, owner="old:9"):
+        stale.breaker_named(CIRCUIT).manual_control.trip("yesterday's outage")
+    first, second, third = (Resilience(breaker=config, clock=FakeClock(autojump=False)) for _ in range(3))
+    async with (BreakerSync(store, first, poll_interval=0.02, owner="a:1"),
+                BreakerSync(store, second, poll_interval=0.02, owner="b:2"),
+                BreakerSync(store, third, poll_interval=0.02, owner="c:3", follow_peers=False)):
+        breakers = [engine.breaker_named(CIRCUIT) for engine in (first, second, third)]
+        await asyncio.sleep(0.1)
+        assert all(b.state_provider.state is CircuitState.CLOSED for b in breakers), "an old trip is not followed"
+        for _ in range(2):
+            with pytest.raises(ServerError):
+                await first.execute(down, CTX)
+        assert breakers[0].state_provider.state is CircuitState.OPEN
+        await wait_until(lambda: breakers[1].state_provider.state is CircuitState.OPEN)
+        followed = breakers[1].state_provider.transitions[-1]
+        assert followed.source == "peer:a:1" and followed.reason.startswith("followed a:1: ")
+        assert followed.break_duration == 60.0, "a followed trip breaks and probes like its own"
+        await asyncio.sleep(0.2)
+        assert breakers[2].state_provider.state is CircuitState.CLOSED, "follow_peers=False keeps its own counsel"
+        assert len(breakers[0].state_provider.transitions) == 1, "the follow is not echoed back to the first"
+        with pytest.raises(CircuitWaitExceededError):
+            await second.execute(ok, CTX)
+    opened = [(e.owner, e.source) for e in store.events(limit=50) if e.to_state == "open"]
+    assert opened == [("old:9", None), ("a:1", None), ("b:2", "peer:a:1")]
+    store.engine.dispose()
+
+
 # -- the command line ---------------------------------------------------------------------------------------
 
 

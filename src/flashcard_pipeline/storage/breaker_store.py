@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Self, get_args
 
-from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy import Engine, delete, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -66,6 +66,8 @@ Action = Literal["isolate", "close", "reset"]
 ACTIONS: tuple[str, ...] = get_args(Action)
 #: A process that has not refreshed its snapshot for this long is shown as stale (killed, or hung).
 STALE_AFTER = timedelta(seconds=30)
+#: The source of a transition that followed another process's trip (``peer:<owner>``).
+PEER = "peer:"
 
 
 def process_owner() -> str:
@@ -225,6 +227,23 @@ class BreakerStore:
                 }
                 session.execute(_upsert(self.engine.dialect.name, values))
 
+    def last_event_id(self) -> int:
+        with Session(self.engine) as session:
+            return int(session.scalar(select(func.max(CircuitBreakerEvent.id))) or 0)
+
+    def trips_after(self, event_id: int, *, owner: str) -> list[BreakerEventRecord]:
+        """Circuits other processes opened by themselves since ``event_id``: what a peer follows.
+
+        A trip that was itself a follow (its source is a peer) is left out, so a trip travels one hop, never back.
+        """
+        query = (select(CircuitBreakerEvent)
+                 .where(CircuitBreakerEvent.id > event_id, CircuitBreakerEvent.to_state == "open",
+                        CircuitBreakerEvent.manual.is_(False), CircuitBreakerEvent.owner != owner,
+                        or_(CircuitBreakerEvent.source.is_(None), ~CircuitBreakerEvent.source.startswith(PEER)))
+                 .order_by(CircuitBreakerEvent.id))
+        with Session(self.engine) as session:
+            return [self._event(r) for r in session.scalars(query)]
+
     def snapshots(self) -> list[CircuitSnapshotRecord]:
         with Session(self.engine) as session:
             rows = session.scalars(select(CircuitBreakerSnapshot).order_by(CircuitBreakerSnapshot.circuit,
@@ -241,12 +260,16 @@ class BreakerStore:
         if circuit is not None:
             query = query.where(CircuitBreakerEvent.circuit == circuit)
         with Session(self.engine) as session:
-            return [BreakerEventRecord(
-                id=r.id, circuit=r.circuit, from_state=r.from_state, to_state=r.to_state, manual=r.manual,
-                reason=r.reason, source=r.source, failure_count=r.failure_count, throughput=r.throughput,
-                failure_ratio=r.failure_ratio, break_duration=r.break_duration,
-                half_open_attempts=r.half_open_attempts, owner=r.owner, run_id=r.run_id,
-                created_at=_aware(r.created_at) or utcnow()) for r in session.scalars(query)][::-1]
+            return [self._event(r) for r in session.scalars(query)][::-1]
+
+    @staticmethod
+    def _event(r: CircuitBreakerEvent) -> BreakerEventRecord:
+        return BreakerEventRecord(
+            id=r.id, circuit=r.circuit, from_state=r.from_state, to_state=r.to_state, manual=r.manual,
+            reason=r.reason, source=r.source, failure_count=r.failure_count, throughput=r.throughput,
+            failure_ratio=r.failure_ratio, break_duration=r.break_duration,
+            half_open_attempts=r.half_open_attempts, owner=r.owner, run_id=r.run_id,
+            created_at=_aware(r.created_at) or utcnow())
 
     def known_circuits(self) -> list[str]:
         """Every circuit some process has reported or some command has named."""
@@ -298,8 +321,9 @@ class BreakerSync:
 
     def __init__(self, store: BreakerStore, engine: Resilience, *, run_id: int | None = None,
                  clock: Clock | None = None, poll_interval: float = 1.0, heartbeat: float = 5.0,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, follow_peers: bool = True) -> None:
         self.store = store
+        self.follow_peers = follow_peers
         self.engine = engine
         self.run_id = run_id
         self.clock: Clock = clock or SystemClock()
@@ -311,6 +335,7 @@ class BreakerSync:
         self._isolations: dict[str, BreakerCommand] = {}
         self._pending: list[CircuitTransition] = []
         self._last_id = 0
+        self._last_event = 0
         self._beat = -float("inf")
         self._reported: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -325,6 +350,7 @@ class BreakerSync:
     async def start(self) -> None:
         store = self.store
         self._last_id = await asyncio.to_thread(store.last_command_id)
+        self._last_event = await asyncio.to_thread(store.last_event_id)
         standing = await asyncio.to_thread(store.latest_commands)
         self.engine.events.subscribe(CircuitTransition, self._record)
         self.engine.events.subscribe(CircuitCreated, self._on_created)
@@ -353,8 +379,19 @@ class BreakerSync:
         for command in commands:
             self._last_id = max(self._last_id, command.id)
             self._apply(command)
+        if self.follow_peers:
+            await self._follow()
         await self._flush()
         return commands
+
+    async def _follow(self) -> None:
+        """Open the circuits that another process (a worker of the same run, another run on the same provider)
+        saw trip: the provider is the same, so its failures are evidence here too."""
+        for trip in await asyncio.to_thread(self.store.trips_after, self._last_event, owner=self.owner):
+            self._last_event = max(self._last_event, trip.id)
+            breaker = self.engine.breakers.get(trip.circuit)
+            if breaker is not None:
+                breaker.manual_control.trip(f"followed {trip.owner}: {trip.reason}", source=f"{PEER}{trip.owner}")
 
     async def _loop(self) -> None:
         while True:

@@ -336,7 +336,7 @@ class CircuitBreaker:
 
     # -- state changes --------------------------------------------------------------------------------
 
-    def _open(self, now: float, reason: str, health: HealthInfo | None = None) -> None:
+    def _open(self, now: float, reason: str, health: HealthInfo | None = None, *, source: str | None = None) -> None:
         health = health or self._window.health(now)
         duration = next_break_duration(self._generator, self._default_generator, BreakDurationArguments(
             failure_count=health.failures, failure_ratio=health.failure_ratio,
@@ -345,7 +345,7 @@ class CircuitBreaker:
         self._open_until = now + duration
         self._probes.clear()
         self._opened += 1
-        self._transition(_OPEN, now, reason, health=health, break_duration=duration)
+        self._transition(_OPEN, now, reason, source=source, health=health, break_duration=duration)
 
     def _close(self, now: float, reason: str, *, manual: bool = False, source: str | None = None) -> None:
         self._window.clear()

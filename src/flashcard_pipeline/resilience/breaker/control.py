@@ -163,6 +163,17 @@ class CircuitBreakerManualControl:
             breaker._transition(CircuitState.ISOLATED, now, f"isolated by hand: {reason}", manual=True,
                                 source=source)
 
+    def trip(self, reason: str, *, source: str | None = None) -> None:
+        """Open a closed circuit as if it had tripped itself (its break duration, then probes).
+
+        How a worker follows a peer that saw the provider fail: the evidence is paid for once, not once per worker.
+        An open, half-open or isolated circuit is left as it is.
+        """
+        reason = _reason(reason)
+        for breaker in self._breakers:
+            if breaker._state is CircuitState.CLOSED:
+                breaker._open(breaker._monotonic(), reason, source=source)
+
     def close(self, reason: str, *, source: str | None = None) -> None:
         reason = _reason(reason)
         for breaker in self._breakers:
