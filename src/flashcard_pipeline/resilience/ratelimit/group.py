@@ -247,7 +247,7 @@ class LimitGroup(AdaptiveLimits):
         settings = self.settings
         await self._observe(grant, limited=True)
         now = self.clock.monotonic()
-        if settings.adaptive and not self.signal.evidence(now):
+        if settings.adaptive and not self.signal.evidence(now, grant.sent_at):
             self.rate_limited_noise += 1
             return
         wait = min(max(error.retry_after if error.retry_after is not None else settings.default_pause, 0.0),
@@ -256,12 +256,14 @@ class LimitGroup(AdaptiveLimits):
         if not settings.adaptive:
             return
         before = self.requests.planned
+        cuts = self.requests.decreases + self.tokens.decreases
         for dim in self._dims:
             view = await self._view(dim)
             # Calls granted before (or in the instant of) the last decrease belong to the overload it answered.
             if grant.granted_at > view.decreased_at and self._binding(dim, view):
                 await self._decrease(dim, view)
-        self.signal.start_trial(before, now + wait, now)
+        self.signal.start_trial(before, now + wait, now,
+                                cut=self.requests.decreases + self.tokens.decreases > cuts)
 
     async def _observe(self, grant: Grant, *, limited: bool) -> None:
         """Count an answered call for :mod:`~.signal`, and act on the verdict of a cut's trial it ends."""

@@ -30,8 +30,14 @@ RECENT = 10.0
 TRIAL_SAMPLES = 20
 #: ... and the most a trial waits for a clear answer.
 MAX_TRIAL = 100
+#: During a trial, a 429 cuts again only if at least this share of the (at least ``OVERLOAD_SAMPLES``) calls sent
+#: since the cut got one: a limit far below the rate, not a busy upstream's few.
+HEAVY = 0.25
+OVERLOAD_SAMPLES = 3
 #: One-sided 95%: "the share fell" and "the share is above the floor" must both be clear.
 Z = 1.645
+#: "It fell" at one-sided 99%: calling noise a limit costs the rate the cut took, for good.
+Z_FELL = 2.326
 
 Verdict = Literal["unknown", "limit", "noise"]
 
@@ -111,15 +117,28 @@ class RateSignal:
         if total >= TRIAL_SAMPLES:
             self.floor = limited / total
 
-    def evidence(self, now: float) -> bool:
-        """Is the recent 429 share (this 429 included) clearly above the floor?"""
+    def evidence(self, now: float, at: float) -> bool:
+        """Does the 429 of a call granted at ``at`` answer our rate? During a trial it may (every 429 pauses,
+        as a limit's must); otherwise: is the recent 429 share clearly above the floor?"""
+        if self.trial is not None:
+            return True
         limited, total = self._recent(now)
+        floor = self.floor
+        if floor > 0 and total < TRIAL_SAMPLES:
+            return False  # a few calls with a 429 among them say nothing against a floor above 0
         if total == 0:
             return True
-        floor = self.floor
         return limited > total * floor + Z * math.sqrt(total * floor * (1 - floor)) + 0.5
 
-    def start_trial(self, rate_before: float, after: float, now: float) -> None:
+    def may_cut(self, at: float) -> bool:
+        """During a trial, a 429 of a call sent after the cut cuts again only if the calls since the cut still
+        meet a heavy share of 429s (a cut not deep enough yet), not a busy upstream's few."""
+        trial = self.trial
+        if trial is None or at < trial.after:
+            return True
+        return trial.total_after >= OVERLOAD_SAMPLES and trial.limited_after >= HEAVY * trial.total_after
+
+    def start_trial(self, rate_before: float, after: float, now: float, *, cut: bool) -> None:
         """Evidence at ``now``, and maybe a cut: judge on the calls granted from ``after`` (the pause's end) on.
         Evidence during a trial moves its start: what was "after" is now part of "before" (a limit cut in steps
         is judged once the last step is under it), and ``rate_before`` stays the rate before the first cut."""
@@ -127,6 +146,8 @@ class RateSignal:
         if trial is None:
             limited, total = self._recent(now)
             self.trial = Trial(rate_before, after, limited, total)
+            return
+        if not cut:
             return
         trial.limited_before += trial.limited_after
         trial.total_before += trial.total_after
@@ -160,4 +181,4 @@ def fell(trial: Trial) -> bool:
     if pooled <= 0:
         return False
     spread = math.sqrt(pooled * (1 - pooled) * (1 / nb + 1 / na))
-    return spread == 0 and pb > pa or spread > 0 and (pb - pa) / spread >= Z
+    return spread == 0 and pb > pa or spread > 0 and (pb - pa) / spread >= Z_FELL
