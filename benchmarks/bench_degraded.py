@@ -26,7 +26,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from flashcard_pipeline.ingest import VocabularyReader
 from flashcard_pipeline.simulator import SimulatorConfig, run_simulator

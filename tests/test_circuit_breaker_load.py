@@ -35,10 +35,10 @@ from flashcard_pipeline.resilience.breaker import (
     CircuitState,
     CircuitTransition,
 )
+from flashcard_pipeline.resilience.breaker.window import one_sided_z, trips
 from flashcard_pipeline.resilience.retry import RetryConfig
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.runner import ProcessOptions, SilentReporter, process
-from flashcard_pipeline.resilience.breaker.window import one_sided_z, trips
 from flashcard_pipeline.simulator import Simulator, SimulatorConfig, run_simulator
 from flashcard_pipeline.storage.breaker_store import BreakerStore
 from flashcard_pipeline.storage.db import open_database
@@ -50,7 +50,8 @@ STEP = 0.25
 CONCURRENCY = 4
 #: Short failing bursts after healthy traffic trip it only on the plain ratio (confidence 0); the defaults' bound
 #: needs a longer streak, which the 30 s outage below gives.
-FAST = CircuitBreakerConfig(confidence=0.0, min_throughput=10, failure_ratio=0.5, sampling_duration=5.0, sampling_buckets=5,
+FAST = CircuitBreakerConfig(confidence=0.0,
+                            min_throughput=10, failure_ratio=0.5, sampling_duration=5.0, sampling_buckets=5,
                             break_duration=5.0, max_break_duration=20.0, max_wait=600.0)
 RETRY = RetryConfig(max_attempts=12, initial_delay=0.5, max_delay=4.0, max_elapsed=None)
 

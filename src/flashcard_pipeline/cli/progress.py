@@ -37,7 +37,8 @@ def describe_lines(stats: RunStats, now: float | None = None) -> list[str]:
     if paused := pause_text(stats, now):
         lines.append(f"paused: {paused}")
     limit = f" (limit {stats.limit_status})" if stats.limit_status else ""
-    lines.append(f"{stats.requests_per_minute(now):.0f} req/min{limit} · tokens {stats.tokens_in + stats.tokens_out:,} · "
+    lines.append(f"{stats.requests_per_minute(now):.0f} req/min{limit} · "
+                 f"tokens {stats.tokens_in + stats.tokens_out:,} · "
                  f"{money(stats.cost_usd, simulated=stats.simulated)} · cache hits {stats.cache_hits}")
     return lines
 

@@ -181,4 +181,4 @@ def fell(trial: Trial) -> bool:
     if pooled <= 0:
         return False
     spread = math.sqrt(pooled * (1 - pooled) * (1 / nb + 1 / na))
-    return spread == 0 and pb > pa or spread > 0 and (pb - pa) / spread >= Z_FELL
+    return (spread == 0 and pb > pa) or (spread > 0 and (pb - pa) / spread >= Z_FELL)
