@@ -36,9 +36,9 @@ MODEL = "gpt-4o-mini"
 TIMEOUT = 5.0
 
 
-def provider(seed: int = 7, latency: tuple[float, float] = (0.2, 0.5)) -> SimulatorConfig:
+def provider(seed: int = 7, latency: tuple[float, float] = (0.2, 0.5), timeout: float = TIMEOUT) -> SimulatorConfig:
     return SimulatorConfig(rate_limit_rate=0.10, retry_after_seconds=1, server_error_rate=0.20, hang_rate=0.03,
-                           hang_seconds=TIMEOUT * 6, dropped_connection_rate=0.02, latency=latency, seed=seed)
+                           hang_seconds=timeout * 6, dropped_connection_rate=0.02, latency=latency, seed=seed)
 
 
 @dataclass
@@ -85,7 +85,7 @@ def write_words(folder: Path, words: int) -> Path:
 
 
 async def run_row(label: str, words: Path, count: int, concurrency: int, folder: Path, config: SimulatorConfig,
-                  env: dict[str, str]) -> Row:
+                  env: dict[str, str], timeout: float = TIMEOUT) -> Row:
     from flashcard_pipeline.runner import ProcessOptions, process
     from flashcard_pipeline.storage.db import open_database
     from flashcard_pipeline.storage.ledger import Ledger
@@ -95,7 +95,7 @@ async def run_row(label: str, words: Path, count: int, concurrency: int, folder:
         async with run_simulator(config) as sim:
             options = ProcessOptions(input_path=words, output=folder / f"{label}.jsonl", provider="openai-compatible",
                                      base_url=sim.base_url, model=MODEL, db_url=db, concurrency=concurrency,
-                                     timeout=TIMEOUT)
+                                     timeout=timeout)
             started = time.perf_counter()
             result = await process(options)
             wall = time.perf_counter() - started
@@ -120,7 +120,8 @@ async def run_row(label: str, words: Path, count: int, concurrency: int, folder:
 ROWS = {"defaults": {}, "limiter and breaker disabled": {"RL_ENABLED": "false", "CB_ENABLED": "false"}}
 
 
-async def measure(words: int, concurrency: int, repeats: int, config: SimulatorConfig) -> list[Row]:
+async def measure(words: int, concurrency: int, repeats: int, config: SimulatorConfig,
+                  timeout: float = TIMEOUT) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-degraded-") as name:
         folder = Path(name)
@@ -130,7 +131,8 @@ async def measure(words: int, concurrency: int, repeats: int, config: SimulatorC
             for label in order:
                 run_folder = folder / f"{repeat}"
                 run_folder.mkdir(exist_ok=True)
-                rows.append(await run_row(label, path, words, concurrency, run_folder, config, ROWS[label]))
+                rows.append(await run_row(label, path, words, concurrency, run_folder, config, ROWS[label],
+                                          timeout))
     return rows
 
 
