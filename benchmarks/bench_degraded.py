@@ -85,7 +85,7 @@ def write_words(folder: Path, words: int) -> Path:
 
 
 async def run_row(label: str, words: Path, count: int, concurrency: int, folder: Path, config: SimulatorConfig,
-                  env: dict[str, str], timeout: float = TIMEOUT) -> Row:
+                  env: dict[str, str], read_timeout: float = TIMEOUT) -> Row:
     from flashcard_pipeline.runner import ProcessOptions, process
     from flashcard_pipeline.storage.db import open_database
     from flashcard_pipeline.storage.ledger import Ledger
@@ -95,7 +95,7 @@ async def run_row(label: str, words: Path, count: int, concurrency: int, folder:
         async with run_simulator(config) as sim:
             options = ProcessOptions(input_path=words, output=folder / f"{label}.jsonl", provider="openai-compatible",
                                      base_url=sim.base_url, model=MODEL, db_url=db, concurrency=concurrency,
-                                     timeout=timeout)
+                                     timeout=read_timeout)
             started = time.perf_counter()
             result = await process(options)
             wall = time.perf_counter() - started
@@ -121,7 +121,7 @@ ROWS = {"defaults": {}, "limiter and breaker disabled": {"RL_ENABLED": "false", 
 
 
 async def measure(words: int, concurrency: int, repeats: int, config: SimulatorConfig,
-                  timeout: float = TIMEOUT) -> list[Row]:
+                  read_timeout: float = TIMEOUT) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-degraded-") as name:
         folder = Path(name)
@@ -132,7 +132,7 @@ async def measure(words: int, concurrency: int, repeats: int, config: SimulatorC
                 run_folder = folder / f"{repeat}"
                 run_folder.mkdir(exist_ok=True)
                 rows.append(await run_row(label, path, words, concurrency, run_folder, config, ROWS[label],
-                                          timeout))
+                                          read_timeout))
     return rows
 
 

@@ -27,7 +27,7 @@ async def test_a_degraded_provider_is_survived_the_same_with_and_without_limiter
     shared_file("korean_1000_terms.csv")
     bench = _bench()
     config = bench.provider(seed=7, latency=(0.0, 0.05), timeout=0.5)
-    rows = await bench.measure(8, 4, 1, config, timeout=0.5)
+    rows = await bench.measure(8, 4, 1, config, read_timeout=0.5)
     by_label = {row.label: row for row in rows}
     ours, bare = by_label["defaults"], by_label["limiter and breaker disabled"]
     assert bare.rate_limited > 0 and ours.rate_limited > 0, "the provider did answer 429s"
