@@ -49,6 +49,7 @@ from flashcard_pipeline.resilience.breaker import (
     CircuitWaitExceededError,
     exponential_break_duration,
 )
+from flashcard_pipeline.resilience.breaker.window import one_sided_z, wilson_lower
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.resilience.testing import FakeClock
 
@@ -65,7 +66,8 @@ def _no_breaker_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def config(**overrides: Any) -> CircuitBreakerConfig:
-    base: dict[str, Any] = {"min_throughput": 4, "failure_ratio": 0.5, "sampling_duration": 10.0,
+    """Polly's plain ratio (``confidence=0``) unless a test asks for the confidence bound."""
+    base: dict[str, Any] = {"confidence": 0.0, "min_throughput": 4, "failure_ratio": 0.5, "sampling_duration": 10.0,
                             "sampling_buckets": 10, "break_duration": 5.0, "max_break_duration": 40.0}
     return CircuitBreakerConfig(**{**base, **overrides})
 
@@ -146,6 +148,7 @@ async def drive(clock: FakeClock, *calls: Awaitable[Any], step: float = 0.5, lim
 def test_defaults_are_the_plans() -> None:
     c = CircuitBreakerConfig()
     assert (c.failure_ratio, c.min_throughput, c.break_duration) == (0.5, 10, 30.0)
+    assert c.confidence == 0.95, "ours: the ratio must be clearly above the threshold (docs/operations.md)"
     assert c.half_open_max_probes == 1 and c.sampling_duration == 30.0 and c.bucket_duration == 3.0
     assert c.failure_categories == {ErrorCategory.EXTERNAL_SERVICE, ErrorCategory.NETWORK, ErrorCategory.TIMEOUT}
 
@@ -217,6 +220,53 @@ async def test_a_ratio_exactly_at_the_threshold_trips(ratio: float, failures: in
 async def test_a_ratio_just_below_the_threshold_does_not(ratio: float, failures: int, calls: int) -> None:
     breaker, _, _ = make(failure_ratio=ratio, min_throughput=calls)
     await play(breaker, "s" * (calls - failures) + "f" * failures)
+    assert breaker.state_provider.state is CircuitState.CLOSED
+
+
+# -- the confidence bound (the default) ----------------------------------------------------------------------
+
+
+def test_the_wilson_bound_widens_on_small_samples() -> None:
+    z = one_sided_z(0.95)
+    assert z == pytest.approx(1.645, abs=1e-3)
+    assert wilson_lower(6, 10, z) == pytest.approx(0.352, abs=1e-3), "6 of 10: not clearly above 0.5"
+    assert wilson_lower(10, 10, z) == pytest.approx(0.787, abs=1e-3)
+    assert wilson_lower(600, 1000, z) > 0.57
+    assert wilson_lower(0, 10, z) == 0.0 and wilson_lower(3, 10, 0.0) == pytest.approx(0.3)
+
+
+async def test_by_default_six_failures_of_ten_are_noise_but_a_failing_streak_trips() -> None:
+    breaker, _, seen = make(confidence=0.95, min_throughput=10)
+    await play(breaker, "sfsfsffsff")  # 6 of 10, what a provider failing a quarter of calls gives now and then
+    assert breaker.state_provider.state is CircuitState.CLOSED and seen == []
+    await play(breaker, "ffff")  # 10 of 14: the bound (0.494) is still under 0.5
+    assert breaker.state_provider.state is CircuitState.CLOSED
+    await play(breaker, "f")  # 11 of 15: bound 0.52
+    assert breaker.state_provider.state is CircuitState.OPEN
+    assert [(t.failure_count, t.throughput) for t in seen] == [(11, 15)]
+
+
+async def test_by_default_an_outage_trips_on_the_minimum_throughput_of_failures() -> None:
+    breaker, _, seen = make(confidence=0.95, min_throughput=10)
+    await trip(breaker)
+    assert [(t.failure_count, t.throughput) for t in seen] == [(10, 10)]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+async def test_a_threshold_the_bound_cannot_reach_is_met_by_every_call_failing(ratio: float) -> None:
+    breaker, _, _ = make(confidence=0.95, min_throughput=4, failure_ratio=ratio)
+    await play(breaker, "ffff")
+    assert breaker.state_provider.state is CircuitState.OPEN
+
+
+async def test_by_default_a_quarter_of_calls_failing_never_trips() -> None:
+    """20,000 calls over 1,000 s at 20 per second, each failing with probability 0.25, in the default window."""
+    clock = FakeClock(autojump=False)
+    breaker = CircuitBreaker(CircuitBreakerConfig(), name="p/m", clock=clock)
+    rng = random.Random(11)
+    for _ in range(20_000):
+        clock.advance(0.05)
+        await outcome(breaker, down if rng.random() < 0.25 else ok)
     assert breaker.state_provider.state is CircuitState.CLOSED
 
 

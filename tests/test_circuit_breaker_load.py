@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +35,7 @@ from flashcard_pipeline.resilience.breaker import (
     CircuitState,
     CircuitTransition,
 )
+from flashcard_pipeline.resilience.breaker.window import one_sided_z, trips
 from flashcard_pipeline.resilience.retry import RetryConfig
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.runner import ProcessOptions, SilentReporter, process
@@ -46,7 +48,10 @@ T = TypeVar("T")
 LATENCY = 0.5
 STEP = 0.25
 CONCURRENCY = 4
-FAST = CircuitBreakerConfig(min_throughput=10, failure_ratio=0.5, sampling_duration=5.0, sampling_buckets=5,
+#: Short failing bursts after healthy traffic trip it only on the plain ratio (confidence 0); the defaults' bound
+#: needs a longer streak, which the 30 s outage below gives.
+FAST = CircuitBreakerConfig(confidence=0.0,
+                            min_throughput=10, failure_ratio=0.5, sampling_duration=5.0, sampling_buckets=5,
                             break_duration=5.0, max_break_duration=20.0, max_wait=600.0)
 RETRY = RetryConfig(max_attempts=12, initial_delay=0.5, max_delay=4.0, max_elapsed=None)
 
@@ -220,17 +225,19 @@ def failing_periods(phases: list[Phase]) -> list[tuple[float, float]]:
 def failing_bound(outcome: Outcome, phases: list[Phase], config: CircuitBreakerConfig) -> tuple[int, int]:
     """(requests that reached the server while it failed every request, the most the breaker allows).
 
-    Per failing period [a, b): the trip rule needs at most max(min_throughput, S * r / (1 - r)) failures,
-    S being the successes still in the window at a; calls already in flight when it trips add at most the
-    concurrency; after that one probe per break interval, the shortest being break_duration.
+    Per failing period [a, b): the trip rule needs at most the failures that, after S successes (those still
+    in the window at a), satisfy it (ratio and, with a confidence, its Wilson bound); calls already in flight
+    when it trips add at most the concurrency; after that one probe per break interval, the shortest being
+    break_duration.
     """
     reached = allowed = 0
-    ratio = config.failure_ratio
     for start, end in failing_periods(phases):
         reached += len(outcome.log.requests(start, end))
         window_start = start - config.sampling_duration - config.bucket_duration
         successes = sum(ok for _, ok in outcome.log.requests(window_start, start))
-        needed = max(config.min_throughput, math.ceil(successes * ratio / (1 - ratio)))
+        needed = next(f for f in itertools.count(1) if trips(f, successes + f, ratio=config.failure_ratio,
+                                                             min_throughput=config.min_throughput,
+                                                             z=one_sided_z(config.confidence)))
         last_request = max((t for t, _ in outcome.log.requests(start, end)), default=start)
         probes = 1 + math.floor((min(end, last_request + STEP) - start) / config.break_duration)
         allowed += needed + CONCURRENCY + probes

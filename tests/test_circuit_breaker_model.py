@@ -25,7 +25,8 @@ from flashcard_pipeline.resilience.breaker import (
 )
 from flashcard_pipeline.resilience.testing import FakeClock
 
-CONFIG = CircuitBreakerConfig(min_throughput=3, failure_ratio=0.5, sampling_duration=4.0, sampling_buckets=4,
+CONFIG = CircuitBreakerConfig(confidence=0.0, min_throughput=3, failure_ratio=0.5, sampling_duration=4.0,
+                              sampling_buckets=4,
                               break_duration=2.0, max_break_duration=8.0, break_duration_factor=2.0,
                               half_open_max_probes=2, probe_timeout=7.0)
 BUCKET = CONFIG.sampling_duration / CONFIG.sampling_buckets

@@ -605,6 +605,24 @@ async def test_stats_count_outcomes_stages_tokens_and_terms() -> None:
     assert stats.term_successes_by_stage == {"term_analysis": {"내가": 2, "학생": 1},
                                              "flashcard_set": {"학생": 1}}
     assert served == stats.to_dict()
+    assert stats.paid_twice == 1, "내가's analysis was answered well twice"
+    assert stats.early_retries == 0
+
+
+async def test_a_request_before_its_429s_retry_after_counts_as_an_early_retry() -> None:
+    clock = FakeClock()
+    config = SimulatorConfig(rate_limit_rate=1.0, retry_after_seconds=2)
+    async with started(config, clock=clock) as (sim, client):
+        await client.post("/chat/completions", json=analysis_body("내가"))
+        clock.now += 1.5
+        await client.post("/chat/completions", json=analysis_body("내가"))  # 0.5 s too early
+        await client.post("/chat/completions", json=analysis_body("학생"))  # another payload: on time
+        clock.now += 2.0
+        await client.post("/chat/completions", json=analysis_body("내가"))  # after the second 429's wait
+        clock.now += 2.0
+        await client.post("/chat/completions", json=analysis_body("내가"))
+    assert sim.stats().early_retries == 1
+    assert sim.stats().paid_twice == 0
 
 
 # -- configuration and lifecycle ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from flashcard_pipeline.resilience import (
     LimitCut,
     LimitPause,
     LimitRaise,
+    LimitStatus,
     LimitWait,
     ProbeEvent,
     ResilienceEvent,
@@ -32,6 +33,7 @@ class ProgressObserver:
     def attach(self, events: EventHub) -> None:
         events.subscribe(BreakerPause, self._breaker_pause)
         events.subscribe(LimitPause, self._limit_pause)
+        events.subscribe(LimitStatus, self._limit_status)
 
     def _breaker_pause(self, event: BreakerPause) -> None:
         """Shows the breakers' reason, leaving another component's reason alone when the breakers have none."""
@@ -43,6 +45,11 @@ class ProgressObserver:
 
     def _limit_pause(self, event: LimitPause) -> None:
         self.stats.note_rate_limit(event.group, event.seconds)
+
+    def _limit_status(self, event: LimitStatus) -> None:
+        if event.dimension == "requests":
+            level = "no limit" if event.planned is None else f"{event.planned:,.0f}/min"
+            self.stats.limit_status = f"{level}, {event.reason}"
 
 
 class EventTally:
@@ -74,5 +81,5 @@ def _kind(event: ResilienceEvent) -> str:
     if isinstance(event, LimitCut | LimitRaise):
         return f"limit_{'cut' if isinstance(event, LimitCut) else 'raise'}_{event.dimension}"
     names = {CallRefused: "circuit_refusal", LimitWait: "limit_wait", LimitPause: "limit_pause",
-             BreakerPause: "breaker_pause"}
+             LimitStatus: "limit_status", BreakerPause: "breaker_pause"}
     return names.get(type(event), type(event).__name__)

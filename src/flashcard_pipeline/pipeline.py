@@ -171,6 +171,8 @@ class RunStats:
     rate_limited: int = 0
     rate_limit_label: str | None = None
     rate_limit_until: float = 0.0
+    #: The requests limit and why it is what it is (``480/min, 429s are not rate-related``), or None.
+    limit_status: str | None = None
     #: The simulated provider spends no money: its cost is what the named model would have cost.
     simulated: bool = False
 

@@ -57,6 +57,8 @@ NOTES: dict[str, str] = {
     "RETRY_RETRY_CATEGORIES": "error categories that are retried (comma list or JSON)",
     "CB_FAILURE_RATIO": "share of failed calls in the window that opens the circuit",
     "CB_MIN_THROUGHPUT": "calls the window must hold before the ratio means anything",
+    "CB_CONFIDENCE": "trip only when the ratio's Wilson lower bound at this one-sided confidence reaches "
+                     "CB_FAILURE_RATIO (0: the plain ratio)",
     "CB_SAMPLING_DURATION": "seconds of history the ratio is computed over",
     "CB_SAMPLING_BUCKETS": "time buckets in that window",
     "CB_BREAK_DURATION": "seconds of the first break",

@@ -36,7 +36,9 @@ def describe_lines(stats: RunStats, now: float | None = None) -> list[str]:
              f"in flight {stats.in_flight}"]
     if paused := pause_text(stats, now):
         lines.append(f"paused: {paused}")
-    lines.append(f"{stats.requests_per_minute(now):.0f} req/min · tokens {stats.tokens_in + stats.tokens_out:,} · "
+    limit = f" (limit {stats.limit_status})" if stats.limit_status else ""
+    lines.append(f"{stats.requests_per_minute(now):.0f} req/min{limit} · "
+                 f"tokens {stats.tokens_in + stats.tokens_out:,} · "
                  f"{money(stats.cost_usd, simulated=stats.simulated)} · cache hits {stats.cache_hits}")
     return lines
 

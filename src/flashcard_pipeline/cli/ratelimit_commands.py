@@ -73,7 +73,7 @@ def _age(stamp: str | None) -> str:
 
 
 #: (row label, dimension key, sub-dictionary or None, digits) of the published figures, one row each.
-_ROWS = (("mode", "mode", None, None), ("planned/min", "planned_per_minute", None, 0),
+_ROWS = (("mode", "mode", None, None), ("why", "reason", None, None), ("planned/min", "planned_per_minute", None, 0),
          ("rate/min", "rate_per_minute", None, 0), ("burst", "burst", None, 1), ("available", "available", None, 1),
          ("paused s", "paused_for", None, 2), ("acquired", "acquired", "acquire", 1),
          ("waited", "waited", "acquire", 1), ("wait s", "wait_time", "acquire", 2),
@@ -96,6 +96,10 @@ def _print_published(console: Console, run_id: int, status: str, published: dict
         console.print(f"[bold]{label}[/]", highlight=False, soft_wrap=True)
         console.print(f"  {group.get('rate_limited', 0)} 429s · paused {group.get('paused_total_s', 0)} s in total · "
                       f"{group.get('waiting', 0)} waiting", highlight=False)
+        if group.get("verdict") == "noise":
+            console.print(f"  429s are not rate-related: {group.get('rate_limited_not_rate_related', 0)} of them "
+                          f"neither paused nor cut (about {group.get('share_429_not_rate_related', 0):.1%} of calls "
+                          "get one whatever the rate)", highlight=False)
         table = Table(box=None, padding=(0, 2), pad_edge=True)
         table.add_column("")
         table.add_column("requests", justify="right")

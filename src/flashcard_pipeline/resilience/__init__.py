@@ -10,7 +10,7 @@ Public names (what code outside ``resilience/`` may use; everything else is inte
 * the configuration: :class:`RetryConfig`, :class:`CircuitBreakerConfig`, :class:`RateLimitSettings`;
 * the events: :class:`RetryEvent`; :class:`CircuitTransition`, :class:`ProbeEvent`, :class:`CallRefused`,
   :class:`BreakerPause`, :class:`CircuitCreated`; :class:`LimitWait`, :class:`LimitPause`, :class:`LimitCut`,
-  :class:`LimitRaise`;
+  :class:`LimitRaise`, :class:`LimitStatus`;
 * the parts, for whoever composes their own: :class:`RetryPolicy`, :class:`CircuitBreaker` with its
   :class:`CircuitBreakerStateProvider` and :class:`CircuitBreakerManualControl`, :class:`LimitGroup`,
   :class:`RateLimiter`, :class:`ShardedRateLimiter`.
@@ -39,6 +39,7 @@ from flashcard_pipeline.resilience.ratelimit import (
     LimitGroup,
     LimitPause,
     LimitRaise,
+    LimitStatus,
     LimitWait,
     RateLimiter,
     RateLimitSettings,
@@ -67,6 +68,7 @@ __all__ = [
     "LimitGroup",
     "LimitPause",
     "LimitRaise",
+    "LimitStatus",
     "LimitWait",
     "ModelPipeline",
     "PolicyPipeline",

@@ -73,6 +73,8 @@ WINDOW_SECONDS = 60.0
 OTHER_STAGE_CONTENT = "{}"
 _TOKENS_PER_MESSAGE = 4
 _SHUTDOWN_TIMEOUT = 0.5
+#: An early retry must be early by more than this (the client's clock starts when the answer arrives, later).
+_CLOCK_SLACK = 1e-3
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[Any]]
@@ -198,6 +200,10 @@ class SimulatorStats:
     #: The most chat requests received (admitted or not) in any ``limit_window`` seconds: what all clients together
     #: sent, to compare with the limit (``requests_per_minute * limit_window / 60``).
     peak_requests_per_window: int = 0
+    #: Requests for a payload (model, stage, term) that arrived before the Retry-After its last 429 gave.
+    early_retries: int = 0
+    #: Good answers paid more than once: per stage and term, every ``ok`` after the first.
+    paid_twice: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,6 +218,9 @@ class _Recorder:
     tokens_out: int = 0
     cost_usd: float = 0.0
     successes: dict[str, Counter[str]] = field(default_factory=dict)
+    early_retries: int = 0
+    #: Per payload, when its last 429's Retry-After ends (on the simulator's clock).
+    not_before: dict[str, float] = field(default_factory=dict)
 
     def snapshot(self) -> SimulatorStats:
         terms: Counter[str] = Counter()
@@ -226,6 +235,8 @@ class _Recorder:
             cost_usd=round(self.cost_usd, 10),
             term_successes=dict(terms),
             term_successes_by_stage={stage: dict(c) for stage, c in self.successes.items()},
+            early_retries=self.early_retries,
+            paid_twice=sum(n - 1 for c in self.successes.values() for n in c.values() if n > 1),
         )
 
 
@@ -575,11 +586,16 @@ class Simulator:
             return self._reply(_Failure(400, str(exc), code=exc.code, param=exc.param,
                                         metadata={"param": exc.param} if exc.param else {}))
         stats.stages[chat.stage] += 1
+        payload = f"{chat.model}:{chat.stage.value}:{chat.term}"
+        if self._clock() < stats.not_before.get(payload, -math.inf):
+            stats.early_retries += 1
 
         entry, wait = self._window.admit(chat.prompt_tokens)
         if entry is None:
             stats.outcomes[Outcome.RATE_LIMITED] += 1
-            headers = {"Retry-After": str(max(1, math.ceil(wait))), **self._limit_headers()}
+            retry_after = max(1, math.ceil(wait))
+            stats.not_before[payload] = self._clock() + retry_after - _CLOCK_SLACK
+            headers = {"Retry-After": str(retry_after), **self._limit_headers()}
             return self._reply(_Failure(429, "Rate limit exceeded: "
                                         f"requests_per_minute={self.config.requests_per_minute}, "
                                         f"tokens_per_minute={self.config.tokens_per_minute}; retry later.",
@@ -615,6 +631,7 @@ class Simulator:
                 "provider_name": _UPSTREAM, "raw": f"upstream answered HTTP {status}"}))
         if fault is Outcome.RATE_LIMIT:
             stats.outcomes[fault] += 1
+            stats.not_before[payload] = self._clock() + self.config.retry_after_seconds - _CLOCK_SLACK
             return self._reply(_Failure(429, "Simulated provider rate limit; retry later.", code="rate_limit_exceeded",
                                         metadata={"provider_name": _UPSTREAM, "raw": "upstream rate limit"}),
                                headers={"Retry-After": str(self.config.retry_after_seconds)})

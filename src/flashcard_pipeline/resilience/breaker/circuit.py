@@ -5,7 +5,8 @@ Semantics follow Polly v8's advanced circuit breaker:
 
 * **Closed.** Outcomes go into a rolling window of ``sampling_buckets`` time buckets spanning
   ``sampling_duration``. A *failure* trips the circuit when the window holds at least
-  ``min_throughput`` outcomes and ``failures / throughput >= failure_ratio`` (both inclusive).
+  ``min_throughput`` outcomes and ``failures / throughput >= failure_ratio`` (both inclusive), and
+  (our addition, ``confidence``) the Wilson lower bound of that ratio reaches ``failure_ratio`` too.
 * **Open.** Every call is refused at once with :class:`CircuitBreakerError`, whose ``retry_after``
   is the time left. The first call after the break moves the circuit to half-open.
 * **Half-open.** Up to ``half_open_max_probes`` calls go through. A probe success closes the
@@ -60,7 +61,7 @@ from flashcard_pipeline.resilience.breaker.events import (
     ProbeOutcome,
     describe_error,
 )
-from flashcard_pipeline.resilience.breaker.window import SamplingWindow
+from flashcard_pipeline.resilience.breaker.window import SamplingWindow, one_sided_z, trips
 from flashcard_pipeline.resilience.core.clock import Clock, SystemClock
 from flashcard_pipeline.resilience.core.context import CallContext
 from flashcard_pipeline.resilience.core.events import EventHub, ResilienceEvent
@@ -124,6 +125,7 @@ class CircuitBreaker:
         self._last_failure: str | None = None
         self._refusal = CircuitBreakerError("", circuit_state=_CLOSED.value)
 
+        self._z = one_sided_z(config.confidence)
         self._window = window = SamplingWindow(config.sampling_duration, config.sampling_buckets)
         # Aliases of the window's lists and sizes for the closed path, which counts a success inline.
         self._bucket, self._n, self._ids, self._succ = window.bucket, window.size, window.ids, window.successes
@@ -249,7 +251,9 @@ class CircuitBreaker:
         self._window.add(now, failed=True)
         health = self._window.health(now)
         total = health.throughput
-        if total >= self.config.min_throughput and health.failures / total >= self.config.failure_ratio:
+        config = self.config
+        if trips(health.failures, total, ratio=config.failure_ratio, min_throughput=config.min_throughput,
+                 z=self._z):
             self._last_failure = describe_error(error)
             self._open(now, f"{health.failures} of {total} calls failed in the last "
                             f"{self.config.sampling_duration:g} s (last: {self._last_failure})", health)

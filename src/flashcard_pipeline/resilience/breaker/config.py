@@ -43,6 +43,9 @@ class CircuitBreakerConfig(BaseModel):
 
     failure_ratio: float = _finite(0.5, gt=0.0, le=1.0)
     min_throughput: int = Field(default=10, ge=2, le=1_000_000)
+    #: Trip only when the Wilson lower bound of the failure ratio at this one-sided confidence reaches
+    #: ``failure_ratio`` (0: the plain ratio, as Polly). 0.95 keeps a provider failing 25% of calls closed.
+    confidence: float = Field(default=0.95, ge=0.0, lt=1.0, allow_inf_nan=False)
     #: Seconds of history the failure ratio is computed over.
     sampling_duration: float = _finite(30.0, gt=0.0, le=86_400.0)
     #: Number of time buckets in the window: an outcome leaves it with its bucket.

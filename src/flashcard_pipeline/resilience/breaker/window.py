@@ -8,8 +8,41 @@ references to them.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 from flashcard_pipeline.resilience.breaker.events import HealthInfo
+
+
+def one_sided_z(confidence: float) -> float:
+    """The normal quantile of a one-sided bound at ``confidence`` (0.95 -> 1.645); 0 for no bound."""
+    return NormalDist().inv_cdf(confidence) if confidence > 0 else 0.0
+
+
+def wilson_lower(failures: int, total: int, z: float) -> float:
+    """The Wilson score lower bound of a failure ratio: the true ratio is at least this, at the bound's confidence.
+
+    Small samples get wide intervals: 6 failures of 10 bound the ratio only above 0.35 (z = 1.645), while 10 of
+    10 bound it above 0.79. With ``z = 0`` it is the observed ratio.
+    """
+    if total <= 0:
+        return 0.0
+    p = failures / total
+    if z <= 0:
+        return p
+    z2 = z * z
+    centre = p + z2 / (2 * total)
+    spread = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
+    return max(0.0, (centre - spread) / (1 + z2 / total))
+
+
+def trips(failures: int, total: int, *, ratio: float, min_throughput: int, z: float) -> bool:
+    """The closed circuit's trip rule: enough calls, a failure ratio at the threshold, and (with ``z`` > 0) a
+    ratio whose Wilson lower bound reaches the threshold too, so noise in a small sample does not trip it. A
+    threshold the bound can never reach with ``total`` calls (1.0 needs infinitely many) is met by every call
+    failing."""
+    if total < min_throughput or failures / total < ratio:
+        return False
+    return z <= 0 or failures == total or wilson_lower(failures, total, z) >= ratio
 
 
 class SamplingWindow:

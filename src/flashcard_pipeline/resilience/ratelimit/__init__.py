@@ -2,7 +2,14 @@
 
 from flashcard_pipeline.resilience.ratelimit.algorithms import SlidingWindowLog, TokenBucket
 from flashcard_pipeline.resilience.ratelimit.backends import LimitBackend, MemoryLimits
-from flashcard_pipeline.resilience.ratelimit.events import LimitCut, LimitPause, LimitRaise, LimitWait
+from flashcard_pipeline.resilience.ratelimit.events import (
+    LimitCut,
+    LimitPause,
+    LimitRaise,
+    LimitReason,
+    LimitStatus,
+    LimitWait,
+)
 from flashcard_pipeline.resilience.ratelimit.group import LimitGroup
 from flashcard_pipeline.resilience.ratelimit.headers import RateLimitHeaders
 from flashcard_pipeline.resilience.ratelimit.limiter import RateLimiter
@@ -18,6 +25,8 @@ __all__ = [
     "LimitGroup",
     "LimitPause",
     "LimitRaise",
+    "LimitReason",
+    "LimitStatus",
     "LimitWait",
     "MemoryLimits",
     "RateLimitHeaders",

@@ -1,5 +1,6 @@
 """The adaptive loop of a limit group (AIMD): what it knows per limit, how it reads that state (local, or shared
-through Redis) and how it cuts after a 429 and raises after sustained success."""
+through Redis) and how it cuts after a 429 and raises after sustained success, or restores the rate a cut took
+when :mod:`~.signal` found the 429s were not rate-related."""
 
 from __future__ import annotations
 
@@ -13,10 +14,17 @@ from flashcard_pipeline.resilience.core.clock import Clock
 from flashcard_pipeline.resilience.core.events import EventHub
 from flashcard_pipeline.resilience.ratelimit.algorithms import INF
 from flashcard_pipeline.resilience.ratelimit.backends import GrantLimiter, LimitBackend
-from flashcard_pipeline.resilience.ratelimit.events import LimitCause, LimitCut, LimitRaise
+from flashcard_pipeline.resilience.ratelimit.events import (
+    LimitCause,
+    LimitCut,
+    LimitRaise,
+    LimitReason,
+    LimitStatus,
+)
 from flashcard_pipeline.resilience.ratelimit.headers import Dimension
 from flashcard_pipeline.resilience.ratelimit.plan import WINDOW, min_requests_per_minute, plan_limit
 from flashcard_pipeline.resilience.ratelimit.settings import RateLimitSettings
+from flashcard_pipeline.resilience.ratelimit.signal import RateSignal
 
 log = logging.getLogger("flashcard_pipeline.resilience.rate_limit")
 
@@ -42,6 +50,8 @@ class _Dim:
     saturated: bool = False
     decreases: int = 0
     increases: int = 0
+    #: The rate a cut took, being given back (429s that proved not rate-related); None: nothing to restore.
+    restore_to: float | None = None
 
     @property
     def cap(self) -> float | None:
@@ -90,6 +100,8 @@ class AdaptiveLimits:
     started: float
     _used: deque[_Used]
     _dims: tuple[_Dim, _Dim]
+    signal: RateSignal
+    _shown: dict[str, tuple[float | None, LimitReason]]
 
     @property
     def label(self) -> str:
@@ -140,6 +152,27 @@ class AdaptiveLimits:
     def _changed(self, dim: _Dim, before: float, after: float, cause: LimitCause) -> None:
         event = LimitCut if after < before else LimitRaise
         self.events.emit(event(self.label, dim.name, before, after, cause))
+        self._status(dim)
+
+    def reason(self, dim: _Dim) -> LimitReason:
+        """Why ``dim``'s limit is what it is (see :data:`~.events.LimitReason`)."""
+        if dim.header is not None:
+            return "headers"
+        if not math.isfinite(dim.planned):
+            return "unlimited"
+        if self.signal.verdict == "noise":
+            return "429s are not rate-related"
+        if self.signal.verdict == "limit" and dim.ceiling is not None:
+            return "found"
+        return "configured" if dim.configured is not None else "probing"
+
+    def _status(self, dim: _Dim) -> None:
+        """Tell listeners the limit's level and reason when either changed."""
+        planned = dim.planned if math.isfinite(dim.planned) else None
+        shown = (planned, self.reason(dim))
+        if self._shown.get(dim.name) != shown:
+            self._shown[dim.name] = shown
+            self.events.emit(LimitStatus(self.label, dim.name, *shown))
 
     def _binding(self, dim: _Dim, view: _View) -> bool:
         if not math.isfinite(view.planned):
@@ -187,12 +220,16 @@ class AdaptiveLimits:
             return
         local_now = self.clock.monotonic()
         for dim in self._dims:
-            if not dim.saturated or local_now - dim.changed_at < settings.increase_interval \
-                    or local_now - dim.decreased_at < settings.increase_interval:
+            if dim.restore_to is not None:
+                await self._restore(dim, local_now)
+                continue
+            interval = settings.probe_interval if dim.ceiling is None else settings.increase_interval
+            if not dim.saturated or local_now - dim.changed_at < interval \
+                    or local_now - dim.decreased_at < interval:
                 continue
             view = await self._view(dim)
-            if view.shared is not None and (view.now - view.changed_at < settings.increase_interval
-                                            or view.now - view.decreased_at < settings.increase_interval):
+            if view.shared is not None and (view.now - view.changed_at < interval
+                                            or view.now - view.decreased_at < interval):
                 dim.changed_at = local_now
                 continue
             cap = dim.cap
@@ -213,3 +250,21 @@ class AdaptiveLimits:
                 self._changed(dim, view.planned, planned, "adaptive")
             if view.shared is not None:
                 dim.changed_at = local_now
+
+    async def _restore(self, dim: _Dim, local_now: float) -> None:
+        """Give back the rate a cut took, doubling every ``probe_interval`` s (slow start back), then probe on
+        from there as before any 429: the 429s said nothing about our rate."""
+        target = dim.restore_to
+        if target is None or local_now - dim.changed_at < self.settings.probe_interval:
+            return
+        view = await self._view(dim)
+        cap = dim.cap
+        target = min(target, cap) if cap is not None else target
+        planned = min(target, max(view.planned * (1 + self.settings.probe_step), view.planned))
+        if planned >= target:
+            dim.restore_to = None
+        if planned > view.planned and await self._commit(dim, view, planned=planned, ceiling=None,
+                                                         header=view.header, decreased=False):
+            dim.increases += 1
+            self._changed(dim, view.planned, planned, "adaptive")
+        dim.changed_at = local_now

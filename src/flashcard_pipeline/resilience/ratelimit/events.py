@@ -49,3 +49,19 @@ class LimitRaise(ResilienceEvent):
     before: float
     after: float
     cause: LimitCause
+
+
+#: Why a limit is what it is: set by the user, by ``x-ratelimit-*`` headers, found from 429s that answered our
+#: rate, held because 429s did not answer it, still growing before any 429, or none at all.
+LimitReason = Literal["configured", "headers", "found", "429s are not rate-related", "probing", "unlimited"]
+
+
+@dataclass(frozen=True)
+class LimitStatus(ResilienceEvent):
+    """A limit's level and the reason for it, each time either changes (``ratelimit status`` and the progress
+    line show it)."""
+
+    group: str
+    dimension: Dimension
+    planned: float | None
+    reason: LimitReason

@@ -17,10 +17,14 @@ Why each rule is there (the failures seen elsewhere):
   loop settles just under an unknown limit instead of sawing between half of it and all of it. A
   configured limit is the ceiling of the same loop. ``x-ratelimit-limit-*`` headers set the limit
   outright; ``x-ratelimit-remaining-* = 0`` pauses until ``x-ratelimit-reset-*``.
-* **A 429 pauses everybody.** The caller that got it raises it to the retry policy, and every caller
-  of that provider and model waits out ``Retry-After`` (or ``default_pause``), with the bucket
-  drained so the pause does not end in a burst. 429s of calls sent before the last decrease count as
-  the same overload and do not lower the limit again.
+* **A 429 that answers our rate pauses everybody.** The caller that got it raises it to the retry
+  policy, and every caller of that provider and model waits out ``Retry-After`` (or
+  ``default_pause``), with the bucket drained so the pause does not end in a burst. 429s of calls
+  sent before the last decrease count as the same overload and do not lower the limit again.
+* **A 429 that does not answer our rate changes nothing.** :mod:`~.signal` weighs each 429 against
+  the share of 429s seen under any limit; after a cut, a 429 share that does not fall means a busy
+  upstream, not our limit: the cut rate is restored, and such 429s no longer pause or cut (the
+  retry policy still waits each one's Retry-After before sending that call again).
 
 Waiting callers queue FIFO behind one head, which polls the limits (so a large call is not starved by
 small ones). With the Redis backend several processes share the buckets, the pause and the planned
@@ -47,6 +51,7 @@ from flashcard_pipeline.resilience.ratelimit.backends import LimitBackend
 from flashcard_pipeline.resilience.ratelimit.events import LimitPause, LimitWait
 from flashcard_pipeline.resilience.ratelimit.headers import Dimension, RateLimitHeaders
 from flashcard_pipeline.resilience.ratelimit.settings import RateLimitSettings
+from flashcard_pipeline.resilience.ratelimit.signal import RateSignal, Trial
 
 log = logging.getLogger("flashcard_pipeline.resilience.rate_limit")
 T = TypeVar("T")
@@ -65,6 +70,8 @@ class Grant:
     tokens: float
     #: On the backend's time scale, for telling which 429s belong to an overload already handled.
     granted_at: float
+    #: On this process's clock, for telling calls sent before a cut from those sent after it.
+    sent_at: float = 0.0
 
 
 def _granted_at(parts: list[Any], fallback: float) -> float:
@@ -93,7 +100,11 @@ class LimitGroup(AdaptiveLimits):
         now = clock.monotonic()
         self.started = now
         self.rate_limited = 0
+        #: 429s that did not answer our rate: neither paused nor cut.
+        self.rate_limited_noise = 0
         self.paused_total = 0.0
+        self.signal = RateSignal()
+        self._shown = {}
         self._queue = asyncio.Lock()
         self._waiting = 0
         self._used: deque[_Used] = deque()
@@ -105,6 +116,8 @@ class LimitGroup(AdaptiveLimits):
         self.tokens = self._dim("tokens", tokens, tokens or INF, 1.0, now)
         self._dims = (self.requests, self.tokens)
         self._limiters = (self.requests.limiter, self.tokens.limiter)
+        for dim in self._dims:
+            self._status(dim)
 
     @property
     def label(self) -> str:
@@ -163,7 +176,8 @@ class LimitGroup(AdaptiveLimits):
         if not self._waiting:
             parts, _, blocked = await self.limits.take(self._limiters, amounts, key)
             if parts is not None:
-                return Grant(parts, float(tokens), _granted_at(parts, self.clock.monotonic()))
+                now = self.clock.monotonic()
+                return Grant(parts, float(tokens), _granted_at(parts, now), now)
             self._dims[blocked].saturated = True
         self._waiting += 1
         started = self.clock.monotonic()
@@ -178,7 +192,8 @@ class LimitGroup(AdaptiveLimits):
                         metrics.waited += 1
                         metrics.wait_time += waited
                         self.events.emit(LimitWait(self.label, blocker.name, waited))
-                        return Grant(parts, float(tokens), _granted_at(parts, self.clock.monotonic()))
+                        now = self.clock.monotonic()
+                        return Grant(parts, float(tokens), _granted_at(parts, now), now)
                     blocker = self._dims[blocked]
                     blocker.saturated = True
                     if wait == INF:
@@ -202,11 +217,13 @@ class LimitGroup(AdaptiveLimits):
     async def succeeded(self, grant: Grant, answer: ProviderAnswer | None) -> None:
         used = answer.total_tokens if answer is not None else 0
         await self._settle(grant, used, success=True)
+        await self._observe(grant, limited=False)
         if answer is not None and answer.headers:
             await self._headers(RateLimitHeaders.parse(answer.headers, self.clock.now().timestamp()))
         await self._maybe_increase()
 
     async def failed(self, grant: Grant, error: StructuredError) -> None:
+        await self._observe(grant, limited=False)
         usage = error.details.get("usage") if isinstance(error.details, dict) else None
         if isinstance(usage, Mapping):
             used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
@@ -224,18 +241,54 @@ class LimitGroup(AdaptiveLimits):
             await self.requests.limiter.settle_grant(grant.parts[0] if grant.parts else [], 0.0, 1.0)
 
     async def rate_limited_by(self, grant: Grant, error: RateLimitError) -> None:
-        """A 429: pause every caller, and lower the binding limits once per overload."""
+        """A 429: if it answers our rate, pause every caller and lower the binding limits once per overload;
+        if not (:mod:`~.signal`), leave both alone."""
         self.rate_limited += 1
         settings = self.settings
-        wait = error.retry_after if error.retry_after is not None else settings.default_pause
-        await self.pause(min(max(wait, 0.0), settings.max_pause))
+        await self._observe(grant, limited=True)
+        now = self.clock.monotonic()
+        if settings.adaptive and not self.signal.evidence(now, grant.sent_at):
+            self.rate_limited_noise += 1
+            return
+        wait = min(max(error.retry_after if error.retry_after is not None else settings.default_pause, 0.0),
+                   settings.max_pause)
+        await self.pause(wait)
         if not settings.adaptive:
             return
+        before = self.requests.planned
+        cuts = self.requests.decreases + self.tokens.decreases
         for dim in self._dims:
             view = await self._view(dim)
             # Calls granted before (or in the instant of) the last decrease belong to the overload it answered.
             if grant.granted_at > view.decreased_at and self._binding(dim, view):
                 await self._decrease(dim, view)
+        self.signal.start_trial(before, now + wait, now,
+                                cut=self.requests.decreases + self.tokens.decreases > cuts)
+
+    async def _observe(self, grant: Grant, *, limited: bool) -> None:
+        """Count an answered call for :mod:`~.signal`, and act on the verdict of a cut's trial it ends."""
+        if not self.settings.adaptive:
+            return
+        trial = self.signal.record(grant.sent_at, limited, self.clock.monotonic())
+        if trial is not None:
+            self._judged(trial)
+
+    def _judged(self, trial: Trial) -> None:
+        dim = self.requests
+        signal = self.signal
+        if signal.verdict == "noise":
+            log.info("%s: the 429 share did not fall after the cut (%d of %d before, %d of %d after): 429s are not "
+                     "rate-related; restoring %.0f requests per minute", self.label, trial.limited_before,
+                     trial.total_before, trial.limited_after, trial.total_after, trial.rate_before)
+            if math.isfinite(trial.rate_before) and trial.rate_before > dim.planned:
+                dim.restore_to = trial.rate_before
+            dim.ceiling = None
+        else:
+            log.info("%s: the 429 share fell after the cut (%d of %d before, %d of %d after): a rate limit, near "
+                     "%.0f requests per minute", self.label, trial.limited_before, trial.total_before,
+                     trial.limited_after, trial.total_after, dim.planned)
+        for each in self._dims:
+            self._status(each)
 
     async def pause(self, seconds: float) -> None:
         if seconds <= 0:
@@ -259,6 +312,7 @@ class LimitGroup(AdaptiveLimits):
                     if await self._commit(dim, view, planned=cap, ceiling=None, header=limit, decreased=False) \
                             and cap != before:
                         self._changed(dim, before, cap, "header")
+                    self._status(dim)
             if remaining is not None and remaining <= 0:
                 pause = max(pause, reset if reset is not None else self.settings.default_pause)
         if pause > 0:
@@ -273,6 +327,7 @@ class LimitGroup(AdaptiveLimits):
             state = await dim.limiter.state()
             dims[dim.name] = {
                 "mode": dim.mode,
+                "reason": self.reason(dim),
                 "configured_per_minute": dim.configured,
                 "header_per_minute": dim.header,
                 "planned_per_minute": dim.planned if math.isfinite(dim.planned) else None,
@@ -283,5 +338,7 @@ class LimitGroup(AdaptiveLimits):
                 **state,
             }
         return {"provider": self.provider, "model": self.model, "rate_limited": self.rate_limited,
+                "rate_limited_not_rate_related": self.rate_limited_noise,
+                "share_429_not_rate_related": round(self.signal.floor, 4), "verdict": self.signal.verdict,
                 "paused_total_s": round(self.paused_total, 3), "waiting": self._waiting, **dims}
 

@@ -1,0 +1,184 @@
+"""Whether a group's 429s answer our request rate (a limit) or not (noise), from their share before and after a cut.
+
+A limit's 429s respond to the rate: their share rises as we speed up and falls when we slow down. A busy upstream's
+429s (OpenRouter relays them; free models send them all day) come at the same share whatever we send. So each 429
+is weighed against the *floor*, the 429 share we saw while under any limit (0 until measured):
+
+* A 429 is **evidence** when the share of the last ``RECENT`` seconds is clearly above the floor (any 429 is, while
+  the floor is 0). Evidence pauses every caller and cuts, as before; a 429 that is not evidence does neither (the
+  retry policy still waits its Retry-After before sending that call again).
+* The first evidence starts a **trial**: the share before it (the last ``RECENT`` seconds) against the share of the
+  calls granted after the pause (at least ``TRIAL_SAMPLES``). If the share clearly fell (a one-sided
+  two-proportion test at ``Z``) the 429s answer our rate: a limit, found. If 429s go on at no less than half the
+  share before, they are noise: the floor becomes the share measured, and the group restores the rate it had
+  before the cut.
+
+Outcomes are samples of calls, on the group's clock; one process's view (with Redis each process judges its own).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+#: Seconds of history kept, and of recent calls a 429 is judged on.
+HISTORY = 60.0
+RECENT = 10.0
+#: Calls granted after a cut's pause before its trial is judged.
+TRIAL_SAMPLES = 20
+#: ... and the most a trial waits for a clear answer.
+MAX_TRIAL = 100
+#: During a trial, a 429 cuts again only if at least this share of the (at least ``OVERLOAD_SAMPLES``) calls sent
+#: since the cut got one: a limit far below the rate, not a busy upstream's few.
+HEAVY = 0.25
+OVERLOAD_SAMPLES = 3
+#: One-sided 95%: "the share fell" and "the share is above the floor" must both be clear.
+Z = 1.645
+#: "It fell" at one-sided 99%: calling noise a limit costs the rate the cut took, for good.
+Z_FELL = 2.326
+
+Verdict = Literal["unknown", "limit", "noise"]
+
+
+@dataclass(frozen=True)
+class _Sample:
+    at: float
+    limited: bool
+
+
+@dataclass
+class Trial:
+    """A cut under test: what the share was before it, and from when calls count as after it."""
+
+    rate_before: float
+    after: float
+    limited_before: int
+    total_before: int
+    limited_after: int = 0
+    total_after: int = 0
+
+
+class RateSignal:
+    """The 429 share per moment, the floor, the verdict, and the trial of the last cut."""
+
+    def __init__(self) -> None:
+        self.samples: deque[_Sample] = deque()
+        self.floor = 0.0
+        self.verdict: Verdict = "unknown"
+        self.trial: Trial | None = None
+
+    def _recent(self, now: float, since: float | None = None) -> tuple[int, int]:
+        """(429s, calls) granted since ``since`` (default: the last ``RECENT`` seconds)."""
+        start = now - RECENT if since is None else since
+        limited = total = 0
+        for sample in reversed(self.samples):
+            if sample.at < start:
+                break
+            total += 1
+            limited += sample.limited
+        return limited, total
+
+    def record(self, at: float, limited: bool, now: float) -> Trial | None:
+        """A call granted at ``at`` was answered (a 429 or not); returns the trial it ends, if it ends one."""
+        self.samples.append(_Sample(at, limited))
+        while self.samples and self.samples[0].at < now - HISTORY:
+            self.samples.popleft()
+        trial = self.trial
+        if trial is None:
+            if self.verdict == "noise":
+                self._track_floor(now)
+            return None
+        if at >= trial.after:
+            trial.total_after += 1
+            trial.limited_after += limited
+        else:  # sent at a rate before the last cut (answered now): the share the cut answered
+            trial.total_before += 1
+            trial.limited_before += limited
+        verdict = judge(trial)
+        if verdict is None:
+            return None
+        self.trial = None
+        self.verdict = verdict
+        before = trial.limited_before / max(1, trial.total_before)
+        after = trial.limited_after / trial.total_after
+        self.floor = after if verdict == "noise" else min(after, before)
+        return trial
+
+    def _track_floor(self, now: float) -> None:
+        """While 429s are noise, the floor follows their share over the history before the recent part."""
+        limited = total = 0
+        for sample in self.samples:
+            if sample.at >= now - RECENT:
+                break
+            total += 1
+            limited += sample.limited
+        if total >= TRIAL_SAMPLES:
+            self.floor = limited / total
+
+    def evidence(self, now: float, at: float) -> bool:
+        """Does the 429 of a call granted at ``at`` answer our rate? During a trial it may (every 429 pauses,
+        as a limit's must); otherwise: is the recent 429 share clearly above the floor?"""
+        if self.trial is not None:
+            return True
+        limited, total = self._recent(now)
+        floor = self.floor
+        if floor > 0 and total < TRIAL_SAMPLES:
+            return False  # a few calls with a 429 among them say nothing against a floor above 0
+        if total == 0:
+            return True
+        return limited > total * floor + Z * math.sqrt(total * floor * (1 - floor)) + 0.5
+
+    def may_cut(self, at: float) -> bool:
+        """During a trial, a 429 of a call sent after the cut cuts again only if the calls since the cut still
+        meet a heavy share of 429s (a cut not deep enough yet), not a busy upstream's few."""
+        trial = self.trial
+        if trial is None or at < trial.after:
+            return True
+        return trial.total_after >= OVERLOAD_SAMPLES and trial.limited_after >= HEAVY * trial.total_after
+
+    def start_trial(self, rate_before: float, after: float, now: float, *, cut: bool) -> None:
+        """Evidence at ``now``, and maybe a cut: judge on the calls granted from ``after`` (the pause's end) on.
+        Evidence during a trial moves its start: what was "after" is now part of "before" (a limit cut in steps
+        is judged once the last step is under it), and ``rate_before`` stays the rate before the first cut."""
+        trial = self.trial
+        if trial is None:
+            limited, total = self._recent(now)
+            self.trial = Trial(rate_before, after, limited, total)
+            return
+        if not cut:
+            return
+        trial.limited_before += trial.limited_after
+        trial.total_before += trial.total_after
+        trial.limited_after = trial.total_after = 0
+        trial.after = max(trial.after, after)
+
+
+def judge(trial: Trial) -> Verdict | None:
+    """A limit if the share clearly fell; noise if 429s go on after the cut at no less than half the share
+    before it; undecided (None) until ``TRIAL_SAMPLES`` calls after the cut, and while neither is clear up to
+    ``MAX_TRIAL`` of them (then whichever share is higher)."""
+    after = trial.total_after
+    if after < TRIAL_SAMPLES:
+        return None
+    if fell(trial):
+        return "limit"
+    pb = trial.limited_before / max(1, trial.total_before)
+    pa = trial.limited_after / after
+    if trial.limited_after >= 2 and pa >= pb / 2:
+        return "noise"
+    if after >= MAX_TRIAL:
+        return "limit" if pa < pb else "noise"
+    return None
+
+
+def fell(trial: Trial) -> bool:
+    """Did the 429 share clearly fall after the cut (one-sided two-proportion z-test)?"""
+    nb, na = max(1, trial.total_before), max(1, trial.total_after)
+    pb, pa = trial.limited_before / nb, trial.limited_after / na
+    pooled = (trial.limited_before + trial.limited_after) / (nb + na)
+    if pooled <= 0:
+        return False
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / nb + 1 / na))
+    return (spread == 0 and pb > pa) or (spread > 0 and (pb - pa) / spread >= Z_FELL)
