@@ -4,6 +4,7 @@ workers claiming at the same instant from several threads get disjoint items (FO
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -132,3 +133,48 @@ def test_concurrent_claims_on_postgresql_get_disjoint_items(postgres_url: str) -
         assert store.open_items(run_id, T0).claimable == 200
     finally:
         engine.dispose()
+
+
+async def test_the_budget_is_the_runs_whatever_the_workers_spend(engine: Engine) -> None:
+    """Each heartbeat brings the run's spending as the ledger has it: --max-cost holds for the run, not per worker
+    (a worker that spent $0.01 stops once the others bring the run to its budget)."""
+    from sqlalchemy import insert
+
+    from flashcard_pipeline.errors import BudgetExceededError
+    from flashcard_pipeline.leasing import LeaseTiming, WorkerLease
+    from flashcard_pipeline.storage.schema import ApiCall
+    from tests.test_pipeline import ScriptedClient, pipeline
+
+    store = LeaseStore(engine)
+    run_id, other = make_run(engine, 2), make_run(engine, 1)
+    with engine.begin() as conn:
+        conn.execute(insert(ApiCall), [
+            {"run_id": run_id, "stage": "nuance", "provider": "p", "model": "m", "status": "ok", "cost_usd": cost}
+            for cost in (0.02, 0.02, None)] + [
+            {"run_id": other, "stage": "nuance", "provider": "p", "model": "m", "status": "ok", "cost_usd": 5.0}])
+    assert store.run_cost(run_id) == pytest.approx(0.04), "a call without a cost counts nothing; other runs none"
+
+    worker = pipeline(Ledger(engine), ScriptedClient(), max_cost=0.05)
+    worker.stats.cost_usd = 0.01  # what this worker spent (and recorded) itself
+    beats = 0
+
+    async def one_beat(seconds: float) -> None:
+        nonlocal beats
+        beats += 1
+        if beats > 1:
+            raise asyncio.CancelledError
+
+    lease = WorkerLease(store, run_id, concurrency=1, timing=LeaseTiming(), clock=lambda: T0, sleep=one_beat)
+    worker_id = register(store, run_id, 7)
+    with pytest.raises(asyncio.CancelledError):
+        await lease._beat(worker_id, worker)
+    assert worker.spent == pytest.approx(0.04), "the run's total, this worker's own spending counted once"
+    worker._check_budget()  # $0.04 of $0.05: calls go on
+    with engine.begin() as conn:
+        conn.execute(insert(ApiCall), [{"run_id": run_id, "stage": "cards", "provider": "p", "model": "m",
+                                        "status": "ok", "cost_usd": 0.02}])
+    worker.note_run_spending(store.run_cost(run_id))
+    with pytest.raises(BudgetExceededError, match=r"budget of \$0\.0500 reached"):
+        worker._check_budget()
+    worker.note_run_spending(0.0)
+    assert worker.spent == pytest.approx(0.06), "a stale reading never lowers what was seen"

@@ -111,5 +111,6 @@ class WorkerLease:
                                         lease_seconds=self.timing.lease_seconds,
                                         items_done=stats.done - stats.already_done, items_failed=stats.failed,
                                         in_flight=stats.in_flight)
+                pipeline.note_run_spending(await asyncio.to_thread(self.store.run_cost, self.run_id))
             except Exception as exc:  # a busy database must not stop the work; the next beat tries again
                 log.warning("worker heartbeat failed (the leases last %g s): %s", self.timing.lease_seconds, exc)

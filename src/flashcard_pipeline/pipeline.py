@@ -655,6 +655,11 @@ class Pipeline:
         """Dollars the run has spent, earlier invocations included: what ``max_cost`` is measured against."""
         return self._spent_before + self.stats.cost_usd
 
+    def note_run_spending(self, total: float) -> None:
+        """What the whole run has spent, as the ledger says (workers: the others' spending too), so that
+        ``max_cost`` holds for the run and not for each worker: overshoot is bounded by one heartbeat's spending."""
+        self._spent_before = max(self._spent_before, total - self.stats.cost_usd)
+
     def _check_budget(self) -> None:
         """Stop before a call that would start beyond the budget; answers already paid for are kept. The
         error aborts the run, and as a non-retryable error it leaves every policy's loop at once."""

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from flashcard_pipeline.storage.ledger import PendingItem, item_model
-from flashcard_pipeline.storage.schema import Item, StageState, Worker
+from flashcard_pipeline.storage.schema import ApiCall, Item, StageState, Worker
 
 RUNNING = "running"
 STOPPED = "stopped"
@@ -126,6 +126,12 @@ class LeaseStore:
             session.execute(update(Worker).where(Worker.id == worker_id).values(
                 last_heartbeat=now, items_done=items_done, items_failed=items_failed, in_flight=in_flight))
             return int(held or 0)
+
+    def run_cost(self, run_id: int) -> float:
+        """Dollars every worker of the run has recorded: what each one's ``--max-cost`` check is measured against."""
+        with Session(self.engine) as session:
+            return float(session.scalar(select(func.coalesce(func.sum(ApiCall.cost_usd), 0.0))
+                                        .where(ApiCall.run_id == run_id)) or 0.0)
 
     def release(self, worker_id: int, *, now: datetime, items_done: int, items_failed: int) -> int:
         """The worker stops: its open items go back at once (no lease to wait for) and it is marked stopped."""
