@@ -270,6 +270,40 @@ async def test_by_default_a_quarter_of_calls_failing_never_trips() -> None:
     assert breaker.state_provider.state is CircuitState.CLOSED
 
 
+async def outage_after_a_busy_window(recent_buckets: int) -> tuple[float, str]:
+    """300 successes over 30 s at 10 calls a second, then every call fails: seconds to trip, and the reason."""
+    clock = FakeClock(autojump=False)
+    breaker = CircuitBreaker(CircuitBreakerConfig(recent_buckets=recent_buckets), name="p/m", clock=clock)
+    for _ in range(300):
+        clock.advance(0.1)
+        await outcome(breaker, ok)
+    down_since = clock.monotonic()
+    while breaker.state_provider.state is CircuitState.CLOSED:
+        clock.advance(0.1)
+        await outcome(breaker, down)
+    return clock.monotonic() - down_since, breaker.state_provider.transitions[-1].reason
+
+
+async def test_a_sudden_outage_in_a_busy_run_trips_on_the_newest_buckets_in_seconds() -> None:
+    seconds, reason = await outage_after_a_busy_window(recent_buckets=2)
+    assert seconds <= 3.5 and "in the last 6 s" in reason, "within a bucket or so of the first failure"
+    slow, reason = await outage_after_a_busy_window(recent_buckets=0)
+    assert slow >= 15.0 and "in the last 30 s" in reason, "the whole window alone waits for its successes to age"
+
+
+@pytest.mark.parametrize("share", [0.25, 0.35])
+async def test_the_newest_buckets_do_not_trip_on_a_noisy_provider(share: float) -> None:
+    """20,000 calls at 10 per second, each failing with probability ``share``: the recent rule's doubled minimum
+    throughput and the confidence bound keep noise from opening the circuit."""
+    clock = FakeClock(autojump=False)
+    breaker = CircuitBreaker(CircuitBreakerConfig(), name="p/m", clock=clock)
+    rng = random.Random(7)
+    for _ in range(20_000):
+        clock.advance(0.1)
+        await outcome(breaker, down if rng.random() < share else ok)
+    assert breaker.state_provider.opened_count == 0
+
+
 async def test_the_trip_is_evaluated_on_a_failure_only() -> None:
     breaker, _, _ = make(min_throughput=10, failure_ratio=0.5)
     await play(breaker, "fffff" + "ssss")   # 5 of 9: below the minimum throughput

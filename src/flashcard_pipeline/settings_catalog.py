@@ -59,6 +59,8 @@ NOTES: dict[str, str] = {
     "CB_MIN_THROUGHPUT": "calls the window must hold before the ratio means anything",
     "CB_CONFIDENCE": "trip only when the ratio's Wilson lower bound at this one-sided confidence reaches "
                      "CB_FAILURE_RATIO (0: the plain ratio)",
+    "CB_RECENT_BUCKETS": "also trip on the newest buckets alone (twice CB_MIN_THROUGHPUT calls in them), so a "
+                         "sudden outage opens in seconds (0: off)",
     "CB_SAMPLING_DURATION": "seconds of history the ratio is computed over",
     "CB_SAMPLING_BUCKETS": "time buckets in that window",
     "CB_BREAK_DURATION": "seconds of the first break",

@@ -252,11 +252,20 @@ class CircuitBreaker:
         health = self._window.health(now)
         total = health.throughput
         config = self.config
-        if trips(health.failures, total, ratio=config.failure_ratio, min_throughput=config.min_throughput,
-                 z=self._z):
-            self._last_failure = describe_error(error)
-            self._open(now, f"{health.failures} of {total} calls failed in the last "
-                            f"{self.config.sampling_duration:g} s (last: {self._last_failure})", health)
+        span = config.sampling_duration
+        if not trips(health.failures, total, ratio=config.failure_ratio, min_throughput=config.min_throughput,
+                     z=self._z):
+            if not config.recent_buckets:
+                return
+            health = self._window.health(now, config.recent_buckets)
+            total = health.throughput
+            if not trips(health.failures, total, ratio=config.failure_ratio,
+                         min_throughput=2 * config.min_throughput, z=self._z):
+                return
+            span = self._bucket * min(config.recent_buckets, self._n)
+        self._last_failure = describe_error(error)
+        self._open(now, f"{health.failures} of {total} calls failed in the last {span:g} s "
+                        f"(last: {self._last_failure})", health)
 
     def release(self, permit: Permit) -> None:
         """An outcome with no verdict (cancelled, a bug): a probe's slot is freed, nothing else changes."""

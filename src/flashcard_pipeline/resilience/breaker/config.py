@@ -46,6 +46,9 @@ class CircuitBreakerConfig(BaseModel):
     #: Trip only when the Wilson lower bound of the failure ratio at this one-sided confidence reaches
     #: ``failure_ratio`` (0: the plain ratio, as Polly). 0.95 keeps a provider failing 25% of calls closed.
     confidence: float = Field(default=0.95, ge=0.0, lt=1.0, allow_inf_nan=False)
+    #: Also trip on the newest this many buckets alone (with twice ``min_throughput`` calls in them), so a sudden
+    #: outage opens the circuit in seconds although the whole window is still full of earlier successes (0: off).
+    recent_buckets: int = Field(default=2, ge=0, le=1000)
     #: Seconds of history the failure ratio is computed over.
     sampling_duration: float = _finite(30.0, gt=0.0, le=86_400.0)
     #: Number of time buckets in the window: an outcome leaves it with its bucket.

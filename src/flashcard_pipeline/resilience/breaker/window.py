@@ -72,10 +72,10 @@ class SamplingWindow:
         else:
             self.successes[slot] += 1
 
-    def health(self, now: float) -> HealthInfo:
-        """The window at ``now``, computed without changing anything."""
+    def health(self, now: float, buckets: int | None = None) -> HealthInfo:
+        """The window at ``now`` (or its newest ``buckets`` buckets), computed without changing anything."""
         newest = int(now // self.bucket)
-        oldest = newest - self.size
+        oldest = newest - (self.size if buckets is None else min(buckets, self.size))
         successes = failures = 0
         for slot, index in enumerate(self.ids):
             if oldest < index <= newest:
