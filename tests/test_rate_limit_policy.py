@@ -620,3 +620,32 @@ async def test_the_default_policy_order_skips_limiter_waits_in_the_deadline_too(
     sent: list[float] = []
     assert await pipeline.execute(_flaky(clock, sent), context(key="second")) == ("sent", response())
     assert len(sent) == 2 and sent[0] >= 29 and retry.stats.gave_up == 0
+
+
+async def test_a_429_pauses_every_call_even_with_unlimited_buckets() -> None:
+    """RL_ADAPTIVE=false and no --rpm: both buckets are unlimited, and the Retry-After still holds for everyone
+    (an unlimited bucket used to grant straight through the pause)."""
+    clock = FakeClock()
+    limits = Limits(RateLimitSettings(adaptive=False), clock=clock)
+
+    async def ok() -> tuple[str, ChatResponse]:
+        return "ok", ChatResponse(content="{}", finish_reason="stop", usage=Usage(200, 100), model="m",
+                                  response_id=None, latency_s=0.1, status_code=200)
+
+    async def limited() -> None:
+        raise RateLimitError("429", status_code=429, retry_after=3.0)
+
+    ctx = CallContext(stage="nuance", item_key="k", provider="p", model="m", estimated_tokens=1000)
+    await limits.execute(ok, ctx)
+    assert clock.monotonic() == 0.0, "unlimited: no wait"
+    with pytest.raises(RateLimitError):
+        await limits.execute(limited, ctx)
+    sent: list[float] = []
+
+    async def timed() -> tuple[str, ChatResponse]:
+        sent.append(clock.monotonic())
+        return await ok()
+
+    await asyncio.gather(*(limits.execute(timed, ctx) for _ in range(5)))
+    assert sent and min(sent) >= 3.0 - 1e-9, "nobody was sent before the Retry-After"
+    assert max(sent) == pytest.approx(3.0), "and then everyone at once: the limits are unlimited"

@@ -295,3 +295,19 @@ async def test_two_processes_sharing_a_redis_limit_stay_within_it_together(redis
     for i, first in enumerate(times):
         for j in range(i, min(i + 60, len(times))):
             assert j - i + 1 <= 40 * (times[j] - first) + 5 + 1
+
+
+async def test_a_pause_holds_an_unlimited_redis_bucket_too(redis_prefix) -> None:
+    client, prefix = redis_prefix
+    clock = _Clock()
+    bucket = limiter(client, prefix, clock, INF, 1.0)
+    ok, when, *_ = await bucket._reserve_raw(5, INF)
+    assert ok and when == pytest.approx(0.0)
+    await bucket.pause(3.0)
+    ok, when, *_ = await bucket._reserve_raw(5, INF)
+    assert ok and when == pytest.approx(3.0), "granted, but only after the pause"
+    ok, wait, *_ = await bucket._reserve_raw(1, 1.0)
+    assert not ok and wait == pytest.approx(3.0), "a caller that cannot wait that long is refused"
+    clock.t = 3.5
+    ok, when, *_ = await bucket._reserve_raw(1, 0)
+    assert ok and when == pytest.approx(3.5)

@@ -72,8 +72,11 @@ def check_rate_and_burst(rate: float, burst: float) -> None:
         raise ValueError(f"burst must be a finite number >= 0, got {burst!r}")
 
 
-def free_take(rate: float, amount: float, at: float) -> Take | None:
-    """What every algorithm grants as it is: any amount from an unlimited limit, nothing from any limit."""
+def free_take(rate: float, amount: float, at: float, paused_until: float = -INF) -> Take | None:
+    """What every algorithm grants as it is: any amount from an unlimited limit, nothing from any limit; after a
+    pause, though (a 429's Retry-After holds whatever the limits are)."""
+    if paused_until > at:
+        at = paused_until
     if rate == INF:
         return Take(amount, at, INF)
     if amount <= 0:

@@ -103,7 +103,15 @@ local now = clock(ARGV[1])
 local amount, max_wait = tonumber(ARGV[2]), tonumber(ARGV[3])
 local b = load(KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]), now)
 if b.rate < 0 or amount <= 0 then
-  return {1, num(now), num(now), num(b.rate), num(b.frozen_total)}
+  -- free, but not through a pause: a 429's Retry-After holds whatever the limits are (the bucket is stored so
+  -- that a pause finds it)
+  if redis.call('EXISTS', KEYS[1]) == 0 then save(KEYS[1], b) end
+  local act = now
+  if b.frozen_until > now then act = b.frozen_until end
+  if max_wait >= 0 and act - now > max_wait then
+    return {0, num(act - now), num(now), num(b.rate), num(b.frozen_total)}
+  end
+  return {1, num(act), num(now), num(b.rate), num(b.frozen_total)}
 end
 if amount > b.burst then return {0, '-1', num(now), num(b.rate), num(b.frozen_total)} end
 local tokens = advance(b, now) - amount

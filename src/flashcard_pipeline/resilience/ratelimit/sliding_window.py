@@ -72,8 +72,8 @@ class SlidingWindowLog:
         return start
 
     def reserve(self, now: float, amount: float, max_wait: float = INF) -> Take | None:
-        if (free := free_take(self.rate, amount, now)) is not None:
-            return free
+        if (free := free_take(self.rate, amount, now, self.frozen_until)) is not None:
+            return free if free.time_to_act - now <= max_wait else None
         if amount > self.burst:
             return None
         when = self._earliest(now, amount)
@@ -86,7 +86,7 @@ class SlidingWindowLog:
 
     def wait_for(self, now: float, amount: float) -> float:
         if self.rate == INF or amount <= 0:
-            return 0.0
+            return self.frozen_until - now if self.frozen_until > now else 0.0
         if amount > self.burst:
             return INF
         return self._earliest(now, amount) - now
