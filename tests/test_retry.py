@@ -278,7 +278,7 @@ async def test_transient_errors_are_retried_with_growing_waits_until_success() -
 
 
 async def test_after_max_attempts_the_last_error_is_raised_with_the_tally() -> None:
-    policy, _, events = make_policy()
+    policy, _, events = make_policy(max_attempts=3)
     errors = [ServerError(f"failure {i}", status_code=502) for i in range(5)]
     call = Script(*errors)
     with pytest.raises(ServerError) as info:
