@@ -8,6 +8,8 @@ Parts (``--part``):
   ``acquire`` on one limiter (each thread its own event loop), acquires per second.
 * ``model``: the policy (requests + tokens limits, retry outermost) against the simulator's own
   sliding-window limiter on virtual time: minutes of traffic in a second, for tuning the adaptive loop.
+  Scenarios ``noise5``, ``noise10``, ``noise20`` (independent 429s with Retry-After 1 s, no real limit;
+  compared with the limiter disabled) and ``unknown+noise5`` (the limit R plus 5% independent 429s).
 * ``e2e``: ``process`` against the real simulator over HTTP in real time, limited to R requests per
   minute, with the limit configured (``--rpm``) and unknown (adaptive, with and without
   ``x-ratelimit-*`` headers): achieved rate / R and 429s.
@@ -66,30 +68,47 @@ class ModelResult:
     rate_limited_after_first_minute: int
     failed_items: int
     final_planned_rpm: float | None
+    noise_429s: int = 0
+    verdict: str = "-"
 
 
-async def _model_run(scenario: str, limit_rpm: int, *, settings: RateLimitSettings, minutes: float,
+#: Scenarios with independent 429s (Retry-After 1 s, whatever the rate): the share, and whether the provider also
+#: enforces the limit R. Without a limit the row is compared with the same provider and the limiter disabled.
+NOISE = {"noise5": (0.05, False), "noise10": (0.10, False), "noise20": (0.20, False),
+         "unknown+noise5": (0.05, True)}
+
+
+async def _model_run(scenario: str, limit_rpm: int, *, settings: RateLimitSettings | None, minutes: float,
                      concurrency: int, latency: tuple[float, float], headers: bool, seed: int) -> ModelResult:
     from flashcard_pipeline.simulator.server import _Window
 
     clock = VirtualClock()
-    window = _Window(limit_rpm, None, clock.monotonic)
+    noise, limited = NOISE.get(scenario, (0.0, True))
+    window = _Window(limit_rpm, None, clock.monotonic) if limited else None
     rng = random.Random(seed)
     pipeline = Resilience(retry=RetryConfig(max_attempts=6, max_elapsed=None), ratelimit=settings, clock=clock,
                           rng=random.Random(seed))
     log: list[tuple[float, bool]] = []
+    noisy: list[float] = []
     failed = 0
     duration = minutes * 60
 
     async def call(context: CallContext) -> str:
-        entry, wait = window.admit(600)
-        if entry is None:
-            log.append((clock.monotonic(), False))
+        entry = None
+        if window is not None:
+            entry, wait = window.admit(600)
+            if entry is None:
+                log.append((clock.monotonic(), False))
+                await clock.sleep(0.005)
+                raise RateLimitError("429", status_code=429, retry_after=float(max(1, math.ceil(wait))))
+        if noise and rng.random() < noise:
+            noisy.append(clock.monotonic())
             await clock.sleep(0.005)
-            raise RateLimitError("429", status_code=429, retry_after=float(max(1, math.ceil(wait))))
+            raise RateLimitError("429", status_code=429, retry_after=1.0)
         log.append((clock.monotonic(), True))
         await clock.sleep(rng.uniform(*latency))
-        window.add(entry, 400)
+        if window is not None:
+            window.add(entry, 400)
         sent: dict[str, str] = {}
         if headers:
             sent = {"x-ratelimit-limit-requests": str(limit_rpm)}
@@ -114,7 +133,7 @@ async def _model_run(scenario: str, limit_rpm: int, *, settings: RateLimitSettin
     ok = sum(1 for _, success in log if success)
     late = [(t, s) for t, s in log if t >= 60]
     ok_late = sum(1 for _, success in late if success)
-    group = pipeline.limit_groups[0]
+    groups = pipeline.limit_groups
     return ModelResult(
         scenario=scenario, limit_rpm=limit_rpm, minutes=minutes, successes=ok,
         successes_after_first_minute=ok_late,
@@ -122,7 +141,8 @@ async def _model_run(scenario: str, limit_rpm: int, *, settings: RateLimitSettin
         achieved_share_after_first_minute=ok_late / (limit_rpm * (minutes - 1)),
         requests=len(log), rate_limited=len(log) - ok, requests_after_first_minute=len(late),
         rate_limited_after_first_minute=len(late) - ok_late, failed_items=failed,
-        final_planned_rpm=group.requests.planned)
+        final_planned_rpm=groups[0].requests.planned if groups else None,
+        noise_429s=sum(1 for t in noisy if t < duration), verdict=groups[0].signal.verdict if groups else "-")
 
 
 def run_model(args: argparse.Namespace) -> list[ModelResult]:
@@ -136,16 +156,23 @@ def run_model(args: argparse.Namespace) -> list[ModelResult]:
             if scenario == "sliding":
                 overrides.update(requests_per_minute=limit, algorithm="sliding_window")
             settings = RateLimitSettings(**overrides, **dict(args.set or []))
-            result = asyncio.run(_model_run(scenario, limit, settings=settings, minutes=args.minutes,
-                                            concurrency=args.concurrency, latency=(0.05, 0.4), headers=headers,
-                                            seed=args.seed))
-            results.append(result)
-            r = result
-            print(f"{r.scenario:11} R={r.limit_rpm:5} achieved {r.achieved_share:6.1%} (after 1st min "
-                  f"{r.achieved_share_after_first_minute:6.1%}) 429s {r.rate_limited:4}/{r.requests:6} "
+            kwargs: dict[str, Any] = dict(minutes=args.minutes, concurrency=args.concurrency, latency=(0.05, 0.4),
+                                          headers=headers, seed=args.seed)
+            r = asyncio.run(_model_run(scenario, limit, settings=settings, **kwargs))
+            results.append(r)
+            versus = ""
+            if scenario in NOISE and not NOISE[scenario][1]:
+                bare = asyncio.run(_model_run(scenario, limit, settings=None, **kwargs))
+                versus = (f" ok after 1st min {r.successes_after_first_minute} = "
+                          f"{r.successes_after_first_minute / max(1, bare.successes_after_first_minute):.1%} of the "
+                          f"limiter disabled ({bare.successes_after_first_minute})")
+            planned = "-" if r.final_planned_rpm is None else f"{r.final_planned_rpm:.0f}"
+            print(f"{r.scenario:14} R={r.limit_rpm:5} achieved {r.achieved_share:6.1%} (after 1st min "
+                  f"{r.achieved_share_after_first_minute:6.1%}) limit 429s {r.rate_limited:4}/{r.requests:6} "
                   f"after 1st min {r.rate_limited_after_first_minute:4}/{r.requests_after_first_minute:6} "
                   f"({r.rate_limited_after_first_minute / max(1, r.requests_after_first_minute):.2%}) "
-                  f"failed {r.failed_items} planned {r.final_planned_rpm:.0f}", flush=True)
+                  f"independent 429s {r.noise_429s} failed {r.failed_items} planned {planned} "
+                  f"verdict {r.verdict}{versus}", flush=True)
     return results
 
 

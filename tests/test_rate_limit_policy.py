@@ -448,7 +448,8 @@ async def test_process_shows_each_429_pause_in_its_progress(tmp_path: Path) -> N
     assert result.outcome is not None and result.outcome.stats.done == 12
     group = policy.limit_groups[0]
     stats = result.outcome.stats
-    assert group.rate_limited > 0 and stats.rate_limited == group.rate_limited, "every 429 pause reached the stats"
+    assert group.rate_limited > 0 and stats.rate_limited == group.rate_limited - group.rate_limited_noise, \
+        "every 429 pause reached the stats"
     assert stats.rate_limit_label == "simulated/simulated/flashcard-sim"
 
 
@@ -520,7 +521,7 @@ def test_fewer_than_ten_calls_per_shard_work_but_are_warned_about(per_minute: in
 
 
 async def test_adaptive_cuts_below_what_the_shards_hold_never_make_every_call_fail() -> None:
-    """Each minute a 429 halves the limit, down to the floor; the shards follow and a call still goes through."""
+    """Each minute 429s halve the limit, down to the floor; the shards follow and a call still goes through."""
     clock = FakeClock()
     policy = Limits(RateLimitSettings(shards=4, initial_requests_per_minute=200), clock=clock)
     group = policy.group("p", "m")
@@ -533,8 +534,9 @@ async def test_adaptive_cuts_below_what_the_shards_hold_never_make_every_call_fa
 
     planned = [group.requests.planned]
     while True:
-        with pytest.raises(RateLimitError):
-            await policy.execute(refused, context())
+        for _ in range(2):  # every call refused: after a cut, the second refusal in a row is an overload
+            with pytest.raises(RateLimitError):
+                await policy.execute(refused, context())
         clock.advance(61)  # one cut per window
         if group.requests.planned == planned[-1]:
             break

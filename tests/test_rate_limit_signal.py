@@ -14,7 +14,7 @@ import pytest
 
 from flashcard_pipeline.errors import RateLimitError
 from flashcard_pipeline.resilience import CallContext, LimitStatus, ProviderAnswer, RateLimitSettings, Resilience
-from flashcard_pipeline.resilience.ratelimit.signal import RateSignal, Trial, fell, judge
+from flashcard_pipeline.resilience.ratelimit.signal import RateSignal, Trial, fell, judge, overloaded
 from flashcard_pipeline.resilience.retry import RetryConfig
 from flashcard_pipeline.resilience.testing import VirtualClock
 from flashcard_pipeline.simulator.server import _Window
@@ -87,8 +87,8 @@ async def test_independent_429s_are_found_not_rate_related_and_the_rate_comes_ba
     assert unlimited["ok_last_minute"] > 0
 
 
-@pytest.mark.xfail(reason="not reached yet: before the verdict, 429s cut in a cascade (a limit needs that) down to "
-                          "what was accepted, and the trial at that low rate takes long; see the issue-11 report",
+@pytest.mark.xfail(reason="not reached yet: a trial's 'did the share fall' compares with the 10 s that began "
+                          "it, picked for holding a 429, so noise is sometimes judged a limit; see docs/benchmarks.md",
                    strict=False)
 async def test_with_independent_429s_the_rate_is_80_percent_of_a_clean_providers() -> None:
     unlimited = await provider_run(limit=None, noise=0.0, minutes=2)
@@ -116,9 +116,16 @@ async def test_a_configured_limit_keeps_its_meaning_with_noise() -> None:
 def test_the_trial_rules() -> None:
     assert judge(Trial(600, 0.0, 10, 40, 0, 10)) is None, "too few calls after the cut"
     assert judge(Trial(600, 0.0, 10, 40, 0, 20)) == "limit", "a quarter refused before, none after"
-    assert judge(Trial(600, 0.0, 4, 40, 2, 20)) == "noise", "10% before, 10% after"
+    assert judge(Trial(600, 0.0, 4, 40, 2, 20, reference=0.1)) == "noise", "10% before, 10% after"
+    assert judge(Trial(600, 0.0, 4, 40, 2, 20, reference=0.1, accepted=60), accepted=60) is None, \
+        "the provider takes no more than when it refused: a per-minute limit's window, not noise"
+    assert judge(Trial(600, 0.0, 4, 40, 2, 20, reference=0.1, accepted=60), accepted=80) == "noise"
+    assert judge(Trial(600, 0.0, 1, 40, 8, 20, reference=0.05)) is None, "more 429s than before: cut not deep enough"
+    assert overloaded(Trial(600, 0.0, 1, 40, 3, 3, reference=0.05))
+    assert not overloaded(Trial(600, 0.0, 1, 40, 1, 5, reference=0.05)), "one 429 in five is no overload"
     assert judge(Trial(600, 0.0, 3, 65, 0, 20)) is None, "not clear yet either way"
-    assert judge(Trial(600, 0.0, 3, 65, 0, 100)) == "limit"
+    assert judge(Trial(600, 0.0, 3, 65, 0, 100, accepted=60), accepted=60) == "limit"
+    assert judge(Trial(600, 0.0, 3, 65, 0, 100, accepted=60), accepted=120) == "noise", "it takes twice as much"
     assert not fell(Trial(600, 0.0, 1, 10, 1, 10))
 
 

@@ -148,7 +148,7 @@ def test_configuration_built_in_code_ignores_the_shell(monkeypatch: pytest.Monke
                         ("CB_MIN_THROUGHPUT", "99")):
         monkeypatch.setenv(name, value)
     assert RateLimitSettings().backend == "memory" and RateLimitSettings().requests_per_minute is None
-    assert RetryConfig().max_attempts == 3 and CircuitBreakerConfig().min_throughput == 10
+    assert RetryConfig().max_attempts == 8 and CircuitBreakerConfig().min_throughput == 10
     assert Resilience(ratelimit=RateLimitSettings()).ratelimit.backend.name == "memory"  # type: ignore[union-attr]
     assert rate_limit_settings().backend == "redis" and rate_limit_settings().requests_per_minute == 7
     assert retry_config().max_attempts == 9 and breaker_config().min_throughput == 99, "config.py reads them"

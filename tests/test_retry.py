@@ -122,7 +122,7 @@ def make_policy(seed: int = 1, **config: Any) -> tuple[RetryPolicy, FakeClock, l
 
 def test_defaults_are_the_plans() -> None:
     config = RetryConfig()
-    assert (config.max_attempts, config.initial_delay, config.max_delay, config.exponential_base) == (3, 1.0, 60.0,
+    assert (config.max_attempts, config.initial_delay, config.max_delay, config.exponential_base) == (8, 1.0, 60.0,
                                                                                                       2.0)
     assert config.jitter_enabled and config.strategy is JitterStrategy.PLAN
     assert config.max_elapsed is not None and config.max_retry_after is not None
@@ -278,7 +278,7 @@ async def test_transient_errors_are_retried_with_growing_waits_until_success() -
 
 
 async def test_after_max_attempts_the_last_error_is_raised_with_the_tally() -> None:
-    policy, _, events = make_policy()
+    policy, _, events = make_policy(max_attempts=3)
     errors = [ServerError(f"failure {i}", status_code=502) for i in range(5)]
     call = Script(*errors)
     with pytest.raises(ServerError) as info:

@@ -133,7 +133,7 @@ def process_command(
                             "included.")] = None,
     max_attempts: Annotated[int | None, typer.Option(metavar="N", help="Calls per request before a transient "
                                                                        "error fails the item (default: "
-                                                                       "RETRY_MAX_ATTEMPTS, else 3).",
+                                                                       "RETRY_MAX_ATTEMPTS, else 8).",
                                                      min=1)] = None,
     breaker_max_wait: Annotated[float | None, typer.Option(metavar="SECONDS", help="Seconds a request waits for "
                                                                                    "an open circuit breaker before "

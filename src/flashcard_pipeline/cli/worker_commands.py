@@ -37,7 +37,7 @@ def worker_command(
                                               min=1)] = None,
     max_attempts: Annotated[int | None, typer.Option(metavar="N", help="Calls per request before a transient error "
                                                                        "fails the item (default: "
-                                                                       "RETRY_MAX_ATTEMPTS, else 3).", min=1)] = None,
+                                                                       "RETRY_MAX_ATTEMPTS, else 8).", min=1)] = None,
     breaker_max_wait: Annotated[float | None, typer.Option(metavar="SECONDS", help="Seconds a request waits for an "
                                                                                    "open circuit breaker (default: "
                                                                                    "CB_MAX_WAIT, else 600).",

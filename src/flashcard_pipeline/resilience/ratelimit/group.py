@@ -50,6 +50,7 @@ from flashcard_pipeline.resilience.ratelimit.algorithms import INF
 from flashcard_pipeline.resilience.ratelimit.backends import LimitBackend
 from flashcard_pipeline.resilience.ratelimit.events import LimitPause, LimitWait
 from flashcard_pipeline.resilience.ratelimit.headers import Dimension, RateLimitHeaders
+from flashcard_pipeline.resilience.ratelimit.plan import WINDOW
 from flashcard_pipeline.resilience.ratelimit.settings import RateLimitSettings
 from flashcard_pipeline.resilience.ratelimit.signal import RateSignal, Trial
 
@@ -262,16 +263,24 @@ class LimitGroup(AdaptiveLimits):
             # Calls granted before (or in the instant of) the last decrease belong to the overload it answered.
             if grant.granted_at > view.decreased_at and self._binding(dim, view):
                 await self._decrease(dim, view)
-        self.signal.start_trial(before, now + wait, now,
-                                cut=self.requests.decreases + self.tokens.decreases > cuts)
+        self.signal.start_trial(before, now + wait, now, cut=self.requests.decreases + self.tokens.decreases > cuts,
+                                accepted=self._accepted(now))
 
     async def _observe(self, grant: Grant, *, limited: bool) -> None:
         """Count an answered call for :mod:`~.signal`, and act on the verdict of a cut's trial it ends."""
         if not self.settings.adaptive:
             return
-        trial = self.signal.record(grant.sent_at, limited, self.clock.monotonic())
+        now = self.clock.monotonic()
+        trial = self.signal.record(grant.sent_at, limited, now, self._accepted(now))
         if trial is not None:
             self._judged(trial)
+
+    def _accepted(self, now: float) -> float:
+        """Calls this process saw accepted in the last minute (what :mod:`~.signal` compares a trial with)."""
+        used = self._used
+        while used and used[0].at <= now - WINDOW:
+            used.popleft()
+        return float(len(used))
 
     def _judged(self, trial: Trial) -> None:
         dim = self.requests

@@ -30,12 +30,15 @@ RECENT = 10.0
 TRIAL_SAMPLES = 20
 #: ... and the most a trial waits for a clear answer.
 MAX_TRIAL = 100
-#: During a trial, a 429 cuts again only if at least this share of the (at least ``OVERLOAD_SAMPLES``) calls sent
-#: since the cut got one: a limit far below the rate, not a busy upstream's few.
-HEAVY = 0.25
-OVERLOAD_SAMPLES = 3
+#: "The provider accepts more than when it refused": a minute's accepted calls above this times that level.
+MORE_ACCEPTED = 1.1
 #: One-sided 95%: "the share fell" and "the share is above the floor" must both be clear.
 Z = 1.645
+#: The fewest calls a trial's reference share is taken over (fewer count as that many with no 429): the
+#: first 429 of a run, alone in its sample, is not a share of 100%.
+REFERENCE_SAMPLES = 10
+#: "More 429s than before the cut" at one-sided 99%: calling noise an overload cuts the rate again.
+Z_OVER = 2.326
 #: "It fell" at one-sided 99%: calling noise a limit costs the rate the cut took, for good.
 Z_FELL = 2.326
 
@@ -58,6 +61,12 @@ class Trial:
     total_before: int
     limited_after: int = 0
     total_after: int = 0
+    #: The share of the last ``RECENT`` seconds when the trial began (the first 429 included): what 429s come at
+    #: when the cut was not needed; more than that after the cut means the cut was not deep enough.
+    reference: float = 0.0
+    #: Calls the provider had accepted in the minute before the first cut. A limit never accepts much more than
+    #: that in a minute; a provider that does, and goes on refusing the same share, refuses for another reason.
+    accepted: float = 0.0
 
 
 class RateSignal:
@@ -80,8 +89,9 @@ class RateSignal:
             limited += sample.limited
         return limited, total
 
-    def record(self, at: float, limited: bool, now: float) -> Trial | None:
-        """A call granted at ``at`` was answered (a 429 or not); returns the trial it ends, if it ends one."""
+    def record(self, at: float, limited: bool, now: float, accepted: float = math.inf) -> Trial | None:
+        """A call granted at ``at`` was answered (a 429 or not), with ``accepted`` calls accepted in the last
+        minute; returns the trial it ends, if it ends one."""
         self.samples.append(_Sample(at, limited))
         while self.samples and self.samples[0].at < now - HISTORY:
             self.samples.popleft()
@@ -96,7 +106,7 @@ class RateSignal:
         else:  # sent at a rate before the last cut (answered now): the share the cut answered
             trial.total_before += 1
             trial.limited_before += limited
-        verdict = judge(trial)
+        verdict = judge(trial, accepted)
         if verdict is None:
             return None
         self.trial = None
@@ -118,10 +128,12 @@ class RateSignal:
             self.floor = limited / total
 
     def evidence(self, now: float, at: float) -> bool:
-        """Does the 429 of a call granted at ``at`` answer our rate? During a trial it may (every 429 pauses,
-        as a limit's must); otherwise: is the recent 429 share clearly above the floor?"""
-        if self.trial is not None:
-            return True
+        """Does the 429 of a call granted at ``at`` answer our rate? During a trial: if the call was sent before
+        the cut (the overload the cut answered), or the calls sent since the cut meet clearly more 429s than
+        before it (the cut was not deep enough); otherwise: is the recent 429 share clearly above the floor?"""
+        trial = self.trial
+        if trial is not None:
+            return at < trial.after or overloaded(trial)
         limited, total = self._recent(now)
         floor = self.floor
         if floor > 0 and total < TRIAL_SAMPLES:
@@ -130,24 +142,21 @@ class RateSignal:
             return True
         return limited > total * floor + Z * math.sqrt(total * floor * (1 - floor)) + 0.5
 
-    def may_cut(self, at: float) -> bool:
-        """During a trial, a 429 of a call sent after the cut cuts again only if the calls since the cut still
-        meet a heavy share of 429s (a cut not deep enough yet), not a busy upstream's few."""
-        trial = self.trial
-        if trial is None or at < trial.after:
-            return True
-        return trial.total_after >= OVERLOAD_SAMPLES and trial.limited_after >= HEAVY * trial.total_after
-
-    def start_trial(self, rate_before: float, after: float, now: float, *, cut: bool) -> None:
+    def start_trial(self, rate_before: float, after: float, now: float, *, cut: bool, accepted: float = 0.0) -> None:
         """Evidence at ``now``, and maybe a cut: judge on the calls granted from ``after`` (the pause's end) on.
-        Evidence during a trial moves its start: what was "after" is now part of "before" (a limit cut in steps
-        is judged once the last step is under it), and ``rate_before`` stays the rate before the first cut."""
+        A further cut during a trial, or an overload that goes on without one (a sliding window still full), moves
+        its start: what was "after" is now part of "before" (a limit cut in steps is judged once the last step is
+        under it), and ``rate_before`` stays the rate before the first cut."""
         trial = self.trial
         if trial is None:
             limited, total = self._recent(now)
-            self.trial = Trial(rate_before, after, limited, total)
+            # The 429 that began the trial is left out of "before": it was chosen for being one, so it would make
+            # any share look like it fell. It does count in the reference, which it can only raise.
+            self.trial = Trial(rate_before, after, max(0, limited - 1), max(0, total - 1),
+                               reference=max(self.floor, limited / max(REFERENCE_SAMPLES, total)),
+                               accepted=accepted)
             return
-        if not cut:
+        if not cut and not overloaded(trial):
             return
         trial.limited_before += trial.limited_after
         trial.total_before += trial.total_after
@@ -155,21 +164,34 @@ class RateSignal:
         trial.after = max(trial.after, after)
 
 
-def judge(trial: Trial) -> Verdict | None:
+def overloaded(trial: Trial) -> bool:
+    """Did the calls sent since the cut meet clearly more 429s than the trial's reference share (one-sided
+    binomial test at ``Z_OVER``)? A limit far below the rate refuses most of them; independent 429s come at the
+    same share as before the cut."""
+    n, p = trial.total_after, trial.reference
+    return trial.limited_after > n * p + Z_OVER * math.sqrt(n * p * (1 - p)) + 0.5
+
+
+def judge(trial: Trial, accepted: float = math.inf) -> Verdict | None:
     """A limit if the share clearly fell; noise if 429s go on after the cut at no less than half the share
-    before it; undecided (None) until ``TRIAL_SAMPLES`` calls after the cut, and while neither is clear up to
-    ``MAX_TRIAL`` of them (then whichever share is higher)."""
+    before it, not clearly above the reference, while the provider accepts more in a minute than it had when
+    the trial began (``accepted``: a per-minute limit never does; a sliding window emptied by the pause takes a
+    burst at any rate, so a share measured inside that minute says nothing); undecided (None) until
+    ``TRIAL_SAMPLES`` calls after the cut, and while neither is clear up to ``MAX_TRIAL`` of them (then noise if
+    the provider accepts more than when the trial began, else a limit)."""
     after = trial.total_after
     if after < TRIAL_SAMPLES:
         return None
     if fell(trial):
         return "limit"
+    if overloaded(trial):
+        return None
     pb = trial.limited_before / max(1, trial.total_before)
     pa = trial.limited_after / after
-    if trial.limited_after >= 2 and pa >= pb / 2:
+    if trial.limited_after >= 2 and pa >= pb / 2 and accepted > trial.accepted * MORE_ACCEPTED:
         return "noise"
     if after >= MAX_TRIAL:
-        return "limit" if pa < pb else "noise"
+        return "noise" if accepted > trial.accepted * MORE_ACCEPTED else "limit"
     return None
 
 

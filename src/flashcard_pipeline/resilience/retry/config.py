@@ -74,7 +74,7 @@ class RetryConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_attempts: int = Field(default=3, ge=1)
+    max_attempts: int = Field(default=8, ge=1)
     initial_delay: float = Field(default=1.0, ge=0.0)
     max_delay: float = Field(default=60.0, ge=0.0)
     exponential_base: float = Field(default=2.0, ge=1.0)
