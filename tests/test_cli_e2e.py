@@ -408,3 +408,29 @@ def test_the_simulators_limits_are_known_not_discovered(tmp_path: Path) -> None:
     assert limiter(ProcessOptions(input_path=source, provider="simulated", rpm=100)).settings.requests_per_minute == 100
     real = limiter(ProcessOptions(input_path=source, provider="openrouter"))
     assert real.settings.adaptive is True and real.settings.requests_per_minute is None  # unknown: discovered
+
+
+async def test_the_progress_line_says_the_limit_is_being_found_and_takes_it_from_headers() -> None:
+    from flashcard_pipeline.llm.types import ChatResponse, Usage
+    from flashcard_pipeline.observers import ProgressObserver
+    from flashcard_pipeline.resilience import CallContext, ProviderAnswer, RateLimitSettings, Resilience
+    from flashcard_pipeline.resilience.testing import FakeClock
+
+    async def line_after(headers: dict[str, str]) -> str:
+        engine = Resilience(ratelimit=RateLimitSettings(), clock=FakeClock())
+        stats = RunStats(total=1)
+        ProgressObserver(stats).attach(engine.events)
+        ctx = CallContext(stage="nuance", item_key="k", provider="p", model="m", estimated_tokens=100)
+
+        async def answered() -> str:
+            answer = ChatResponse(content="{}", finish_reason="stop", usage=Usage(10, 10), model="m",
+                                  response_id=None, latency_s=0.1, status_code=200, headers=headers)
+            ctx.report(ProviderAnswer(answer.usage.total_tokens, answer.headers))
+            return "ok"
+
+        await engine.execute(answered, ctx)
+        return describe(stats)
+
+    assert "(limit 60/min, finding the provider's limit (--rpm N skips this))" in await line_after({})
+    assert "(limit 3,000/min, headers)" in await line_after({"x-ratelimit-limit-requests": "3000"}), \
+        "the first answer's headers end the search"

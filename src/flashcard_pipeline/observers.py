@@ -22,6 +22,9 @@ from flashcard_pipeline.resilience import (
     RetryEvent,
 )
 
+#: How the progress line words a limit's reason where the short name would not tell a user what happens.
+SAID = {"probing": "finding the provider's limit (--rpm N skips this)"}
+
 
 class ProgressObserver:
     """Puts why calls wait into the live :class:`RunStats`: a circuit's pause reason, a 429's pause."""
@@ -49,7 +52,7 @@ class ProgressObserver:
     def _limit_status(self, event: LimitStatus) -> None:
         if event.dimension == "requests":
             level = "no limit" if event.planned is None else f"{event.planned:,.0f}/min"
-            self.stats.limit_status = f"{level}, {event.reason}"
+            self.stats.limit_status = f"{level}, {SAID.get(event.reason, event.reason)}"
 
 
 class EventTally:
