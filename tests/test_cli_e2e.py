@@ -92,6 +92,7 @@ def test_faults_are_recorded_and_the_run_finishes(tmp_path: Path, db_url: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RETRY_INITIAL_DELAY", "0")  # retries happen, but without real waiting
     monkeypatch.setenv("CB_ENABLED", "false")  # nor real-time circuit breaker pauses
+    monkeypatch.setenv("RETRY_MAX_ATTEMPTS", "3")  # few enough that some items fail: the failure path is under test
     source = words(tmp_path, [f"{i},단어{i},noun" for i in range(1, 41)])
     out = tmp_path / "cards.jsonl"
     code, stdout, stderr = run_cli(

@@ -12,11 +12,19 @@ from flashcard_pipeline.korean.analyzer import has_hangul, head_candidates, is_k
 from flashcard_pipeline.korean.hanja_readings import check_hanja, readings
 from flashcard_pipeline.models import CardType, FlashcardSet, PartOfSpeech, TermAnalysis
 
-__all__ = ["applies", "check_analysis", "check_cards"]
+__all__ = ["applies", "check_analysis", "check_cards", "warm"]
 
 
 def applies(term: str, language: str) -> bool:
     return is_korean(language) and has_hangul(term)
+
+
+def warm(language: str) -> None:
+    """Load what the checks load on first use (the analyser's model, the Hanja table: a second or more of CPU),
+    so that a worker pays it before it holds leases: a blocked event loop cannot renew them."""
+    if is_korean(language):
+        head_candidates("학교")
+        readings("學")
 
 
 def _hanja_targets(term: str) -> list[str]:

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from flashcard_pipeline import checks
 from flashcard_pipeline.config import CacheSettings, WorkerSettings, read_settings, recovery_plan
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.leasing import LeaseTiming, WorkerLease
@@ -118,6 +119,7 @@ async def run_worker(options: WorkerOptions, reporter: Reporter | None = None, p
         store = LeaseStore(engine)
         if (await asyncio.to_thread(store.open_items, run.id, clock())).open and run.status != RunStatus.RUNNING:
             await asyncio.to_thread(ledger.set_run_status, run.id, RunStatus.RUNNING)
+        await asyncio.to_thread(checks.warm, run.target_language)
         lease = WorkerLease(store, run.id, concurrency=options.concurrency, timing=timing, clock=clock, sleep=sleep)
         with bound(run_id=run.id):
             outcome, _ = await _execute(process_options, provider, settings, ledger, run,

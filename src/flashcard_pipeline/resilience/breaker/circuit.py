@@ -61,7 +61,7 @@ from flashcard_pipeline.resilience.breaker.events import (
     ProbeOutcome,
     describe_error,
 )
-from flashcard_pipeline.resilience.breaker.window import SamplingWindow, one_sided_z, trips
+from flashcard_pipeline.resilience.breaker.window import SamplingWindow, one_sided_z
 from flashcard_pipeline.resilience.core.clock import Clock, SystemClock
 from flashcard_pipeline.resilience.core.context import CallContext
 from flashcard_pipeline.resilience.core.events import EventHub, ResilienceEvent
@@ -249,23 +249,14 @@ class CircuitBreaker:
             return
         self._failures += 1
         self._window.add(now, failed=True)
-        health = self._window.health(now)
-        total = health.throughput
         config = self.config
-        span = config.sampling_duration
-        if not trips(health.failures, total, ratio=config.failure_ratio, min_throughput=config.min_throughput,
-                     z=self._z):
-            if not config.recent_buckets:
-                return
-            health = self._window.health(now, config.recent_buckets)
-            total = health.throughput
-            if not trips(health.failures, total, ratio=config.failure_ratio,
-                         min_throughput=2 * config.min_throughput, z=self._z):
-                return
-            span = self._bucket * min(config.recent_buckets, self._n)
-        self._last_failure = describe_error(error)
-        self._open(now, f"{health.failures} of {total} calls failed in the last {span:g} s "
-                        f"(last: {self._last_failure})", health)
+        tripped = self._window.tripping(now, ratio=config.failure_ratio, min_throughput=config.min_throughput,
+                                        z=self._z, recent_buckets=config.recent_buckets)
+        if tripped is not None:
+            health, span = tripped
+            self._last_failure = describe_error(error)
+            self._open(now, f"{health.failures} of {health.throughput} calls failed in the last {span:g} s "
+                            f"(last: {self._last_failure})", health)
 
     def release(self, permit: Permit) -> None:
         """An outcome with no verdict (cancelled, a bug): a probe's slot is freed, nothing else changes."""

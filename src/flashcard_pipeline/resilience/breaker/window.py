@@ -82,3 +82,17 @@ class SamplingWindow:
                 successes += self.successes[slot]
                 failures += self.failures[slot]
         return HealthInfo(successes, failures)
+
+    def tripping(self, now: float, *, ratio: float, min_throughput: int, z: float,
+                 recent_buckets: int) -> tuple[HealthInfo, float] | None:
+        """The sample that trips the circuit at ``now`` and the seconds it spans, or None: the whole window, or
+        its newest ``recent_buckets`` buckets alone with twice the minimum throughput (a sudden outage in a busy
+        run, while the whole window still holds the successes from before it)."""
+        health = self.health(now)
+        if trips(health.failures, health.throughput, ratio=ratio, min_throughput=min_throughput, z=z):
+            return health, self.bucket * self.size
+        if recent_buckets:
+            recent = self.health(now, recent_buckets)
+            if trips(recent.failures, recent.throughput, ratio=ratio, min_throughput=2 * min_throughput, z=z):
+                return recent, self.bucket * min(recent_buckets, self.size)
+        return None
