@@ -138,4 +138,19 @@ def test_a_429_is_evidence_only_clearly_above_the_floor() -> None:
     assert not signal.evidence(5.0, 5.0), "10% against a floor of 10%"
     for i in range(100, 140):
         signal.record(i * 0.05, limited=True, now=i * 0.05)
-    assert signal.evidence(7.0, 7.0), "a burst of 429s is"
+    assert not signal.evidence(7.0, 7.0), "a burst of 429s, picked for its 429s, only makes a suspect"
+    assert signal.suspect is not None
+    for i in range(141, 181):
+        signal.record(i * 0.05, limited=i % 2 == 0, now=i * 0.05)
+    assert signal.evidence(9.0, 9.0), "half of the fresh calls refused: clearly above the floor"
+
+
+def test_a_suspicion_the_fresh_calls_do_not_confirm_is_dropped() -> None:
+    signal = RateSignal()
+    signal.floor = 0.1
+    for i in range(100):
+        signal.record(i * 0.05, limited=i % 3 == 0, now=i * 0.05)
+    assert not signal.evidence(5.0, 5.0) and signal.suspect is not None
+    for i in range(101, 141):
+        signal.record(i * 0.05, limited=i % 10 == 0, now=i * 0.05)
+    assert signal.suspect is None and not signal.evidence(7.0, 7.0), "10% again: back to the floor"
