@@ -260,8 +260,8 @@ class AdaptiveLimits:
                 dim.changed_at = local_now
 
     async def _restore(self, dim: _Dim, local_now: float) -> None:
-        """Give back the rate a cut took, in one step (the cut did not lower the share of 429s: the
-        rate before it was not the cause), then probe on from there as before any 429: the 429s said nothing about our rate."""
+        """Give back the rate a cut took, in one step (the cut did not lower the share of 429s: the rate
+        before it was not their cause), then probe on from there (as before any 429 unless a limit was found)."""
         target = dim.restore_to
         if target is None:
             return
