@@ -261,7 +261,7 @@ class AdaptiveLimits:
 
     async def _restore(self, dim: _Dim, local_now: float) -> None:
         """Give back the rate a cut took, in one step (the cut did not lower the share of 429s: the rate
-        before it was not their cause), then probe on from there (as before any 429 unless a limit was found)."""
+        before it was not their cause), then probe on from there as before any 429."""
         target = dim.restore_to
         if target is None:
             return
@@ -269,7 +269,7 @@ class AdaptiveLimits:
         cap = dim.cap
         planned = min(target, cap) if cap is not None else target
         dim.restore_to = None
-        if planned > view.planned and await self._commit(dim, view, planned=planned, ceiling=dim.ceiling,
+        if planned > view.planned and await self._commit(dim, view, planned=planned, ceiling=None,
                                                          header=view.header, decreased=False):
             dim.increases += 1
             self._changed(dim, view.planned, planned, "adaptive")

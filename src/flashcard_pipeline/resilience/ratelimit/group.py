@@ -291,8 +291,7 @@ class LimitGroup(AdaptiveLimits):
                      trial.total_before, trial.limited_after, trial.total_after, trial.rate_before)
             if math.isfinite(trial.rate_before) and trial.rate_before > dim.planned:
                 dim.restore_to = trial.rate_before
-            if signal.verdict != "limit":
-                dim.ceiling = None  # nothing is known of a limit: probe on as before any 429
+            dim.ceiling = None
         else:
             log.info("%s: the 429 share fell after the cut (%d of %d before, %d of %d after): a rate limit, near "
                      "%.0f requests per minute", self.label, trial.limited_before, trial.total_before,

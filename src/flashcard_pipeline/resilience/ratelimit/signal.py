@@ -144,8 +144,7 @@ class RateSignal:
             return None
         self.trial = None
         trial.outcome = verdict
-        if verdict == "limit" or self.verdict != "limit":
-            self.verdict = verdict  # a limit found stays found: noise on top of it does not unmake it
+        self.verdict = verdict
         before = trial.limited_before / max(1, trial.total_before)
         after = trial.limited_after / trial.total_after
         if verdict == "noise":
