@@ -284,7 +284,6 @@ class LimitGroup(AdaptiveLimits):
 
     def _judged(self, trial: Trial) -> None:
         dim = self.requests
-        signal = self.signal
         if trial.outcome == "noise":
             log.info("%s: the 429 share did not fall after the cut (%d of %d before, %d of %d after): 429s are not "
                      "rate-related; restoring %.0f requests per minute", self.label, trial.limited_before,
