@@ -248,7 +248,7 @@ class LimitGroup(AdaptiveLimits):
         settings = self.settings
         await self._observe(grant, limited=True)
         now = self.clock.monotonic()
-        if settings.adaptive and not self.signal.evidence(now, grant.sent_at):
+        if settings.adaptive and not self.signal.evidence(now, grant.sent_at, probing=self.requests.cap is None):
             self.rate_limited_noise += 1
             return
         wait = min(max(error.retry_after if error.retry_after is not None else settings.default_pause, 0.0),

@@ -50,6 +50,15 @@ Z_FELL = 2.326
 #: Fresh calls a suspicion is judged on, once, and how clear the excess over the floor must be (one-sided 99.9%).
 CONFIRM_SAMPLES = 40
 Z_CONFIRM = 3.09
+#: ... but an overwhelming excess (a limit's window refusing most calls, each then waiting a long Retry-After) is
+#: confirmed from this many on, at this z (checked as the sample grows, so far stricter).
+CONFIRM_EARLY = 10
+Z_SURE = 4.0
+
+#: Calls answered (in the last ``HISTORY`` seconds) before a 429 can be the first evidence of an unknown limit;
+#: earlier ones only wait their own Retry-After. A limit below that many calls a minute costs a few more 429s in
+#: its first minute.
+FIRST_EVIDENCE = 20
 
 Verdict = Literal["unknown", "limit", "noise"]
 
@@ -123,7 +132,9 @@ class RateSignal:
         if suspect is not None and at >= suspect.since:
             suspect.total += 1
             suspect.limited += limited
-            if suspect.total == CONFIRM_SAMPLES:  # one test on a fixed sample: testing as it grows would
+            if suspect.total >= CONFIRM_EARLY and above(suspect.limited, suspect.total, self.floor, Z_SURE):
+                suspect.confirmed = True  # most of the fresh calls refused: no need to wait for the whole sample
+            elif suspect.total == CONFIRM_SAMPLES:  # one test on a fixed sample: testing as it grows would
                 # find an excess in noise sooner or later
                 suspect.confirmed = above(suspect.limited, suspect.total, self.floor, Z_CONFIRM)
                 if not suspect.confirmed:
@@ -164,16 +175,23 @@ class RateSignal:
         if total >= TRIAL_SAMPLES:
             self.floor = limited / total
 
-    def evidence(self, now: float, at: float) -> bool:
+    def evidence(self, now: float, at: float, *, probing: bool = False) -> bool:
         """Does the 429 of a call granted at ``at`` answer our rate? During a trial: if the call was sent before
         the cut (the overload the cut answered), or the calls sent since the cut meet clearly more 429s than
-        before it (the cut was not deep enough); otherwise: is the recent 429 share clearly above the floor?"""
+        before it (the cut was not deep enough); before any floor: always with a known limit, and while
+        ``probing`` an unknown one once ``FIRST_EVIDENCE`` calls were answered (or every one of at least two was
+        a 429); otherwise: a suspect's confirmation (see the module's docstring)."""
         trial = self.trial
         if trial is not None:
             return at < trial.after or overloaded(trial)
         floor = self.floor
         if floor <= 0:
-            return True
+            # A run's first 429s, among a few calls, are no share at all: cutting on them, a run with 10%
+            # independent 429s was halved to 30/min in its first seconds and spent a minute on the trial.
+            if not probing:
+                return True
+            total = len(self.samples)
+            return total >= FIRST_EVIDENCE or (total >= 2 and all(sample.limited for sample in self.samples))
         suspect = self.suspect
         if suspect is not None:
             return suspect.confirmed
