@@ -216,8 +216,9 @@ class RateSignal:
                 # The 429 that began the trial is left out of "before": it was chosen for being one, so it would
                 # make any share look like it fell. It does count in the reference, which it can only raise.
                 before_limited, before_total = max(0, limited - 1), max(0, total - 1)
-            self.trial = Trial(rate_before, after, before_limited, before_total,
-                               reference=max(self.floor, limited / max(REFERENCE_SAMPLES, total)),
+            # The reference is what 429s come at when the cut was not needed: the floor, once measured.
+            reference = self.floor if suspect is not None else max(self.floor, limited / max(REFERENCE_SAMPLES, total))
+            self.trial = Trial(rate_before, after, before_limited, before_total, reference=reference,
                                accepted=accepted, floor=self.floor if suspect is not None else 0.0)
             return
         if not cut and not overloaded(trial):
