@@ -4,19 +4,21 @@ A limit's 429s respond to the rate: their share rises as we speed up and falls w
 429s (OpenRouter relays them; free models send them all day) come at the same share whatever we send. So each 429
 is weighed against the *floor*, the 429 share we saw while under any limit (0 until measured):
 
-* While the floor is 0 any 429 is **evidence**. Once it is known, a recent share (the last ``RECENT`` seconds)
-  clearly above it only makes the group a **suspect**: those seconds were picked for holding 429s, so their share
-  is high by selection and proves nothing (judged on them, noise was often taken for a limit). The calls sent
-  from then on, at the same rate (raises wait), are a fresh sample: a 429 is evidence once that sample's share is
-  clearly above the floor (``Z_OVER``); after ``CONFIRM_MAX`` calls without that, the suspicion is dropped.
+* While the floor is 0 a 429 is **evidence**: at once with a known limit; while probing an unknown one, once
+  ``FIRST_EVIDENCE`` calls were answered (a run's first 429s among a few calls are no share). Once the floor is
+  known, a recent share (the last ``RECENT`` seconds) clearly above it only makes the group a **suspect**: those
+  seconds were picked for holding 429s, so their share is high by selection and proves nothing (judged on them,
+  noise was often taken for a limit). The next ``CONFIRM_SAMPLES`` calls, at the same rate (raises wait), are a
+  fresh sample judged once against the floor (``Z_CONFIRM``; an overwhelming excess, ``Z_SURE``, from
+  ``CONFIRM_EARLY`` calls on): confirmed, the next 429 is evidence; if not, the suspicion is dropped.
   Evidence pauses every caller and cuts, as before; a 429 that is not evidence does neither (the retry policy
   still waits its Retry-After before sending that call again).
-* Evidence starts a **trial**: the share before it (the last ``RECENT`` seconds less the 429 that began it, or
-  the suspect's fresh sample) against the share of the calls granted after the pause (at least
-  ``TRIAL_SAMPLES``). If the share clearly fell (a one-sided
-  two-proportion test at ``Z``) the 429s answer our rate: a limit, found. If 429s go on at no less than half the
-  share before, they are noise: the floor becomes the share measured, and the group restores the rate it had
-  before the cut.
+* Evidence starts a **trial**: the share before it (the suspect's fresh sample, or the last ``RECENT`` seconds
+  less the 429 that began it) against the share of the calls granted after the pause (at least
+  ``TRIAL_SAMPLES``). If the share clearly fell (a one-sided two-proportion test at ``Z_FELL``) the 429s answer
+  our rate: a limit, found. If 429s go on at no less than half the share before, back at the floor or while the
+  provider accepts more than when it refused, they are noise: the floor becomes the share measured, and the
+  group restores the rate it had before the cut, in one step.
 
 Outcomes are samples of calls, on the group's clock; one process's view (with Redis each process judges its own).
 """
