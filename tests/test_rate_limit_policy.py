@@ -534,7 +534,7 @@ async def test_adaptive_cuts_below_what_the_shards_hold_never_make_every_call_fa
 
     planned = [group.requests.planned]
     while True:
-        for _ in range(2):  # every call refused: after a cut, the second refusal in a row is an overload
+        for _ in range(3):  # every call refused: after a cut, the third refusal in a row is an overload
             with pytest.raises(RateLimitError):
                 await policy.execute(refused, context())
         clock.advance(61)  # one cut per window

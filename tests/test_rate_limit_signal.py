@@ -28,13 +28,14 @@ def _no_rl_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def provider_run(*, limit: int | None, noise: float, minutes: float = 3.0, workers: int = 16,
-                       settings: RateLimitSettings | None = None) -> dict[str, Any]:
+                       settings: RateLimitSettings | None = None, limiter: bool = True) -> dict[str, Any]:
     """Workers calling through the engine for ``minutes`` of virtual time; the provider refuses ``noise`` of the
     calls with Retry-After 1 s whatever the rate, and enforces ``limit`` per minute (sliding) if given."""
     clock = VirtualClock()
     window = _Window(limit, None, clock.monotonic) if limit else None
     rng = random.Random(5)
-    engine = Resilience(retry=RetryConfig(max_attempts=8, max_elapsed=None), ratelimit=settings or RateLimitSettings(),
+    engine = Resilience(retry=RetryConfig(max_attempts=8, max_elapsed=None),
+                        ratelimit=(settings or RateLimitSettings()) if limiter else None,
                         clock=clock, rng=random.Random(5))
     statuses: list[LimitStatus] = []
     engine.events.subscribe(LimitStatus, statuses.append)
@@ -67,10 +68,11 @@ async def provider_run(*, limit: int | None, noise: float, minutes: float = 3.0,
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    group = engine.limit_groups[0]
+    group = engine.limit_groups[0] if limiter else None
+    ok = sum(1 for _, kind in log if kind == "ok")
     ok_last_minute = sum(1 for at, kind in log if kind == "ok" and at >= (minutes - 1) * 60)
     limited_late = sum(1 for at, kind in log if kind == "limit" and at >= 60)
-    return {"group": group, "statuses": statuses, "ok_last_minute": ok_last_minute,
+    return {"group": group, "statuses": statuses, "ok": ok, "ok_last_minute": ok_last_minute,
             "limit_429s_after_first_minute": limited_late, "requests": len(log)}
 
 
@@ -87,13 +89,14 @@ async def test_independent_429s_are_found_not_rate_related_and_the_rate_comes_ba
     assert unlimited["ok_last_minute"] > 0
 
 
-@pytest.mark.xfail(reason="not reached yet: a trial's 'did the share fall' compares with the 10 s that began "
-                          "it, picked for holding a 429, so noise is sometimes judged a limit; see docs/benchmarks.md",
-                   strict=False)
-async def test_with_independent_429s_the_rate_is_80_percent_of_a_clean_providers() -> None:
-    unlimited = await provider_run(limit=None, noise=0.0, minutes=2)
-    noisy = await provider_run(limit=None, noise=0.10, minutes=2)
-    assert noisy["ok_last_minute"] >= 0.8 * unlimited["ok_last_minute"]
+@pytest.mark.parametrize("noise", [0.10, 0.20])
+async def test_with_independent_429s_the_rate_is_80_percent_of_the_limiter_disabled(noise: float) -> None:
+    """Issue 11's target, on virtual time: the same noisy provider with and without the limiter (a clean provider
+    is out of reach for both: each 429 waits its Retry-After). Start-up included over the run, and after it."""
+    disabled = await provider_run(limit=None, noise=noise, minutes=2, limiter=False)
+    enabled = await provider_run(limit=None, noise=noise, minutes=2)
+    assert enabled["ok"] >= 0.8 * disabled["ok"]
+    assert enabled["ok_last_minute"] >= 0.9 * disabled["ok_last_minute"]
 
 
 async def test_a_real_limit_is_still_found_and_held() -> None:
@@ -138,4 +141,19 @@ def test_a_429_is_evidence_only_clearly_above_the_floor() -> None:
     assert not signal.evidence(5.0, 5.0), "10% against a floor of 10%"
     for i in range(100, 140):
         signal.record(i * 0.05, limited=True, now=i * 0.05)
-    assert signal.evidence(7.0, 7.0), "a burst of 429s is"
+    assert not signal.evidence(7.0, 7.0), "a burst of 429s, picked for its 429s, only makes a suspect"
+    assert signal.suspect is not None
+    for i in range(141, 181):
+        signal.record(i * 0.05, limited=i % 2 == 0, now=i * 0.05)
+    assert signal.evidence(9.0, 9.0), "half of the fresh calls refused: clearly above the floor"
+
+
+def test_a_suspicion_the_fresh_calls_do_not_confirm_is_dropped() -> None:
+    signal = RateSignal()
+    signal.floor = 0.1
+    for i in range(100):
+        signal.record(i * 0.05, limited=i % 3 == 0, now=i * 0.05)
+    assert not signal.evidence(5.0, 5.0) and signal.suspect is not None
+    for i in range(101, 141):
+        signal.record(i * 0.05, limited=i % 10 == 0, now=i * 0.05)
+    assert signal.suspect is None and not signal.evidence(7.0, 7.0), "10% again: back to the floor"

@@ -32,6 +32,8 @@ log = logging.getLogger("flashcard_pipeline.resilience.rate_limit")
 BINDING_SHARE = 0.8
 #: After a 429 the limit settles at this share of what the provider accepted in the last minute.
 SETTLE = 0.97
+#: Seconds of a minute observed (in this process) before what the provider accepted in it is taken as its rate.
+MIN_OBSERVED = 10.0
 
 
 @dataclass
@@ -202,7 +204,13 @@ class AdaptiveLimits:
             # still in its window (the overshoot that caused the cut), not our rate. The pause waits it out;
             # cutting 3% per refusal would compound. One cut per window, as TCP cuts once per round trip.
             return
-        new = max(before * self.settings.decrease_factor, view.used * SETTLE)
+        halved = before * self.settings.decrease_factor
+        new = max(halved, view.used * SETTLE)
+        accepted = view.used * WINDOW / max(view.observed, MIN_OBSERVED)
+        if view.shared is None and view.observed >= MIN_OBSERVED and 0 < accepted * SETTLE < halved:
+            # The plan ran far ahead of what the provider took (a sliding window, emptied while we were slow,
+            # let slow start run on): halving it would still be far over the limit. Cut to what it took.
+            new = accepted * SETTLE
         new = max(min(new, before * SETTLE), self._floor(dim))
         if await self._commit(dim, view, planned=new, ceiling=view.used if view.used > 0 else before,
                               header=view.header, decreased=True):
@@ -216,8 +224,8 @@ class AdaptiveLimits:
         ``increase_step`` x the level the provider accepted while below it, and ``settle_step`` x that
         level above it."""
         settings = self.settings
-        if not settings.adaptive:
-            return
+        if not settings.adaptive or self.signal.suspect is not None:
+            return  # a suspicion is checked at the rate it was seen at
         local_now = self.clock.monotonic()
         for dim in self._dims:
             if dim.restore_to is not None:
@@ -252,17 +260,15 @@ class AdaptiveLimits:
                 dim.changed_at = local_now
 
     async def _restore(self, dim: _Dim, local_now: float) -> None:
-        """Give back the rate a cut took, doubling every ``probe_interval`` s (slow start back), then probe on
-        from there as before any 429: the 429s said nothing about our rate."""
+        """Give back the rate a cut took, in one step (the cut did not lower the share of 429s: the rate
+        before it was not their cause), then probe on from there as before any 429."""
         target = dim.restore_to
-        if target is None or local_now - dim.changed_at < self.settings.probe_interval:
+        if target is None:
             return
         view = await self._view(dim)
         cap = dim.cap
-        target = min(target, cap) if cap is not None else target
-        planned = min(target, max(view.planned * (1 + self.settings.probe_step), view.planned))
-        if planned >= target:
-            dim.restore_to = None
+        planned = min(target, cap) if cap is not None else target
+        dim.restore_to = None
         if planned > view.planned and await self._commit(dim, view, planned=planned, ceiling=None,
                                                          header=view.header, decreased=False):
             dim.increases += 1

@@ -248,7 +248,7 @@ class LimitGroup(AdaptiveLimits):
         settings = self.settings
         await self._observe(grant, limited=True)
         now = self.clock.monotonic()
-        if settings.adaptive and not self.signal.evidence(now, grant.sent_at):
+        if settings.adaptive and not self.signal.evidence(now, grant.sent_at, probing=self.requests.cap is None):
             self.rate_limited_noise += 1
             return
         wait = min(max(error.retry_after if error.retry_after is not None else settings.default_pause, 0.0),
@@ -284,8 +284,7 @@ class LimitGroup(AdaptiveLimits):
 
     def _judged(self, trial: Trial) -> None:
         dim = self.requests
-        signal = self.signal
-        if signal.verdict == "noise":
+        if trial.outcome == "noise":
             log.info("%s: the 429 share did not fall after the cut (%d of %d before, %d of %d after): 429s are not "
                      "rate-related; restoring %.0f requests per minute", self.label, trial.limited_before,
                      trial.total_before, trial.limited_after, trial.total_after, trial.rate_before)

@@ -36,9 +36,8 @@ class RateLimitSettings(BaseModel):
     decrease_factor: float = Field(default=0.5, gt=0, lt=1, description="multiplier after a 429")
     increase_interval: float = Field(default=5.0, gt=0, description="seconds of saturated success per raise")
     probe_step: float = Field(default=1.0, gt=0, description="raise before any 429, times the current limit")
-    probe_interval: float = Field(default=2.0, gt=0, description="seconds of saturated success per raise before "
-                                                                 "any 429 (slow start), and per step of a restore "
-                                                                 "after 429s proved not rate-related")
+    probe_interval: float = Field(default=1.0, gt=0, description="seconds of saturated success per raise before "
+                                                                 "any 429 (slow start)")
     increase_step: float = Field(default=0.02, gt=0, description="raise after a 429 while below the level the "
                                                                   "provider accepted, times that level")
     settle_step: float = Field(default=0.002, gt=0, description="raise above that level, times that level")
