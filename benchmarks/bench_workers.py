@@ -24,19 +24,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from flashcard_pipeline.runner import ProcessOptions, process
-from flashcard_pipeline.simulator import SimulatorConfig, SimulatorStats, run_simulator
+from flashcard_pipeline.simulator import SimulatorConfig
+from flashcard_pipeline.simulator.threaded import simulator_in_a_thread
 from flashcard_pipeline.storage.db import create_db_engine
 from flashcard_pipeline.storage.schema import ApiCall, Item
 
@@ -44,34 +43,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/15"
 WINDOW = 5.0
-
-
-@contextlib.contextmanager
-def simulator(config: SimulatorConfig) -> Iterator[tuple[str, Callable[[], SimulatorStats]]]:
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def serve() -> None:
-        holder["stop"] = asyncio.Event()
-        async with run_simulator(config) as sim:
-            holder["sim"] = sim
-            ready.set()
-            await holder["stop"].wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    ready.wait(30)
-
-    async def stats() -> SimulatorStats:
-        return holder["sim"].stats()
-
-    try:
-        yield holder["sim"].base_url, lambda: asyncio.run_coroutine_threadsafe(stats(), loop).result(10)
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
-        loop.close()
 
 
 @contextlib.contextmanager
@@ -106,7 +77,7 @@ def one_case(items: int, workers: int, rpm: int, latency: float, concurrency: in
     env.update(PYTHONPATH=str(SRC), RL_BACKEND="redis", RL_REDIS_URL=REDIS, RL_REDIS_PREFIX=f"{prefix}:rl:",
                RL_ADAPTIVE="false", RL_SAFETY="0.9", RL_BURST_SHARE="0.005", CACHE_REDIS_PREFIX=f"{prefix}:c:",
                WORKER_HEARTBEAT_INTERVAL="1", WORKER_POLL_INTERVAL="0.5")
-    with schema() as db, simulator(SimulatorConfig(latency=latency, requests_per_minute=rpm,
+    with schema() as db, simulator_in_a_thread(SimulatorConfig(latency=latency, requests_per_minute=rpm,
                                                    limit_window=WINDOW)) as (base_url, stats):
         result = asyncio.run(process(ProcessOptions(input_path=source, provider="simulated", db_url=db, workers=0)))
         assert result.outcome is not None
