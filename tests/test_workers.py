@@ -22,7 +22,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.simulator import SimulatorConfig
 from flashcard_pipeline.simulator.threaded import simulator_in_a_thread
 from flashcard_pipeline.storage.db import create_db_engine
@@ -30,6 +29,7 @@ from flashcard_pipeline.storage.leases import LeaseStore
 from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import Item, StageState
 from tests.conftest import REDIS_URL, require_service
+from tests.test_circuit_breaker_store import cli, words
 from tests.test_simulator import FakeClock, analysis_body, started
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -39,18 +39,6 @@ RPM, WINDOW = 900, 5.0
 PER_WINDOW = int(RPM * WINDOW / 60)
 CONCURRENCY = 3
 LEASE = 3.0
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def words(tmp_path: Path, count: int) -> Path:
-    path = tmp_path / "words.csv"
-    path.write_text("position,term,type\n" + "".join(f"{i},낱말{i},noun\n" for i in range(1, count + 1)),
-                    encoding="utf-8")
-    return path
 
 
 def worker_env(prefix: str) -> dict[str, str]:
