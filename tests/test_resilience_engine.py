@@ -114,7 +114,9 @@ async def test_every_layer_reports_to_the_one_hub() -> None:
 
     seen.clear()
     with pytest.raises(RateLimitError):
-        await Resilience(ratelimit=RateLimitSettings(), clock=clock, events=made.events).execute(limited, context())
+        # A configured limit: its first 429 pauses and cuts (an unknown one waits for more evidence first).
+        await Resilience(ratelimit=RateLimitSettings(requests_per_minute=60), clock=clock,
+                         events=made.events).execute(limited, context())
     pause, cut = (next(e for e in seen if isinstance(e, kind)) for kind in (LimitPause, LimitCut))
     assert (pause.group, pause.seconds) == ("p/m", 2.0)
     assert (cut.dimension, cut.before, cut.after, cut.cause) == ("requests", 60, 30, "rate_limited")
