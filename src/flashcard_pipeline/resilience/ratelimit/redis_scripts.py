@@ -55,6 +55,15 @@ local function advance(b, now)
   if t > b.burst then t = b.burst end
   return t
 end
+-- A new live limit (adaptive, not configured): refilled to now, never holding more than the new burst.
+local function relimit(b, now, rate, burst)
+  local tokens = advance(b, now)
+  if now > b.last then b.last = now end
+  b.rate = rate
+  b.burst = burst
+  if tokens > burst then tokens = burst end
+  b.tokens = tokens
+end
 local function delay(b, now, deficit)
   if deficit <= 0 then
     if b.frozen_until > now then return b.frozen_until - now end
@@ -204,12 +213,7 @@ return num(added)
 _SET_LIMIT = _PRELUDE + """
 local now = clock(ARGV[1])
 local b = load(KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5]), now)
-local tokens = advance(b, now)
-if now > b.last then b.last = now end
-b.rate = tonumber(ARGV[2])
-b.burst = tonumber(ARGV[3])
-if tokens > b.burst then tokens = b.burst end
-b.tokens = tokens
+relimit(b, now, tonumber(ARGV[2]), tonumber(ARGV[3]))
 save(KEYS[1], b)
 return num(now)
 """
@@ -249,12 +253,7 @@ redis.call('HSET', KEYS[1], 'version', tostring(version), 'planned', ARGV[3], 'c
            'header', ARGV[5], 'changed_at', ARGV[6], 'decreased_at', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], __TTL__)
 local b = load(KEYS[2], tonumber(ARGV[10]), tonumber(ARGV[11]), now)
-local tokens = advance(b, now)
-if now > b.last then b.last = now end
-b.rate = tonumber(ARGV[8])
-b.burst = tonumber(ARGV[9])
-if tokens > b.burst then tokens = b.burst end
-b.tokens = tokens
+relimit(b, now, tonumber(ARGV[8]), tonumber(ARGV[9]))
 save(KEYS[2], b)
 return {1, tostring(version)}
 """.replace("__TTL__", str(KEY_TTL_MS))
