@@ -129,8 +129,12 @@ class StageRequest:
     estimated_tokens: int = 0
 
 
+#: One encoder for every cache key: ``json.dumps`` with options builds a new one per call.
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
 def _canonical(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return _CANONICAL.encode(data)
 
 
 def sha256_text(text: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,14 +81,21 @@ def _kiwi() -> Any:
     return Kiwi(num_workers=1, model_type="cong", load_typo_dict=False, load_multi_dict=False)
 
 
-def _morphemes(tokens: Any) -> list[Morpheme]:
+def _morphemes(tokens: Any) -> tuple[Morpheme, ...]:
     # Irregular stems carry a suffix (VV-R, VA-I): the class is what matters here.
-    return [Morpheme(t.form, t.tag.split("-")[0], t.start, t.start + t.len, t.lemma or t.form) for t in tokens]
+    return tuple(Morpheme(t.form, t.tag.split("-")[0], t.start, t.start + t.len, t.lemma or t.form) for t in tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _analysed(text: str) -> tuple[Morpheme, ...]:
+    """Remembered for a while: the checks look for the term in an example sentence twice (is it there, what
+    class is it), and tokenising it is most of what they cost."""
+    return _morphemes(_kiwi().tokenize(text))
 
 
 def morphemes(text: str) -> list[Morpheme]:
     """The best analysis of ``text``, with character offsets into it."""
-    return _morphemes(_kiwi().tokenize(text))
+    return list(_analysed(text))
 
 
 def _group(tag: str) -> str:
@@ -98,7 +106,7 @@ def _group(tag: str) -> str:
     return tag[:2] if tag.startswith(("M", "J", "E", "I", "S")) else tag
 
 
-def _head(tokens: list[Morpheme]) -> Head | None:
+def _head(tokens: Sequence[Morpheme]) -> Head | None:
     content = [i for i, t in enumerate(tokens) if not t.tag.startswith(("S", "J", "E", "X"))]
     if not content:
         particles = [t for t in tokens if t.tag.startswith(("J", "E"))]
@@ -146,12 +154,12 @@ def _word_start(text: str, index: int) -> bool:
     return index == 0 or not (text[index - 1].isalnum() or is_hangul(text[index - 1]))
 
 
-def _find(term: str, sentence: str) -> tuple[list[Morpheme], int] | None:
+def _find(term: str, sentence: str) -> tuple[tuple[Morpheme, ...], int] | None:
     """The sentence's morphemes and the index of the first one that is the term's content word."""
     heads = head_candidates(term)
     if not heads:
         return None
-    tokens = morphemes(sentence)
+    tokens = _analysed(sentence)
     for index, token in enumerate(tokens):
         for head in heads:
             if token.lemma == head.lemma and _group(token.tag) == _group(head.tag):
@@ -170,7 +178,7 @@ def locate(term: str, sentence: str) -> Span | None:
     term = term.strip()
     if not term or not sentence:
         return None
-    tokens: list[Morpheme] | None = None
+    tokens: tuple[Morpheme, ...] | None = None
     for match in re.finditer(re.escape(term), sentence):
         if not _word_start(sentence, match.start()):
             continue
@@ -178,7 +186,7 @@ def locate(term: str, sentence: str) -> Span | None:
         if end == len(sentence) or not is_hangul(sentence[end]):
             return Span(match.start(), end)
         # 나 at the start of 나무 is no hit; 나 in 나는 is (its morpheme is the term's word).
-        tokens = tokens if tokens is not None else morphemes(sentence)
+        tokens = tokens if tokens is not None else _analysed(sentence)
         heads = {h.lemma for h in head_candidates(term)}
         if any(t.start == match.start() and t.lemma in heads for t in tokens):
             return Span(match.start(), end)

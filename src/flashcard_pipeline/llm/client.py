@@ -231,9 +231,12 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_HTTPX_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _dumps(value: Any) -> str:
     """JSON as httpx's ``json=`` writes it."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _HTTPX_JSON.encode(value)
 
 
 def _direct_post(http: httpx.AsyncClient, transport: AiohttpTransport, url: str, headers: Mapping[str, str],
