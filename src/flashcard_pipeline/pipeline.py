@@ -241,6 +241,8 @@ class Pipeline:
         self.durable = durable
         self.stats = RunStats()
         self._by_model: dict[str, StageSettings] = {settings.model: settings}
+        #: First-stage requests the producer built for its cache prefetch, taken by the item's worker.
+        self._prebuilt: dict[int, StageRequest] = {}
         self._writer: LedgerWriter | None = None
         self._run_id = 0
         self._spent_before = 0.0
@@ -303,9 +305,10 @@ class Pipeline:
 
     async def _produce(self, queue: asyncio.Queue[PendingItem | None]) -> None:
         async for page in self._pages(queue):
+            built = {p.id: build_nuance_request(p.item, self.settings) for p in page if not p.nuance_done}
+            self._prebuilt.update(built)
             if not self.force:  # the page's first-stage answers in one read, not one read per item
-                await self.cache.prefetch([build_nuance_request(p.item, self.settings).cache_key
-                                           for p in page if not p.nuance_done], NUANCE)
+                await self.cache.prefetch([staged.cache_key for staged in built.values()], NUANCE)
             for pending in page:
                 await queue.put(pending)
         for _ in range(self.concurrency):
@@ -335,8 +338,9 @@ class Pipeline:
             language = self.settings.language
             flagged = False
             if analysis is None:
+                staged = self._prebuilt.pop(pending.id, None) or build_nuance_request(item, self.settings)
                 analysis, problems = await self._stage(
-                    pending, build_nuance_request(item, self.settings), lambda content: parse_nuance(content, item),
+                    pending, staged, lambda content: parse_nuance(content, item),
                     lambda answer: check_analysis(answer, term=item.term, language=language),
                     lambda settings: build_nuance_request(item, settings))
                 flagged = bool(problems)

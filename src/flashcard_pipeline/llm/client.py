@@ -8,6 +8,7 @@ never parses the content: both belong to layers above.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -57,10 +58,12 @@ _WIDE_CHARS = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=256)
 def estimate_tokens(text: str) -> int:
     """Rough token count without a tokenizer: ~1 per Hangul/CJK/kana char, ~1 per 3.5 other chars.
 
-    Good enough for cost previews and token-bucket limits, which only need the right magnitude.
+    Good enough for cost previews and token-bucket limits, which only need the right magnitude. Remembered: every
+    request of a stage repeats its system prompt.
     """
     wide = len(_WIDE_CHARS.findall(text))
     return wide + math.ceil((len(text) - wide) / 3.5)
