@@ -45,6 +45,8 @@ _RESULTS = StageResult.__table__
 #: The reads every cache miss makes, built once: building a statement costs more than running it on SQLite.
 _CACHE_ENTRY = select(_ENTRIES.c.codec, _ENTRIES.c.value, _ENTRIES.c.expires_at).where(
     _ENTRIES.c.key == bindparam("key"))
+_COUNT_HITS = (update(_ENTRIES).where(_ENTRIES.c.key == bindparam("b_key"))
+               .values(hit_count=_ENTRIES.c.hit_count + bindparam("b_n"), last_hit_at=bindparam("b_now")))
 _STORED_ANSWER = (select(_RESULTS.c.payload)
                   .where(_RESULTS.c.cache_key == bindparam("key"), _RESULTS.c.created_at > bindparam("after"))
                   .order_by(_RESULTS.c.id.desc()).limit(1))
@@ -617,11 +619,8 @@ class Ledger:
                 hits[op.key] = hits.get(op.key, 0) + 1
         with self.engine.begin() as conn:  # Core: the ORM session's bookkeeping was a third of a batch's time
             for started in _by_stage(groups.get(StageStarted, ())):
-                state, attempts = _stage_columns(started[0].stage)
-                conn.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id"))
-                                .values({state.key: StageState.IN_FLIGHT, attempts.key: attempts + 1,
-                                         "updated_at": now}),
-                                [{"b_id": op.item_id} for op in started])
+                conn.execute(_stage_update(started[0].stage, StageState.IN_FLIGHT),
+                             [{"b_id": op.item_id, "b_now": now} for op in started])
             if puts := groups.get(CachePut):
                 rows = list({op.key: {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
                              for op in puts}.values())  # the last put of a key wins, as in order
@@ -629,20 +628,14 @@ class Ledger:
             if completed := groups.get(StageCompleted):
                 self._complete_stages(conn, dialect, completed, now)
             for failed in _by_stage(groups.get(StageFailed, ())):
-                state, _ = _stage_columns(failed[0].stage)
-                conn.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(
-                    {state.key: bindparam("b_state"), "error_stage": failed[0].stage,
-                     "error_category": bindparam("b_cat"), "error_code": bindparam("b_code"),
-                     "error_message": bindparam("b_msg"), "last_answer": bindparam("b_answer"), "updated_at": now}),
-                    [{"b_id": op.item_id, "b_cat": op.category, "b_code": op.code, "b_msg": op.message[:2000],
-                      "b_state": StageState.QUARANTINED if op.quarantined else StageState.FAILED,
-                      "b_answer": op.last_answer[:LAST_ANSWER_CHARS] if op.last_answer is not None else None}
-                     for op in failed])
+                conn.execute(_stage_update(failed[0].stage, StageState.FAILED), [
+                    {"b_id": op.item_id, "b_now": now, "b_cat": op.category, "b_code": op.code,
+                     "b_msg": op.message[:2000],
+                     "b_state": StageState.QUARANTINED if op.quarantined else StageState.FAILED,
+                     "b_answer": op.last_answer[:LAST_ANSWER_CHARS] if op.last_answer is not None else None}
+                    for op in failed])
             if hits:
-                entries = CacheEntry.__table__
-                conn.execute(update(entries).where(entries.c.key == bindparam("b_key"))
-                                .values(hit_count=entries.c.hit_count + bindparam("b_n"), last_hit_at=now),
-                                [{"b_key": key, "b_n": n} for key, n in hits.items()])
+                conn.execute(_COUNT_HITS, [{"b_key": key, "b_n": n, "b_now": now} for key, n in hits.items()])
             for op in groups.get(CacheCounts, ()):
                 for cache_type, hits_n, misses in op.counts:
                     self._add_counts(conn, dialect, cache_type, hits_n, misses)
@@ -675,13 +668,8 @@ class Ledger:
             if cards:
                 conn.execute(insert(Card.__table__), cards)
         for done in _by_stage(ops):
-            state, _ = _stage_columns(done[0].stage)
-            values: dict[str, Any] = {state.key: StageState.DONE, "updated_at": now}
-            if done[0].stage == CARDS:
-                values.update(error_stage=None, error_category=None, error_code=None, error_message=None,
-                              last_answer=None)
-            conn.execute(update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(values),
-                            [{"b_id": item_id} for item_id in dict.fromkeys(op.item_id for op in done)])
+            conn.execute(_stage_update(done[0].stage, StageState.DONE),
+                         [{"b_id": item_id, "b_now": now} for item_id in dict.fromkeys(op.item_id for op in done)])
 
     @staticmethod
     def _run_record(row: Run) -> RunRecord:
@@ -720,6 +708,27 @@ def _upsert_many(conn: Connection, dialect: str, table: Any, rows: list[dict[str
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands back the UTC times it stores without their zone."""
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+@functools.cache
+def _stage_update(stage: str, state: StageState) -> Any:
+    """The executemany UPDATE that moves a stage of items to ``state`` (IN_FLIGHT: started, DONE, FAILED: failed
+    or quarantined as ``b_state`` says), made once: building and cache-keying a statement per batch cost more than
+    running it. Parameters: ``b_id``, ``b_now``, and for a failure its error's."""
+    column, attempts = _stage_columns(stage)
+    values: dict[str, Any] = {"updated_at": bindparam("b_now")}
+    if state is StageState.IN_FLIGHT:
+        values.update({column.key: StageState.IN_FLIGHT, attempts.key: attempts + 1})
+    elif state is StageState.DONE:
+        values[column.key] = StageState.DONE
+        if stage == CARDS:
+            values.update(error_stage=None, error_category=None, error_code=None, error_message=None,
+                          last_answer=None)
+    else:
+        values.update({column.key: bindparam("b_state"), "error_stage": stage, "error_category": bindparam("b_cat"),
+                       "error_code": bindparam("b_code"), "error_message": bindparam("b_msg"),
+                       "last_answer": bindparam("b_answer")})
+    return update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(values)
 
 
 def _stage_columns(stage: str) -> tuple[Any, Any]:
