@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 from sqlalchemy.orm import Session
 
 from flashcard_pipeline.cache.backends import DatabaseCacheBackend, RedisCacheBackend, make_cache
@@ -309,6 +309,26 @@ async def test_database_backend_reports_the_expiry_it_read(db_url: str) -> None:
         session.execute(update(CacheEntry).where(CacheEntry.key == "b")
                         .values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
     assert await backend.get("b") is None
+    ledger.engine.dispose()
+
+
+async def test_database_backend_reads_a_miss_in_one_statement(db_url: str) -> None:
+    """A miss also looks for a stored answer to restore, in the same statement: each statement is a database
+    round trip, and a span when the run is traced."""
+    ledger = Ledger(open_database(db_url))
+    backend = DatabaseCacheBackend(ledger)
+    await CompressedCache(backend, CacheSettings(memory_entries=0)).put(record("a"))
+    statements: list[str] = []
+    event.listen(ledger.engine, "before_cursor_execute",
+                 lambda _conn, _cursor, statement, *_: statements.append(statement))
+    assert await backend.get("missing", count=False) is None
+    assert len(statements) == 1 and "stage_results" in statements[0]
+    found = await backend.get("a", count=False)
+    assert found is not None and found.data != b"" and len(statements) == 2
+    with Session(ledger.engine) as session, session.begin():
+        session.execute(update(CacheEntry).where(CacheEntry.key == "a")
+                        .values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    assert await backend.get("a", count=False) is None  # an expired entry is not replaced by a stored answer
     ledger.engine.dispose()
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,12 @@ _COUNT_HITS = (update(_ENTRIES).where(_ENTRIES.c.key == bindparam("b_key"))
 _STORED_ANSWER = (select(_RESULTS.c.payload)
                   .where(_RESULTS.c.cache_key == bindparam("key"), _RESULTS.c.created_at > bindparam("after"))
                   .order_by(_RESULTS.c.id.desc()).limit(1))
+#: A miss that may restore: the entry if there is one, else the answer a run stored, in one statement (one
+#: row, from a one-row table joined to the entry; a traced run pays a span per statement).
+_ONE_ROW = select(literal(1).label("one")).subquery("one_row")
+_CACHE_ENTRY_OR_STORED = (select(_ENTRIES.c.codec, _ENTRIES.c.value, _ENTRIES.c.expires_at,
+                                 _STORED_ANSWER.scalar_subquery().label("payload"))
+                          .select_from(_ONE_ROW.outerjoin(_ENTRIES, _ENTRIES.c.key == bindparam("key"))))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Keys per IN list: well under every driver's limit on bound parameters.
 _IN_CHUNK = 500
@@ -556,12 +562,16 @@ class Ledger:
         cache copy was lost or cleared is found by the one read a miss costs.
         """
         with self.engine.connect() as conn:
-            row = conn.execute(_CACHE_ENTRY, {"key": key}).first()
-            if row is None:
-                if not with_results:
+            if with_results:
+                row = conn.execute(_CACHE_ENTRY_OR_STORED, {"key": key, "after": results_newer_than or _EPOCH}).one()
+                if row.codec is None:
+                    payload = row.payload
+                    return None if payload is None else CachedValue("identity", payload.encode("utf-8"),
+                                                                    restored=True)
+            else:
+                row = conn.execute(_CACHE_ENTRY, {"key": key}).first()
+                if row is None:
                     return None
-                payload = conn.execute(_STORED_ANSWER, {"key": key, "after": results_newer_than or _EPOCH}).scalar()
-                return None if payload is None else CachedValue("identity", payload.encode("utf-8"), restored=True)
         expires = row.expires_at
         if expires is not None:
             if expires.tzinfo is None:
