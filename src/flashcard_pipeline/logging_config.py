@@ -24,7 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TextIO
 
-from flashcard_pipeline.errors import StructuredError
+from flashcard_pipeline.errors import ConfigurationError, StructuredError
 from flashcard_pipeline.redaction import redact_all
 
 PACKAGE = "flashcard_pipeline"
@@ -289,6 +289,24 @@ class LogOptions:
     levels: Mapping[str, int] = field(default_factory=dict)
     #: Secrets to redact besides the key shapes every line is checked for.
     secrets: tuple[str, ...] = ()
+
+
+def console_options(*, level: str | None, format: str | None, verbosity: int, setting_level: str,
+                    setting_format: str, setting_levels: str, secrets: tuple[str, ...]) -> LogOptions:
+    """The console's logging: ``--log-level``, else ``-v``/``-q`` (verbosity 1, 2 or -1), else the level setting;
+    ``--log-format``, else the format setting. The ``setting_*`` values are validated ``[logging]`` / ``LOG_*``
+    ones (the full settings or the quick ones of the status commands: both end here)."""
+    if level is not None:
+        try:
+            chosen = parse_level(level, "--log-level")
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+    elif verbosity:
+        chosen = {-1: logging.ERROR, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    else:
+        chosen = parse_level(setting_level)
+    return LogOptions(level=chosen, format=(format or setting_format),  # type: ignore[arg-type]
+                      levels=parse_levels(setting_levels), secrets=secrets)
 
 
 @dataclass(frozen=True)
