@@ -5,7 +5,6 @@ database knows (items, calls, errors, circuits, limits), so `monitor` and `runs`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
@@ -57,6 +56,7 @@ async def publishing_progress(publish: Callable[[dict[str, Any]], Any], snapshot
                               interval: float = PROGRESS_INTERVAL) -> AsyncIterator[None]:
     """Publish ``snapshot(active=True)`` every ``interval`` seconds while the block runs, and a last one that
     says the process has stopped working on the run when it ends."""
+    import asyncio  # here: `monitor` and `runs` import this module and start faster without it
 
     async def beat() -> None:
         while True:
