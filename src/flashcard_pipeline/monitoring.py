@@ -161,7 +161,12 @@ def take_snapshot(source: StatusSource, run: RunRecord, now: datetime | None = N
         state = "running"  # a worker that beats is the run's life sign, whatever the last progress line said
     live = state in LIVE_STATES
     summary = source.summary(run.id)
+    beat = _parse(progress.get("updated_at"))
+    # The process's running time as of now, not as of its last heartbeat: the first one says ~0 s, and items can
+    # finish before the next, so a window ending at that heartbeat's age would hold none of their calls.
     elapsed = float(progress.get("elapsed_s") or 0.0)
+    if elapsed > 0 and beat is not None:
+        elapsed += max(0.0, (now - beat).total_seconds())
     window = min(PACE_WINDOW.total_seconds(), elapsed) if live and elapsed > 0 else PACE_WINDOW.total_seconds()
     calls, items = source.recent_activity(run.id, now - timedelta(seconds=window)) if live else (0, 0)
     items_per_minute = items * 60.0 / window if window else 0.0
@@ -171,7 +176,6 @@ def take_snapshot(source: StatusSource, run: RunRecord, now: datetime | None = N
     circuits = [s.to_dict(now) for s in source.snapshots() if s.run_id == run.id and (s.live(now) or not live)]
     isolated = [name for name, command in source.latest_commands().items()
                 if command.action == "isolate" and name == circuit]
-    beat = _parse(progress.get("updated_at"))
     return RunSnapshot(
         run_id=record.id, state=state, provider=record.provider, model=record.model, input_path=record.input_path,
         simulated=record.simulated, started_at=record.created_at.isoformat(), total=summary.total,

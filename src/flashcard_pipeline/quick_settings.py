@@ -130,8 +130,8 @@ def database_target(flag: str | None, settings: QuickSettings,
                     env: Mapping[str, str] | None = None) -> DatabaseTarget | None:
     """Where ``--db`` / FLASHCARD_DATABASE_URL / the config file / the default put the database, as
     :func:`flashcard_pipeline.storage.db.resolve_database_url` finds it, when it is an existing SQLite file or a
-    plain PostgreSQL URL; None otherwise (a typo, a missing file, a URL with options: the full path reports or
-    handles it)."""
+    PostgreSQL URL for psycopg; None otherwise (a typo, a missing file, another driver, a SQLite URL with options:
+    the full path reports or handles it)."""
     env = os.environ if env is None else env
     chosen = (flag or env.get("FLASHCARD_DATABASE_URL") or "").strip()
     if not chosen and not settings.database_url_in_env:
@@ -144,7 +144,7 @@ def database_target(flag: str | None, settings: QuickSettings,
         path = Path(chosen.removeprefix("sqlite:///"))
         if not path.name or any(c in str(path) for c in "?%") or str(path) == ":memory:":
             return None
-    elif chosen.startswith(_POSTGRESQL) and not any(c in chosen for c in "?%"):
+    elif chosen.startswith(_POSTGRESQL):  # libpq reads the URL (query options too) as SQLAlchemy passes it on
         return DatabaseTarget("postgresql", conninfo="postgresql://" + chosen.split("://", 1)[1])
     else:
         return None
