@@ -6,9 +6,9 @@ minimum and the median wall time, and the median as a multiple of two baselines 
 `python -c pass` (the interpreter alone) and `python -c "import sqlalchemy, pydantic_settings, typer"` (what a
 command that reads the database and its settings the full way loads). A third baseline, `import typer,
 rich.console, rich.table`, is what every command loads, the floor of the status commands' quick path. The status
-commands read a database that a simulated `process` run fills first (not timed). `--compare SRC` also times the commands that exist there
-with another source tree on PYTHONPATH (the main branch's `src`, say), in the same run, so that a busy machine
-slows both alike and the ratio still holds.
+commands read a database that a simulated `process` run fills first (not timed). `--compare SRC` also times the
+commands that exist there with another source tree on PYTHONPATH (the main branch's `src`, say), in the same run,
+so that a busy machine slows both alike and the ratio still holds.
 
     PYTHONPATH=src python benchmarks/bench_startup.py [--runs 15] [--compare ../main/src]
 """
@@ -47,8 +47,11 @@ def main() -> None:
         home = Path(tmp)
         env = {**os.environ, "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
                "HOME": str(home), "PYTHONPATH": absolute_path(os.environ.get("PYTHONPATH", ""))}
-        for variable in ("FLASHCARD_DATABASE_URL", "FLASHCARD_CONFIG"):
+        for variable in ("FLASHCARD_DATABASE_URL", "FLASHCARD_CONFIG", "PYTHONDONTWRITEBYTECODE"):
             env.pop(variable, None)
+        # The warm-up writes the .pyc files an installed package has (here, not beside either source tree), or
+        # every run would compile the package's modules from source again.
+        env["PYTHONPYCACHEPREFIX"] = str(home / "pycache")
         words = home / "words.csv"
         words.write_text("position,term,type\n1,학교,noun\n2,먹다,verb\n3,빨리,adverb\n", encoding="utf-8")
         subprocess.run([*CLI, "process", str(words), "--provider", "simulated", "-o", str(home / "deck.jsonl")],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import logging.handlers
 import os
 import sys
 import traceback
@@ -412,6 +411,8 @@ def run_log(options: RunLogOptions | None, run_id: int) -> Iterator[Path | None]
     path = run_log_path(options.directory, run_id)
     try:
         options.directory.mkdir(parents=True, exist_ok=True)
+        import logging.handlers  # here: the status commands configure the console only
+
         handler = logging.handlers.RotatingFileHandler(path, maxBytes=options.max_bytes,
                                                        backupCount=options.backups, encoding="utf-8")
     except OSError as exc:
