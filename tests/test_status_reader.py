@@ -16,7 +16,6 @@ from sqlalchemy import insert, select
 from typer.testing import CliRunner
 
 from flashcard_pipeline import monitoring, quick_settings
-from flashcard_pipeline.cli import breaker_commands, ratelimit_commands, runs_commands
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.storage import status_reader
@@ -150,8 +149,9 @@ class _Frozen(datetime):
 def database(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A populated database, the commands' clock stopped at its ``now``."""
     _Frozen.instant = populate(db_url)
-    for module in (runs_commands, breaker_commands, ratelimit_commands, monitoring):
-        monkeypatch.setattr(module, "datetime", _Frozen)
+    monkeypatch.setattr(monitoring, "datetime", _Frozen)
+    for module in ("runs_commands", "breaker_commands", "ratelimit_commands"):  # imported by cli.app, in its order
+        monkeypatch.setattr(f"flashcard_pipeline.cli.{module}.datetime", _Frozen)
     yield db_url
 
 
