@@ -29,6 +29,7 @@ from flashcard_pipeline.storage.ledger import (
     StageFailed,
     StageStarted,
 )
+from flashcard_pipeline.storage.records import RunRecord, RunSummary
 from flashcard_pipeline.storage.schema import ApiCall, CircuitBreakerEvent, CircuitBreakerSnapshot, RunStatus
 from flashcard_pipeline.storage.status_reader import FullStatus, StatusReader, open_status
 
@@ -291,3 +292,41 @@ def test_settings_the_quick_path_does_not_read_take_the_full_path(database: str,
         assert isinstance(source, status_reader.StatusReader)
     finally:
         source.close()
+
+
+def test_the_pace_counts_what_finished_since_the_processes_first_heartbeat() -> None:
+    """The first heartbeat says the process has run ~0 s; items may finish before the next one. The pace window is
+    the running time as of now (that elapsed time plus the heartbeat's age), so their calls count."""
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    calls_at = now - timedelta(seconds=0.4)
+    run = RunRecord(id=1, run_key="k", status="running", total_items=4, simulated=True, provider="p", model="m",
+                    target_language="ko", learner_language="en", created_at=now - timedelta(seconds=1))
+
+    class Source:
+        def get_run(self, run_id: int | None = None) -> RunRecord:
+            return run
+
+        def run_metrics(self, run_id: int) -> dict[str, Any]:
+            return {"progress": {"updated_at": (now - timedelta(seconds=0.9)).isoformat(), "active": True,
+                                 "elapsed_s": 0.012, "in_flight": 0, "owner": "h:1"}}
+
+        def recent_activity(self, run_id: int, since: datetime) -> tuple[int, int]:
+            return (4, 2) if since <= calls_at else (0, 0)
+
+        def summary(self, run_id: int) -> RunSummary:
+            return RunSummary(total=4, done=2, pending=2, api_calls=4)
+
+        def workers(self, run_id: int) -> list[Any]:
+            return []
+
+        def snapshots(self) -> list[Any]:
+            return []
+
+        def latest_commands(self) -> dict[str, Any]:
+            return {}
+
+        def errors_by_code(self, run_id: int) -> dict[str, int]:
+            return {}
+
+    snapshot = monitoring.take_snapshot(Source(), run, now)  # type: ignore[arg-type]
+    assert snapshot.state == "running" and snapshot.calls_per_minute > 0 and snapshot.items_per_minute > 0
