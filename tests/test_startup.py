@@ -23,6 +23,15 @@ from flashcard_pipeline.config_files import default_database_path
 from flashcard_pipeline.storage.db import resolve_database_url
 from tests.test_status_reader import populate
 
+
+@pytest.fixture(autouse=True)
+def _no_declined_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DB_*, RL_* or other LOG_* variable in the developer's shell would send every command the full way."""
+    for name in list(os.environ):
+        if quick_settings.env_handling(name) == "declined":
+            monkeypatch.delenv(name)
+
+
 #: What a status command must not load: each costs a tenth of a second or more.
 HEAVY = ("sqlalchemy", "pydantic", "pydantic_settings", "alembic", "httpx")
 STATUS = [["runs", "list"], ["runs", "show", "2"], ["breaker", "status"], ["ratelimit", "status"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,14 @@ from flashcard_pipeline.storage.schema import ApiCall, CircuitBreakerEvent, Circ
 from flashcard_pipeline.storage.status_reader import FullStatus, StatusReader, open_status
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _no_declined_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DB_*, RL_* or other LOG_* variable in the developer's shell would send every command the full way."""
+    for name in list(os.environ):
+        if quick_settings.env_handling(name) == "declined":
+            monkeypatch.delenv(name)
 CIRCUIT = "openrouter/openai/gpt-4o-mini"
 
 
