@@ -219,7 +219,7 @@ class StatusReader:
     def run_metrics(self, run_id: int) -> dict[str, Any] | None:
         rows = self._rows("SELECT metrics_json FROM runs WHERE id = ?", (run_id,))
         raw = rows[0][0] if rows else None
-        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+        return None if raw is None else json.loads(raw)
 
     def summary(self, run_id: int) -> RunSummary:
         s = RunSummary()
