@@ -3,11 +3,12 @@ shell's point of view (a fresh interpreter each time, as a user or a script runs
 
 Each command runs N times in a subprocess (hyperfine-style: one warm-up, then N timed runs); the table gives the
 minimum and the median wall time, and the median as a multiple of two baselines measured in the same run:
-`python -c pass` (the interpreter alone) and `python -c "import sqlalchemy, pydantic_settings, typer"` (the
-libraries any command that reads the database or a setting cannot avoid). The status commands read a database
-that a simulated `process` run fills first (not timed). `--compare SRC` also times the commands that exist there
-with another source tree on PYTHONPATH (the main branch's `src`, say), in the same run, so that a busy machine
-slows both alike and the ratio still holds.
+`python -c pass` (the interpreter alone) and `python -c "import sqlalchemy, pydantic_settings, typer"` (what a
+command that reads the database and its settings the full way loads). A third baseline, `import typer,
+rich.console, rich.table`, is what every command loads, the floor of the status commands' quick path. The status
+commands read a database that a simulated `process` run fills first (not timed). `--compare SRC` also times the
+commands that exist there with another source tree on PYTHONPATH (the main branch's `src`, say), in the same run,
+so that a busy machine slows both alike and the ratio still holds.
 
     PYTHONPATH=src python benchmarks/bench_startup.py [--runs 15] [--compare ../main/src]
 """
@@ -45,26 +46,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         env = {**os.environ, "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
-               "HOME": str(home)}
-        for variable in ("FLASHCARD_DATABASE_URL", "FLASHCARD_CONFIG"):
+               "HOME": str(home), "PYTHONPATH": absolute_path(os.environ.get("PYTHONPATH", ""))}
+        for variable in ("FLASHCARD_DATABASE_URL", "FLASHCARD_CONFIG", "PYTHONDONTWRITEBYTECODE"):
             env.pop(variable, None)
+        # The warm-up writes the .pyc files an installed package has (here, not beside either source tree), or
+        # every run would compile the package's modules from source again.
+        env["PYTHONPYCACHEPREFIX"] = str(home / "pycache")
         words = home / "words.csv"
         words.write_text("position,term,type\n1,학교,noun\n2,먹다,verb\n3,빨리,adverb\n", encoding="utf-8")
         subprocess.run([*CLI, "process", str(words), "--provider", "simulated", "-o", str(home / "deck.jsonl")],
                        env=env, cwd=home, capture_output=True, check=True)
-        cases = [
+        cases: list[tuple[str, list[str]]] = [
             ("python -c pass", [PYTHON, "-c", "pass"]),
             ("import sqlalchemy, pydantic_settings, typer", [PYTHON, "-c",
                                                               "import sqlalchemy, pydantic_settings, typer"]),
+            ("import typer, rich.console, rich.table", [PYTHON, "-c", "import typer, rich.console, rich.table"]),
             ("flashcard-pipeline --help", [*CLI, "--help"]),
             ("flashcard-pipeline --version", [*CLI, "--version"]),
             ("flashcard-pipeline process --help", [*CLI, "process", "--help"]),
             ("flashcard-pipeline config show", [*CLI, "config", "show"]),
-            ("flashcard-pipeline runs list", [*CLI, "runs", "list"]),
-            ("flashcard-pipeline breaker status", [*CLI, "breaker", "status"]),
-            ("flashcard-pipeline ratelimit status", [*CLI, "ratelimit", "status"]),
-            ("flashcard-pipeline monitor --once", [*CLI, "monitor", "--once"]),
         ]
+        for status in (["runs", "list"], ["runs", "show", "1"], ["breaker", "status"], ["ratelimit", "status"],
+                       ["monitor", "--once"]):
+            for as_json in ([], ["--json"]):
+                command = [*status, *as_json]
+                cases.append((" ".join(["flashcard-pipeline", *command]), [*CLI, *command]))
         results: dict[str, list[float]] = {}
         before: dict[str, list[float]] = {}
         other = {**env, "PYTHONPATH": str(args.compare.resolve())} if args.compare else None
@@ -85,6 +91,12 @@ def main() -> None:
             then = statistics.median(before[name])
             row += f" {then:>10.3f} {then / median:>8.1f}x"
         print(row)
+
+
+def absolute_path(value: str) -> str:
+    """PYTHONPATH with its entries made absolute: the commands run in a temporary folder, where a relative
+    ``src`` names nothing and the installed package would be timed instead."""
+    return os.pathsep.join(str(Path(entry).resolve()) for entry in value.split(os.pathsep) if entry)
 
 
 def _exists(command: list[str], env: dict[str, str], cwd: Path) -> bool:

@@ -12,15 +12,12 @@ depends on the shell it runs in.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import math
 import os
 import stat
-import tomllib
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, cast
 
@@ -34,70 +31,20 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from flashcard_pipeline.config_files import CONFIG_FILE_ENV as CONFIG_FILE_ENV
+from flashcard_pipeline.config_files import CONFIG_FILE_NAME as CONFIG_FILE_NAME
+from flashcard_pipeline.config_files import config_files as config_files
+from flashcard_pipeline.config_files import data_directory as data_directory
+from flashcard_pipeline.config_files import read_config_file as read_config_file
+from flashcard_pipeline.config_files import user_config_file as user_config_file
+from flashcard_pipeline.config_files import using_config_files as using_config_files
 from flashcard_pipeline.errors import ConfigurationError, ErrorCategory
-from flashcard_pipeline.logging_config import LogOptions, RunLogOptions, parse_level, parse_levels
+from flashcard_pipeline.logging_config import LogOptions, RunLogOptions, console_options, parse_level, parse_levels
 from flashcard_pipeline.recovery import RecoveryPlan, parse_strategies
 from flashcard_pipeline.resilience import CircuitBreakerConfig, RateLimitSettings, RetryConfig
 from flashcard_pipeline.resilience.breaker.config import DEFAULT_FAILURE_CATEGORIES
 
 S = TypeVar("S", bound=BaseSettings)
-
-CONFIG_FILE_NAME = "flashcard-pipeline.toml"
-#: A config file to use instead of the working directory's and the user's.
-CONFIG_FILE_ENV = "FLASHCARD_CONFIG"
-
-#: Files ``config validate FILE`` checks instead of the ones found (a context variable, reset on exit).
-_FILES_OVERRIDE: ContextVar[tuple[Path, ...] | None] = ContextVar("flashcard_config_files", default=None)
-
-
-def data_directory(env: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_DATA_HOME/flashcard-pipeline`` (``~/.local/share/...`` when unset): the default database, run logs."""
-    env = os.environ if env is None else env
-    return Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "flashcard-pipeline"
-
-
-def user_config_file(env: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_CONFIG_HOME/flashcard-pipeline/flashcard-pipeline.toml`` (``~/.config/...`` when unset)."""
-    env = os.environ if env is None else env
-    base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "flashcard-pipeline" / CONFIG_FILE_NAME
-
-
-def config_files(env: Mapping[str, str] | None = None) -> list[Path]:
-    """The config files in effect, strongest first: ``$FLASHCARD_CONFIG`` alone when it is set (it must exist),
-    else those of ``./flashcard-pipeline.toml`` and the user's file that exist."""
-    override = _FILES_OVERRIDE.get()
-    if override is not None:
-        return list(override)
-    env = os.environ if env is None else env
-    if explicit := env.get(CONFIG_FILE_ENV, "").strip():
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise ConfigurationError(f"{CONFIG_FILE_ENV}={explicit}: no such file")
-        return [path]
-    return [path for path in (Path.cwd() / CONFIG_FILE_NAME, user_config_file(env)) if path.is_file()]
-
-
-@contextlib.contextmanager
-def using_config_files(files: list[Path]) -> Iterator[None]:
-    """Read settings from ``files`` (strongest first) instead of the ones found, inside the block."""
-    token = _FILES_OVERRIDE.set(tuple(files))
-    try:
-        yield
-    finally:
-        _FILES_OVERRIDE.reset(token)
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The TOML document of ``path``; unreadable or invalid TOML is a one-line :class:`ConfigurationError`."""
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
-
 
 def config_file_problems(path: Path, document: Mapping[str, Any] | None = None) -> list[str]:
     """Every section or key of the file that no setting has (a typo would otherwise be ignored in silence)."""
@@ -415,17 +362,8 @@ def log_options(*, level: str | None = None, format: str | None = None, verbosit
     """The console's logging: ``--log-level``, else ``-v``/``-q`` (verbosity 1, 2 or -1), else ``LOG_LEVEL``;
     ``--log-format``, else ``LOG_FORMAT``. Keys in effect are redacted from every line."""
     settings = read_settings(LogSettings)
-    if level is not None:
-        try:
-            chosen = parse_level(level, "--log-level")
-        except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
-    elif verbosity:
-        chosen = {-1: logging.ERROR, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    else:
-        chosen = parse_level(settings.level)
-    return LogOptions(level=chosen, format=(format or settings.format),  # type: ignore[arg-type]
-                      levels=parse_levels(settings.levels), secrets=_secrets())
+    return console_options(level=level, format=format, verbosity=verbosity, setting_level=settings.level,
+                           setting_format=settings.format, setting_levels=settings.levels, secrets=_secrets())
 
 
 def run_log_options() -> RunLogOptions | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import logging.handlers
 import os
 import sys
 import traceback
@@ -24,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TextIO
 
-from flashcard_pipeline.errors import StructuredError
+from flashcard_pipeline.errors import ConfigurationError, StructuredError
 from flashcard_pipeline.redaction import redact_all
 
 PACKAGE = "flashcard_pipeline"
@@ -291,6 +290,24 @@ class LogOptions:
     secrets: tuple[str, ...] = ()
 
 
+def console_options(*, level: str | None, format: str | None, verbosity: int, setting_level: str,
+                    setting_format: str, setting_levels: str, secrets: tuple[str, ...]) -> LogOptions:
+    """The console's logging: ``--log-level``, else ``-v``/``-q`` (verbosity 1, 2 or -1), else the level setting;
+    ``--log-format``, else the format setting. The ``setting_*`` values are validated ``[logging]`` / ``LOG_*``
+    ones (the full settings or the quick ones of the status commands: both end here)."""
+    if level is not None:
+        try:
+            chosen = parse_level(level, "--log-level")
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+    elif verbosity:
+        chosen = {-1: logging.ERROR, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    else:
+        chosen = parse_level(setting_level)
+    return LogOptions(level=chosen, format=(format or setting_format),  # type: ignore[arg-type]
+                      levels=parse_levels(setting_levels), secrets=secrets)
+
+
 @dataclass(frozen=True)
 class RunLogOptions:
     """A run's own log file: JSON lines in ``directory``, rotated at ``max_bytes`` keeping ``backups`` old files."""
@@ -394,6 +411,8 @@ def run_log(options: RunLogOptions | None, run_id: int) -> Iterator[Path | None]
     path = run_log_path(options.directory, run_id)
     try:
         options.directory.mkdir(parents=True, exist_ok=True)
+        import logging.handlers  # here: the status commands configure the console only
+
         handler = logging.handlers.RotatingFileHandler(path, maxBytes=options.max_bytes,
                                                        backupCount=options.backups, encoding="utf-8")
     except OSError as exc:

@@ -5,7 +5,6 @@ database knows (items, calls, errors, circuits, limits), so `monitor` and `runs`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
@@ -15,10 +14,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
     from flashcard_pipeline.pipeline import RunStats
-    from flashcard_pipeline.storage.ledger import Ledger, RunRecord
+    from flashcard_pipeline.storage.records import RunRecord
+    from flashcard_pipeline.storage.status_reader import StatusSource
 
 #: Seconds between two heartbeats of a running ``process``.
 PROGRESS_INTERVAL = 1.0
@@ -58,6 +56,7 @@ async def publishing_progress(publish: Callable[[dict[str, Any]], Any], snapshot
                               interval: float = PROGRESS_INTERVAL) -> AsyncIterator[None]:
     """Publish ``snapshot(active=True)`` every ``interval`` seconds while the block runs, and a last one that
     says the process has stopped working on the run when it ends."""
+    import asyncio  # here: `monitor` and `runs` import this module and start faster without it
 
     async def beat() -> None:
         while True:
@@ -140,45 +139,43 @@ class RunSnapshot:
         return asdict(self)
 
 
-def newest_watchable_run(ledger: Ledger, now: datetime | None = None) -> RunRecord | None:
+def newest_watchable_run(source: StatusSource, now: datetime | None = None) -> RunRecord | None:
     """The newest run a process works on (or is about to), else the newest run."""
     now = now or datetime.now(UTC)
-    runs = ledger.runs(limit=20)
+    runs = source.runs(limit=20)
     for run in runs:
-        if run_state(run, (ledger.run_metrics(run.id) or {}).get("progress"), now) in LIVE_STATES:
+        if run_state(run, (source.run_metrics(run.id) or {}).get("progress"), now) in LIVE_STATES:
             return run
     return runs[0] if runs else None
 
 
-def take_snapshot(engine: Engine, run: RunRecord, now: datetime | None = None) -> RunSnapshot:
+def take_snapshot(source: StatusSource, run: RunRecord, now: datetime | None = None) -> RunSnapshot:
     """The run as the database and its process's last heartbeat show it."""
-    from flashcard_pipeline.storage.breaker_store import BreakerStore
-    from flashcard_pipeline.storage.leases import LeaseStore
-    from flashcard_pipeline.storage.ledger import Ledger
-
     now = now or datetime.now(UTC)
-    ledger = Ledger(engine)
-    record = ledger.get_run(run.id) or run
-    metrics = ledger.run_metrics(run.id) or {}
+    record = source.get_run(run.id) or run
+    metrics = source.run_metrics(run.id) or {}
     progress = metrics.get("progress") or {}
-    workers = [w.to_dict(now) for w in LeaseStore(engine).workers(run.id)]
+    workers = [w.to_dict(now) for w in source.workers(run.id)]
     state = run_state(record, progress or None, now)
     if state not in LIVE_STATES and record.status == "running" and any(w["state"] == "running" for w in workers):
         state = "running"  # a worker that beats is the run's life sign, whatever the last progress line said
     live = state in LIVE_STATES
-    summary = ledger.summary(run.id)
+    summary = source.summary(run.id)
+    beat = _parse(progress.get("updated_at"))
+    # The process's running time as of now, not as of its last heartbeat: the first one says ~0 s, and items can
+    # finish before the next, so a window ending at that heartbeat's age would hold none of their calls.
     elapsed = float(progress.get("elapsed_s") or 0.0)
+    if elapsed > 0 and beat is not None:
+        elapsed += max(0.0, (now - beat).total_seconds())
     window = min(PACE_WINDOW.total_seconds(), elapsed) if live and elapsed > 0 else PACE_WINDOW.total_seconds()
-    calls, items = ledger.recent_activity(run.id, now - timedelta(seconds=window)) if live else (0, 0)
+    calls, items = source.recent_activity(run.id, now - timedelta(seconds=window)) if live else (0, 0)
     items_per_minute = items * 60.0 / window if window else 0.0
     remaining = summary.pending
     eta = remaining / items_per_minute * 60.0 if live and items_per_minute > 0 else None
-    store = BreakerStore(engine)
     circuit = f"{record.provider}/{record.model}"
-    circuits = [s.to_dict(now) for s in store.snapshots() if s.run_id == run.id and (s.live(now) or not live)]
-    isolated = [name for name, command in store.latest_commands().items()
+    circuits = [s.to_dict(now) for s in source.snapshots() if s.run_id == run.id and (s.live(now) or not live)]
+    isolated = [name for name, command in source.latest_commands().items()
                 if command.action == "isolate" and name == circuit]
-    beat = _parse(progress.get("updated_at"))
     return RunSnapshot(
         run_id=record.id, state=state, provider=record.provider, model=record.model, input_path=record.input_path,
         simulated=record.simulated, started_at=record.created_at.isoformat(), total=summary.total,
@@ -189,6 +186,6 @@ def take_snapshot(engine: Engine, run: RunRecord, now: datetime | None = None) -
         cost_usd=round(summary.cost_usd, 6), calls_per_minute=round(calls * 60.0 / window, 1) if window else 0.0,
         items_per_minute=round(items_per_minute, 1), eta_seconds=None if eta is None else round(eta, 1),
         paused=progress.get("paused") if live else None, errors_by_category=dict(summary.by_error),
-        errors_by_code=ledger.errors_by_code(run.id), circuits=circuits, isolated=isolated,
+        errors_by_code=source.errors_by_code(run.id), circuits=circuits, isolated=isolated,
         limits=metrics.get("ratelimit"), owner=progress.get("owner"), workers=workers,
         heartbeat_age_s=None if beat is None else round((now - beat).total_seconds(), 1))

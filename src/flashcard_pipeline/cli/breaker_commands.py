@@ -15,7 +15,8 @@ from flashcard_pipeline.cli.root import app
 from flashcard_pipeline.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from flashcard_pipeline.storage.breaker_store import BreakerStore, CircuitSnapshotRecord
+    from flashcard_pipeline.storage.breaker_store import BreakerStore
+    from flashcard_pipeline.storage.records import CircuitSnapshotRecord
 
 breaker_app = command_group("Circuit breakers: state and history; isolate or close a circuit, also while a "
                             "process runs.")
@@ -57,7 +58,10 @@ def status(
                                                       "the last one's).")] = False,
 ) -> None:
     """Each circuit as running processes report it, standing isolations, and the latest transitions."""
-    store = _store(db)
+    from flashcard_pipeline import quick_settings
+    from flashcard_pipeline.storage.status_reader import open_status
+
+    store = open_status(db, quick_settings.read())
     try:
         now = datetime.now(UTC)
         snapshots = store.snapshots()
@@ -67,7 +71,7 @@ def status(
         latest = store.latest_commands()
         commands = store.recent_commands(limit=history) if history else []
     finally:
-        store.engine.dispose()
+        store.close()
     isolated = {name: command for name, command in latest.items() if command.action == "isolate"}
     if as_json:
         data: dict[str, Any] = {

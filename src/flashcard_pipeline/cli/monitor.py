@@ -16,23 +16,24 @@ from flashcard_pipeline.cli.root import app
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
-    from sqlalchemy import Engine
 
     from flashcard_pipeline.monitoring import RunSnapshot
+    from flashcard_pipeline.storage.status_reader import StatusSource
 
 #: The exit code `monitor` ends with, like the watched `process`'s.
 _EXIT = {"completed": ExitCode.OK, "failed": ExitCode.FAILED_ITEMS, "aborted": ExitCode.ABORTED,
          "interrupted": ExitCode.FAILED_ITEMS}
 
 
-def _snapshot(engine: Engine, run_id: int) -> RunSnapshot:
+def _snapshot(source: StatusSource, run_id: int) -> RunSnapshot:
+    from flashcard_pipeline import quick_settings
     from flashcard_pipeline.monitoring import take_snapshot
-    from flashcard_pipeline.storage.ledger import Ledger
 
-    run = Ledger(engine).get_run(run_id)
+    run = source.get_run(run_id)
     assert run is not None
-    snapshot = take_snapshot(engine, run)
-    snapshot.redis = _redis_limits()
+    snapshot = take_snapshot(source, run)
+    if quick_settings.read() is None:  # else no RL_* setting is set: the limits are not in Redis
+        snapshot.redis = _redis_limits()
     return snapshot
 
 
@@ -135,19 +136,18 @@ def monitor_command(
     limits. Exits when the run ends, with the exit code its `process` has (0 done, 1 failed items, 3 aborted)."""
     from rich.console import Console
 
+    from flashcard_pipeline import quick_settings
     from flashcard_pipeline.monitoring import newest_watchable_run
-    from flashcard_pipeline.storage.db import open_database
-    from flashcard_pipeline.storage.ledger import Ledger
+    from flashcard_pipeline.storage.status_reader import open_status
 
-    engine = open_database(db, must_exist=True)
+    source = open_status(db, quick_settings.read())
     console = Console()
     try:
-        ledger = Ledger(engine)
-        record = ledger.get_run(run) if run is not None else newest_watchable_run(ledger)
+        record = source.get_run(run) if run is not None else newest_watchable_run(source)
         if record is None:
             raise fail(f"there is no run {run} in the database" if run is not None
                        else "the database has no runs yet; start one with `flashcard-pipeline process`")
-        snapshot = _snapshot(engine, record.id)
+        snapshot = _snapshot(source, record.id)
         if once:
             if as_json:
                 typer.echo(json.dumps(snapshot.to_dict(), indent=2, ensure_ascii=False))
@@ -155,38 +155,40 @@ def monitor_command(
                 console.print(render(snapshot))
             return
         if as_json:
-            _follow_json(engine, record.id, snapshot, interval)
+            _follow_json(source, record.id, snapshot, interval)
         elif console.is_terminal:
-            _follow_live(console, engine, record.id, snapshot, interval)
+            _follow_live(console, source, record.id, snapshot, interval)
         else:
-            _follow_plain(console, engine, record.id, snapshot, interval)
+            _follow_plain(console, source, record.id, snapshot, interval)
     except KeyboardInterrupt:
         raise fail("stopped watching (the run goes on)", ExitCode.INTERRUPTED) from None
     finally:
-        engine.dispose()
+        source.close()
 
 
-def _follow_json(engine: Engine, run_id: int, snapshot: RunSnapshot, interval: float) -> None:
+def _follow_json(source: StatusSource, run_id: int, snapshot: RunSnapshot, interval: float) -> None:
     while True:
         typer.echo(json.dumps(snapshot.to_dict(), ensure_ascii=False))
         if snapshot.ended:
             raise typer.Exit(int(_EXIT.get(snapshot.state, ExitCode.OK)))
         time.sleep(interval)
-        snapshot = _snapshot(engine, run_id)
+        snapshot = _snapshot(source, run_id)
 
 
-def _follow_live(console: Console, engine: Engine, run_id: int, snapshot: RunSnapshot, interval: float) -> None:
+def _follow_live(console: Console, source: StatusSource, run_id: int, snapshot: RunSnapshot,
+                 interval: float) -> None:
     from rich.live import Live
 
     with Live(render(snapshot), console=console, refresh_per_second=4, transient=True) as live:
         while not snapshot.ended:
             time.sleep(interval)
-            snapshot = _snapshot(engine, run_id)
+            snapshot = _snapshot(source, run_id)
             live.update(render(snapshot))
     raise _final(console, snapshot)
 
 
-def _follow_plain(console: Console, engine: Engine, run_id: int, snapshot: RunSnapshot, interval: float) -> None:
+def _follow_plain(console: Console, source: StatusSource, run_id: int, snapshot: RunSnapshot,
+                  interval: float) -> None:
     """Into a pipe or a log: one line per look, with what changes (items, errors, pause)."""
     while not snapshot.ended:
         eta = "-" if snapshot.eta_seconds is None else duration(snapshot.eta_seconds)
@@ -197,5 +199,5 @@ def _follow_plain(console: Console, engine: Engine, run_id: int, snapshot: RunSn
                       f"{money(snapshot.cost_usd, simulated=snapshot.simulated)} · {Path(snapshot.input_path).name}",
                       highlight=False, markup=False, soft_wrap=True)
         time.sleep(interval)
-        snapshot = _snapshot(engine, run_id)
+        snapshot = _snapshot(source, run_id)
     raise _final(console, snapshot)

@@ -8,8 +8,8 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
 
+from flashcard_pipeline.cli.fast_params import PlainFirstGroup
 from flashcard_pipeline.errors import ConfigurationError, InputError
 
 
@@ -24,7 +24,7 @@ class ExitCode(IntEnum):
 def command_group(help: str) -> typer.Typer:
     """A group of subcommands whose ``--help`` is plain text (option, value name, what it does), without the
     ``<str>`` and ``<bool>`` type columns of Typer's boxed help."""
-    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, cls=PlainFirstGroup)
 
 
 def stderr_console() -> Console:
@@ -84,7 +84,7 @@ ARGS_KEY = "flashcard_pipeline.args"
 _USAGE_ERROR: type[Exception] = typer.BadParameter.__bases__[0]
 
 
-class OneLineErrors(TyperGroup):
+class OneLineErrors(PlainFirstGroup):
     """The root command group: a bad option value, or a bad setting or input found deep inside any command (an
     ``RL_*`` variable read when the limiter starts, say), ends as one ``error:`` line and exit code 2, not a
     traceback or a framed box."""

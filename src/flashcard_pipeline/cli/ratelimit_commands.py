@@ -137,21 +137,25 @@ def ratelimit_status(
     them (and the live Redis buckets with RL_BACKEND=redis)."""
     from rich.console import Console
 
-    from flashcard_pipeline.config import rate_limit_settings
-    from flashcard_pipeline.storage.db import open_database
-    from flashcard_pipeline.storage.ledger import Ledger
+    from flashcard_pipeline import quick_settings
+    from flashcard_pipeline.storage.status_reader import open_status
 
-    settings = rate_limit_settings()
-    ledger = Ledger(open_database(db, must_exist=True))
+    quick = quick_settings.read()
+    settings = None  # quick settings: no RL_* setting is set, so the limits are not in Redis
+    if quick is None:
+        from flashcard_pipeline.config import rate_limit_settings
+
+        settings = rate_limit_settings()
+    source = open_status(db, quick)
     try:
-        record = ledger.get_run(run)
+        record = source.get_run(run)
         if run is not None and record is None:
             raise fail(f"no run {run}", ExitCode.USAGE)
-        published = (ledger.run_metrics(record.id) or {}).get("ratelimit") if record else None
+        published = (source.run_metrics(record.id) or {}).get("ratelimit") if record else None
     finally:
-        ledger.engine.dispose()
+        source.close()
     live = None
-    if settings.backend == "redis":
+    if settings is not None and settings.backend == "redis":
         import asyncio
 
         from redis.exceptions import RedisError

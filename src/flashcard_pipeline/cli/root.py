@@ -56,13 +56,19 @@ def root(ctx: typer.Context,
     """Turn vocabulary lists into rich, AI-generated flashcards."""
     if "--help" in ctx.meta.get(ARGS_KEY, ()):
         return  # help only: no settings read, nothing heavy imported
-    from flashcard_pipeline.config import log_options
+    from flashcard_pipeline import quick_settings
     from flashcard_pipeline.errors import ConfigurationError
     from flashcard_pipeline.logging_config import LogOptions, logging_configured
 
     verbosity = -1 if quiet and not verbose else min(verbose, 2)
+    chosen_format = log_format.value if log_format else None
     try:
-        options = log_options(level=log_level, format=log_format.value if log_format else None, verbosity=verbosity)
+        if (quick := quick_settings.read()) is not None:  # the status commands start without pydantic-settings
+            options = quick_settings.log_options(quick, level=log_level, format=chosen_format, verbosity=verbosity)
+        else:
+            from flashcard_pipeline.config import log_options
+
+            options = log_options(level=log_level, format=chosen_format, verbosity=verbosity)
     except ConfigurationError:
         if ctx.invoked_subcommand != "config" or log_level is not None:
             raise

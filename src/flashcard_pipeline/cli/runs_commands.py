@@ -15,7 +15,8 @@ from flashcard_pipeline.cli.output import ExitCode, command_group, duration, fai
 from flashcard_pipeline.cli.root import app
 
 if TYPE_CHECKING:
-    from flashcard_pipeline.storage.ledger import Ledger, RunRecord, RunSummary
+    from flashcard_pipeline.storage.ledger import Ledger
+    from flashcard_pipeline.storage.records import RunRecord, RunSummary
 
 runs_app = command_group("The runs in the database: list them, show one (input, model, settings, counts, cost, "
                          "duration, state), delete one.")
@@ -61,17 +62,19 @@ def list_runs(db: DbOption = None, as_json: JsonOption = False,
     """Every run, newest first: state, start, items done and failed, cost, duration, input and model."""
     from rich.console import Console
 
+    from flashcard_pipeline import quick_settings
     from flashcard_pipeline.monitoring import run_state
+    from flashcard_pipeline.storage.status_reader import open_status
 
-    ledger = _ledger(db)
+    source = open_status(db, quick_settings.read())
     try:
         now = datetime.now(UTC)
-        runs = ledger.runs(limit=limit)
-        summaries = ledger.summaries([run.id for run in runs])
-        rows = [_row(run, summaries[run.id], run_state(run, (ledger.run_metrics(run.id) or {}).get("progress"), now),
+        runs = source.runs(limit=limit)
+        summaries = source.summaries([run.id for run in runs])
+        rows = [_row(run, summaries[run.id], run_state(run, (source.run_metrics(run.id) or {}).get("progress"), now),
                      now) for run in runs]
     finally:
-        ledger.engine.dispose()
+        source.close()
     if as_json:
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
@@ -92,10 +95,11 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
     """One run: input file, model, the settings that shaped it, counts, cost, duration, state, errors."""
     from rich.console import Console
 
+    from flashcard_pipeline import quick_settings
     from flashcard_pipeline.monitoring import run_state
-    from flashcard_pipeline.storage.leases import LeaseStore
+    from flashcard_pipeline.storage.status_reader import open_status
 
-    ledger = _ledger(db)
+    ledger = open_status(db, quick_settings.read())
     try:
         run = ledger.get_run(run_id)
         if run is None:
@@ -116,9 +120,9 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
                                   for q in ledger.quarantined(run.id)],
             "recovery": metrics.get("recovery"),
             "cache": metrics.get("cache"), "circuit_breakers": metrics.get("circuit_breakers"),
-            "workers": [w.to_dict(now) for w in LeaseStore(ledger.engine).workers(run.id)]})
+            "workers": [w.to_dict(now) for w in ledger.workers(run.id)]})
     finally:
-        ledger.engine.dispose()
+        ledger.close()
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
         return

@@ -25,8 +25,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal, Self, get_args
 
 from sqlalchemy import Engine, delete, func, insert, or_, select
@@ -40,6 +39,19 @@ from flashcard_pipeline.resilience import (
     Clock,
     Resilience,
     SystemClock,
+)
+from flashcard_pipeline.storage.records import (
+    CIRCUIT_STALE_AFTER,
+    COMMAND_COLUMNS,
+    EVENT_COLUMNS,
+    SNAPSHOT_COLUMNS,
+    BreakerCommand,
+    BreakerEventRecord,
+    CircuitSnapshotRecord,
+    aware,
+    command_record,
+    event_record,
+    snapshot_record,
 )
 from flashcard_pipeline.storage.schema import (
     CircuitBreakerCommand,
@@ -65,7 +77,7 @@ log = logging.getLogger("flashcard_pipeline.storage.breaker_store")
 Action = Literal["isolate", "close", "reset"]
 ACTIONS: tuple[str, ...] = get_args(Action)
 #: A process that has not refreshed its snapshot for this long is shown as stale (killed, or hung).
-STALE_AFTER = timedelta(seconds=30)
+STALE_AFTER = CIRCUIT_STALE_AFTER
 #: The source of a transition that followed another process's trip (``peer:<owner>``).
 PEER = "peer:"
 
@@ -84,78 +96,8 @@ def requester() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything here is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def _parse(value: str | None) -> datetime | None:
-    return None if value is None else _aware(datetime.fromisoformat(value))
-
-
-@dataclass(frozen=True)
-class BreakerCommand:
-    id: int
-    circuit: str
-    action: str
-    reason: str
-    requested_by: str
-    created_at: datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "created_at": self.created_at.isoformat()}
-
-
-@dataclass(frozen=True)
-class BreakerEventRecord:
-    id: int
-    circuit: str
-    from_state: str
-    to_state: str
-    manual: bool
-    reason: str
-    source: str | None
-    failure_count: int
-    throughput: int
-    failure_ratio: float
-    break_duration: float | None
-    half_open_attempts: int
-    owner: str
-    run_id: int | None
-    created_at: datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "created_at": self.created_at.isoformat()}
-
-
-@dataclass(frozen=True)
-class CircuitSnapshotRecord:
-    circuit: str
-    owner: str
-    run_id: int | None
-    state: str
-    active: bool
-    since: datetime
-    open_until: datetime | None
-    failure_count: int
-    success_count: int
-    rejected_count: int
-    stats: dict[str, Any]
-    updated_at: datetime
-
-    def live(self, now: datetime | None = None) -> bool:
-        """Reported by a process that is still running (stopped cleanly: not live; silent too long: stale)."""
-        return self.active and (now or utcnow()) - self.updated_at < STALE_AFTER
-
-    def to_dict(self, now: datetime | None = None) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("since", "open_until", "updated_at"):
-            value = data[key]
-            data[key] = None if value is None else value.isoformat()
-        data["live"] = self.live(now)
-        return data
+    return None if value is None else aware(datetime.fromisoformat(value))
 
 
 class BreakerStore:
@@ -248,11 +190,7 @@ class BreakerStore:
         with Session(self.engine) as session:
             rows = session.scalars(select(CircuitBreakerSnapshot).order_by(CircuitBreakerSnapshot.circuit,
                                                                            CircuitBreakerSnapshot.updated_at.desc()))
-            return [CircuitSnapshotRecord(
-                circuit=r.circuit, owner=r.owner, run_id=r.run_id, state=r.state, active=r.active,
-                since=_aware(r.since) or utcnow(), open_until=_aware(r.open_until), failure_count=r.failure_count,
-                success_count=r.success_count, rejected_count=r.rejected_count, stats=json.loads(r.stats_json),
-                updated_at=_aware(r.updated_at) or utcnow()) for r in rows]
+            return [snapshot_record({c: getattr(r, c) for c in SNAPSHOT_COLUMNS}) for r in rows]
 
     def events(self, limit: int = 20, circuit: str | None = None) -> list[BreakerEventRecord]:
         """The newest ``limit`` transitions and manual actions, oldest first."""
@@ -264,12 +202,7 @@ class BreakerStore:
 
     @staticmethod
     def _event(r: CircuitBreakerEvent) -> BreakerEventRecord:
-        return BreakerEventRecord(
-            id=r.id, circuit=r.circuit, from_state=r.from_state, to_state=r.to_state, manual=r.manual,
-            reason=r.reason, source=r.source, failure_count=r.failure_count, throughput=r.throughput,
-            failure_ratio=r.failure_ratio, break_duration=r.break_duration,
-            half_open_attempts=r.half_open_attempts, owner=r.owner, run_id=r.run_id,
-            created_at=_aware(r.created_at) or utcnow())
+        return event_record({c: getattr(r, c) for c in EVENT_COLUMNS})
 
     def known_circuits(self) -> list[str]:
         """Every circuit some process has reported or some command has named."""
@@ -286,8 +219,7 @@ class BreakerStore:
 
     @staticmethod
     def _command(row: CircuitBreakerCommand) -> BreakerCommand:
-        return BreakerCommand(id=row.id, circuit=row.circuit, action=row.action, reason=row.reason,
-                              requested_by=row.requested_by, created_at=_aware(row.created_at) or utcnow())
+        return command_record({c: getattr(row, c) for c in COMMAND_COLUMNS})
 
 
 def _steer(breaker: CircuitBreaker, command: BreakerCommand) -> None:

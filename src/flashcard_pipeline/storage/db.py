@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,30 +11,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
-from flashcard_pipeline.config import (
-    DatabaseSettings,
-    GeneralSettings,
-    data_directory,
-    read_settings,
-    setting_location,
-)
+from flashcard_pipeline.config import DatabaseSettings, GeneralSettings, read_settings, setting_location
+from flashcard_pipeline.config_files import SQLITE_SUFFIXES as SQLITE_SUFFIXES
+from flashcard_pipeline.config_files import default_database_path as default_database_path
+from flashcard_pipeline.config_files import sqlite_file
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.storage.pool_monitor import MonitoredQueuePool, PoolMonitor
+from flashcard_pipeline.storage.revision import head_revision
 
 DATABASE_URL_ENV = "FLASHCARD_DATABASE_URL"
-
-
-def default_database_path(env: dict[str, str] | None = None) -> Path:
-    """``$XDG_DATA_HOME/flashcard-pipeline/flashcards.db`` (``~/.local/share/...`` when unset).
-
-    One file per user, so the cache of paid answers serves every project of that user.
-    """
-    return data_directory(env) / "flashcards.db"
-
-
-#: What a bare SQLite file name ends with; anything else that is not an existing file is taken for a typo.
-SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".db3")
-_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
 def resolve_database_url(url: str | None = None, env: dict[str, str] | None = None) -> str:
@@ -56,13 +40,12 @@ def resolve_database_url(url: str | None = None, env: dict[str, str] | None = No
         return f"sqlite:///{default_database_path(env)}"
     if "://" in chosen:
         return chosen
-    path = Path(chosen).expanduser()
-    looks_like_url = ":" in chosen and not _DRIVE.match(chosen)
-    if looks_like_url or not (path.is_file() or path.suffix.lower() in SQLITE_SUFFIXES):
+    path = sqlite_file(chosen)
+    if path is None:
         raise ConfigurationError(
             f"{source} {chosen!r} is neither a database URL nor a SQLite file: use a URL such as "
             f"postgresql://USER@HOST/DB or sqlite:///PATH, or a file name ending in {', '.join(SQLITE_SUFFIXES)}")
-    return f"sqlite:///{path.resolve()}"
+    return f"sqlite:///{path}"
 
 
 def require_postgresql(url: str, what: str) -> None:
@@ -140,21 +123,6 @@ def create_db_engine(url: str, settings: DatabaseSettings | None = None) -> Engi
 
 def pool_monitor(engine: Engine) -> PoolMonitor | None:
     return getattr(engine.pool, "monitor", None)
-
-
-_MIGRATIONS = Path(__file__).parent / "migrations" / "versions"
-_REVISION = re.compile(r"""^(down_revision|revision)\s*=\s*["']([^"']+)["']""", re.MULTILINE)
-
-
-def head_revision() -> str | None:
-    """The newest migration's id, read from the revision files without loading Alembic (None: not one head)."""
-    revisions: set[str] = set()
-    parents: set[str] = set()
-    for path in _MIGRATIONS.glob("*.py"):
-        for kind, value in _REVISION.findall(path.read_text(encoding="utf-8")):
-            (revisions if kind == "revision" else parents).add(value)
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 else None
 
 
 def _version(connection: Any) -> list[str] | None:

@@ -16,16 +16,18 @@ the lease is free), but SQLite is the single-process default and the CLI refuses
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from flashcard_pipeline.storage.ledger import PendingItem, item_model
+from flashcard_pipeline.storage.records import WORKER_COLUMNS, WORKER_RUNNING, WORKER_STOPPED, worker_record
+from flashcard_pipeline.storage.records import WorkerRecord as WorkerRecord
 from flashcard_pipeline.storage.schema import ApiCall, Item, StageState, Worker
 
-RUNNING = "running"
-STOPPED = "stopped"
+RUNNING = WORKER_RUNNING
+STOPPED = WORKER_STOPPED
 #: Items no worker should take: finished, failed (until the next `process` or `--retry-failed` resets them), or set
 #: aside. Everything else is open.
 _CLOSED = (StageState.FAILED, StageState.QUARANTINED)
@@ -35,44 +37,6 @@ _OPEN = ((Item.cards_state != StageState.DONE) & Item.nuance_state.not_in(_CLOSE
 
 def _free(now: datetime) -> object:
     return or_(Item.lease_owner.is_(None), Item.lease_expires_at.is_(None), Item.lease_expires_at <= now)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    """One worker of a run as ``runs show`` and ``monitor`` list it."""
-
-    id: int
-    run_id: int
-    host: str
-    pid: int
-    status: str
-    concurrency: int
-    lease_seconds: float
-    items_done: int
-    items_failed: int
-    in_flight: int
-    started_at: datetime
-    last_heartbeat: datetime
-    stopped_at: datetime | None
-
-    def state(self, now: datetime) -> str:
-        """``running``, ``stopped``, or ``lost`` (marked running, but its heartbeat is older than its lease: its
-        items go to the others)."""
-        if self.status != RUNNING:
-            return self.status
-        return RUNNING if now - self.last_heartbeat < timedelta(seconds=self.lease_seconds) else "lost"
-
-    def to_dict(self, now: datetime) -> dict[str, object]:
-        return {"id": self.id, "host": self.host, "pid": self.pid, "state": self.state(now),
-                "concurrency": self.concurrency, "items_done": self.items_done, "items_failed": self.items_failed,
-                "in_flight": self.in_flight, "started_at": self.started_at.isoformat(),
-                "last_heartbeat": self.last_heartbeat.isoformat(),
-                "heartbeat_age_s": round((now - self.last_heartbeat).total_seconds(), 1),
-                "stopped_at": None if self.stopped_at is None else self.stopped_at.isoformat()}
 
 
 @dataclass(frozen=True)
@@ -155,9 +119,4 @@ class LeaseStore:
         """The run's workers, oldest first."""
         with Session(self.engine) as session:
             rows = session.scalars(select(Worker).where(Worker.run_id == run_id).order_by(Worker.id)).all()
-            return [WorkerRecord(
-                id=r.id, run_id=r.run_id, host=r.host, pid=r.pid, status=r.status, concurrency=r.concurrency,
-                lease_seconds=r.lease_seconds, items_done=r.items_done, items_failed=r.items_failed,
-                in_flight=r.in_flight, started_at=_aware(r.started_at) or r.started_at,
-                last_heartbeat=_aware(r.last_heartbeat) or r.last_heartbeat, stopped_at=_aware(r.stopped_at))
-                for r in rows]
+            return [worker_record({c: getattr(r, c) for c in WORKER_COLUMNS}) for r in rows]

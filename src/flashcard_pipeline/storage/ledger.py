@@ -12,7 +12,7 @@ import contextlib
 import functools
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +22,12 @@ from sqlalchemy.orm import Session
 
 from flashcard_pipeline.hooks import NO_HOOKS, RunHooks
 from flashcard_pipeline.models import Flashcard, TermAnalysis, TermResult, VocabularyItem
+from flashcard_pipeline.storage.records import RUN_COLUMNS, run_record
+from flashcard_pipeline.storage.records import FailedItem as FailedItem
+from flashcard_pipeline.storage.records import QuarantinedItem as QuarantinedItem
+from flashcard_pipeline.storage.records import RunRecord as RunRecord
+from flashcard_pipeline.storage.records import RunSummary as RunSummary
+from flashcard_pipeline.storage.records import errors_by_code as count_error_codes
 from flashcard_pipeline.storage.schema import (
     ApiCall,
     CacheCounter,
@@ -162,25 +168,6 @@ LedgerOp = StageStarted | StageCompleted | StageFailed | CallRecorded | CachePut
 
 
 @dataclass(frozen=True)
-class RunRecord:
-    id: int
-    run_key: str
-    status: str
-    total_items: int
-    simulated: bool
-    provider: str
-    model: str
-    target_language: str
-    learner_language: str
-    created_at: datetime
-    settings: dict[str, Any] = field(default_factory=dict)
-    input_path: str = ""
-    input_sha256: str = ""
-    updated_at: datetime | None = None
-    finished_at: datetime | None = None
-
-
-@dataclass(frozen=True)
 class CachedValue:
     codec: str
     value: bytes
@@ -197,28 +184,6 @@ class PendingItem:
 
 
 @dataclass(frozen=True)
-class FailedItem:
-    position: int
-    term: str
-    stage: str | None
-    category: str | None
-    code: str | None
-    message: str | None
-
-
-@dataclass(frozen=True)
-class QuarantinedItem:
-    """An item set aside because its answers kept failing validation, with the last of them."""
-
-    position: int
-    term: str
-    stage: str | None
-    code: str | None
-    message: str | None
-    last_answer: str | None
-
-
-@dataclass(frozen=True)
 class FlaggedItem:
     """An item kept with answers that failed a content check after the re-ask: ``stage: problem`` lines."""
 
@@ -229,36 +194,6 @@ class FlaggedItem:
 
 def _flags(stage: str, raw: str | None) -> list[str]:
     return [f"{stage}: {problem}" for problem in json.loads(raw)] if raw else []
-
-
-@dataclass
-class RunSummary:
-    total: int = 0
-    done: int = 0
-    #: Failed items, quarantined ones included.
-    failed: int = 0
-    pending: int = 0
-    quarantined: int = 0
-    api_calls: int = 0
-    api_errors: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cost_usd: float = 0.0
-    cached_stages: int = 0
-    by_error: dict[str, int] = field(default_factory=dict)
-
-
-def _count_items(summary: RunSummary, nuance: str, cards: str, count: int) -> None:
-    summary.total += count
-    if cards == StageState.DONE:
-        summary.done += count
-    elif StageState.QUARANTINED in (nuance, cards):
-        summary.failed += count
-        summary.quarantined += count
-    elif StageState.FAILED in (nuance, cards):
-        summary.failed += count
-    else:
-        summary.pending += count
 
 
 def _item_to_model(row: Item) -> VocabularyItem:
@@ -468,7 +403,7 @@ class Ledger:
                                      .where(Item.run_id == run_id)
                                      .group_by(Item.nuance_state, Item.cards_state)).all()
             for nuance, cards, count in states:
-                _count_items(s, nuance, cards, count)
+                s.count_items(nuance, cards, count)
             calls = session.execute(select(ApiCall.status, ApiCall.error_category, func.count(),
                                            func.coalesce(func.sum(ApiCall.tokens_in), 0),
                                            func.coalesce(func.sum(ApiCall.tokens_out), 0),
@@ -476,13 +411,7 @@ class Ledger:
                                     .where(ApiCall.run_id == run_id)
                                     .group_by(ApiCall.status, ApiCall.error_category)).all()
             for status, category, count, tin, tout, cost in calls:
-                s.api_calls += count
-                s.tokens_in += int(tin)
-                s.tokens_out += int(tout)
-                s.cost_usd += float(cost)
-                if status != "ok":
-                    s.api_errors += count
-                    s.by_error[category or "unknown"] = s.by_error.get(category or "unknown", 0) + count
+                s.count_calls(status, category, count, tin, tout, cost)
             s.cached_stages = session.scalar(
                 select(func.count()).select_from(StageResult).join(Item, Item.id == StageResult.item_id)
                 .where(Item.run_id == run_id, StageResult.from_cache.is_(True))) or 0
@@ -503,17 +432,13 @@ class Ledger:
             for run_id, nuance, cards, count in session.execute(
                     select(Item.run_id, Item.nuance_state, Item.cards_state, func.count())
                     .where(Item.run_id.in_(found)).group_by(Item.run_id, Item.nuance_state, Item.cards_state)):
-                _count_items(found[run_id], nuance, cards, count)
+                found[run_id].count_items(nuance, cards, count)
             for run_id, status, count, tin, tout, cost in session.execute(
                     select(ApiCall.run_id, ApiCall.status, func.count(), func.coalesce(func.sum(ApiCall.tokens_in), 0),
                            func.coalesce(func.sum(ApiCall.tokens_out), 0),
                            func.coalesce(func.sum(ApiCall.cost_usd), 0.0))
                     .where(ApiCall.run_id.in_(found)).group_by(ApiCall.run_id, ApiCall.status)):
-                s = found[run_id]
-                s.api_calls += count
-                s.api_errors += count if status != "ok" else 0
-                s.tokens_in, s.tokens_out, s.cost_usd = s.tokens_in + int(tin), s.tokens_out + int(tout), \
-                    s.cost_usd + float(cost)
+                found[run_id].count_calls(status, None, count, tin, tout, cost, by_error=False)
         return found
 
     def recent_activity(self, run_id: int, since: datetime) -> tuple[int, int]:
@@ -531,8 +456,7 @@ class Ledger:
             rows = session.execute(select(ApiCall.error_category, ApiCall.error_code, func.count())
                                    .where(ApiCall.run_id == run_id, ApiCall.status != "ok")
                                    .group_by(ApiCall.error_category, ApiCall.error_code)).all()
-        return {f"{category or 'unknown'}/{code or 'unknown'}": count
-                for category, code, count in sorted(rows, key=lambda r: -r[2])}
+        return count_error_codes([(category, code, count) for category, code, count in rows])
 
     def delete_run(self, run_id: int) -> bool:
         """Delete the run with its items, stage results and cards; its API calls stay in the call log (their run
@@ -683,12 +607,7 @@ class Ledger:
 
     @staticmethod
     def _run_record(row: Run) -> RunRecord:
-        return RunRecord(id=row.id, run_key=row.run_key, status=row.status, total_items=row.total_items,
-                         simulated=row.simulated, provider=row.provider, model=row.model,
-                         target_language=row.target_language, learner_language=row.learner_language,
-                         created_at=_aware(row.created_at), settings=json.loads(row.settings_json or "{}"),
-                         input_path=row.input_path, input_sha256=row.input_sha256,
-                         updated_at=_aware(row.updated_at), finished_at=_aware(row.finished_at))
+        return run_record({column: getattr(row, column) for column in RUN_COLUMNS})
 
 
 def _by_stage(ops: Iterable[Any]) -> list[list[Any]]:
@@ -713,11 +632,6 @@ def _upsert_many(conn: Connection, dialect: str, table: Any, rows: list[dict[str
                  keys: tuple[str, ...]) -> None:
     """Upsert ``rows`` (all with the same columns) with one executemany."""
     conn.execute(_upsert_statement(dialect, table, tuple(rows[0]), keys), rows)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back the UTC times it stores without their zone."""
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 @functools.cache

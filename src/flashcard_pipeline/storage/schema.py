@@ -3,8 +3,7 @@ ORM view the code uses. Column sizes stay portable between SQLite and PostgreSQL
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -20,30 +19,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from flashcard_pipeline.storage.records import RunStatus, StageState, utcnow
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+__all__ = ["Base", "RunStatus", "StageState", "utcnow"]  # the enums and the clock live in records.py
 
 
 class Base(DeclarativeBase):
     pass
-
-
-class RunStatus(StrEnum):
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    ABORTED = "aborted"
-
-
-class StageState(StrEnum):
-    PENDING = "pending"
-    IN_FLIGHT = "in_flight"
-    DONE = "done"
-    FAILED = "failed"
-    #: Set aside: its answers kept failing validation (the last one is in ``items.last_answer``); only
-    #: ``process --retry-failed`` tries it again.
-    QUARANTINED = "quarantined"
 
 
 class Run(Base):
