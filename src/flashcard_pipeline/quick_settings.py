@@ -6,7 +6,7 @@ Redis. This module reads those from the environment and the config files with th
 :mod:`flashcard_pipeline.config` (flag, environment, the strongest config file, default), and declines (returns
 None, and the command takes the full path) whenever it could answer differently from it: a setting it does not
 read (``DB_*``, ``RL_*``, ``[retry]``, ...), whose validation it does not repeat, a key it does not know, an
-unusual spelling of a variable. tests/test_quick_settings.py checks its answers against config.py's.
+unusual spelling of a variable. tests/test_startup.py checks its answers against config.py's.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ HANDLED: Mapping[str, tuple[str, str]] = {
 #: set, the full path decides. The prefixes are those of LogSettings, DatabaseSettings and RateLimitEnvironment.
 DECLINED_PREFIXES = ("LOG_", "DB_", "RL_")
 DECLINED_NAMES = frozenset({"FLASHCARD_MODEL_KIND"})
-#: The defaults of the settings read here; tests/test_quick_settings.py checks them against config.py's models.
+#: The defaults of the settings read here; tests/test_startup.py checks them against config.py's models.
 DEFAULTS: Mapping[str, str | None] = {
     "database_url": None, "level": "WARNING", "format": "text", "levels": "", "openrouter_api_key": None,
     "openai_api_key": None,

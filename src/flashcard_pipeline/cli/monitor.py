@@ -15,6 +15,8 @@ from flashcard_pipeline.cli.output import ExitCode, duration, fail, label_grid, 
 from flashcard_pipeline.cli.root import app
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console, RenderableType
 
     from flashcard_pipeline.monitoring import RunSnapshot
@@ -25,14 +27,15 @@ _EXIT = {"completed": ExitCode.OK, "failed": ExitCode.FAILED_ITEMS, "aborted": E
          "interrupted": ExitCode.FAILED_ITEMS}
 
 
-def _snapshot(source: StatusSource, run_id: int) -> RunSnapshot:
-    from flashcard_pipeline import quick_settings
+def _snapshot(source: StatusSource, run_id: int, *, redis: bool) -> RunSnapshot:
+    """The run as it is now; ``redis``: the limits may live in Redis (the quick settings saw no RL_* setting
+    when False), so read them there too."""
     from flashcard_pipeline.monitoring import take_snapshot
 
     run = source.get_run(run_id)
     assert run is not None
     snapshot = take_snapshot(source, run)
-    if quick_settings.read() is None:  # else no RL_* setting is set: the limits are not in Redis
+    if redis:
         snapshot.redis = _redis_limits()
     return snapshot
 
@@ -140,14 +143,20 @@ def monitor_command(
     from flashcard_pipeline.monitoring import newest_watchable_run
     from flashcard_pipeline.storage.status_reader import open_status
 
-    source = open_status(db, quick_settings.read())
+    quick = quick_settings.read()
+    source = open_status(db, quick)
     console = Console()
     try:
         record = source.get_run(run) if run is not None else newest_watchable_run(source)
         if record is None:
             raise fail(f"there is no run {run} in the database" if run is not None
                        else "the database has no runs yet; start one with `flashcard-pipeline process`")
-        snapshot = _snapshot(source, record.id)
+        run_id = record.id
+
+        def look() -> RunSnapshot:
+            return _snapshot(source, run_id, redis=quick is None)
+
+        snapshot = look()
         if once:
             if as_json:
                 typer.echo(json.dumps(snapshot.to_dict(), indent=2, ensure_ascii=False))
@@ -155,39 +164,39 @@ def monitor_command(
                 console.print(render(snapshot))
             return
         if as_json:
-            _follow_json(source, record.id, snapshot, interval)
+            _follow_json(look, snapshot, interval)
         elif console.is_terminal:
-            _follow_live(console, source, record.id, snapshot, interval)
+            _follow_live(console, look, snapshot, interval)
         else:
-            _follow_plain(console, source, record.id, snapshot, interval)
+            _follow_plain(console, look, snapshot, interval)
     except KeyboardInterrupt:
         raise fail("stopped watching (the run goes on)", ExitCode.INTERRUPTED) from None
     finally:
         source.close()
 
 
-def _follow_json(source: StatusSource, run_id: int, snapshot: RunSnapshot, interval: float) -> None:
+def _follow_json(look: Callable[[], RunSnapshot], snapshot: RunSnapshot, interval: float) -> None:
     while True:
         typer.echo(json.dumps(snapshot.to_dict(), ensure_ascii=False))
         if snapshot.ended:
             raise typer.Exit(int(_EXIT.get(snapshot.state, ExitCode.OK)))
         time.sleep(interval)
-        snapshot = _snapshot(source, run_id)
+        snapshot = look()
 
 
-def _follow_live(console: Console, source: StatusSource, run_id: int, snapshot: RunSnapshot,
+def _follow_live(console: Console, look: Callable[[], RunSnapshot], snapshot: RunSnapshot,
                  interval: float) -> None:
     from rich.live import Live
 
     with Live(render(snapshot), console=console, refresh_per_second=4, transient=True) as live:
         while not snapshot.ended:
             time.sleep(interval)
-            snapshot = _snapshot(source, run_id)
+            snapshot = look()
             live.update(render(snapshot))
     raise _final(console, snapshot)
 
 
-def _follow_plain(console: Console, source: StatusSource, run_id: int, snapshot: RunSnapshot,
+def _follow_plain(console: Console, look: Callable[[], RunSnapshot], snapshot: RunSnapshot,
                   interval: float) -> None:
     """Into a pipe or a log: one line per look, with what changes (items, errors, pause)."""
     while not snapshot.ended:
@@ -199,5 +208,5 @@ def _follow_plain(console: Console, source: StatusSource, run_id: int, snapshot:
                       f"{money(snapshot.cost_usd, simulated=snapshot.simulated)} · {Path(snapshot.input_path).name}",
                       highlight=False, markup=False, soft_wrap=True)
         time.sleep(interval)
-        snapshot = _snapshot(source, run_id)
+        snapshot = look()
     raise _final(console, snapshot)

@@ -99,30 +99,30 @@ def show_run(run_id: RunArgument, db: DbOption = None, as_json: JsonOption = Fal
     from flashcard_pipeline.monitoring import run_state
     from flashcard_pipeline.storage.status_reader import open_status
 
-    ledger = open_status(db, quick_settings.read())
+    source = open_status(db, quick_settings.read())
     try:
-        run = ledger.get_run(run_id)
+        run = source.get_run(run_id)
         if run is None:
             raise fail(f"there is no run {run_id} in the database")
         now = datetime.now(UTC)
-        metrics = ledger.run_metrics(run.id) or {}
+        metrics = source.run_metrics(run.id) or {}
         state = run_state(run, metrics.get("progress"), now)
-        summary = ledger.summary(run.id)
+        summary = source.summary(run.id)
         data = _row(run, summary, state, now)
         data.update({
             "input_sha256": run.input_sha256, "target_language": run.target_language,
             "learner_language": run.learner_language, "settings": run.settings,
             "last_invocation": (metrics.get("progress") or {}).get("options"),
             "cached_stages": summary.cached_stages, "errors_by_category": summary.by_error,
-            "errors_by_code": ledger.errors_by_code(run.id),
-            "failures": [f.__dict__ for f in ledger.failures(run.id)],
+            "errors_by_code": source.errors_by_code(run.id),
+            "failures": [f.__dict__ for f in source.failures(run.id)],
             "quarantined_items": [{k: v for k, v in q.__dict__.items() if k != "last_answer"}
-                                  for q in ledger.quarantined(run.id)],
+                                  for q in source.quarantined(run.id)],
             "recovery": metrics.get("recovery"),
             "cache": metrics.get("cache"), "circuit_breakers": metrics.get("circuit_breakers"),
-            "workers": [w.to_dict(now) for w in ledger.workers(run.id)]})
+            "workers": [w.to_dict(now) for w in source.workers(run.id)]})
     finally:
-        ledger.close()
+        source.close()
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
         return

@@ -306,5 +306,5 @@ def worker_record(row: Mapping[str, Any]) -> WorkerRecord:
         id=row["id"], run_id=row["run_id"], host=row["host"], pid=row["pid"], status=row["status"],
         concurrency=row["concurrency"], lease_seconds=row["lease_seconds"], items_done=row["items_done"],
         items_failed=row["items_failed"], in_flight=row["in_flight"],
-        started_at=aware(row["started_at"]) or row["started_at"],
-        last_heartbeat=aware(row["last_heartbeat"]) or row["last_heartbeat"], stopped_at=aware(row["stopped_at"]))
+        started_at=aware(row["started_at"]), last_heartbeat=aware(row["last_heartbeat"]),
+        stopped_at=aware(row["stopped_at"]))

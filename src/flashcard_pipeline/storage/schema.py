@@ -19,9 +19,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from flashcard_pipeline.storage.records import RunStatus, StageState, utcnow
-
-__all__ = ["Base", "RunStatus", "StageState", "utcnow"]  # the enums and the clock live in records.py
+# The enums and the clock live in records.py (which loads without SQLAlchemy); the models use them from here.
+from flashcard_pipeline.storage.records import RunStatus as RunStatus
+from flashcard_pipeline.storage.records import StageState as StageState
+from flashcard_pipeline.storage.records import utcnow as utcnow
 
 
 class Base(DeclarativeBase):
