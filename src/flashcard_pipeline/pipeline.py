@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -137,6 +137,14 @@ class ChatClient(Protocol):
     async def complete(self, request: ChatRequest) -> ChatResponse: ...
 
 
+#: Whether this process may still pay for the item's answers (a worker: it still holds the item's lease).
+ItemGuard = Callable[[PendingItem], Awaitable[bool]]
+
+
+class _HandedOver(Exception):
+    """The item's guard said no before a paid call: another worker owns the item now, and finishes it."""
+
+
 class ItemSource(Protocol):
     """Where items come from instead of the ledger's pending list: a worker's leases (:mod:`..leasing`)."""
 
@@ -164,6 +172,8 @@ class RunStats:
     flagged: int = 0
     #: Items set aside because their answers kept failing validation (counted in ``failed`` too).
     quarantined: int = 0
+    #: Items dropped before a paid call because another worker took them over (neither done nor failed here).
+    handed_over: int = 0
     #: Recovery strategies applied, by name.
     recoveries: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
@@ -216,7 +226,7 @@ class Pipeline:
                  max_cost: float | None = None, flush_interval: float = 0.1,
                  clock: Callable[[], float] = time.perf_counter, recovery: RecoveryPlan | None = None,
                  only: frozenset[int] | None = None, hooks: RunHooks = NO_HOOKS,
-                 source: ItemSource | None = None, durable: bool = False) -> None:
+                 source: ItemSource | None = None, durable: bool = False, guard: ItemGuard | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.ledger = ledger
@@ -239,6 +249,9 @@ class Pipeline:
         #: Commit each paid answer before its task makes another call: a process killed mid-run then loses only
         #: the answers of the calls it had in flight (workers, whose items another worker takes over).
         self.durable = durable
+        #: Asked before every paid call, retries and re-asks included (a worker: does it still hold the lease?);
+        #: an item it refuses is dropped without the call. None (a lone ``process``): nothing to ask.
+        self.guard = guard
         self.stats = RunStats()
         self._by_model: dict[str, StageSettings] = {settings.model: settings}
         #: First-stage requests the producer built for its cache prefetch, taken by the item's worker.
@@ -356,6 +369,10 @@ class Pipeline:
                 self.stats.flagged += 1
         except _Abort:
             raise
+        except _HandedOver:
+            self.stats.handed_over += 1
+            log.warning("%s of %r dropped without a call: this worker no longer holds its lease (another worker "
+                        "finishes it)", stage, item.term)
         except _Quarantined as quarantined:
             self._fail(pending, stage, quarantined.error, last_answer=quarantined.last_answer)
             note.failed(quarantined.error)
@@ -500,6 +517,10 @@ class Pipeline:
             return result, problems
 
         async def attempt() -> tuple[tuple[T, list[str]], ChatResponse]:
+            # Here, inside the policy: after any wait for a rate-limit slot, a circuit or a back-off, just before
+            # the money is spent. Not a structured error: no retry, no breaker verdict.
+            if self.guard is not None and not await self.guard(pending):
+                raise _HandedOver
             request = staged.request
             if reask.messages:
                 request = replace(request, messages=(*request.messages, *reask.messages))

@@ -10,6 +10,7 @@ open item left; exporting stays with ``process`` or ``export --run``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -82,7 +83,8 @@ def lease_timing(lease_seconds: float | None = None) -> LeaseTiming:
 
 async def run_worker(options: WorkerOptions, reporter: Reporter | None = None, policy: CallPolicy | None = None, *,
                      clock: Callable[[], datetime] = utcnow,
-                     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> WorkerResult:
+                     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                     monotonic: Callable[[], float] = time.monotonic) -> WorkerResult:
     """Work on run ``options.run_id`` until it has no open item left."""
     if options.concurrency < 1:
         raise ConfigurationError("--concurrency must be at least 1")
@@ -120,7 +122,8 @@ async def run_worker(options: WorkerOptions, reporter: Reporter | None = None, p
         if (await asyncio.to_thread(store.open_items, run.id, clock())).open and run.status != RunStatus.RUNNING:
             await asyncio.to_thread(ledger.set_run_status, run.id, RunStatus.RUNNING)
         await asyncio.to_thread(checks.warm, run.target_language)
-        lease = WorkerLease(store, run.id, concurrency=options.concurrency, timing=timing, clock=clock, sleep=sleep)
+        lease = WorkerLease(store, run.id, concurrency=options.concurrency, timing=timing, clock=clock, sleep=sleep,
+                            monotonic=monotonic)
         with bound(run_id=run.id):
             outcome, _ = await _execute(process_options, provider, settings, ledger, run,
                                         reporter or SilentReporter(), policy, cache_settings,
