@@ -27,7 +27,15 @@ from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.storage.db import create_db_engine, migrate
 from flashcard_pipeline.storage.leases import LeaseStore
-from flashcard_pipeline.storage.ledger import CARDS, NUANCE, Ledger, PendingItem, StageCompleted, StageFailed
+from flashcard_pipeline.storage.ledger import (
+    CARDS,
+    NUANCE,
+    Ledger,
+    PendingItem,
+    StageCompleted,
+    StageFailed,
+    StageStarted,
+)
 from flashcard_pipeline.storage.schema import Item
 from tests.test_pipeline import ScriptedClient, pipeline, raise_
 
@@ -123,6 +131,24 @@ def test_a_taken_over_item_keeps_its_finished_first_stage(engine: Engine) -> Non
     assert taken.id == item.id and taken.nuance_done
 
 
+def test_a_late_write_of_a_worker_that_lost_the_item_does_not_reopen_it(engine: Engine) -> None:
+    """A paused worker's queued "stage started" (or a failure of a call it sent before the pause) lands after
+    another worker finished the item: the item stays done, and nobody claims it again."""
+    ledger, store = Ledger(engine), LeaseStore(engine)
+    run_id = make_run(engine, 2)
+    first, second = (p.id for p in ledger.pending_items(run_id))
+    ledger.write_batch([StageCompleted(first, NUANCE, "k1", "{}", False),
+                        StageCompleted(first, CARDS, "k2", "{}", False, run_id=run_id)])
+    ledger.write_batch([StageStarted(first, NUANCE), StageStarted(first, CARDS), StageStarted(second, NUANCE)])
+    ledger.write_batch([StageFailed(first, CARDS, "server", "server_error", "502")])
+    summary = ledger.summary(run_id)
+    assert (summary.done, summary.failed) == (1, 0)
+    worker = register(store, run_id, 1)
+    assert [p.id for p in store.claim(run_id, worker, limit=10, now=T0, lease_seconds=LEASE)] == [second]
+    (started,) = [p for p in ledger.pending_items(run_id) if p.id == second]
+    assert not started.nuance_done  # a stage not yet done is still started as before
+
+
 def test_concurrent_claims_on_postgresql_get_disjoint_items(postgres_url: str) -> None:
     engine = create_db_engine(postgres_url)
     migrate(engine)
@@ -213,13 +239,18 @@ class Frozen:
 
 
 class Beats:
-    """A heartbeat's sleep that returns only when the test lets a beat through: a frozen process never beats."""
+    """A heartbeat's sleep that returns only when the test lets a beat through: a frozen process never beats. The
+    worker's other waits (a poll for items another worker holds) pass at once: they only look again."""
 
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_interval: float = LEASE / 3) -> None:
         self.go = asyncio.Semaphore(0)
         self.naps = 0
+        self.heartbeat_interval = heartbeat_interval
 
     async def sleep(self, seconds: float) -> None:
+        if seconds != self.heartbeat_interval:
+            await asyncio.sleep(0.001)
+            return
         self.naps += 1
         await self.go.acquire()
 

@@ -540,3 +540,31 @@ main()
     assert done.returncode == 2, done.stderr
     assert re.fullmatch(r"error: telemetry needs OpenTelemetry \(opentelemetry is not installed\): "
                         r"pip install 'flashcard-pipeline\[telemetry\]'", done.stderr.strip()), done.stderr
+
+
+async def test_an_item_handed_over_to_another_worker_is_neither_done_nor_failed(
+        tmp_path: Path, sqlite_url: str, captured: Captured) -> None:
+    """A worker that lost an item's lease drops it before the paid call: its trace says so, without an error."""
+    from flashcard_pipeline.storage.ledger import PendingItem
+    from tests.test_pipeline import ScriptedClient, new_run, pipeline
+
+    ledger = Ledger(open_database(sqlite_url))
+    run = new_run(ledger, ["학교", "먹다"])
+
+    async def guard(pending: PendingItem) -> bool:
+        return pending.item.term != "먹다"
+
+    client = ScriptedClient()
+    hooks = captured.telemetry.hooks(provider="openrouter", model="openai/gpt-4o-mini")
+    outcome = await pipeline(ledger, client, hooks=hooks, guard=guard).run(run)
+    assert outcome.stats.done == 1 and outcome.stats.failed == 0 and outcome.stats.handed_over == 1
+    assert [term for term, _ in client.calls] == ["학교", "학교"]
+    spans = captured.finished()
+    items = {attrs(s)["flashcard.item"]: s for s in spans if s.name == "item"}
+    assert attrs(items["먹다"])["flashcard.outcome"] == "handed_over"
+    assert attrs(items["학교"])["flashcard.outcome"] == "done"
+    dropped = [s for s in spans if s.name == "stage nuance" and attrs(s)["flashcard.item"] == "먹다"]
+    assert len(dropped) == 1 and [e.name for e in dropped[0].events] == ["lease_lost"]
+    assert all(s.status.status_code is not StatusCode.ERROR for s in spans)
+    outcomes = {p.attributes["flashcard.outcome"]: p.value for p in captured.points("flashcard.items")}
+    assert outcomes == {"done": 1, "handed_over": 1}

@@ -4,7 +4,7 @@ The default :class:`RunHooks` does nothing, with one shared null context per cal
 neither imports nor pays for OpenTelemetry. ``flashcard_pipeline.telemetry`` subclasses it with spans and metrics.
 Each hook is a context manager around the work it names; what it yields (a :class:`Note`) takes what the pipeline
 learns inside the block (a cache hit, the provider's answer, the item's outcome). An exception leaving the block is
-the work's failure.
+the work's failure, except :class:`LeaseLost`, which says the work moved to another worker.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from flashcard_pipeline.llm.types import ChatRequest, ChatResponse
     from flashcard_pipeline.models import VocabularyItem
     from flashcard_pipeline.resilience import CallContext
+
+
+class LeaseLost(Exception):
+    """Raised before a paid call when this worker no longer holds the item's lease: the item is another worker's
+    now, so the stage stops here without failing (no retry, no breaker verdict, no failure recorded)."""
 
 
 class Note:
@@ -40,6 +45,9 @@ class Note:
 
     def failed(self, error: StructuredError) -> None:
         """The item failed with ``error`` (handled: the run goes on)."""
+
+    def handed_over(self) -> None:
+        """The item was dropped before a paid call: another worker holds its lease now and finishes it."""
 
 
 NOTE = Note()

@@ -31,7 +31,7 @@ from flashcard_pipeline.errors import (
     StructuredError,
     TruncatedOutputError,
 )
-from flashcard_pipeline.hooks import NO_HOOKS, NOTE, Note, RunHooks
+from flashcard_pipeline.hooks import NO_HOOKS, NOTE, LeaseLost, Note, RunHooks
 from flashcard_pipeline.llm.types import ChatMessage, ChatRequest, ChatResponse
 from flashcard_pipeline.logging_config import bind, bound, new_call_id
 from flashcard_pipeline.models import FlashcardSet, TermAnalysis
@@ -139,10 +139,6 @@ class ChatClient(Protocol):
 
 #: Whether this process may still pay for the item's answers (a worker: it still holds the item's lease).
 ItemGuard = Callable[[PendingItem], Awaitable[bool]]
-
-
-class _HandedOver(Exception):
-    """The item's guard said no before a paid call: another worker owns the item now, and finishes it."""
 
 
 class ItemSource(Protocol):
@@ -369,8 +365,9 @@ class Pipeline:
                 self.stats.flagged += 1
         except _Abort:
             raise
-        except _HandedOver:
+        except LeaseLost:
             self.stats.handed_over += 1
+            note.handed_over()
             log.warning("%s of %r dropped without a call: this worker no longer holds its lease (another worker "
                         "finishes it)", stage, item.term)
         except _Quarantined as quarantined:
@@ -520,7 +517,7 @@ class Pipeline:
             # Here, inside the policy: after any wait for a rate-limit slot, a circuit or a back-off, just before
             # the money is spent. Not a structured error: no retry, no breaker verdict.
             if self.guard is not None and not await self.guard(pending):
-                raise _HandedOver
+                raise LeaseLost
             request = staged.request
             if reask.messages:
                 request = replace(request, messages=(*request.messages, *reask.messages))

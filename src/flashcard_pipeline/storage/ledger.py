@@ -637,8 +637,9 @@ def _upsert_many(conn: Connection, dialect: str, table: Any, rows: list[dict[str
 @functools.cache
 def _stage_update(stage: str, state: StageState) -> Any:
     """The executemany UPDATE that moves a stage of items to ``state`` (IN_FLIGHT: started, DONE, FAILED: failed
-    or quarantined as ``b_state`` says), made once: building and cache-keying a statement per batch cost more than
-    running it. Parameters: ``b_id``, ``b_now``, and for a failure its error's."""
+    or quarantined as ``b_state`` says; only DONE moves a stage that is done), made once: building and
+    cache-keying a statement per batch cost more than running it. Parameters: ``b_id``, ``b_now``, and for a
+    failure its error's."""
     column, attempts = _stage_columns(stage)
     values: dict[str, Any] = {"updated_at": bindparam("b_now")}
     if state is StageState.IN_FLIGHT:
@@ -652,7 +653,12 @@ def _stage_update(stage: str, state: StageState) -> Any:
         values.update({column.key: bindparam("b_state"), "error_stage": stage, "error_category": bindparam("b_cat"),
                        "error_code": bindparam("b_code"), "error_message": bindparam("b_msg"),
                        "last_answer": bindparam("b_answer")})
-    return update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id")).values(values)
+    statement = update(_ITEMS).where(_ITEMS.c.id == bindparam("b_id"))
+    if state is not StageState.DONE:
+        # A stage once done stays done: a late write of a worker that lost the item (it started or failed the
+        # stage before a pause; another worker finished it meanwhile) must not reopen it.
+        statement = statement.where(_ITEMS.c[column.key] != StageState.DONE)
+    return statement.values(values)
 
 
 def _stage_columns(stage: str) -> tuple[Any, Any]:

@@ -61,8 +61,9 @@ class Instruments:
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
         self.cost = meter.create_counter(
             "flashcard.llm.cost.usd", description="US dollars the provider billed (simulated: what it would have)")
-        self.items = meter.create_counter("flashcard.items", unit="{item}",
-                                          description="Items finished, by flashcard.outcome (done, failed)")
+        self.items = meter.create_counter(
+            "flashcard.items", unit="{item}",
+            description="Items finished, by flashcard.outcome (done, failed, handed_over to another worker)")
         self.cache_lookups = meter.create_counter(
             "flashcard.cache.lookups", unit="{lookup}",
             description="Stage answers looked up, by flashcard.cache.type and flashcard.cache.result (hit, miss)")

@@ -32,7 +32,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from flashcard_pipeline.errors import StructuredError
-from flashcard_pipeline.hooks import Note, RunHooks
+from flashcard_pipeline.hooks import LeaseLost, Note, RunHooks
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse
 from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.resilience import CallContext
@@ -80,6 +80,8 @@ class ScopedSpan(Note):
         try:
             if isinstance(exc, asyncio.CancelledError):
                 self._span.add_event("cancelled")
+            elif isinstance(exc, LeaseLost):
+                self._span.add_event("lease_lost")  # not a failure: another worker finishes the item
             elif exc is not None:
                 self.error = exc
                 mark_failed(self._span, exc)
@@ -92,19 +94,22 @@ class ScopedSpan(Note):
 
 
 class ItemSpan(ScopedSpan):
-    __slots__ = ("_failed",)
+    __slots__ = ("_outcome",)
 
     def __init__(self, hooks: TelemetryHooks, span: trace.Span) -> None:
         super().__init__(hooks, span)
-        self._failed = False
+        self._outcome = "done"
 
     def failed(self, error: StructuredError) -> None:
-        self._failed = True
+        self._outcome = "failed"
         mark_failed(self._span, error, record=False)  # recorded where it happened, on its stage or attempt
+
+    def handed_over(self) -> None:
+        self._outcome = "handed_over"
 
     def finished(self, seconds: float) -> None:
         if self.error is None:
-            outcome = "failed" if self._failed else "done"
+            outcome = self._outcome
             self._span.set_attribute("flashcard.outcome", outcome)
             self.hooks.instruments.items.add(1, {**self.hooks.model_attributes, "flashcard.outcome": outcome})
 
