@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import shutil
+import sqlite3
+import tempfile
+import weakref
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export import prepare_deck, resolve_format, write_export
 from flashcard_pipeline.export.anki_model import FIELDS, deck_id, language_code, note_type
+from flashcard_pipeline.export.apkg import write_apkg
 from flashcard_pipeline.export.audio import (
     AudioStore,
     Clip,
@@ -27,12 +31,14 @@ from flashcard_pipeline.export.audio import (
 from flashcard_pipeline.export.common import SIMULATED_TAG, anki_tags, html_text
 from flashcard_pipeline.export.csv_export import neutralise
 from flashcard_pipeline.export.jsonl import read_jsonl
-from flashcard_pipeline.export.notes import Subdecks, build_notes, resolve_deck_name
+from flashcard_pipeline.export.notes import AnkiNote, Subdecks, build_notes, resolve_deck_name
 from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
 from flashcard_pipeline.simulator import run_simulator
 from flashcard_pipeline.simulator.content import analysis_for, cards_for, speech_for
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
+
+T0 = 1_750_000_000.0
 
 
 def make_result(term: str, position: int = 1, *, hints: dict[str, str] | None = None,
@@ -281,6 +287,91 @@ def test_apkg_holds_the_notes_and_their_media(tmp_path: Path) -> None:
     with zipfile.ZipFile(path) as archive:
         assert {"collection.anki2", "media"} <= set(archive.namelist())
     assert report.deck == "Korean vocabulary (simulated)" and report.terms == 2 and report.audio_files == 0
+
+
+def genanki_package(notes: list[AnkiNote], path: Path, *, root: str, media: list[Path], timestamp: float) -> None:
+    """The package as genanki's own ``Package.write_to_file`` writes it: every note held until the end."""
+    model = note_type("Korean").genanki_model()
+    decks = {root: genanki.Deck(deck_id(root), root)}
+    for note in notes:
+        deck = decks.setdefault(note.deck, genanki.Deck(deck_id(note.deck), note.deck))
+        deck.add_note(genanki.Note(model=model, fields=list(note.fields), tags=list(note.tags), guid=note.guid))
+    decks[root].add_model(model)
+    genanki.Package(list(decks.values()), media_files=[str(p) for p in media]).write_to_file(str(path),
+                                                                                            timestamp=timestamp)
+
+
+def package_content(path: Path, scratch: Path) -> dict[str, object]:
+    """Everything Anki reads from a package: the collection row, notes and cards by id, the media files."""
+    with zipfile.ZipFile(path) as archive:
+        content: dict[str, object] = {name: archive.read(name) for name in archive.namelist()
+                                      if name != "collection.anki2"}
+        database = Path(archive.extract("collection.anki2", scratch))
+    connection = sqlite3.connect(database)
+    try:
+        for table in ("col", "notes", "cards", "revlog", "graves"):
+            content[table] = connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+    finally:
+        connection.close()
+    database.unlink()
+    return content
+
+
+def level_results(count: int) -> list[TermResult]:
+    """Words whose levels interleave, so the sub-decks' notes arrive mixed (every fourth has none: root deck)."""
+    return [make_result(f"단어{i}", i + 1, hints={"TOPIK_Level": str(i % 4)} if i % 4 else {}) for i in range(count)]
+
+
+@pytest.mark.parametrize("subdecks", ["none", "level"])
+def test_a_streamed_apkg_is_the_package_genanki_writes_from_the_same_notes(tmp_path: Path, subdecks: str) -> None:
+    results = level_results(30)
+    sound = tmp_path / "fp-1.mp3"
+    sound.write_bytes(b"ID3 clip")
+    root = "Korean vocabulary"
+    notes = prepare_deck(results, language="Korean", subdecks=subdecks).notes
+    assert len({note.deck for note in notes}) == (1 if subdecks == "none" else 4)
+    genanki_package(notes, tmp_path / "genanki.apkg", root=root, media=[sound], timestamp=T0)
+    count = write_apkg(iter(notes), tmp_path / "streamed.apkg", note_type=note_type("Korean"), root_deck=root,
+                       media=[sound], timestamp=T0)
+    assert count == len(notes)
+    expected = package_content(tmp_path / "genanki.apkg", tmp_path)
+    assert package_content(tmp_path / "streamed.apkg", tmp_path) == expected
+    assert len(expected["cards"]) > 2 * len(notes)
+
+
+def test_the_apkg_export_builds_and_writes_one_note_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               ) -> None:
+    alive: weakref.WeakSet[genanki.Note] = weakref.WeakSet()
+    made = 0
+
+    class Counted(genanki.Note):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            nonlocal made
+            super().__init__(*args, **kwargs)
+            alive.add(self)
+            made += 1
+
+    monkeypatch.setattr(genanki, "Note", Counted)
+    seen: list[tuple[int, int]] = []
+
+    def results() -> Iterator[TermResult]:
+        for result in level_results(12):
+            seen.append((made, len(alive)))
+            yield result
+
+    report = write_export("apkg", results(), tmp_path / "deck.apkg", subdecks="level", timestamp=T0)
+    assert report.terms == 12 and report.decks == ("Korean vocabulary", *(f"Korean vocabulary::Level {n}"
+                                                                          for n in (1, 2, 3)))
+    assert [made for made, _ in seen] == list(range(12)), "each word is written before the next is read"
+    assert max(count for _, count in seen) <= 1
+
+
+def test_the_apkg_export_leaves_no_scratch_file_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    write_export("apkg", [make_result("학교")], tmp_path / "deck.apkg")
+    assert list(scratch.iterdir()) == []
 
 
 # --- audio ------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +131,52 @@ class ExportReport:
     warnings: tuple[str, ...] = ()
 
 
+class _Counted:
+    """Counts the terms of a streamed export as the writer consumes them."""
+
+    def __init__(self, results: Iterable[TermResult]) -> None:
+        self._results = results
+        self.count = 0
+
+    def __iter__(self) -> Iterator[TermResult]:
+        for result in self._results:
+            self.count += 1
+            yield result
+
+
+class _Notes:
+    """A deck's notes, built only as a writer takes them (once), so an export never holds the whole list; counts
+    the terms, cards and decks that went by."""
+
+    def __init__(self, results: Iterable[TermResult], root_deck: str,
+                 build: Callable[[Iterable[TermResult]], Iterator[AnkiNote]]) -> None:
+        self._results = _Counted(results)
+        self._build = build
+        self.cards = 0
+        self.decks: dict[str, None] = {root_deck: None}
+
+    @property
+    def terms(self) -> int:
+        return self._results.count
+
+    def __iter__(self) -> Iterator[AnkiNote]:
+        for note in self._build(self._results):
+            self.cards += len(note.cards)
+            self.decks.setdefault(note.deck)
+            yield note
+
+
+@dataclass(frozen=True)
+class _StreamedDeck:
+    """A deck for one writer: the files route it straight through; push needs the notes twice (a list)."""
+
+    notes: _Notes
+    note_type: NoteType
+    root_deck: str
+    media: dict[str, Path]
+    warnings: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class PreparedDeck:
     """Everything an Anki route needs: the notes, their note type and decks, and the audio files."""
@@ -147,40 +193,42 @@ class PreparedDeck:
         return tuple(dict.fromkeys([self.root_deck, *(n.deck for n in self.notes)]))
 
 
-def prepare_deck(results: Iterable[TermResult], *, language: str, deck: str | None = None,
-                 subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
-                 audio: AudioEngine | str | None = None, media_dir: Path | None = None,
-                 source: str | None = None, speech: SpeechSettings | None = None) -> PreparedDeck:
-    """Build the notes; with ``audio``, speak each word and example sentence into ``media_dir`` (which must
-    outlive the deck)."""
+def _stream_deck(results: Iterable[TermResult], *, language: str, deck: str | None, subdecks: Subdecks | str,
+                 simulated: bool, audio: AudioEngine | str | None, media_dir: Path | None, source: str | None,
+                 speech: SpeechSettings | None) -> _StreamedDeck:
+    """The deck with its notes still to build; with ``audio``, the clips are spoken first (they need every
+    word, so the results are read into a list only then)."""
     mode, engine = check_options(str(subdecks), str(audio) if audio else None)
-    results = list(results)
     kind = note_type(language)
     root = resolve_deck_name(deck, language=language, simulated=simulated)
     report = AudioReport()
     if engine is not None:
         if media_dir is None:
             raise ValueError("audio needs a media_dir")
+        results = list(results)
         report = _speak(results, language, engine, speech, media_dir)
     sounds = report.media_names()
-    notes = list(build_notes(results, language=language, root_deck=root, subdecks=mode, simulated=simulated,
-                             lang=kind.lang, sounds=sounds, source=source))
-    media = {path.name: path for path in report.files.values()}
-    return PreparedDeck(notes=notes, note_type=kind, root_deck=root, terms=len(results), media=media,
-                        warnings=(report.warning,) if report.warning else ())
+
+    def build(terms: Iterable[TermResult]) -> Iterator[AnkiNote]:
+        return build_notes(terms, language=language, root_deck=root, subdecks=mode, simulated=simulated,
+                           lang=kind.lang, sounds=sounds, source=source)
+
+    return _StreamedDeck(notes=_Notes(results, root, build), note_type=kind, root_deck=root,
+                         media={path.name: path for path in report.files.values()},
+                         warnings=(report.warning,) if report.warning else ())
 
 
-class _Counted:
-    """Counts the terms of a streamed export as the writer consumes them."""
-
-    def __init__(self, results: Iterable[TermResult]) -> None:
-        self._results = results
-        self.count = 0
-
-    def __iter__(self) -> Iterator[TermResult]:
-        for result in self._results:
-            self.count += 1
-            yield result
+def prepare_deck(results: Iterable[TermResult], *, language: str, deck: str | None = None,
+                 subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
+                 audio: AudioEngine | str | None = None, media_dir: Path | None = None,
+                 source: str | None = None, speech: SpeechSettings | None = None) -> PreparedDeck:
+    """Build the notes; with ``audio``, speak each word and example sentence into ``media_dir`` (which must
+    outlive the deck)."""
+    streamed = _stream_deck(results, language=language, deck=deck, subdecks=subdecks, simulated=simulated,
+                            audio=audio, media_dir=media_dir, source=source, speech=speech)
+    notes = list(streamed.notes)
+    return PreparedDeck(notes=notes, note_type=streamed.note_type, root_deck=streamed.root_deck,
+                        terms=streamed.notes.terms, media=streamed.media, warnings=streamed.warnings)
 
 
 def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck_name: str | None = None,
@@ -209,19 +257,19 @@ def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck
                             warnings=tuple(warnings))
 
     with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
-        prepared = prepare_deck(results, language=language, deck=deck_name, subdecks=mode, simulated=simulated,
+        streamed = _stream_deck(results, language=language, deck=deck_name, subdecks=mode, simulated=simulated,
                                 audio=engine, media_dir=Path(media_dir), source=source, speech=speech)
-        warnings.extend(prepared.warnings)
+        warnings.extend(streamed.warnings)
         if chosen == "apkg":
-            write_apkg(prepared.notes, path, note_type=prepared.note_type, root_deck=prepared.root_deck,
-                       media=sorted(prepared.media.values()), timestamp=timestamp)
+            write_apkg(streamed.notes, path, note_type=streamed.note_type, root_deck=streamed.root_deck,
+                       media=sorted(streamed.media.values()), timestamp=timestamp)
         else:
-            write_anki_tsv(prepared.notes, path, note_type=prepared.note_type,
-                           root_deck=prepared.root_deck, with_deck_column=mode is not Subdecks.NONE)
-            warnings.append(TSV_NEEDS_NOTE_TYPE.format(name=prepared.note_type.name))
-        cards = sum(len(note.cards) for note in prepared.notes)
-    return ExportReport(format=chosen, path=path, cards=cards, terms=prepared.terms, deck=prepared.root_deck,
-                        decks=prepared.decks, audio_files=len(prepared.media), warnings=tuple(warnings))
+            write_anki_tsv(streamed.notes, path, note_type=streamed.note_type,
+                           root_deck=streamed.root_deck, with_deck_column=mode is not Subdecks.NONE)
+            warnings.append(TSV_NEEDS_NOTE_TYPE.format(name=streamed.note_type.name))
+    notes = streamed.notes
+    return ExportReport(format=chosen, path=path, cards=notes.cards, terms=notes.terms, deck=streamed.root_deck,
+                        decks=tuple(notes.decks), audio_files=len(streamed.media), warnings=tuple(warnings))
 
 
 def push_results(results: Iterable[TermResult], client: AnkiConnect, *, language: str, deck: str | None = None,
