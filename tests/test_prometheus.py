@@ -201,9 +201,11 @@ def test_a_real_prometheus_scrapes_a_run_and_every_dashboard_and_rule_expression
     assert warm.wait(timeout=120) == 0, warm.stdout.read() if warm.stdout else ""
     metrics_port = free_port()
     # The alert is under test, not the trip rule: the plain ratio (no confidence bound) opens the circuit on a
-    # quarter of calls failing, so the run really has an open circuit for the alert to see.
+    # quarter of calls failing, so the run really has an open circuit for the alert to see; each break outlasts two
+    # scrapes (a break shorter than the scrape interval can fall between two of them, unseen).
     faults = {"CB_CONFIDENCE": "0", "CB_MIN_THROUGHPUT": "6", "CB_FAILURE_RATIO": "0.2", "CB_SAMPLING_DURATION": "5",
-              "CB_BREAK_DURATION": "0.5", "RETRY_INITIAL_DELAY": "0.05", "RETRY_MAX_ATTEMPTS": "4"}
+              "CB_BREAK_DURATION": "2.5", "CB_MAX_BREAK_DURATION": "2.5", "RETRY_INITIAL_DELAY": "0.05",
+              "RETRY_MAX_ATTEMPTS": "4"}
     with prometheus(tmp_path, metrics_port) as server:
         run = cli("process", str(words), "--provider", "simulated", "--db", db, "-o", str(tmp_path / "cards.jsonl"),
                   "--metrics-port", str(metrics_port), "--concurrency", "4", "--max-cost", "0.035",
