@@ -20,7 +20,7 @@ from sqlalchemy import Engine, update
 from sqlalchemy.exc import OperationalError
 
 from flashcard_pipeline.errors import ServerError
-from flashcard_pipeline.leasing import LeaseTiming, WorkerLease
+from flashcard_pipeline.leasing import HeldLeases, LeaseTiming, WorkerLease
 from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.pipeline import Pipeline, RunOutcome
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
@@ -208,7 +208,7 @@ async def test_the_budget_is_the_runs_whatever_the_workers_spend(engine: Engine)
     lease = WorkerLease(store, run_id, concurrency=1, timing=LeaseTiming(), clock=lambda: T0, sleep=one_beat)
     worker_id = register(store, run_id, 7)
     with pytest.raises(asyncio.CancelledError):
-        await lease._beat(worker_id, worker)
+        await lease._beat(worker_id, worker, HeldLeases(store, worker_id, timing=lease.timing))
     assert worker.spent == pytest.approx(0.04), "the run's total, this worker's own spending counted once"
     worker._check_budget()  # $0.04 of $0.05: calls go on
     with engine.begin() as conn:

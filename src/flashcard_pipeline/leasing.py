@@ -110,7 +110,7 @@ class LeasedItems:
 
     def __init__(self, store: LeaseStore, run_id: int, worker_id: int, *, batch: int, timing: LeaseTiming,
                  clock: Callable[[], datetime] = utcnow,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, held: HeldLeases | None = None) -> None:
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, held: HeldLeases) -> None:
         self.store, self.run_id, self.worker_id = store, run_id, worker_id
         self.batch, self.timing, self.clock, self.sleep = batch, timing, clock, sleep
         #: Told when each claim was sent (the pipeline's guard trusts a recent one).
@@ -120,14 +120,12 @@ class LeasedItems:
     async def next_page(self, want: int) -> list[PendingItem]:
         while True:
             now = self.clock()
-            held = self.held
-            sent = held.monotonic() if held is not None else 0.0
+            sent = self.held.monotonic()
             page = await asyncio.to_thread(self.store.claim, self.run_id, self.worker_id,
                                            limit=max(1, min(want, self.batch)), now=now,
                                            lease_seconds=self.timing.lease_seconds)
             if page:
-                if held is not None:
-                    held.claimed(page, sent)
+                self.held.claimed(page, sent)
                 self.claimed += len(page)
                 return page
             state = await asyncio.to_thread(self.store.open_items, self.run_id, now, self.worker_id)
@@ -175,7 +173,7 @@ class WorkerLease:
                 await asyncio.to_thread(self.store.release, worker_id, now=self.clock(),
                                         items_done=stats.done - stats.already_done, items_failed=stats.failed)
 
-    async def _beat(self, worker_id: int, pipeline: Pipeline, held: HeldLeases | None = None) -> None:
+    async def _beat(self, worker_id: int, pipeline: Pipeline, held: HeldLeases) -> None:
         stats = pipeline.stats
         while True:
             await self.sleep(self.timing.heartbeat_interval)
@@ -185,8 +183,7 @@ class WorkerLease:
                                                   lease_seconds=self.timing.lease_seconds,
                                                   items_done=stats.done - stats.already_done,
                                                   items_failed=stats.failed, in_flight=stats.in_flight)
-                if held is not None:
-                    held.renewed(renewed, sent)
+                held.renewed(renewed, sent)
                 pipeline.note_run_spending(await asyncio.to_thread(self.store.run_cost, self.run_id))
             except Exception as exc:  # a busy database must not stop the work; the next beat tries again
                 log.warning("worker heartbeat failed (the leases last %g s): %s", self.timing.lease_seconds, exc)
