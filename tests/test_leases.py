@@ -23,6 +23,7 @@ from flashcard_pipeline.errors import ServerError
 from flashcard_pipeline.leasing import HeldLeases, LeaseTiming, WorkerLease
 from flashcard_pipeline.models import VocabularyItem
 from flashcard_pipeline.pipeline import Pipeline, RunOutcome
+from flashcard_pipeline.resilience import PolicyPipeline, RateLimitSettings, Resilience
 from flashcard_pipeline.resilience.retry import RetryConfig, RetryPolicy
 from flashcard_pipeline.resilience.testing import FakeClock
 from flashcard_pipeline.storage.db import create_db_engine, migrate
@@ -317,7 +318,8 @@ async def test_a_worker_paused_past_its_lease_does_not_pay_for_an_item_taken_ove
     run_id = make_run(engine, 1)
     frozen, a_beats = Frozen(), Beats()
     client_a, client_b = ScriptedClient(), ScriptedClient()
-    pipe_a = pipeline(ledger, client_a, policy=frozen)
+    limits = Resilience(ratelimit=RateLimitSettings(requests_per_minute=600), clock=FakeClock())
+    pipe_a = pipeline(ledger, client_a, policy=PolicyPipeline([frozen, limits]))
     a = asyncio.create_task(work(worker_lease(store, run_id, clock, a_beats), pipe_a, run_id))
     await asyncio.wait_for(frozen.reached.wait(), 10)
 
@@ -337,6 +339,8 @@ async def test_a_worker_paused_past_its_lease_does_not_pay_for_an_item_taken_ove
     summary = ledger.summary(run_id)
     assert (summary.done, summary.failed) == (1, 0)
     assert "lease on '낱말1' lost" in caplog.text and "dropped without a call" in caplog.text
+    requests = limits.limit_groups[0].requests.limiter
+    assert requests.metrics.refunded == 1 and requests.available() == requests.burst, "A's slot went back"
 
 
 async def test_a_retry_is_not_sent_once_the_lease_was_taken_over(engine: Engine) -> None:

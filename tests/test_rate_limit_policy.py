@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.config import rate_limit_settings
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError, ServerError
+from flashcard_pipeline.hooks import LeaseLost
 from flashcard_pipeline.llm.types import ChatResponse, Usage
 from flashcard_pipeline.resilience import (
     CallContext,
@@ -156,6 +157,35 @@ async def test_a_failed_call_with_reported_usage_is_settled_too() -> None:
     with pytest.raises(ServerError):
         await policy.execute(failing, context(1200))
     assert policy.group("p", "m").tokens.limiter.metrics.refunded == pytest.approx(1000)
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+async def test_a_call_that_decides_not_to_send_gives_its_request_and_tokens_back(shards: int) -> None:
+    # A worker that lost its lease while queued for a slot: the slot is the next caller's, not wasted.
+    policy = Limits(RateLimitSettings(requests_per_minute=600, tokens_per_minute=100_000, shards=shards),
+                    clock=FakeClock())
+    sent: list[str] = []
+
+    async def lost() -> None:
+        raise LeaseLost
+
+    async def answered() -> tuple[str, ChatResponse]:
+        sent.append("call")
+        return "ok", response(300, 100)
+
+    group = policy.group("p", "m")
+    requests, tokens = group.requests.limiter, group.tokens.limiter
+    full_requests, full_tokens = requests.available(), tokens.available()
+    for _ in range(3):
+        with pytest.raises(LeaseLost):
+            await policy.execute(lost, context(2000))
+    assert requests.available() == pytest.approx(full_requests)
+    assert tokens.available() == pytest.approx(full_tokens)
+    assert requests.metrics.refunded == pytest.approx(3)
+    assert tokens.metrics.refunded == pytest.approx(6000)
+    await policy.execute(answered, context(2000))
+    assert sent == ["call"]
+    assert requests.available() == pytest.approx(full_requests - 1)
 
 
 async def test_the_tokens_burst_grows_to_the_largest_call_but_not_past_a_configured_limit() -> None:

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError
+from flashcard_pipeline.hooks import LeaseLost
 from flashcard_pipeline.llm.types import ChatResponse, Usage
 from flashcard_pipeline.resilience import CallContext, RateLimitSettings
 from flashcard_pipeline.resilience.ratelimit.algorithms import INF
@@ -311,3 +312,28 @@ async def test_a_pause_holds_an_unlimited_redis_bucket_too(redis_prefix) -> None
     clock.t = 3.5
     ok, when, *_ = await bucket._reserve_raw(1, 0)
     assert ok and when == pytest.approx(3.5)
+
+
+async def test_a_call_not_sent_gives_its_shared_slot_back(redis_prefix) -> None:
+    client, prefix = redis_prefix
+    clock = FakeClock()
+    settings = RateLimitSettings(requests_per_minute=600, tokens_per_minute=100_000, backend="redis",
+                                 redis_prefix=prefix)
+    policy = Limits(settings, clock=clock, limits=RedisLimits(client, prefix=prefix, clock=clock))
+
+    async def lost() -> None:
+        raise LeaseLost
+
+    group = policy.group("p", "m")
+    with pytest.raises(LeaseLost):
+        await policy.execute(lost, _context())
+    first = await group.requests.limiter.state()
+    with pytest.raises(LeaseLost):
+        await policy.execute(lost, _context())
+    second = await group.requests.limiter.state()
+    assert second["available"] == pytest.approx(first["available"]), "given back, like the first"
+    assert first["available"] == pytest.approx(first["burst"])
+    assert group.requests.limiter.metrics.refunded == pytest.approx(2)
+    assert group.tokens.limiter.metrics.refunded == pytest.approx(2000)
+    tokens = await group.tokens.limiter.state()
+    assert tokens["available"] == pytest.approx(tokens["burst"])

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
+from flashcard_pipeline.resilience.core.context import CallNotMade
+
 if TYPE_CHECKING:
     from flashcard_pipeline.errors import StructuredError
     from flashcard_pipeline.llm.types import ChatRequest, ChatResponse
@@ -21,9 +23,10 @@ if TYPE_CHECKING:
     from flashcard_pipeline.resilience import CallContext
 
 
-class LeaseLost(Exception):
+class LeaseLost(CallNotMade):
     """Raised before a paid call when this worker no longer holds the item's lease: the item is another worker's
-    now, so the stage stops here without failing (no retry, no breaker verdict, no failure recorded)."""
+    now, so the stage stops here without failing (no retry, no breaker verdict, no failure recorded, and the
+    rate-limit slot goes back)."""
 
 
 class Note:

@@ -4,8 +4,8 @@ Public names (what code outside ``resilience/`` may use; everything else is inte
 
 * the engine: :class:`Resilience` (builder and registry: one pipeline per provider and model),
   :class:`ModelPipeline`;
-* the core: :class:`CallContext`, :class:`ProviderAnswer`, :class:`CallPolicy`, :class:`DirectPolicy`,
-  :class:`PolicyPipeline`, :class:`Clock`, :class:`SystemClock`, :class:`EventHub`,
+* the core: :class:`CallContext`, :class:`CallNotMade`, :class:`ProviderAnswer`, :class:`CallPolicy`,
+  :class:`DirectPolicy`, :class:`PolicyPipeline`, :class:`Clock`, :class:`SystemClock`, :class:`EventHub`,
   :class:`ResilienceEvent` (``resilience.testing`` has ``FakeClock`` and ``VirtualClock``);
 * the configuration: :class:`RetryConfig`, :class:`CircuitBreakerConfig`, :class:`RateLimitSettings`;
 * the events: :class:`RetryEvent`; :class:`CircuitTransition`, :class:`ProbeEvent`, :class:`CallRefused`,
@@ -30,7 +30,7 @@ from flashcard_pipeline.resilience.breaker import (
     ProbeEvent,
 )
 from flashcard_pipeline.resilience.core.clock import Clock, SystemClock
-from flashcard_pipeline.resilience.core.context import CallContext, ProviderAnswer
+from flashcard_pipeline.resilience.core.context import CallContext, CallNotMade, ProviderAnswer
 from flashcard_pipeline.resilience.core.events import EventHub, ResilienceEvent
 from flashcard_pipeline.resilience.core.policy import CallPolicy, DirectPolicy, PolicyPipeline
 from flashcard_pipeline.resilience.engine import ModelPipeline, Resilience
@@ -50,6 +50,7 @@ from flashcard_pipeline.resilience.retry import JitterStrategy, RetryConfig, Ret
 __all__ = [
     "BreakerPause",
     "CallContext",
+    "CallNotMade",
     "CallPolicy",
     "CallRefused",
     "CircuitBreaker",

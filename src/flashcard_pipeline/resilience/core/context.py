@@ -14,6 +14,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 
+class CallNotMade(Exception):
+    """Raised by a call that decided, before sending anything, not to be made (its work belongs to someone else
+    now). Not a provider outcome: no retry, no breaker verdict, and the rate-limit slot it was granted goes back."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderAnswer:
     """What an attempt reports about a successful answer: the tokens the provider counted and its headers."""

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 from flashcard_pipeline.errors import ConfigurationError, RateLimitError, StructuredError
 from flashcard_pipeline.resilience.core.clock import Clock
-from flashcard_pipeline.resilience.core.context import CallContext, ProviderAnswer
+from flashcard_pipeline.resilience.core.context import CallContext, CallNotMade, ProviderAnswer
 from flashcard_pipeline.resilience.core.events import EventHub
 from flashcard_pipeline.resilience.ratelimit.adaptive import AdaptiveLimits, _Dim, _Used
 from flashcard_pipeline.resilience.ratelimit.algorithms import INF
@@ -134,6 +134,9 @@ class LimitGroup(AdaptiveLimits):
         context.answer = None
         try:
             result = await call()
+        except CallNotMade:
+            await self.returned(grant)
+            raise
         except RateLimitError as error:
             await self.rate_limited_by(grant, error)
             raise
@@ -229,6 +232,13 @@ class LimitGroup(AdaptiveLimits):
         if isinstance(usage, Mapping):
             used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
             await self._settle(grant, used, success=False)
+
+    async def returned(self, grant: Grant) -> None:
+        """The call was never sent: its request and its tokens go back, as if it had not asked."""
+        parts = grant.parts
+        await self.requests.limiter.settle_grant(parts[0] if parts else [], 1.0, 0.0)
+        if len(parts) > 1:
+            await self.tokens.limiter.settle_grant(parts[1], grant.tokens, 0.0)
 
     async def _settle(self, grant: Grant, used: int, *, success: bool) -> None:
         """Return what the call did not use (or charge the excess), and count a success as used capacity."""
