@@ -50,6 +50,10 @@ def test_db_stats_reports_the_pool_of_the_last_run(tmp_path: Path, db_url: str) 
     assert pool["connects"] < pool["checkouts"] / 3  # connections are reused, not opened per query
     code, stdout, _ = cli("db", "stats", "--db", db_url)
     assert "efficiency" in stdout
+    shown = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in stdout.splitlines()
+             if line.count("│") == 3}
+    assert shown["checkouts"] == f"{pool['checkouts']:,}"
+    assert shown["wait_max_s"] == f"{pool['wait_max_s']:.4g}", "four significant digits, not a float's repr"
     assert cli("db", "stats", "--db", db_url, "--run", "99")[0] == 2
 
 

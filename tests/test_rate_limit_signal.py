@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from flashcard_pipeline.errors import RateLimitError
+from flashcard_pipeline.observers import ProgressObserver
+from flashcard_pipeline.pipeline import RunStats
 from flashcard_pipeline.resilience import CallContext, LimitStatus, ProviderAnswer, RateLimitSettings, Resilience
 from flashcard_pipeline.resilience.ratelimit.signal import RateSignal, Trial, fell, judge, overloaded
 from flashcard_pipeline.resilience.retry import RetryConfig
@@ -157,3 +159,18 @@ def test_a_suspicion_the_fresh_calls_do_not_confirm_is_dropped() -> None:
     for i in range(101, 141):
         signal.record(i * 0.05, limited=i % 10 == 0, now=i * 0.05)
     assert signal.suspect is None and not signal.evidence(7.0, 7.0), "10% again: back to the floor"
+
+
+@pytest.mark.parametrize(("planned", "reason", "shown"), [
+    (None, "unlimited", "none"),
+    (None, "429s are not rate-related", "none, 429s are not rate-related"),
+    (1200.0, "configured", "1,200/min, configured"),
+    (60.0, "probing", "60/min, finding the provider's limit (--rpm N skips this)"),
+])
+def test_the_progress_line_says_the_requests_limit_once(planned: float | None, reason: Any, shown: str) -> None:
+    stats = RunStats()
+    observer = ProgressObserver(stats)
+    observer._limit_status(LimitStatus("p/m", "tokens", 5000.0, "configured"))
+    assert stats.limit_status is None, "the tokens limit is not the progress line's"
+    observer._limit_status(LimitStatus("p/m", "requests", planned, reason))
+    assert stats.limit_status == shown

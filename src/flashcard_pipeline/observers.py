@@ -50,9 +50,12 @@ class ProgressObserver:
         self.stats.note_rate_limit(event.group, event.seconds)
 
     def _limit_status(self, event: LimitStatus) -> None:
-        if event.dimension == "requests":
-            level = "no limit" if event.planned is None else f"{event.planned:,.0f}/min"
-            self.stats.limit_status = f"{level}, {SAID.get(event.reason, event.reason)}"
+        if event.dimension != "requests":
+            return
+        if event.planned is None:
+            self.stats.limit_status = "none" if event.reason == "unlimited" else f"none, {event.reason}"
+        else:
+            self.stats.limit_status = f"{event.planned:,.0f}/min, {SAID.get(event.reason, event.reason)}"
 
 
 class EventTally:

@@ -122,8 +122,17 @@ def db_stats(db: DbOption = None,
     table.add_column("value", justify="right")
     for key in ("checkouts", "served_idle", "efficiency", "connects", "peak_checked_out", "overflow",
                 "wait_mean_ms", "wait_max_s", "invalidations", "oldest_connection_age_s"):
-        table.add_row(key, str(pool.get(key)))
+        table.add_row(key, _figure(pool.get(key)))
     console.print(table)
+
+
+def _figure(value: Any) -> str:
+    """A pool figure for people: four significant digits (a wait of 0.01901 s, not 0.01901411099993311)."""
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
 
 
 def _stats_rows(stats: list[CacheTypeStats]) -> list[dict[str, Any]]:
