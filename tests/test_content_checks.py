@@ -218,3 +218,29 @@ def test_process_lists_the_items_kept_for_review_at_the_end() -> None:
     assert code is ExitCode.OK, "a flagged item is kept, not failed"
     assert "1 items kept for review" in text and "export --flagged" in text
     assert "#3 학교: nuance: the example sentence '밥' does not contain 학교" in text
+
+
+def test_the_hanja_table_read_as_json_is_the_packages_own() -> None:
+    from hanja import table as package
+
+    from flashcard_pipeline.korean.hanja_readings import _package_table_path, load_table
+
+    path = _package_table_path()
+    assert path is not None and path.is_file()
+    fast = load_table(path)
+    assert fast is not package.hanja_table, "read from the file, not the package's PyYAML load"
+    assert fast == package.hanja_table
+
+
+def test_a_hanja_table_json_cannot_read_is_left_to_the_packages_loader(tmp_path: Path) -> None:
+    from hanja import table as package
+
+    from flashcard_pipeline.korean.hanja_readings import load_table
+
+    commented = tmp_path / "table.yml"
+    commented.write_text('# a comment\n"\\u4E00": "\\uC77C"\n', encoding="utf-8")
+    assert load_table(commented) is package.hanja_table
+    assert load_table(tmp_path / "missing.yml") is package.hanja_table
+    plain = tmp_path / "plain.yml"
+    plain.write_text('"\\u4E00": "\\uC77C"\n\n"\\u4E8C": "\\uC774"\n', encoding="utf-8")
+    assert load_table(plain) == {"一": "일", "二": "이"}
