@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
-from flashcard_pipeline.resilience.core.context import CallNotMade
+from flashcard_pipeline.resilience import CallNotMade
 
 if TYPE_CHECKING:
     from flashcard_pipeline.errors import StructuredError
