@@ -244,3 +244,36 @@ def test_a_hanja_table_json_cannot_read_is_left_to_the_packages_loader(tmp_path:
     plain = tmp_path / "plain.yml"
     plain.write_text('"\\u4E00": "\\uC77C"\n\n"\\u4E8C": "\\uC774"\n', encoding="utf-8")
     assert load_table(plain) == {"一": "일", "二": "이"}
+
+
+def test_the_analyser_loads_once_when_a_thread_and_the_event_loop_both_want_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run warms the model in a thread while its event loop may already check an answer: one model (300 MB),
+    not two."""
+    import functools
+    import threading
+
+    from flashcard_pipeline.korean import analyzer
+
+    loads: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    @functools.cache
+    def slow_load() -> str:
+        loads.append(threading.current_thread().name)
+        inside.set()
+        release.wait(5)
+        return "model"
+
+    monkeypatch.setattr(analyzer, "_load_kiwi", slow_load)
+    got: list[str] = []
+    first = threading.Thread(target=lambda: got.append(analyzer._kiwi()), name="warm-up")
+    first.start()
+    assert inside.wait(5)
+    second = threading.Thread(target=lambda: got.append(analyzer._kiwi()), name="event-loop")
+    second.start()
+    second.join(0.2)  # it waits for the first load (without the lock it would start a second one)
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert got == ["model", "model"] and loads == ["warm-up"]

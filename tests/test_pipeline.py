@@ -395,3 +395,37 @@ async def test_the_database_backend_restores_only_answers_younger_than_the_ttl(l
     cache = CompressedCache(DatabaseCacheBackend(ledger), CacheSettings(ttl_nuance=0.01, ttl_cards=0.01))
     await pipeline(ledger, old, cache=cache).run(new_run(ledger, key="run-c", first_position=100))
     assert len(old.calls) == 2 * len(TERMS), "past the TTL: asked again"
+
+
+async def test_the_content_checks_warm_up_while_the_first_paid_calls_are_out(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The analyser's load (seconds that hold the GIL) starts once, a moment after the first paid call, and only
+    when a call is paid for: a run answered from the cache never loads it for nothing."""
+    import flashcard_pipeline.pipeline as pipeline_module
+
+    warmed: list[tuple[str, int]] = []
+    client = ScriptedClient()
+    monkeypatch.setattr(pipeline_module, "WARM_AFTER", 0.0)
+    monkeypatch.setattr(pipeline_module.checks, "warm", lambda language: warmed.append((language, len(client.calls))))
+    run = new_run(ledger)
+    await pipeline(ledger, client, concurrency=2).run(run)
+    assert len(client.calls) == 2 * len(TERMS)
+    assert len(warmed) == 1 and warmed[0][0] == SETTINGS.language
+    assert warmed[0][1] >= 1, "after the first call was sent, not before"
+
+    warmed.clear()
+    moved = new_run(ledger, key="run-b", first_position=100)
+    cached = ScriptedClient()
+    await pipeline(ledger, cached).run(moved)
+    assert cached.calls == [] and warmed == [], "every answer from the cache: nothing to warm up for"
+
+
+async def test_a_run_that_ends_before_the_warm_up_is_due_does_not_start_it(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flashcard_pipeline.pipeline as pipeline_module
+
+    warmed: list[str] = []
+    monkeypatch.setattr(pipeline_module, "WARM_AFTER", 3600.0)
+    monkeypatch.setattr(pipeline_module.checks, "warm", warmed.append)
+    await pipeline(ledger, ScriptedClient()).run(new_run(ledger, TERMS[:1]))
+    assert warmed == [], "cancelled while it waited"

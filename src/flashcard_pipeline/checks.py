@@ -23,7 +23,8 @@ def warm(language: str) -> None:
     """Load what the checks load on first use (the analyser's model, the Hanja table: a second or more of CPU),
     so that a worker pays it before it holds leases: a blocked event loop cannot renew them."""
     if is_korean(language):
-        head_candidates("학교")
+        head_candidates("학교")  # its first analysis and its first tokenising each take a second more
+        locate("학교", "학교에 갔어요.")
         readings("學")
 
 

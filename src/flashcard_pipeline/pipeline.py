@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from flashcard_pipeline import checks
 from flashcard_pipeline.cache.backends import DatabaseCacheBackend
 from flashcard_pipeline.cache.compressed_cache import CacheRecord, CompressedCache
 from flashcard_pipeline.checks import check_analysis, check_cards
@@ -70,6 +71,9 @@ Check = Callable[[T], list[str]]
 #: Answers that fail validation: re-asked with their errors, quarantined when that does not help.
 INVALID_ANSWERS = (MalformedJSONError, SchemaViolationError)
 
+#: Seconds after the run's first paid call before the content checks' model loads in a thread: the first requests
+#: are on the wire by then, and the load (which holds the GIL) overlaps the wait for their answers.
+WARM_AFTER = 0.1
 CONTENT_HEADING = "Your answer failed these checks:"
 VALIDATION_HEADING = "Your answer was rejected: it is not a JSON object that follows the schema. The validator said:"
 
@@ -248,6 +252,7 @@ class Pipeline:
         #: Asked before every paid call, retries and re-asks included (a worker: does it still hold the lease?);
         #: an item it refuses is dropped without the call. None (a lone ``process``): nothing to ask.
         self.guard = guard
+        self._warming: asyncio.Task[None] | None = None
         self.stats = RunStats()
         self._by_model: dict[str, StageSettings] = {settings.model: settings}
         #: First-stage requests the producer built for its cache prefetch, taken by the item's worker.
@@ -283,6 +288,9 @@ class Pipeline:
                 await asyncio.gather(producer, *workers, return_exceptions=True)
                 await self.cache.flush_counts()
                 self.cache.backend.attach(None)
+                if self._warming is not None:
+                    self._warming.cancel()  # still sleeping: nothing was loaded; loading: it finishes on its own
+                    await asyncio.gather(self._warming, return_exceptions=True)
         failures = await asyncio.to_thread(self.ledger.failures, run.id)
         flagged = await asyncio.to_thread(self.ledger.flagged, run.id)
         quarantined = await asyncio.to_thread(self.ledger.quarantined, run.id)
@@ -486,6 +494,8 @@ class Pipeline:
         writer = self._writer
         assert writer is not None
         self._check_budget()  # not even a rate-limit slot once the budget is spent
+        if self._warming is None:
+            self._warming = asyncio.create_task(self._warm_checks(), name="warm-checks")
         model = staged.request.model
         context = CallContext(stage=staged.stage, item_key=pending.item.term, provider=self.settings.provider,
                               model=model, estimated_tokens=staged.estimated_tokens,
@@ -554,6 +564,12 @@ class Pipeline:
             if self.durable:
                 await writer.flush()
         return result, problems
+
+    async def _warm_checks(self) -> None:
+        """Load what the content checks load (the Korean analyser: about two seconds that hold the GIL) while the
+        run's first paid calls are out, rather than when their answers arrive and wait for it."""
+        await asyncio.sleep(WARM_AFTER)
+        await asyncio.to_thread(checks.warm, self.settings.language)
 
     async def _cached(self, pending: PendingItem, staged: StageRequest, parse: Callable[[str], T],
                       check: Check[T]) -> tuple[T, list[str]] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,12 +74,21 @@ class Head:
     classes: frozenset[PartOfSpeech]
 
 
+#: One load per process, even when a run warms the model in a thread while its event loop checks an answer.
+_LOADING = threading.Lock()
+
+
 @functools.cache
-def _kiwi() -> Any:
+def _load_kiwi() -> Any:
     from kiwipiepy import Kiwi
 
     # The typo and multi-word dictionaries slow loading and change nothing for dictionary forms.
     return Kiwi(num_workers=1, model_type="cong", load_typo_dict=False, load_multi_dict=False)
+
+
+def _kiwi() -> Any:
+    with _LOADING:
+        return _load_kiwi()
 
 
 def _morphemes(tokens: Any) -> tuple[Morpheme, ...]:
