@@ -474,8 +474,13 @@ async def test_the_simulator_answers_speech_with_mp3_and_the_provider_bills_it(t
 # --- audio in chunks: one chunk of words and clips at a time ----------------------------------------------------
 
 
+def fake_mp3(text: str) -> bytes:
+    """A clip's bytes, distinct per text and cheap (encoding real MP3 costs 15 ms a clip)."""
+    return b"ID3\x04" + text.encode() * 8
+
+
 class FakeSpeech:
-    """A paid speech endpoint, offline: real MP3 clips, each call recorded with what ``progress()`` said then, and
+    """A paid speech endpoint, offline: a clip per text, each call recorded with what ``progress()`` said then, and
     how many of the clips it made were still alive (held by the export)."""
 
     name, model = "openai", "tts-1"
@@ -499,7 +504,7 @@ class FakeSpeech:
             raise SpeechError("the speech endpoint answered HTTP 401")
         if text in self.fail:
             raise SpeechError("the speech endpoint answered HTTP 500")
-        clip = Clip(mp3=speech_for(text), cost_usd=len(text) * 15 / 1e6)
+        clip = Clip(mp3=fake_mp3(text), cost_usd=len(text) * 15 / 1e6)
         with self._lock:
             self._clips.append(weakref.ref(clip))
         return clip
@@ -600,7 +605,7 @@ def test_synthesize_in_chunks_reports_the_whole_run(tmp_path: Path, ledger: Ledg
     assert report.cached == 2 and report.warning is None
     assert report.cost_usd == pytest.approx(4 * 15 / 1e6)
     assert {text: path.read_bytes() for text, path in report.files.items()} == {
-        text: speech_for(text) for text in "abcdef"}
+        text: fake_mp3(text) for text in "abcdef"}
     assert max(alive for alive, _ in speech.seen) <= 1, "a chunk of two texts holds at most one clip spoken"
 
 
