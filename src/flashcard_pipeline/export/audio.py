@@ -4,8 +4,9 @@ Two providers: espeak-ng offline (the default), and any OpenAI-compatible ``/v1/
 run's key (the simulator answers it offline). Either way the card gets MP3 (espeak-ng's WAV is encoded with the
 ``lameenc`` wheel: about 4 KB a word instead of 40 KB). With a ledger, every clip is cached like a stage answer
 (same table, type ``audio``, key from provider, model, voice and text) and every paid clip's cost is recorded as an
-API call of the run. Audio is a nice-to-have: a missing tool or voice, or a refusing endpoint, leaves the export
-without audio and says so once.
+API call of the run. Clips are made a chunk of texts at a time (:class:`Speaker`), written to files and stored as
+they go, so a long list never holds more than one chunk's MP3 bytes. Audio is a nice-to-have: a missing tool or
+voice, or a refusing endpoint, leaves the export without audio and says so once.
 """
 
 from __future__ import annotations
