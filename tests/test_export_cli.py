@@ -18,16 +18,19 @@ import pytest
 import sqlalchemy
 from typer.testing import CliRunner
 
+import flashcard_pipeline.export as export_module
 from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.export import prepare_deck, push_results
 from flashcard_pipeline.export.anki_model import FIELDS, note_type
 from flashcard_pipeline.export.ankiconnect import AnkiConnect, AnkiConnectError, push_notes
 from flashcard_pipeline.export.jsonl import read_jsonl
+from flashcard_pipeline.export.notes import AnkiNote
 from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
 from flashcard_pipeline.simulator.content import analysis_for
 from flashcard_pipeline.storage.db import open_database
 from flashcard_pipeline.storage.ledger import Ledger
 from tests.conftest import json_server
+from tests.test_export_formats import FakeSpeech, make_result
 
 runner = CliRunner()
 
@@ -501,3 +504,71 @@ def test_an_output_lost_during_the_run_says_how_to_get_the_stored_cards(tmp_path
     monkeypatch.undo()
     code, _, stderr = run_cli("export", "--run", "1", "--db", db_url, "-o", str(tmp_path / "deck.apkg"))
     assert code == 0 and (tmp_path / "deck.apkg").stat().st_size > 0, stderr
+
+
+def test_push_streams_notes_and_audio_a_batch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Words read at most one audio chunk ahead of what Anki got; a sub-deck first met in a later batch is created
+    before that batch is checked; the notes and media are those of the whole deck at once."""
+    chunk, count = 40, 230
+    level = [1] * 100 + [2] * 100 + [3] * 30  # Level 2 starts in the second batch, Level 3 in the third
+    words = [make_result(f"단어{i}", i, hints={"TOPIK_Level": str(level[i - 1])}) for i in range(1, count + 1)]
+    words.append(make_result("단어7", count + 1))  # again, at the end: one note, spoken once
+    taken = 0
+
+    def results() -> Iterator[TermResult]:
+        nonlocal taken
+        for result in words:
+            taken += 1
+            yield result
+
+    anki = FakeAnki()
+    ahead: list[tuple[str, int, int]] = []
+
+    def answer(request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if request["action"] in ("canAddNotes", "createDeck"):
+            ahead.append((request["action"], taken, len(anki.notes)))
+        return 200, anki.handle(request)
+
+    speech = FakeSpeech()
+    monkeypatch.setattr(export_module, "speech_provider", lambda engine, language, settings: speech)
+    monkeypatch.setattr(export_module, "AUDIO_CHUNK_TERMS", chunk)
+    with json_server(answer) as url, AnkiConnect(url) as client:
+        report, warnings = push_results(results(), client, language="Korean", subdecks="level", audio="openai")
+    assert warnings == () and report.failed == report.updated == report.already_present == 0
+    assert report.added == count and len(anki.notes) == count
+    checks = [(taken, pushed) for action, taken, pushed in ahead if action == "canAddNotes"]
+    assert len(checks) == 3 and all(taken <= pushed + 100 + chunk for taken, pushed in checks)
+    assert checks[0][0] < count, "the first batch went before the list was read"
+    deck = "Korean vocabulary"
+    assert [(a, pushed) for a, _, pushed in ahead if a == "createDeck"] == [
+        ("createDeck", 0), ("createDeck", 0), ("createDeck", 100), ("createDeck", 200)]
+    assert report.decks == (deck, *(f"{deck}::Level {n}" for n in (1, 2, 3)))
+
+    spoken = list(speech.calls)
+    assert sorted(spoken) == sorted({t for r in words for t in (r.item.term, r.analysis.example.sentence)})
+    monkeypatch.setattr(export_module, "AUDIO_CHUNK_TERMS", 10_000)
+    whole = prepare_deck(words, language="Korean", subdecks="level", audio="openai", media_dir=tmp_path / "m")
+    assert [n["fields"] for n in anki.notes] == [note.field_map() for note in whole.notes]
+    assert anki.media == {name: path.read_bytes() for name, path in whole.media.items()}
+    assert report.media_files == len(whole.media) == len(spoken)
+
+
+def test_push_notes_takes_its_notes_a_batch_at_a_time(fake_anki: tuple[FakeAnki, str]) -> None:
+    anki, url = fake_anki
+    notes = prepare_deck([make_result(f"단어{i}", i) for i in range(1, 8)], language="Korean").notes
+    taken: list[int] = []
+    sent: list[int] = []
+
+    def stream() -> Iterator[AnkiNote]:
+        for note in notes:
+            taken.append(len(anki.notes))
+            yield note
+
+    with AnkiConnect(url) as client:
+        report = push_notes(client, stream(), note_type=note_type("Korean"), root_deck="Korean vocabulary",
+                            batch_size=3)
+        sent = [len(a["params"]["notes"]) for a in anki.actions("addNotes")]
+        again = push_notes(client, iter(notes), note_type=note_type("Korean"), root_deck="Korean vocabulary",
+                           batch_size=3)
+    assert taken == [0, 0, 0, 3, 3, 3, 6] and sent == [3, 3, 1]
+    assert report.added == 7 and again.already_present == 7 and again.added == 0

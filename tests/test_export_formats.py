@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import shutil
 import sqlite3
 import tempfile
+import threading
 import weakref
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import genanki
 import pytest
 
+import flashcard_pipeline.export as export_module
+import flashcard_pipeline.export.audio as audio_module
 from flashcard_pipeline.errors import ConfigurationError
 from flashcard_pipeline.export import prepare_deck, resolve_format, write_export
 from flashcard_pipeline.export.anki_model import FIELDS, deck_id, language_code, note_type
@@ -465,3 +469,177 @@ async def test_the_simulator_answers_speech_with_mp3_and_the_provider_bills_it(t
         finally:
             provider.close()
         assert simulator.stats().stages["speech"] == 2
+
+
+# --- audio in chunks: one chunk of words and clips at a time ----------------------------------------------------
+
+
+def fake_mp3(text: str) -> bytes:
+    """A clip's bytes, distinct per text and cheap (encoding real MP3 costs 15 ms a clip)."""
+    return b"ID3\x04" + text.encode() * 8
+
+
+class FakeSpeech:
+    """A paid speech endpoint, offline: a clip per text, each call recorded with what ``progress()`` said then, and
+    how many of the clips it made were still alive (held by the export)."""
+
+    name, model = "openai", "tts-1"
+
+    def __init__(self, *, refuse: bool = False, fail: frozenset[str] = frozenset(),
+                 progress: Callable[[], object] = lambda: None) -> None:
+        self.refuse, self.fail, self.progress = refuse, fail, progress
+        self.calls: list[str] = []
+        self.seen: list[tuple[int, object]] = []
+        self._clips: list[weakref.ref[Clip]] = []
+        self._lock = threading.Lock()
+
+    def identity(self) -> str:
+        return "openai:tts-1:alloy:mp3"
+
+    def speak(self, text: str) -> Clip:
+        with self._lock:
+            self.calls.append(text)
+            self.seen.append((sum(ref() is not None for ref in self._clips), self.progress()))
+        if self.refuse:
+            raise SpeechError("the speech endpoint answered HTTP 401")
+        if text in self.fail:
+            raise SpeechError("the speech endpoint answered HTTP 500")
+        clip = Clip(mp3=fake_mp3(text), cost_usd=len(text) * 15 / 1e6)
+        with self._lock:
+            self._clips.append(weakref.ref(clip))
+        return clip
+
+
+def spoken_texts(results: list[TermResult]) -> list[str]:
+    """Every distinct text an audio export speaks, in order: each word, then its example sentence."""
+    return list(dict.fromkeys(text for r in results for text in (r.item.term, r.analysis.example.sentence)))
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        yield Ledger(engine)
+    finally:
+        engine.dispose()
+
+
+def with_fake_speech(monkeypatch: pytest.MonkeyPatch, speech: FakeSpeech, chunk: int) -> None:
+    monkeypatch.setattr(export_module, "speech_provider", lambda engine, language, settings: speech)
+    monkeypatch.setattr(export_module, "AUDIO_CHUNK_TERMS", chunk)
+
+
+def test_an_apkg_with_audio_reads_one_chunk_of_words_ahead_and_holds_one_chunk_of_clips(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk = 4
+    written = 0
+
+    class Counted(genanki.Note):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            nonlocal written
+            super().__init__(*args, **kwargs)
+            written += 1
+
+    monkeypatch.setattr(genanki, "Note", Counted)
+    words = level_results(14)
+    read: list[int] = []  # notes written when each word was read
+
+    def results() -> Iterator[TermResult]:
+        for result in words:
+            read.append(written)
+            yield result
+
+    speech = FakeSpeech(progress=lambda: (len(read), written))
+    with_fake_speech(monkeypatch, speech, chunk)
+    report = write_export("apkg", results(), tmp_path / "deck.apkg", audio="openai", timestamp=T0)
+    assert read == [i // chunk * chunk for i in range(14)], "a chunk is read once the one before is written"
+    assert all(taken - notes <= chunk for _, (taken, notes) in speech.seen), "speaking only the chunk read"
+    assert max(alive for alive, _ in speech.seen) <= 2 * chunk - 1, "one chunk's clips (two a word), not the run's"
+    assert sorted(speech.calls) == sorted(spoken_texts(words)) and report.audio_files == 28
+    assert report.terms == 14 and report.warnings == ()
+
+
+def test_audio_in_chunks_makes_the_package_one_chunk_makes_speaking_each_text_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    words = level_results(10)
+    # A word again in a later chunk, and another word whose example sentence is an earlier one's.
+    other = make_result("다른말", 11)
+    other = other.model_copy(update={"analysis": other.analysis.model_copy(update={
+        "example": words[0].analysis.example})})
+    words += [make_result("단어2", 12), other]
+    texts = spoken_texts(words)
+    warm = [texts[5], texts[14], texts[20]]  # in the second, third and fourth chunks
+    packages = []
+    for chunk, name in ((3, "chunked"), (1000, "whole")):
+        engine = open_database(f"sqlite:///{tmp_path / f'{name}.db'}")
+        try:
+            store = AudioStore(Ledger(engine), run_id=None)
+            synthesize(warm, provider=FakeSpeech(), directory=tmp_path / f"warm-{name}", store=store)
+            speech = FakeSpeech()
+            with_fake_speech(monkeypatch, speech, chunk)
+            report = write_export("apkg", words, tmp_path / f"{name}.apkg", subdecks="level", audio="openai",
+                                  timestamp=T0, speech=export_module.SpeechSettings(store=store))
+            with engine.connect() as conn:
+                calls = conn.exec_driver_sql("select count(*) from api_calls where stage = 'audio'").scalar()
+                cached = conn.exec_driver_sql("select count(*) from cache_entries where stage = 'audio'").scalar()
+        finally:
+            engine.dispose()
+        assert sorted(speech.calls) == sorted(set(texts) - set(warm)), "each text spoken once, none cached"
+        assert calls == len(texts) and cached == len(texts), "every clip spoken is cached and recorded"
+        assert report.audio_files == len(texts) and report.terms == 12 and report.warnings == ()
+        packages.append(package_content(tmp_path / f"{name}.apkg", tmp_path))
+    chunked, whole = packages
+    assert chunked == whole
+    assert len(json.loads(whole["media"])) == len(texts)
+
+
+def test_synthesize_in_chunks_reports_the_whole_run(tmp_path: Path, ledger: Ledger,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audio_module, "CHUNK_TEXTS", 2)
+    store = AudioStore(ledger)
+    synthesize(["c", "e"], provider=FakeSpeech(), directory=tmp_path / "warm", store=store)
+    speech = FakeSpeech()
+    texts = ["a", "b", "c", " a", "d", "e", "b", "f"]
+    report = synthesize(texts, provider=speech, directory=tmp_path / "out", store=store)
+    assert speech.calls[0] == "a" and sorted(speech.calls) == ["a", "b", "d", "f"]
+    assert report.cached == 2 and report.warning is None
+    assert report.cost_usd == pytest.approx(4 * 15 / 1e6)
+    assert {text: path.read_bytes() for text, path in report.files.items()} == {
+        text: fake_mp3(text) for text in "abcdef"}
+    assert max(alive for alive, _ in speech.seen) <= 1, "a chunk of two texts holds at most one clip spoken"
+
+
+def test_a_provider_that_refuses_its_first_text_is_asked_nothing_more_but_the_cache_still_serves(
+        tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audio_module, "CHUNK_TEXTS", 2)
+    store = AudioStore(ledger)
+    synthesize(["a", "b", "e"], provider=FakeSpeech(), directory=tmp_path / "warm", store=store)
+    speech = FakeSpeech(refuse=True)
+    report = synthesize(["a", "b", "c", "d", "e", "c", "f"], provider=speech, directory=tmp_path / "out",
+                        store=store)
+    assert speech.calls == ["c"], "the first text it tried (second chunk) failed: nothing else was asked"
+    assert set(report.files) == {"a", "b", "e"} and report.cached == 3, "the fourth chunk's hit was still taken"
+    assert report.warning == ("openai could not speak 'c': the speech endpoint answered HTTP 401; "
+                              "3 clips are missing"), "c, d and f: each missing text counted once"
+
+
+def test_clips_that_fail_in_several_chunks_are_one_warning_and_never_retried(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audio_module, "CHUNK_TEXTS", 3)
+    speech = FakeSpeech(fail=frozenset({"b", "f"}))
+    report = synthesize(["a", "b", "c", "d", "b", "e", "f", "g"], provider=speech, directory=tmp_path)
+    assert sorted(speech.calls) == ["a", "b", "c", "d", "e", "f", "g"], "the failing b is not asked again"
+    assert set(report.files) == {"a", "c", "d", "e", "g"}
+    assert report.warning == ("openai failed for 2 clips (first: 'b': the speech endpoint answered HTTP 500); "
+                              "they have no audio")
+
+
+def test_an_export_whose_provider_refuses_warns_once_and_has_no_audio(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    words = level_results(7)
+    speech = FakeSpeech(refuse=True)
+    with_fake_speech(monkeypatch, speech, 2)
+    report = write_export("apkg", iter(words), tmp_path / "deck.apkg", audio="openai", timestamp=T0)
+    assert speech.calls == [words[0].item.term] and report.audio_files == 0 and report.terms == 7
+    assert report.warnings == (f"openai could not speak {words[0].item.term!r}: the speech endpoint answered "
+                               f"HTTP 401; {len(spoken_texts(words))} clips are missing",)

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,13 +23,12 @@ from flashcard_pipeline.export.audio import (
     DEFAULT_SPEECH_MODEL,
     DEFAULT_VOICE,
     AudioEngine,
-    AudioReport,
     AudioStore,
     EspeakSpeech,
     OpenAISpeech,
+    Speaker,
     SpeechError,
     SpeechProvider,
-    synthesize,
 )
 from flashcard_pipeline.export.common import check_writable
 from flashcard_pipeline.export.csv_export import write_csv
@@ -38,6 +39,9 @@ from flashcard_pipeline.models import TermResult
 FORMATS = tuple(f.value for f in ExportFormat)
 _BY_EXTENSION = {"apkg": "apkg", "tsv": "tsv", "txt": "tsv", "csv": "csv", "jsonl": "jsonl"}
 _WITH_AUDIO = ("apkg",)
+#: Terms whose audio is made before their notes are built: a chunk's results and clips (two per term) are what
+#: an export with audio holds, whatever the list's length.
+AUDIO_CHUNK_TERMS = 250
 
 __all__ = ["FORMATS", "AudioEngine", "AudioStore", "ExportReport", "PreparedDeck", "SpeechSettings", "Subdecks",
            "check_options", "check_writable", "prepare_deck",
@@ -102,21 +106,23 @@ def speech_provider(engine: AudioEngine, language: str, settings: SpeechSettings
                         provider=settings.provider)
 
 
-def _speak(results: list[TermResult], language: str, engine: AudioEngine, settings: SpeechSettings | None,
-           directory: Path) -> AudioReport:
-    """The word and its example sentence, spoken."""
-    try:
-        provider = speech_provider(engine, language, settings)
-    except SpeechError as exc:
-        return AudioReport(warning=str(exc))
-    texts = [text for r in results for text in (r.item.term, r.analysis.example.sentence if r.analysis.example
-                                                else "")]
-    try:
-        return synthesize(texts, provider=provider, directory=directory,
-                          store=settings.store if settings is not None else None)
-    finally:
-        if isinstance(provider, OpenAISpeech):
-            provider.close()
+def _close(provider: SpeechProvider) -> None:
+    if isinstance(provider, OpenAISpeech):
+        provider.close()
+
+
+def _texts(result: TermResult) -> tuple[str, str]:
+    """What is spoken for a word: the word and its example sentence."""
+    return result.item.term, result.analysis.example.sentence if result.analysis.example else ""
+
+
+def _spoken(results: Iterable[TermResult], speaker: Speaker) -> Iterator[TermResult]:
+    """The results again, each chunk of :data:`AUDIO_CHUNK_TERMS` only once its clips are made."""
+    iterator = iter(results)
+    while chunk := list(itertools.islice(iterator, AUDIO_CHUNK_TERMS)):
+        speaker.add(text for result in chunk for text in _texts(result))
+        yield from chunk
+        chunk.clear()  # the next chunk is read before the name is rebound
 
 
 @dataclass(frozen=True)
@@ -166,15 +172,35 @@ class _Notes:
             yield note
 
 
-@dataclass(frozen=True)
 class _StreamedDeck:
-    """A deck for one writer: the files route it straight through; push needs the notes twice (a list)."""
+    """A deck for one writer, its notes built (and, with audio, spoken chunk by chunk) as the writer takes them.
+    Its media and warnings are complete once the notes are consumed; :meth:`close` ends the speech provider."""
 
-    notes: _Notes
-    note_type: NoteType
-    root_deck: str
-    media: dict[str, Path]
-    warnings: tuple[str, ...]
+    def __init__(self, notes: _Notes, note_type: NoteType, root_deck: str, speaker: Speaker | None = None,
+                 warning: str | None = None) -> None:
+        self.notes = notes
+        self.note_type = note_type
+        self.root_deck = root_deck
+        self._speaker = speaker
+        self._warning = warning
+
+    @property
+    def media(self) -> dict[str, Path]:
+        """Media file name -> file, of the notes built so far (the same dict, growing with them)."""
+        return self._speaker.media if self._speaker is not None else {}
+
+    def media_files(self) -> Iterator[Path]:
+        """Every media file, sorted: read only when asked for, so after the notes that make them."""
+        yield from sorted(self.media.values())
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        warning = self._speaker.warning if self._speaker is not None else self._warning
+        return (warning,) if warning else ()
+
+    def close(self) -> None:
+        if self._speaker is not None:
+            _close(self._speaker.provider)
 
 
 @dataclass(frozen=True)
@@ -196,39 +222,44 @@ class PreparedDeck:
 def _stream_deck(results: Iterable[TermResult], *, language: str, deck: str | None, subdecks: Subdecks | str,
                  simulated: bool, audio: AudioEngine | str | None, media_dir: Path | None, source: str | None,
                  speech: SpeechSettings | None) -> _StreamedDeck:
-    """The deck with its notes still to build; with ``audio``, the clips are spoken first (they need every
-    word, so the results are read into a list only then)."""
+    """The deck with its notes still to build; with ``audio``, each chunk of words is spoken just before its
+    notes are built, so the export holds one chunk of results and clips, not the list."""
     mode, engine = check_options(str(subdecks), str(audio) if audio else None)
     kind = note_type(language)
     root = resolve_deck_name(deck, language=language, simulated=simulated)
-    report = AudioReport()
+    speaker: Speaker | None = None
+    warning: str | None = None
     if engine is not None:
         if media_dir is None:
             raise ValueError("audio needs a media_dir")
-        results = list(results)
-        report = _speak(results, language, engine, speech, media_dir)
-    sounds = report.media_names()
+        try:
+            provider = speech_provider(engine, language, speech)
+        except SpeechError as exc:
+            warning = str(exc)
+        else:
+            speaker = Speaker(provider, media_dir, speech.store if speech is not None else None)
 
     def build(terms: Iterable[TermResult]) -> Iterator[AnkiNote]:
+        if speaker is not None:
+            terms = _spoken(terms, speaker)
         return build_notes(terms, language=language, root_deck=root, subdecks=mode, simulated=simulated,
-                           lang=kind.lang, sounds=sounds, source=source)
+                           lang=kind.lang, sounds=speaker.names if speaker is not None else None, source=source)
 
-    return _StreamedDeck(notes=_Notes(results, root, build), note_type=kind, root_deck=root,
-                         media={path.name: path for path in report.files.values()},
-                         warnings=(report.warning,) if report.warning else ())
+    return _StreamedDeck(_Notes(results, root, build), kind, root, speaker, warning)
 
 
 def prepare_deck(results: Iterable[TermResult], *, language: str, deck: str | None = None,
                  subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
                  audio: AudioEngine | str | None = None, media_dir: Path | None = None,
                  source: str | None = None, speech: SpeechSettings | None = None) -> PreparedDeck:
-    """Build the notes; with ``audio``, speak each word and example sentence into ``media_dir`` (which must
-    outlive the deck)."""
+    """Build every note in a list (for a look at the whole deck; the exports and push stream instead); with
+    ``audio``, speak each word and example sentence into ``media_dir`` (which must outlive the deck)."""
     streamed = _stream_deck(results, language=language, deck=deck, subdecks=subdecks, simulated=simulated,
                             audio=audio, media_dir=media_dir, source=source, speech=speech)
-    notes = list(streamed.notes)
+    with contextlib.closing(streamed):
+        notes = list(streamed.notes)
     return PreparedDeck(notes=notes, note_type=streamed.note_type, root_deck=streamed.root_deck,
-                        terms=streamed.notes.terms, media=streamed.media, warnings=streamed.warnings)
+                        terms=streamed.notes.terms, media=dict(streamed.media), warnings=streamed.warnings)
 
 
 def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck_name: str | None = None,
@@ -259,13 +290,15 @@ def write_export(format: str, results: Iterable[TermResult], path: Path, *, deck
     with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
         streamed = _stream_deck(results, language=language, deck=deck_name, subdecks=mode, simulated=simulated,
                                 audio=engine, media_dir=Path(media_dir), source=source, speech=speech)
+        with contextlib.closing(streamed):
+            if chosen == "apkg":
+                write_apkg(streamed.notes, path, note_type=streamed.note_type, root_deck=streamed.root_deck,
+                           media=streamed.media_files(), timestamp=timestamp)
+            else:
+                write_anki_tsv(streamed.notes, path, note_type=streamed.note_type,
+                               root_deck=streamed.root_deck, with_deck_column=mode is not Subdecks.NONE)
         warnings.extend(streamed.warnings)
-        if chosen == "apkg":
-            write_apkg(streamed.notes, path, note_type=streamed.note_type, root_deck=streamed.root_deck,
-                       media=sorted(streamed.media.values()), timestamp=timestamp)
-        else:
-            write_anki_tsv(streamed.notes, path, note_type=streamed.note_type,
-                           root_deck=streamed.root_deck, with_deck_column=mode is not Subdecks.NONE)
+        if chosen == "tsv":
             warnings.append(TSV_NEEDS_NOTE_TYPE.format(name=streamed.note_type.name))
     notes = streamed.notes
     return ExportReport(format=chosen, path=path, cards=notes.cards, terms=notes.terms, deck=streamed.root_deck,
@@ -276,11 +309,12 @@ def push_results(results: Iterable[TermResult], client: AnkiConnect, *, language
                  subdecks: Subdecks | str = Subdecks.NONE, simulated: bool = False,
                  audio: AudioEngine | str | None = None, update: bool = True,
                  source: str | None = None, speech: SpeechSettings | None = None) -> tuple[PushReport, tuple[str, ...]]:
-    """Send the notes to Anki (updating changed ones unless ``update`` is off); returns AnkiConnect's report
-    and any warnings (e.g. no audio)."""
+    """Send the notes to Anki as they are built, a batch at a time (updating changed ones unless ``update`` is
+    off); returns AnkiConnect's report and any warnings (e.g. no audio)."""
     with tempfile.TemporaryDirectory(prefix="flashcard-audio-") as media_dir:
-        prepared = prepare_deck(results, language=language, deck=deck, subdecks=subdecks, simulated=simulated,
+        streamed = _stream_deck(results, language=language, deck=deck, subdecks=subdecks, simulated=simulated,
                                 audio=audio, media_dir=Path(media_dir), source=source, speech=speech)
-        report = push_notes(client, prepared.notes, note_type=prepared.note_type, root_deck=prepared.root_deck,
-                            media=prepared.media, update=update)
-    return report, prepared.warnings
+        with contextlib.closing(streamed):
+            report = push_notes(client, streamed.notes, note_type=streamed.note_type, root_deck=streamed.root_deck,
+                                media=streamed.media, update=update)
+    return report, streamed.warnings

@@ -9,7 +9,10 @@ their review history.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+import hashlib
+import itertools
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -121,11 +124,17 @@ def search_term(name: str, value: str) -> str:
     return f'"{name}:{escaped}"'
 
 
-ExistingNotes = dict[str, tuple[int, dict[str, str]]]
+ExistingNotes = dict[str, tuple[int, str]]
+
+
+def fields_digest(fields: Mapping[str, str]) -> str:
+    """A note's content as a short digest: what a push compares, so it does not hold every note's fields."""
+    return hashlib.sha256(json.dumps(sorted(fields.items()), ensure_ascii=False).encode()).hexdigest()
 
 
 def existing_notes(client: AnkiConnect, *, note_type: NoteType, root_deck: str) -> ExistingNotes:
-    """The notes of ``note_type`` in ``root_deck`` and its sub-decks, by first field: ``key -> (id, fields)``."""
+    """The notes of ``note_type`` in ``root_deck`` and its sub-decks, by first field: ``key -> (id, digest of
+    its fields)``."""
     query = f"{search_term('deck', root_deck)} {search_term('note', note_type.name)}"
     ids = client.invoke("findNotes", query=query)
     if not isinstance(ids, list):
@@ -139,31 +148,32 @@ def existing_notes(client: AnkiConnect, *, note_type: NoteType, root_deck: str) 
         for info in infos:
             fields = {name: field["value"] for name, field in (info.get("fields") or {}).items()}
             if first in fields:
-                found.setdefault(fields[first], (info["noteId"], fields))
+                found.setdefault(fields[first], (info["noteId"], fields_digest(fields)))
     return found
 
 
-def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: NoteType, root_deck: str,
+def push_notes(client: AnkiConnect, notes: Iterable[AnkiNote], *, note_type: NoteType, root_deck: str,
                media: Mapping[str, Path] | None = None, batch_size: int = BATCH_SIZE,
                update: bool = True) -> PushReport:
-    """Create the decks and the note type when missing, add the notes that are not there yet and, with
+    """Create the root deck and the note type when missing, then take the notes a batch at a time (so a long
+    list is never held): create the batch's new sub-decks, add the notes that are not there yet and, with
     ``update``, rewrite the fields of those that are there with other content.
 
-    ``media`` maps a media file name used in a field to the file to upload with the note.
+    ``media`` maps a media file name used in a field to the file to upload with the note; it is looked up as
+    each batch goes, so it may grow while ``notes`` is consumed.
     """
     version = client.invoke("version")
     if not isinstance(version, int) or version < PROTOCOL_VERSION:
         raise AnkiConnectError(f"AnkiConnect at {client.url} speaks version {version}; "
                                f"version {PROTOCOL_VERSION} or newer is needed (update the add-on)")
-    decks = tuple(dict.fromkeys([root_deck, *(note.deck for note in notes)]))
-    for deck in decks:
-        client.invoke("createDeck", deck=deck)
+    client.invoke("createDeck", deck=root_deck)
+    decks: dict[str, None] = {root_deck: None}
     created = False
     if note_type.name not in (client.invoke("modelNames") or []):
         client.invoke("createModel", **note_type.ankiconnect_params())
         created = True
 
-    media = media or {}
+    media = {} if media is None else media  # an empty dict may fill as the notes are built
     uploaded: set[str] = set()
 
     def upload(note: AnkiNote) -> None:
@@ -175,8 +185,12 @@ def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: Not
 
     existing: ExistingNotes | None = None
     added = present = failed = updated = 0
-    for start in range(0, len(notes), batch_size):
-        batch = notes[start:start + batch_size]
+    iterator = iter(notes)
+    while batch := list(itertools.islice(iterator, batch_size)):
+        for deck in dict.fromkeys(note.deck for note in batch):
+            if deck not in decks:  # before canAddNotes, which refuses a note whose deck is missing
+                client.invoke("createDeck", deck=deck)
+                decks[deck] = None
         params = [note_params(note, note_type=note_type, root_deck=root_deck) for note in batch]
         # Newer AnkiConnect fails a whole addNotes call when one note is a duplicate: ask first.
         addable = client.invoke("canAddNotes", notes=params)
@@ -185,10 +199,10 @@ def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: Not
         to_add = [(note, p) for note, p, ok in zip(batch, params, addable, strict=True) if ok]
         there = [note for note, ok in zip(batch, addable, strict=True) if not ok]
         if there and update:
-            if existing is None:
+            if existing is None:  # read once, when a batch first meets notes already there
                 existing = existing_notes(client, note_type=note_type, root_deck=root_deck)
             changed = [(existing[n.fields[0]][0], n) for n in there
-                       if n.fields[0] in existing and existing[n.fields[0]][1] != n.field_map()]
+                       if n.fields[0] in existing and existing[n.fields[0]][1] != fields_digest(n.field_map())]
             for _, note in changed:
                 upload(note)
             if changed:
@@ -212,5 +226,5 @@ def push_notes(client: AnkiConnect, notes: Sequence[AnkiNote], *, note_type: Not
             done = sum(1 for note_id in ids if note_id is not None)
             added += done
             failed += len(to_add) - done
-    return PushReport(added=added, already_present=present, failed=failed, decks=decks,
+    return PushReport(added=added, already_present=present, failed=failed, decks=tuple(decks),
                       created_note_type=created, media_files=len(uploaded), updated=updated)

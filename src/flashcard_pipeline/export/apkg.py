@@ -14,7 +14,7 @@ import sqlite3
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import genanki
@@ -88,9 +88,10 @@ def _write_collection(notes: Iterable[AnkiNote], database: Path, *, model: genan
 
 
 def write_apkg(notes: Iterable[AnkiNote], path: Path, *, note_type: NoteType, root_deck: str,
-               media: Sequence[Path] = (), timestamp: float | None = None) -> int:
+               media: Iterable[Path] = (), timestamp: float | None = None) -> int:
     """Write the package atomically; returns the note count.
 
+    ``media`` is read once every note is written, so its files may be made while the notes stream (their audio).
     ``timestamp`` becomes every note's modification time. Anki's default import only updates a
     note from a package whose copy is newer, so it defaults to now.
     """
@@ -100,6 +101,7 @@ def write_apkg(notes: Iterable[AnkiNote], path: Path, *, note_type: NoteType, ro
         database = Path(scratch) / "collection.anki2"
         count = _write_collection(notes, database, model=note_type.genanki_model(), root_deck=root_deck,
                                   timestamp=timestamp)
+        media = list(media)
         with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
             archive.write(database, "collection.anki2")
             archive.writestr("media", json.dumps({index: os.path.basename(p) for index, p in enumerate(media)}))

@@ -4,14 +4,16 @@ Two providers: espeak-ng offline (the default), and any OpenAI-compatible ``/v1/
 run's key (the simulator answers it offline). Either way the card gets MP3 (espeak-ng's WAV is encoded with the
 ``lameenc`` wheel: about 4 KB a word instead of 40 KB). With a ledger, every clip is cached like a stage answer
 (same table, type ``audio``, key from provider, model, voice and text) and every paid clip's cost is recorded as an
-API call of the run. Audio is a nice-to-have: a missing tool or voice, or a refusing endpoint, leaves the export
-without audio and says so once.
+API call of the run. Clips are made a chunk of texts at a time (:class:`Speaker`), written to files and stored as
+they go, so a long list never holds more than one chunk's MP3 bytes. Audio is a nice-to-have: a missing tool or
+voice, or a refusing endpoint, leaves the export without audio and says so once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import shutil
 import subprocess
@@ -203,56 +205,115 @@ def _store_clips(store: AudioStore, provider: SpeechProvider, made: dict[str, Cl
     store.ledger.write_batch(ops)
 
 
-def synthesize(texts: Iterable[str], *, provider: SpeechProvider, directory: Path,
-               store: AudioStore | None = None) -> AudioReport:
-    """One MP3 per distinct text in ``directory``: from the cache when ``store`` has it, else spoken (and then
-    cached, its cost recorded). Never raises for a failing provider: the report's warning says what happened."""
-    unique = [t for t in dict.fromkeys(t.strip() for t in texts) if t]
-    directory.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    cached = 0
-    wanted: list[str] = []
-    for text in unique:
-        hit = store.ledger.cache_get(cache_key(provider.identity(), text)) if store is not None else None
-        if hit is not None and hit.codec == "identity" and hit.value:
-            target = directory / media_name(provider.identity(), text)
-            target.write_bytes(hit.value)
-            files[text] = target
-            cached += 1
-        else:
-            wanted.append(text)
+#: Texts spoken, written and stored at a time by :func:`synthesize`: a chunk's clips are all the MP3 bytes held.
+CHUNK_TEXTS = 500
 
-    def speak(text: str) -> tuple[str, Clip | None, str | None]:
+
+class Speaker:
+    """Speaks a long list chunk by chunk (:meth:`add`), so only one chunk's clips are ever in memory: each chunk's
+    distinct new texts come from the cache or are spoken in parallel, then written to ``directory`` and stored
+    in the ledger, and their bytes dropped. A text is spoken once per run, whichever chunks repeat it.
+
+    The first text the provider is asked for is spoken alone: when it fails (almost always a missing voice or a
+    refusing endpoint) nothing else is asked for the rest of the run; cache hits are still taken."""
+
+    def __init__(self, provider: SpeechProvider, directory: Path, store: AudioStore | None = None) -> None:
+        self.provider = provider
+        self.directory = directory
+        self.store = store
+        self.names: dict[str, str] = {}
+        """text -> the media file name of its clip, for every chunk so far (what a note's sound fields need)"""
+        self.media: dict[str, Path] = {}
+        """media file name -> the file, for every chunk so far"""
+        self.cached = 0
+        self.cost_usd = 0.0
+        self._identity = provider.identity()
+        self._tried = False
+        self._refusal: tuple[str, str] | None = None
+        self._missing: set[str] = set()
+        """texts without a clip: failed, or never asked for after the refusal"""
+        self._first_problem: tuple[str, str] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, texts: Iterable[str]) -> None:
+        """Make the clips of this chunk's texts; :attr:`names` then has every one that could be made."""
+        fresh = [t for t in dict.fromkeys(t.strip() for t in texts) if t and t not in self.names
+                 and t not in self._missing]
+        wanted: list[str] = []
+        for text in fresh:
+            hit = self.store.ledger.cache_get(cache_key(self._identity, text)) if self.store is not None else None
+            if hit is not None and hit.codec == "identity" and hit.value:
+                self._write(text, hit.value)
+                self.cached += 1
+            else:
+                wanted.append(text)
+        if not wanted:
+            return
+        if self._refusal is not None:
+            self._missing.update(wanted)
+            return
+        made: dict[str, Clip] = {}
+        if not self._tried:
+            self._tried = True
+            text, clip, error = self._speak(wanted[0])
+            if clip is None:
+                self._refusal = (text, error or "unknown error")
+                self._missing.update(wanted)
+                return
+            made[text] = clip
+            wanted = wanted[1:]
+        if wanted:
+            with ThreadPoolExecutor(max_workers=min(len(wanted), max(2, os.cpu_count() or 2))) as pool:
+                for text, clip, error in pool.map(self._speak, wanted):
+                    if clip is not None:
+                        made[text] = clip
+                    else:
+                        self._missing.add(text)
+                        if self._first_problem is None:
+                            self._first_problem = (text, error or "unknown error")
+        for text, clip in made.items():
+            self._write(text, clip.mp3)
+            self.cost_usd += clip.cost_usd or 0.0
+        if self.store is not None and made:
+            _store_clips(self.store, self.provider, made)
+
+    def _speak(self, text: str) -> tuple[str, Clip | None, str | None]:
         try:
-            return text, provider.speak(text), None
+            return text, self.provider.speak(text), None
         except SpeechError as exc:
             return text, None, str(exc)
 
-    made: dict[str, Clip] = {}
-    problems: list[tuple[str, str]] = []
-    if wanted:
-        first_text, first_clip, first_error = speak(wanted[0])
-        if first_clip is None:
-            # Almost always a missing voice or a refusing endpoint; no point trying the other texts.
-            return AudioReport(files=files, cached=cached,
-                               warning=f"{provider.name} could not speak {first_text!r}: {first_error}; "
-                                       f"{len(wanted)} clips are missing")
-        made[first_text] = first_clip
-        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            for text, clip, error in pool.map(speak, wanted[1:]):
-                if clip is not None:
-                    made[text] = clip
-                else:
-                    problems.append((text, error or "unknown error"))
-    for text, clip in made.items():
-        target = directory / media_name(provider.identity(), text)
-        target.write_bytes(clip.mp3)
-        files[text] = target
-    if store is not None and made:
-        _store_clips(store, provider, made)
-    warning = None
-    if problems:
-        text, error = problems[0]
-        warning = f"{provider.name} failed for {len(problems)} clips (first: {text!r}: {error}); they have no audio"
-    return AudioReport(files=files, warning=warning, cached=cached,
-                       cost_usd=sum(c.cost_usd or 0.0 for c in made.values()))
+    def _write(self, text: str, mp3: bytes) -> None:
+        name = media_name(self._identity, text)
+        target = self.directory / name
+        target.write_bytes(mp3)
+        self.names[text] = name
+        self.media[name] = target
+
+    @property
+    def warning(self) -> str | None:
+        """One line for the clips the chunks so far could not make, if any."""
+        name = self.provider.name
+        if self._refusal is not None:
+            text, error = self._refusal
+            return f"{name} could not speak {text!r}: {error}; {len(self._missing)} clips are missing"
+        if self._first_problem is not None:
+            text, error = self._first_problem
+            return f"{name} failed for {len(self._missing)} clips (first: {text!r}: {error}); they have no audio"
+        return None
+
+    def report(self) -> AudioReport:
+        return AudioReport(files={text: self.media[name] for text, name in self.names.items()}, warning=self.warning,
+                           cached=self.cached, cost_usd=self.cost_usd)
+
+
+def synthesize(texts: Iterable[str], *, provider: SpeechProvider, directory: Path,
+               store: AudioStore | None = None) -> AudioReport:
+    """One MP3 per distinct text in ``directory``: from the cache when ``store`` has it, else spoken (and then
+    cached, its cost recorded), :data:`CHUNK_TEXTS` at a time. Never raises for a failing provider: the report's
+    warning says what happened."""
+    speaker = Speaker(provider, directory, store)
+    iterator = iter(texts)
+    while chunk := list(itertools.islice(iterator, CHUNK_TEXTS)):
+        speaker.add(chunk)
+    return speaker.report()

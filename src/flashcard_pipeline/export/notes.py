@@ -258,8 +258,8 @@ def build_notes(results: Iterable[TermResult], *, language: str, root_deck: str,
                 simulated: bool, lang: str | None = None, sounds: Mapping[str, str] | None = None,
                 source: str | None = None) -> Iterator[AnkiNote]:
     """One note per word (a term listed twice keeps its first position). ``sounds`` maps a term, or a sentence,
-    to its media file name."""
-    sounds = sounds or {}
+    to its media file name; it is read as each note is built, so it may fill while ``results`` is consumed."""
+    sounds = {} if sounds is None else sounds
     seen: set[str] = set()
     for result in results:
         term = result.item.term
