@@ -1,7 +1,7 @@
 """Push notes into a running Anki through the AnkiConnect add-on (protocol version 6).
 
 AnkiConnect cannot set a note's GUID, so a pushed note is recognised on the next push by its
-first field (``Key``: term, card type and ordinal) within the deck: it is never added twice, and
+first field (``Term``: one note per word) within the deck: it is never added twice, and
 when its content changed (a regenerated run) its fields are updated in place, so its cards keep
 their review history.
 """
