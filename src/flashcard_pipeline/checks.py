@@ -20,8 +20,9 @@ def applies(term: str, language: str) -> bool:
 
 
 def warm(language: str) -> None:
-    """Load what the checks load on first use (the analyser's model, the Hanja table: a second or more of CPU),
-    so that a worker pays it before it holds leases: a blocked event loop cannot renew them."""
+    """Load what the checks load on first use (the analyser's model and its first analysis and tokenising, the
+    Hanja table: about three seconds of CPU), so that a worker pays it before it holds leases (a blocked event loop
+    cannot renew them) and a run while its first calls are out."""
     if is_korean(language):
         head_candidates("학교")  # its first analysis and its first tokenising each take a second more
         locate("학교", "학교에 갔어요.")

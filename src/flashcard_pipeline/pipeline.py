@@ -566,7 +566,7 @@ class Pipeline:
         return result, problems
 
     async def _warm_checks(self) -> None:
-        """Load what the content checks load (the Korean analyser: about two seconds that hold the GIL) while the
+        """Load what the content checks load (the Korean analyser: about three seconds that hold the GIL) while the
         run's first paid calls are out, rather than when their answers arrive and wait for it."""
         await asyncio.sleep(WARM_AFTER)
         await asyncio.to_thread(checks.warm, self.settings.language)
