@@ -123,6 +123,20 @@ def test_ratelimit_status_fits_and_keeps_names_whole(width: int) -> None:
         assert figure in text, figure
 
 
+def test_ratelimit_status_shows_no_burst_for_an_unlimited_bucket() -> None:
+    from flashcard_pipeline.cli.ratelimit_commands import _print_published
+
+    published = _published("simulated/flashcard-sim")
+    limits = published["limits"]["simulated/flashcard-sim"]  # type: ignore[index]
+    limits["requests"] = {**limits["requests"], "mode": "unlimited", "reason": "unlimited", "burst": 1.0,
+                          "rate_per_minute": None, "planned_per_minute": None, "available": None}
+    console = Console(width=100, record=True)
+    _print_published(console, 7, "completed", published)
+    rows = {line.split()[0]: line.split()[1:] for line in console.export_text().splitlines() if line.strip()}
+    assert rows["burst"] == ["-", "12.0"], "requests unlimited: no burst; tokens limited: its burst"
+    assert rows["available"] == ["-", "3.5"]
+
+
 @pytest.mark.parametrize("width", [80, 100])
 def test_breaker_status_never_cuts_a_circuit_name(tmp_path: Path, width: int) -> None:
     from flashcard_pipeline.storage.breaker_store import BreakerStore
