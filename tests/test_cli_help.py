@@ -135,6 +135,19 @@ def test_ratelimit_status_shows_no_burst_for_an_unlimited_bucket() -> None:
     rows = {line.split()[0]: line.split()[1:] for line in console.export_text().splitlines() if line.strip()}
     assert rows["burst"] == ["-", "12.0"], "requests unlimited: no burst; tokens limited: its burst"
     assert rows["available"] == ["-", "3.5"]
+    assert rows["mode"] == ["unlimited", "configured"] and rows["why"] == ["-", "-"], "a reason only when it adds"
+
+
+def test_monitor_names_a_limits_reason_only_when_it_adds_to_its_mode() -> None:
+    from flashcard_pipeline.cli.monitor import _limits_text
+
+    published = _published("p/m")
+    limits = published["limits"]["p/m"]  # type: ignore[index]
+    limits["requests"] = {"mode": "unlimited", "reason": "unlimited", "planned_per_minute": None}
+    limits["tokens"] = {"mode": "adaptive", "reason": "probing", "planned_per_minute": 60_000.0}
+    [(label, line)] = _limits_text(published)
+    assert label == "p/m"
+    assert line == "requests unlimited · tokens adaptive 60,000/min (probing) · 3 429s, 2 waiting"
 
 
 @pytest.mark.parametrize("width", [80, 100])

@@ -67,7 +67,8 @@ def _limits_text(limits: dict[str, Any] | None) -> list[tuple[str, str]]:
         for name in ("requests", "tokens"):
             dim = group.get(name) or {}
             planned = dim.get("planned_per_minute")
-            reason = f" ({dim['reason']})" if dim.get("reason") else ""
+            said = dim.get("reason")
+            reason = f" ({said})" if said and said != dim.get("mode") else ""  # not "unlimited (unlimited)"
             level = "" if planned is None else f" {planned:,.0f}/min"
             parts.append(f"{name} {dim.get('mode', '-')}{level}{reason}")
         parts.append(f"{group.get('rate_limited', 0)} 429s, {group.get('waiting', 0)} waiting")

@@ -111,6 +111,8 @@ def _print_published(console: Console, run_id: int, status: str, published: dict
                 value = (dim.get(sub) or {}).get(key) if sub else dim.get(key)
                 if key == "burst" and dim.get("mode") == "unlimited":
                     value = None  # an unlimited bucket's burst means nothing
+                if key == "reason" and value == dim.get("mode"):
+                    value = None  # "unlimited" twice says nothing more
                 cells.append(str(value if value is not None else "-") if digits is None else _number(value, digits))
             table.add_row(label_text, *cells)
         console.print(table)
