@@ -178,9 +178,6 @@ class AudioReport:
     cached: int = 0
     cost_usd: float = 0.0
 
-    def media_names(self) -> dict[str, str]:
-        return {text: path.name for text, path in self.files.items()}
-
 
 @dataclass(frozen=True)
 class AudioStore:
