@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sqlite3
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +26,7 @@ from flashcard_pipeline.cache.compressed_cache import (
 )
 from flashcard_pipeline.config import CacheSettings
 from flashcard_pipeline.simulator.content import analysis_for, cards_for
-from flashcard_pipeline.storage.db import open_database
+from flashcard_pipeline.storage.db import local_reader, open_database
 from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import CacheEntry
 from tests.conftest import REDIS_URL, require_service
@@ -318,6 +320,7 @@ async def test_database_backend_reads_a_miss_in_one_statement(db_url: str) -> No
     ledger = Ledger(open_database(db_url))
     backend = DatabaseCacheBackend(ledger)
     await CompressedCache(backend, CacheSettings(memory_entries=0)).put(record("a"))
+    assert await backend.get("other", count=False) is None  # the first read also sets up SQLite's reader
     statements: list[str] = []
     event.listen(ledger.engine, "before_cursor_execute",
                  lambda _conn, _cursor, statement, *_: statements.append(statement))
@@ -329,6 +332,79 @@ async def test_database_backend_reads_a_miss_in_one_statement(db_url: str) -> No
         session.execute(update(CacheEntry).where(CacheEntry.key == "a")
                         .values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
     assert await backend.get("a", count=False) is None  # an expired entry is not replaced by a stored answer
+    await backend.aclose()
+    ledger.engine.dispose()
+
+
+def _statement_threads(engine: Any) -> list[int]:
+    """The thread each statement on ``engine`` runs in, from now on."""
+    threads: list[int] = []
+    event.listen(engine, "before_cursor_execute", lambda *_: threads.append(threading.get_ident()))
+    return threads
+
+
+async def test_database_backend_reads_a_sqlite_file_on_the_loop_thread_and_sees_later_writes(sqlite_url: str) -> None:
+    """A SQLite file in WAL mode is read on the event loop's thread (no hand-over to a thread and back), on one
+    connection that ends its transaction after each read: an entry the writer commits later is found."""
+    ledger = Ledger(open_database(sqlite_url))
+    backend = DatabaseCacheBackend(ledger)
+    cache = CompressedCache(backend, CacheSettings(memory_entries=0))
+    assert await backend.get("a", count=False) is None  # opens the reader
+    threads = _statement_threads(ledger.engine)
+    assert await backend.get("a", count=False) is None
+    await cache.put(record("a"))  # committed by another connection
+    found = await backend.get("a", count=False)
+    assert found is not None and Codec.decode(found.codec, found.data) == ANSWER
+    loop_thread = threading.get_ident()
+    reads = [t for t in threads if t == loop_thread]
+    assert len(reads) == 2 and len(threads) == 3  # the two reads here; the put's write elsewhere
+    assert ledger.engine.pool.checkedout() == 1
+    await backend.aclose()
+    assert ledger.engine.pool.checkedout() == 0
+    await backend.aclose()  # twice is harmless
+    ledger.engine.dispose()
+
+
+async def test_database_backend_reads_a_locked_sqlite_file_from_a_thread(
+        sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The loop's reader never waits for a lock (its busy timeout is 0): a locked read is read again from a
+    thread, which waits for the lock as every other connection does."""
+    ledger = Ledger(open_database(sqlite_url))
+    backend = DatabaseCacheBackend(ledger)
+    await CompressedCache(backend, CacheSettings(memory_entries=0)).put(record("a"))
+    assert await backend.get("zzz", count=False) is None
+    reader = backend._reader
+    assert reader and reader.exec_driver_sql("PRAGMA busy_timeout").scalar() == 0
+    reader.rollback()
+
+    def locked(conn: Any, *_: Any) -> None:
+        if conn is reader:
+            raise sqlite3.OperationalError("database is locked")
+
+    threads = _statement_threads(ledger.engine)
+    event.listen(ledger.engine, "before_cursor_execute", locked)
+    with caplog.at_level("DEBUG", logger="flashcard_pipeline.cache.backends"):
+        found = await backend.get("a", count=False)
+    assert found is not None and Codec.decode(found.codec, found.data) == ANSWER
+    assert len(threads) == 2 and threads[0] == threading.get_ident() != threads[1]
+    assert "found the database locked" in caplog.text
+    await backend.aclose()
+    ledger.engine.dispose()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "postgres"])
+async def test_database_backend_reads_memory_sqlite_and_servers_from_a_thread(
+        url: str, request: pytest.FixtureRequest) -> None:
+    """An in-memory database shares one connection with the writer's thread, and a server's read is a round
+    trip: both stay off the event loop's thread."""
+    ledger = Ledger(open_database(request.getfixturevalue("postgres_url") if url == "postgres" else url))
+    assert local_reader(ledger.engine) is None
+    backend = DatabaseCacheBackend(ledger)
+    await CompressedCache(backend, CacheSettings(memory_entries=0)).put(record("a"))
+    threads = _statement_threads(ledger.engine)
+    assert await backend.get("a", count=False) is not None
+    assert len(threads) == 1 and threads[0] != threading.get_ident()
+    await backend.aclose()
     ledger.engine.dispose()
 
 

@@ -334,7 +334,7 @@ class CompressedCache:
                 del self._flights[key]
 
     async def aclose(self) -> None:
-        """Release the backend's connections (a Redis client); the database backend has none of its own."""
+        """Release the backend's connections (a Redis client, the database backend's reader on the loop's thread)."""
         close = getattr(self.backend, "aclose", None)
         if close is not None:
             await close()

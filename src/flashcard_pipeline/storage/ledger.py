@@ -477,25 +477,36 @@ class Ledger:
 
     # cache ------------------------------------------------------------------------------------
 
-    def cache_get(self, key: str, *, with_results: bool = False,
-                  results_newer_than: datetime | None = None) -> CachedValue | None:
+    def cache_get(self, key: str, *, with_results: bool = False, results_newer_than: datetime | None = None,
+                  connection: Connection | None = None) -> CachedValue | None:
         """The stored (encoded) value for ``key``, unless it has expired. Core, not ORM: this is the hot path.
 
         ``with_results``: when there is no entry, the answer a run stored for the same request (newer than
         ``results_newer_than``, so a TTL still retires it), read on the same connection: a paid answer whose
         cache copy was lost or cleared is found by the one read a miss costs.
+        ``connection``: read on it (a :func:`~flashcard_pipeline.storage.db.local_reader`), ending its transaction
+        after, so its next read sees what was committed meanwhile; else on a connection from the pool.
         """
+        if connection is not None:
+            try:
+                return self._cache_get(connection, key, with_results, results_newer_than)
+            finally:
+                connection.rollback()
         with self.engine.connect() as conn:
-            if with_results:
-                row = conn.execute(_CACHE_ENTRY_OR_STORED, {"key": key, "after": results_newer_than or _EPOCH}).one()
-                if row.codec is None:
-                    payload = row.payload
-                    return None if payload is None else CachedValue("identity", payload.encode("utf-8"),
-                                                                    restored=True)
-            else:
-                row = conn.execute(_CACHE_ENTRY, {"key": key}).first()
-                if row is None:
-                    return None
+            return self._cache_get(conn, key, with_results, results_newer_than)
+
+    @staticmethod
+    def _cache_get(conn: Connection, key: str, with_results: bool,
+                   results_newer_than: datetime | None) -> CachedValue | None:
+        if with_results:
+            row = conn.execute(_CACHE_ENTRY_OR_STORED, {"key": key, "after": results_newer_than or _EPOCH}).one()
+            if row.codec is None:
+                payload = row.payload
+                return None if payload is None else CachedValue("identity", payload.encode("utf-8"), restored=True)
+        else:
+            row = conn.execute(_CACHE_ENTRY, {"key": key}).first()
+            if row is None:
+                return None
         expires = row.expires_at
         if expires is not None:
             if expires.tzinfo is None:
