@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import sqlite3
@@ -362,6 +363,24 @@ async def test_database_backend_reads_a_sqlite_file_on_the_loop_thread_and_sees_
     await backend.aclose()
     assert ledger.engine.pool.checkedout() == 0
     await backend.aclose()  # twice is harmless
+    ledger.engine.dispose()
+
+
+async def test_concurrent_first_reads_open_one_reader(sqlite_url: str) -> None:
+    """The reader's busy timeout is 0: a second reader opened by a concurrent first read would be left to the
+    garbage collector, which hands it back to the pool, and a writer that got it would fail on a lock at once."""
+    ledger = Ledger(open_database(sqlite_url))
+    backend = DatabaseCacheBackend(ledger)
+    assert await asyncio.gather(*(backend.get(f"k{i}", count=False) for i in range(8))) == [None] * 8
+    assert ledger.engine.pool.checkedout() == 1
+    await backend.aclose()
+    with ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    forgotten = DatabaseCacheBackend(ledger)  # never closed: its reader goes with it, not back to the pool
+    assert await forgotten.get("k", count=False) is None and ledger.engine.pool.checkedout() == 1
+    del forgotten
+    gc.collect()
+    assert ledger.engine.pool.checkedout() == 0
     ledger.engine.dispose()
 
 

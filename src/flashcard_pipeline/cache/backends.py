@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -75,6 +76,8 @@ class DatabaseCacheBackend:
         #: Reads on the event loop's thread (a SQLite file in WAL mode): opened by the first read, False when the
         #: database must be read from a thread.
         self._reader: Connection | Literal[False] | None = None
+        self._opening = asyncio.Lock()
+        self._close_reader: Callable[[], Any] = lambda: None
 
     @property
     def engine(self) -> Engine:
@@ -94,7 +97,11 @@ class DatabaseCacheBackend:
         """One key's read: on the event loop's thread where the database allows it (a fifth of a stage's CPU at 8
         calls in flight went into handing this read to a thread), else from a thread."""
         if self._reader is None:
-            self._reader = await asyncio.to_thread(local_reader, self.engine) or False
+            async with self._opening:  # one reader, however many first reads wait: a second one would leak
+                if self._reader is None:
+                    self._reader = await asyncio.to_thread(local_reader, self.engine) or False
+                    if self._reader:  # closed with the backend if nobody calls aclose (never pooled again)
+                        self._close_reader = weakref.finalize(self, close_local_reader, self._reader)
         if self._reader is not False:
             try:
                 return self.ledger.cache_get(key, with_results=restore, results_newer_than=stored_after,
@@ -129,9 +136,8 @@ class DatabaseCacheBackend:
 
     async def aclose(self) -> None:
         """Close the connection reads on the event loop's thread use, if one was opened."""
-        reader, self._reader = self._reader, None
-        if reader:
-            close_local_reader(reader)
+        self._reader = None
+        self._close_reader()
 
     # management (synchronous: used by the CLI) ------------------------------------------------
 
