@@ -589,6 +589,7 @@ async def _execute(options: ProcessOptions, provider: ProviderConfig, settings: 
                     outcome = await pipeline.run(run)
                     if scope is not None:
                         scope.outcome(outcome)
+        await cache.aclose()  # the run's reads are done: its connection is back before the pool is measured
         monitor = pool_monitor(ledger.engine)
         metrics: dict[str, Any] = {"cache": cache.stats(), "pool": monitor.snapshot().to_dict() if monitor else None,
                                    "recovery": {"applied": dict(sorted(pipeline.stats.recoveries.items())),

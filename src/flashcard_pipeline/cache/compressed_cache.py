@@ -147,6 +147,7 @@ class CompressedCache:
         self._prefetched: dict[str, _Held | None] = {}
         self._flights: dict[str, _Flight] = {}
         self._unreported: dict[str, list[int]] = {}
+        self._closed = False
         self.metrics: dict[str, CacheTypeMetrics] = {}
 
     def _metrics(self, cache_type: str) -> CacheTypeMetrics:
@@ -334,9 +335,11 @@ class CompressedCache:
                 del self._flights[key]
 
     async def aclose(self) -> None:
-        """Release the backend's connections (a Redis client, the database backend's reader on the loop's thread)."""
+        """Release the backend's connections (a Redis client, the database backend's reader on the loop's thread);
+        once, however often it is called."""
         close = getattr(self.backend, "aclose", None)
-        if close is not None:
+        if close is not None and not self._closed:
+            self._closed = True
             await close()
 
     async def flush_counts(self) -> None:
