@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import create_engine, event, update
 from sqlalchemy.orm import Session
 
 from flashcard_pipeline.cache.backends import DatabaseCacheBackend, RedisCacheBackend, make_cache
@@ -27,7 +27,7 @@ from flashcard_pipeline.cache.compressed_cache import (
 )
 from flashcard_pipeline.config import CacheSettings
 from flashcard_pipeline.simulator.content import analysis_for, cards_for
-from flashcard_pipeline.storage.db import local_reader, open_database
+from flashcard_pipeline.storage.db import close_local_reader, local_reader, open_database
 from flashcard_pipeline.storage.ledger import Ledger
 from flashcard_pipeline.storage.schema import CacheEntry
 from tests.conftest import REDIS_URL, require_service
@@ -409,6 +409,27 @@ async def test_database_backend_reads_a_locked_sqlite_file_from_a_thread(
     assert "found the database locked" in caplog.text
     await backend.aclose()
     ledger.engine.dispose()
+
+
+def test_a_sqlite_file_that_is_not_in_wal_mode_or_is_locked_is_read_from_threads(tmp_path: Any) -> None:
+    """Outside WAL mode writers lock readers out, and a file found locked is not read on the loop either: no
+    reader, and nothing left checked out of the pool."""
+    plain = create_engine(f"sqlite:///{tmp_path / 'plain.db'}")  # journal_mode stays 'delete'
+    assert local_reader(plain) is None and plain.pool.checkedout() == 0
+    plain.dispose()
+    engine = open_database(f"sqlite:///{tmp_path / 'wal.db'}")
+
+    def locked(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement == "PRAGMA journal_mode":
+            raise sqlite3.OperationalError("database is locked")
+
+    event.listen(engine, "before_cursor_execute", locked)
+    assert local_reader(engine) is None and engine.pool.checkedout() == 0
+    event.remove(engine, "before_cursor_execute", locked)
+    reader = local_reader(engine)
+    assert reader is not None and engine.pool.checkedout() == 1
+    close_local_reader(reader)
+    engine.dispose()
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "postgres"])

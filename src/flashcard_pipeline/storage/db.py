@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from flashcard_pipeline.config import DatabaseSettings, GeneralSettings, read_settings, setting_location
@@ -128,22 +128,21 @@ def local_reader(engine: Engine) -> Connection | None:
     A SQLite file in WAL mode answers an indexed read in tens of microseconds and its readers never wait for the
     writer; handing such a read to a thread costs several times more, most of it the thread and the event loop
     passing the GIL back and forth. The connection gives up at once instead of waiting for a lock (it never should
-    in WAL mode): its caller then reads from a thread, where waiting blocks nothing. A server's round trip, or a
-    database another journal mode lets writers lock, stays in a thread."""
+    in WAL mode): its caller then reads from a thread, where waiting blocks nothing. A server's round trip, a
+    database in another journal mode (where writers lock readers out), or a file found locked while this looks,
+    stays in a thread."""
     if engine.dialect.name != "sqlite" or sqlite_path(engine.url.render_as_string(hide_password=False)) is None:
         return None
     connection = engine.connect()
     try:
-        if str(connection.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() != "wal":
-            connection.close()
-            return None
-        connection.exec_driver_sql("PRAGMA busy_timeout=0")
-        connection.rollback()
-    except Exception:
-        connection.invalidate()
-        connection.close()
-        raise
-    return connection
+        if str(connection.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() == "wal":
+            connection.exec_driver_sql("PRAGMA busy_timeout=0")
+            connection.rollback()
+            return connection
+    except OperationalError:
+        pass
+    close_local_reader(connection)
+    return None
 
 
 def close_local_reader(connection: Connection) -> None:
