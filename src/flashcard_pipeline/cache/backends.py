@@ -94,8 +94,8 @@ class DatabaseCacheBackend:
             await asyncio.to_thread(self.ledger.write_batch, list(ops))
 
     async def _read(self, key: str, restore: bool, stored_after: datetime | None) -> CachedValue | None:
-        """One key's read: on the event loop's thread where the database allows it (a fifth of a stage's CPU at 8
-        calls in flight went into handing this read to a thread), else from a thread."""
+        """One key's read: on the event loop's thread where the database allows it (handing it to a thread and back
+        cost 12% of a run's time at 8 calls in flight, docs/benchmarks.md), else from a thread."""
         if self._reader is None:
             async with self._opening:  # one reader, however many first reads wait: a second one would leak
                 if self._reader is None:
