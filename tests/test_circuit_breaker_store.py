@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy.exc
 from typer.testing import CliRunner
 
 from flashcard_pipeline.cli.app import app
@@ -152,7 +154,9 @@ async def test_the_sync_applies_commands_records_transitions_and_survives_databa
         def flaky_write(*args: Any, **kwargs: Any) -> None:
             if failures["left"]:
                 failures["left"] -= 1
-                raise OSError("database is locked")
+                raise sqlalchemy.exc.OperationalError(
+                    "INSERT INTO circuit_breaker_states (circuit) VALUES (?)", ("x",),
+                    sqlite3.OperationalError("database is locked"))
             real_write(*args, **kwargs)
 
         store.write = flaky_write  # type: ignore[method-assign]
@@ -160,7 +164,10 @@ async def test_the_sync_applies_commands_records_transitions_and_survives_databa
         await wait_until(lambda: breaker.state_provider.state is CircuitState.ISOLATED)
         await wait_until(lambda: failures["left"] == 0 and any(
             e.reason == "isolated by hand: second incident" for e in store.events(limit=50)))
-    assert any("sync failed" in r.getMessage() for r in caplog.records), "the error was logged, the run went on"
+    warned = [r.getMessage() for r in caplog.records if "sync failed" in r.getMessage()]
+    assert warned, "the error was logged, the run went on"
+    assert warned[0] == ("circuit breaker database sync failed (retrying in 0.02 s): OperationalError: database is "
+                         "locked"), "one line: the driver's message, not SQLAlchemy's statement and parameters"
     reasons = [(e.to_state, e.reason) for e in store.events(limit=50)]
     assert reasons == [
         ("isolated", "isolated by hand: standing isolation from yesterday"),

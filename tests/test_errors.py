@@ -200,3 +200,16 @@ def test_input_errors_are_validation_errors_with_their_own_code() -> None:
 def test_api_errors_keep_their_status_in_details() -> None:
     error = ServerError("bad gateway", status_code=502)
     assert error.details["status_code"] == 502 and error.to_dict()["status_code"] == 502
+
+
+def test_brief_gives_one_line_and_the_driver_s_message_of_a_database_error() -> None:
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    wrapped = sqlalchemy.exc.OperationalError("UPDATE items SET a=? WHERE id=?", ("secret-ish value", 1),
+                                              sqlite3.OperationalError("database is locked"))
+    assert "\n" in str(wrapped) and "UPDATE items" in str(wrapped)
+    assert errors.brief(wrapped) == "OperationalError: database is locked"
+    assert errors.brief(OSError("disk full\nmore detail")) == "OSError: disk full"
+    assert errors.brief(TimeoutError()) == "TimeoutError"

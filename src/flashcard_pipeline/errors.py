@@ -17,6 +17,15 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 
+def brief(error: BaseException) -> str:
+    """An error in one line for a warning that repeats while a run goes on: a database driver's own message, not
+    the statement and its parameters SQLAlchemy adds to it (several lines of SQL and values on the console)."""
+    cause = getattr(error, "orig", None)
+    cause = cause if isinstance(cause, BaseException) else error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
 class ErrorCategory(StrEnum):
     VALIDATION = "validation"
     AUTHENTICATION = "authentication"

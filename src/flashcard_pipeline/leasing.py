@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from flashcard_pipeline.errors import brief
 from flashcard_pipeline.pipeline import Pipeline
 from flashcard_pipeline.storage.leases import LeaseStore
 from flashcard_pipeline.storage.ledger import PendingItem
@@ -91,7 +92,7 @@ class HeldLeases:
                 held = await asyncio.to_thread(self.store.renew, self.worker_id, now=self.clock(),
                                                lease_seconds=self.timing.lease_seconds)
             except Exception as exc:  # unsure is no: paying for an answer twice is what this guard prevents
-                log.warning("could not verify the lease on %r before a paid call: %s", pending.item.term, exc)
+                log.warning("could not verify the lease on %r before a paid call: %s", pending.item.term, brief(exc))
                 return False
             self.renewed(held, at)
         since = "" if last is None else f" {at - last:.1f} s after the last renewal"
@@ -186,4 +187,4 @@ class WorkerLease:
                 held.renewed(renewed, sent)
                 pipeline.note_run_spending(await asyncio.to_thread(self.store.run_cost, self.run_id))
             except Exception as exc:  # a busy database must not stop the work; the next beat tries again
-                log.warning("worker heartbeat failed (the leases last %g s): %s", self.timing.lease_seconds, exc)
+                log.warning("worker heartbeat failed (the leases last %g s): %s", self.timing.lease_seconds, brief(exc))

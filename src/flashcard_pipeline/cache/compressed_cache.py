@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from flashcard_pipeline.cache.codec import Codec, CodecError
 from flashcard_pipeline.config import CacheSettings, read_settings
+from flashcard_pipeline.errors import brief
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class CompressedCache:
                                             stored_after=self.retired_before(cache_type))
         except Exception as exc:  # the cache is best effort: an unreachable backend is a miss, not a failed item
             metrics.read_errors += 1
-            log.warning("cache read failed for %s (%s): %s: %s", key[:12], cache_type, type(exc).__name__, exc)
+            log.warning("cache read failed for %s (%s): %s", key[:12], cache_type, brief(exc))
             stored = None
         value = None
         if stored is not None:
@@ -211,7 +212,7 @@ class CompressedCache:
         try:
             found = await self.backend.get_many(wanted, stored_after=self.retired_before(cache_type))
         except Exception as exc:
-            log.warning("cache prefetch failed (%s): %s: %s", cache_type, type(exc).__name__, exc)
+            log.warning("cache prefetch failed (%s): %s", cache_type, brief(exc))
             return
         for key in wanted:
             self._prefetched[key] = None

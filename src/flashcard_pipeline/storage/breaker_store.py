@@ -32,6 +32,7 @@ from sqlalchemy import Engine, delete, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from flashcard_pipeline.errors import brief
 from flashcard_pipeline.resilience import (
     CircuitBreaker,
     CircuitCreated,
@@ -303,7 +304,7 @@ class BreakerSync:
         try:
             await self._flush(force=True, active=False)
         except Exception as exc:
-            log.warning("could not save the final circuit breaker state: %s", exc)
+            log.warning("could not save the final circuit breaker state: %s", brief(exc))
 
     async def poll(self) -> list[BreakerCommand]:
         """Apply the commands issued since the last poll and write what changed; returns the commands."""
@@ -331,7 +332,8 @@ class BreakerSync:
             try:
                 await self.poll()
             except Exception as exc:
-                log.warning("circuit breaker database sync failed (retrying in %g s): %s", self.poll_interval, exc)
+                log.warning("circuit breaker database sync failed (retrying in %g s): %s", self.poll_interval,
+                            brief(exc))
 
     def _record(self, transition: CircuitTransition) -> None:
         self._pending.append(transition)
