@@ -131,6 +131,7 @@ async def measure_hits(measured: list[bytes]) -> None:
             await writer.flush()
             await timed(CompressedCache(backend, CacheSettings()), "memory LRU", True, writer.flush)
             await timed(CompressedCache(backend, CacheSettings()), "SQLite (decode included)", False, writer.flush)
+            await backend.aclose()
         ledger.engine.dispose()
     try:
         redis_backend = RedisCacheBackend("redis://127.0.0.1:6379/15", prefix="bench:cache:")
