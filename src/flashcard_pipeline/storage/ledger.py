@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, literal, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -196,7 +196,12 @@ def _flags(stage: str, raw: str | None) -> list[str]:
     return [f"{stage}: {problem}" for problem in json.loads(raw)] if raw else []
 
 
-def _item_to_model(row: Item) -> VocabularyItem:
+#: What :meth:`Ledger.results` reads of an item and of a card.
+_RESULT_ITEM = (Item.id, Item.position, Item.term, Item.type, Item.hints_json, Item.source_row, Item.frequency_rank)
+_RESULT_CARD = (Card.item_id, Card.card_type, Card.front, Card.back, Card.tags_json, Card.honorific_level)
+
+
+def _item_to_model(row: Item | Row[Any]) -> VocabularyItem:
     return VocabularyItem(position=row.position, term=row.term, type=row.type,
                           hints=json.loads(row.hints_json or "{}"), source_row=row.source_row,
                           frequency_rank=row.frequency_rank)
@@ -339,31 +344,32 @@ class Ledger:
             return session.scalars(query.order_by(StageResult.id.desc()).limit(1)).first()
 
     def results(self, run_id: int, *, page: int = 500) -> Iterator[TermResult]:
-        """Every completed item of the run, in input order, streamed page by page."""
+        """Every completed item of the run, in input order, streamed page by page. Core rows, not ORM objects:
+        an export reads every item and card of the run once, and the ORM's bookkeeping was most of that read."""
         after = 0
         while True:
-            with Session(self.engine) as session:
-                rows = session.execute(
-                    select(Item, StageResult.payload, StageResult.flags)
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(*_RESULT_ITEM, StageResult.payload, StageResult.flags)
                     .join(StageResult, (StageResult.item_id == Item.id) & (StageResult.stage == NUANCE))
                     .where(Item.run_id == run_id, Item.cards_state == StageState.DONE, Item.position > after)
                     .order_by(Item.position).limit(page)).all()
                 if not rows:
                     return
-                ids = [item.id for item, _, _ in rows]
-                card_flags = dict(session.execute(select(StageResult.item_id, StageResult.flags).where(
+                ids = [row.id for row in rows]
+                card_flags = dict(conn.execute(select(StageResult.item_id, StageResult.flags).where(
                     StageResult.item_id.in_(ids), StageResult.stage == CARDS, StageResult.flags.is_not(None))).all())
                 cards: dict[int, list[Flashcard]] = {}
-                for card in session.scalars(select(Card).where(Card.item_id.in_(ids))
-                                            .order_by(Card.item_id, Card.ordinal)):
+                for card in conn.execute(select(*_RESULT_CARD).where(Card.item_id.in_(ids))
+                                         .order_by(Card.item_id, Card.ordinal)):
                     cards.setdefault(card.item_id, []).append(Flashcard(
                         card_type=card.card_type, front=card.front, back=card.back,
                         tags=json.loads(card.tags_json), honorific_level=card.honorific_level))
-                for item, payload, flags in rows:
-                    yield TermResult(item=_item_to_model(item), analysis=TermAnalysis.model_validate_json(payload),
-                                     cards=cards.get(item.id, []),
-                                     flags=_flags(NUANCE, flags) + _flags(CARDS, card_flags.get(item.id)))
-                after = rows[-1][0].position
+                for row in rows:
+                    yield TermResult(item=_item_to_model(row), analysis=TermAnalysis.model_validate_json(row.payload),
+                                     cards=cards.get(row.id, []),
+                                     flags=_flags(NUANCE, row.flags) + _flags(CARDS, card_flags.get(row.id)))
+                after = rows[-1].position
 
     def _items_in(self, run_id: int, state: StageState) -> list[Item]:
         """The run's items with a stage in ``state``, in input order."""
