@@ -16,8 +16,10 @@ database created before the clock, and the simulator is warmed up before the fir
   request bodies (both stages of every term, built by the same code) with the same concurrency, parsing the JSON
   answer and nothing else: what a user writes in an afternoon.
 
-The table gives calls/s (best and median of the repeats) and client CPU per call (minimum and median), then the
-ratios of `process` to each bare loop (medians). These machines are noisy: read ratios and medians.
+The table gives calls/s (best and median of the repeats), client CPU per call (minimum and median), how busy the
+client kept its core (CPU time over wall time: 1.0 is all one Python process can do with the GIL) and the
+simulator's CPU per call (from /proc, "n/a" elsewhere), then the ratios of `process` to each bare loop (medians).
+These machines are noisy: read ratios and medians.
 """
 
 from __future__ import annotations
@@ -49,6 +51,22 @@ def free_port() -> int:
 def simulator() -> Any:
     """A zero-latency simulator in its own process, warmed up (its first answers are slower); yields its base
     URL."""
+    with simulator_process() as (url, _pid):
+        yield url
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far, from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def simulator_process() -> Any:
+    """:func:`simulator`, yielding (base URL, process id)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flashcard_pipeline", "simulate", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -62,7 +80,7 @@ def simulator() -> Any:
                 time.sleep(0.05)
         url = f"http://127.0.0.1:{port}/v1"
         warm_simulator(url)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -175,7 +193,7 @@ async def bare_loop(url: str, bodies: list[dict[str, Any]], concurrency: int, li
 
 
 def run(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as folder_name, simulator() as url:
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as folder_name, simulator_process() as (url, server):
         folder = Path(folder_name)
         bodies_file = folder / "bodies.json"
         bodies = request_bodies(args.terms)
@@ -183,27 +201,38 @@ def run(args: argparse.Namespace) -> None:
         calls = len(bodies)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RL_", "CB_", "RETRY_", "CACHE_", "DB_"))}
         env["XDG_DATA_HOME"] = str(folder / "data")
+
+        def measured_with_server(command: list[str]) -> tuple[float, float, float | None]:
+            before = process_cpu(server)
+            wall, cpu = measured(command, env)
+            after = process_cpu(server)
+            return wall, cpu, None if before is None or after is None else after - before
+
         print(f"{args.terms} terms, {calls} calls per run, {args.repeats} repeats; simulator {url}")
+        print("busy: the client's CPU time over its wall time (1.0: it kept one core busy, the GIL's limit); "
+              "server: the simulator's CPU per call")
         print(f"{'concurrency':>11} {'client':>8} {'calls/s best':>12} {'median':>8} {'CPU ms/call min':>16} "
-              f"{'median':>8}")
+              f"{'median':>8} {'busy':>6} {'server ms/call':>15}")
         for concurrency in args.concurrency:
-            rows: dict[str, list[tuple[float, float]]] = {"process": [], "httpx": [], "aiohttp": []}
+            rows: dict[str, list[tuple[float, float, float | None]]] = {"process": [], "httpx": [], "aiohttp": []}
             for repeat in range(args.repeats):
                 db = folder / f"ledger-{concurrency}-{repeat}.db"
-                rows["process"].append(measured(
+                rows["process"].append(measured_with_server(
                     [sys.executable, __file__, "--process-worker", url, f"sqlite:///{db}", str(concurrency),
-                     str(args.terms), str(folder / "cards.jsonl")], env))
+                     str(args.terms), str(folder / "cards.jsonl")]))
                 for library in ("httpx", "aiohttp"):
-                    rows[library].append(measured(
-                        [sys.executable, __file__, "--bare-worker", url, str(bodies_file), str(concurrency), library],
-                        env))
+                    rows[library].append(measured_with_server(
+                        [sys.executable, __file__, "--bare-worker", url, str(bodies_file), str(concurrency), library]))
             summary = {}
             for client, samples in rows.items():
-                rates = [calls / wall for wall, _ in samples]
-                cpu = [1000 * cpu / calls for _, cpu in samples]
+                rates = [calls / wall for wall, _, _ in samples]
+                cpu = [1000 * cpu / calls for _, cpu, _ in samples]
+                busy = statistics.median(cpu / wall for wall, cpu, _ in samples)
+                served = [1000 * used / calls for _, _, used in samples if used is not None]
+                server_cpu = f"{statistics.median(served):.2f}" if served else "n/a"
                 summary[client] = (statistics.median(rates), statistics.median(cpu))
                 print(f"{concurrency:>11} {client:>8} {max(rates):>12.0f} {statistics.median(rates):>8.0f} "
-                      f"{min(cpu):>16.2f} {statistics.median(cpu):>8.2f}")
+                      f"{min(cpu):>16.2f} {statistics.median(cpu):>8.2f} {busy:>6.2f} {server_cpu:>15}")
             for library in ("httpx", "aiohttp"):
                 rate_ratio = summary["process"][0] / summary[library][0]
                 cpu_ratio = summary["process"][1] / summary[library][1]
