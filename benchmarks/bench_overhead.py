@@ -9,8 +9,9 @@ content checks' analyser and Hanja table (about 1.3 s of CPU, once per process) 
 database created before the clock, and the simulator is warmed up before the first run.
 
 - `process`: the runner's `process()` (what `flashcard-pipeline process LIST --provider openai-compatible
-  --base-url SIM --rpm 1000000` does, export included) on a fresh SQLite database, so every stage answer is a paid
-  call (ledger, cache, retry, breaker and limiter included; a stated limit skips the limiter's slow start, which
+  --base-url SIM --rpm 1000000` does, export included, under the garbage collector's settings the command sets)
+  on a fresh SQLite database, so every stage answer is a paid call
+  (ledger, cache, retry, breaker and limiter included; a stated limit skips the limiter's slow start, which
   finds an unknown limit and is not overhead);
 - bare loops: `httpx.AsyncClient` (httpx's default transport), and `aiohttp.ClientSession`, posting the same
   request bodies (both stages of every term, built by the same code) with the same concurrency, parsing the JSON
@@ -143,6 +144,7 @@ def warm_content_checks() -> None:
 
 def process_worker(url: str, db: str, concurrency: int, terms: int, output: str) -> None:
     from flashcard_pipeline.cli.progress import ConsoleReporter  # noqa: F401 - what the CLI imports too
+    from flashcard_pipeline.gc_tuning import long_run_gc
     from flashcard_pipeline.runner import ProcessOptions, process
     from flashcard_pipeline.storage.db import open_database
 
@@ -152,7 +154,7 @@ def process_worker(url: str, db: str, concurrency: int, terms: int, output: str)
     # The ledger exists, as a user's does after their first run (creating and migrating it is start-up, about
     # 0.15 s with Alembic's import); it is empty, so every answer is still a paid call.
     open_database(db).dispose()
-    with timed():
+    with long_run_gc(), timed():  # the collector's settings the command runs with
         result = asyncio.run(process(options))
     assert result.outcome is not None and result.outcome.stats.done == terms, result
 

@@ -202,7 +202,10 @@ def process_command(
             telemetry=telemetry.value if telemetry else None, metrics_port=metrics_port,
             trace_content=trace_content or None, fallback_models=tuple(fallback_model or ()),
             retry_failed=retry_failed, log_file=None if dry_run else run_log_options(), workers=workers)
-        result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
+        from flashcard_pipeline.gc_tuning import long_run_gc
+
+        with long_run_gc():
+            result: ProcessResult = _run_async(process(options, ConsoleReporter(err)))
     except (InputError, ConfigurationError) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     except StructuredError as exc:

@@ -62,6 +62,7 @@ def worker_command(
     import signal
 
     from flashcard_pipeline.config import breaker_config, retry_config
+    from flashcard_pipeline.gc_tuning import long_run_gc
     from flashcard_pipeline.storage.schema import RunStatus
     from flashcard_pipeline.worker import WorkerOptions, run_worker
 
@@ -77,7 +78,8 @@ def worker_command(
         # SIGTERM (Kubernetes, systemd, docker stop) as Ctrl-C: the worker gives its items back before it exits.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            result = asyncio.run(run_worker(options))
+            with long_run_gc():
+                result = asyncio.run(run_worker(options))
         except KeyboardInterrupt:  # the items it held went back to the run (released, not left to expire)
             raise fail("interrupted; the run's other workers go on, and its items wait for them or the next "
                        "worker", ExitCode.INTERRUPTED) from None
