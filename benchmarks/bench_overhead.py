@@ -18,8 +18,9 @@ database created before the clock, and the simulator is warmed up before the fir
   answer and nothing else: what a user writes in an afternoon.
 
 The table gives calls/s (best and median of the repeats), client CPU per call (minimum and median), how busy the
-client kept its core (CPU time over wall time: 1.0 is all one Python process can do with the GIL) and the
-simulator's CPU per call (from /proc, "n/a" elsewhere), then the ratios of `process` to each bare loop (medians).
+client kept its core (CPU time over wall time: 1.0 is all one Python process can do with the GIL), the
+simulator's CPU per call (from /proc, "n/a" elsewhere) and the share of the client's CPU its garbage collector's
+passes took (median), then the ratios of `process` to each bare loop (medians).
 These machines are noisy: read ratios and medians.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -97,21 +99,36 @@ def warm_simulator(url: str, terms: int = 100) -> None:
             client.post(f"{url}/chat/completions", json=body).raise_for_status()
 
 
-def measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of the work a worker subprocess reports, start-up and imports excluded."""
+def measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, garbage collector's CPU seconds) of the work a worker subprocess reports,
+    start-up and imports excluded."""
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{command[:4]} failed ({result.returncode}): {result.stderr[-2000:]}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    return report["wall"], report["cpu"]
+    return report["wall"], report["cpu"], report["gc"]
 
 
 @contextmanager
 def timed() -> Any:
-    """Print the wall and CPU time of the block as JSON (the worker's report)."""
+    """Print the wall and CPU time of the block, and the CPU the garbage collector's passes took in it, as JSON
+    (the worker's report)."""
+    collecting = {"total": 0.0, "since": 0.0}
+
+    def on_pass(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting["since"] = time.process_time()
+        else:
+            collecting["total"] += time.process_time() - collecting["since"]
+
     started, cpu = time.perf_counter(), time.process_time()
-    yield
-    print(json.dumps({"wall": time.perf_counter() - started, "cpu": time.process_time() - cpu}))
+    gc.callbacks.append(on_pass)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(on_pass)
+    print(json.dumps({"wall": time.perf_counter() - started, "cpu": time.process_time() - cpu,
+                      "gc": collecting["total"]}))
 
 
 def request_bodies(terms: int) -> list[dict[str, Any]]:
@@ -204,37 +221,45 @@ def run(args: argparse.Namespace) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RL_", "CB_", "RETRY_", "CACHE_", "DB_"))}
         env["XDG_DATA_HOME"] = str(folder / "data")
 
-        def measured_with_server(command: list[str]) -> tuple[float, float, float | None]:
+        def measured_with_server(command: list[str]) -> tuple[float, float, float, float | None]:
             before = process_cpu(server)
-            wall, cpu = measured(command, env)
+            wall, cpu, collector = measured(command, env)
             after = process_cpu(server)
-            return wall, cpu, None if before is None or after is None else after - before
+            return wall, cpu, collector, None if before is None or after is None else after - before
+
+        def command(client: str, concurrency: int, repeat: int) -> list[str]:
+            if client == "process":
+                db = folder / f"ledger-{concurrency}-{repeat}.db"
+                return [sys.executable, __file__, "--process-worker", url, f"sqlite:///{db}", str(concurrency),
+                        str(args.terms), str(folder / "cards.jsonl")]
+            return [sys.executable, __file__, "--bare-worker", url, str(bodies_file), str(concurrency), client]
 
         print(f"{args.terms} terms, {calls} calls per run, {args.repeats} repeats; simulator {url}")
         print("busy: the client's CPU time over its wall time (1.0: it kept one core busy, the GIL's limit); "
-              "server: the simulator's CPU per call")
+              "server: the simulator's CPU per call; gc: the client's garbage collector's share of its CPU")
         print(f"{'concurrency':>11} {'client':>8} {'calls/s best':>12} {'median':>8} {'CPU ms/call min':>16} "
-              f"{'median':>8} {'busy':>6} {'server ms/call':>15}")
+              f"{'median':>8} {'busy':>6} {'server ms/call':>15} {'gc':>6}")
         for concurrency in args.concurrency:
-            rows: dict[str, list[tuple[float, float, float | None]]] = {"process": [], "httpx": [], "aiohttp": []}
+            rows: dict[str, list[tuple[float, float, float, float | None]]] = {"process": [], "httpx": [],
+                                                                              "aiohttp": []}
             for repeat in range(args.repeats):
-                db = folder / f"ledger-{concurrency}-{repeat}.db"
-                rows["process"].append(measured_with_server(
-                    [sys.executable, __file__, "--process-worker", url, f"sqlite:///{db}", str(concurrency),
-                     str(args.terms), str(folder / "cards.jsonl")]))
-                for library in ("httpx", "aiohttp"):
-                    rows[library].append(measured_with_server(
-                        [sys.executable, __file__, "--bare-worker", url, str(bodies_file), str(concurrency), library]))
+                # Each repeat starts with the next client: whichever runs first in a round runs slower (about 10%
+                # here), and always putting `process` first counted that against it.
+                order = list(rows)[repeat % len(rows):] + list(rows)[:repeat % len(rows)]
+                for client in order:
+                    rows[client].append(measured_with_server(command(client, concurrency, repeat)))
             summary = {}
             for client, samples in rows.items():
-                rates = [calls / wall for wall, _, _ in samples]
-                cpu = [1000 * cpu / calls for _, cpu, _ in samples]
-                busy = statistics.median(cpu / wall for wall, cpu, _ in samples)
-                served = [1000 * used / calls for _, _, used in samples if used is not None]
+                rates = [calls / wall for wall, _, _, _ in samples]
+                cpu = [1000 * cpu / calls for _, cpu, _, _ in samples]
+                busy = statistics.median(cpu / wall for wall, cpu, _, _ in samples)
+                collector = statistics.median(spent / total for _, total, spent, _ in samples)
+                served = [1000 * used / calls for _, _, _, used in samples if used is not None]
                 server_cpu = f"{statistics.median(served):.2f}" if served else "n/a"
                 summary[client] = (statistics.median(rates), statistics.median(cpu))
                 print(f"{concurrency:>11} {client:>8} {max(rates):>12.0f} {statistics.median(rates):>8.0f} "
-                      f"{min(cpu):>16.2f} {statistics.median(cpu):>8.2f} {busy:>6.2f} {server_cpu:>15}")
+                      f"{min(cpu):>16.2f} {statistics.median(cpu):>8.2f} {busy:>6.2f} {server_cpu:>15} "
+                      f"{collector:>6.1%}")
             for library in ("httpx", "aiohttp"):
                 rate_ratio = summary["process"][0] / summary[library][0]
                 cpu_ratio = summary["process"][1] / summary[library][1]
