@@ -16,7 +16,7 @@ from flashcard_pipeline.cli.app import app
 from flashcard_pipeline.export import prepare_deck
 from flashcard_pipeline.export.notes import REVIEW_TAG
 from flashcard_pipeline.ingest import read_vocabulary
-from flashcard_pipeline.korean import check_hanja, locate, pos_classes, pronounce
+from flashcard_pipeline.korean import Span, analyzer, check_hanja, locate, pos_classes, pronounce
 from flashcard_pipeline.llm.types import ChatRequest, ChatResponse, Usage
 from flashcard_pipeline.models import (
     CardType,
@@ -103,6 +103,32 @@ def test_other_languages_are_not_checked() -> None:
 def test_the_term_is_located_by_lemma(term: str, sentence: str, word: str | None) -> None:
     span = locate(term, sentence)
     assert (sentence[span.start:span.end] if span else None) == word
+
+
+def test_a_later_occurrence_is_found_when_an_earlier_one_is_part_of_another_word() -> None:
+    sentence = "나무 아래에서 나는 잤어. (나)"
+    assert locate("나", sentence) == Span(sentence.index("나는"), sentence.index("나는") + 1)
+    assert locate("(나)", sentence) == Span(sentence.index("(나)"), len(sentence))  # no pattern syntax
+
+
+def test_the_sentence_is_tokenised_only_when_the_terms_own_readings_do_not_settle_the_class(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenised: list[str] = []
+    analysed = analyzer._analysed
+
+    def spy(text: str) -> Any:
+        tokenised.append(text)
+        return analysed(text)
+
+    monkeypatch.setattr(analyzer, "_analysed", spy)
+    standing_alone = school().model_copy(update={"example": ExampleSentence(sentence="학교 앞, 학교.",
+                                                                            translation="x")})
+    assert check_analysis(standing_alone, term="학교", language=KO) == []
+    assert tokenised == []
+    problems = check_analysis(standing_alone.model_copy(update={"pos": PartOfSpeech.VERB}), term="학교",
+                              language=KO)
+    assert tokenised == ["학교 앞, 학교."]
+    assert any("disagrees" in problem for problem in problems)
 
 
 def test_pronunciation_and_readings_come_from_the_text() -> None:

@@ -189,17 +189,19 @@ def locate(term: str, sentence: str) -> Span | None:
     if not term or not sentence:
         return None
     tokens: tuple[Morpheme, ...] | None = None
-    for match in re.finditer(re.escape(term), sentence):
-        if not _word_start(sentence, match.start()):
-            continue
-        end = match.end()
-        if end == len(sentence) or not is_hangul(sentence[end]):
-            return Span(match.start(), end)
-        # 나 at the start of 나무 is no hit; 나 in 나는 is (its morpheme is the term's word).
-        tokens = tokens if tokens is not None else _analysed(sentence)
-        heads = {h.lemma for h in head_candidates(term)}
-        if any(t.start == match.start() and t.lemma in heads for t in tokens):
-            return Span(match.start(), end)
+    # str.find, not re.finditer: every term is a new pattern, and compiling it cost more than the search.
+    start = sentence.find(term)
+    while start >= 0:
+        end = start + len(term)
+        if _word_start(sentence, start):
+            if end == len(sentence) or not is_hangul(sentence[end]):
+                return Span(start, end)
+            # 나 at the start of 나무 is no hit; 나 in 나는 is (its morpheme is the term's word).
+            tokens = tokens if tokens is not None else _analysed(sentence)
+            heads = {h.lemma for h in head_candidates(term)}
+            if any(t.start == start and t.lemma in heads for t in tokens):
+                return Span(start, end)
+        start = sentence.find(term, end)
     found = _find(term, sentence)
     if found is None:
         return None
