@@ -247,3 +247,36 @@ def test_the_schema_work_done_once_per_stage_gives_the_same_keys_and_estimates()
         assert staged.cache_key == cache_key_for("openrouter", staged.request, staged.prompt_version)
         assert staged.estimated_tokens == estimate_request_tokens(staged.request)
     assert first.cache_key != second.cache_key
+
+
+def test_stage_keys_are_the_ones_main_computed_before_orjson_wrote_prompts_and_keys() -> None:
+    """Prompts and cache keys written by orjson hash as the standard library's text did: no cached answer is
+    orphaned (quotes, tabs, a line break, a control character, an emoji, float parameters)."""
+    analysis = TermAnalysis.model_validate({**ANALYSIS,
+                                            "explanation": 'Said "학교"\twith a tab,\nback\\slash, \x01 and 🏫.'})
+    expected = {  # computed on main at 9674091, with json.dumps throughout
+        "openrouter": ("78e284ec32c09a57479d671ae5995afce5e1c609b35cc6e17613e14cf5470184",
+                       "f0a73154834c7a7ecbbd982c72c87ad9872eccdb9ddb43a3f1c1fc6f03b958f9"),
+        "openai-compatible": ("a87cd71cefcdc3be527b1af9fd9eba8774d33b23dbfc3874e54ad4e7fc486430",
+                              "550f701acb525fa6d6a520dab3ab2964845ee03ec846ba90776697fe367dc47c"),
+    }
+    for provider, model in (("openrouter", "openai/gpt-4o-mini"), ("openai-compatible", "local")):
+        stage_settings = StageSettings(provider=provider, model=model, params={"top_p": 0.9, "seed": 7})
+        term = item(note='a "quoted"\ttab', level="초급")
+        assert (build_nuance_request(term, stage_settings).cache_key,
+                build_cards_request(term, analysis, stage_settings).cache_key) == expected[provider]
+
+
+@pytest.mark.parametrize("content", [json.dumps(ANALYSIS), f"```json\n{json.dumps(ANALYSIS)}\n```",
+                                     json.dumps({**ANALYSIS, "pos": "gerund"}), '{"term": "학교",', "[]"])
+def test_an_answer_parses_or_fails_as_the_standard_librarys_reading_did(content: str) -> None:
+    """Most answers go through pydantic's JSON reader in one pass; the rest get the errors they always got."""
+    try:
+        expected: object = TermAnalysis.model_validate(json.loads(content.strip("`json\n")))
+    except (ValidationError, ValueError) as error:
+        expected = type(error)
+    try:
+        got: object = parse_nuance(content, item())
+    except (SchemaViolationError, MalformedJSONError) as error:
+        got = {SchemaViolationError: ValidationError, MalformedJSONError: json.JSONDecodeError}[type(error)]
+    assert got == expected

@@ -11,11 +11,12 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
+from flashcard_pipeline import jsontext
 from flashcard_pipeline.errors import ConfigurationError, MalformedJSONError, SchemaViolationError
 from flashcard_pipeline.llm.capabilities import CHAT, ModelCapabilities, ModelKind, capabilities_for, parse_model_kind
 from flashcard_pipeline.llm.client import estimate_request_tokens, estimate_tokens
@@ -129,7 +130,8 @@ class StageRequest:
     estimated_tokens: int = 0
 
 
-#: One encoder for every cache key: ``json.dumps`` with options builds a new one per call.
+#: One encoder for every cache key: ``json.dumps`` with options builds a new one per call. For values that may
+#: hold floats (generation parameters); :func:`jsontext.canonical` writes the same text for those without.
 _CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
@@ -182,7 +184,10 @@ def cache_key_for(provider: str, request: ChatRequest, prompt_version: str, upst
     """
     body = replace(request, require_parameters=False).to_body()
     body = {k: v for k, v in body.items() if k not in ("usage", "stream")}
-    known = {"response_format": format_json} if format_json is not None and "response_format" in body else {}
+    # The messages (most of the text) are strings only.
+    known = {"messages": jsontext.canonical(body["messages"])}
+    if format_json is not None and "response_format" in body:
+        known["response_format"] = format_json
     material = {"provider": provider, "prompt_version": prompt_version, "upstream": upstream}
     return sha256_text(_canonical_with({**material, "body": body}, {"body": _canonical_with(body, known)}))
 
@@ -190,7 +195,7 @@ def cache_key_for(provider: str, request: ChatRequest, prompt_version: str, upst
 def _build(stage: str, template: PromptTemplate, settings: StageSettings, payload: dict[str, Any],
            output: type[BaseModel], upstream: str | None = None) -> StageRequest:
     system, user = template.render(language=settings.language, learner_language=settings.learner_language,
-                                   input_json=json.dumps(payload, ensure_ascii=False, sort_keys=True, indent=1))
+                                   input_json=jsontext.indented(payload))
     capabilities = settings.capabilities
     response_format = _stage_format(stage, output)
     request = ChatRequest(
@@ -222,7 +227,7 @@ def build_cards_request(item: VocabularyItem, analysis: TermAnalysis, settings: 
     payload = {"term": item.term, "language": settings.language, "learner_language": settings.learner_language,
                "analysis": analysis_json, "hints": item.hints}
     return _build(CARDS, settings.cards_prompt, settings, payload, FlashcardSet,
-                  upstream=sha256_text(_canonical(analysis_json)))
+                  upstream=sha256_text(jsontext.canonical(analysis_json)))
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
@@ -250,21 +255,33 @@ def _schema_error(stage: str, exc: PydanticValidationError) -> SchemaViolationEr
                                 details={"stage": stage, "errors": problems})
 
 
-def parse_nuance(content: str, item: VocabularyItem) -> TermAnalysis:
-    data = _load_json(content, NUANCE)
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validated(model: type[M], content: str, stage: str) -> M:
+    """``content`` as ``model``. Most answers are plain JSON that fits, which pydantic reads in one pass; the rest
+    (a fenced answer, bad JSON, a schema violation) go the long way, for the errors a re-ask quotes."""
     try:
-        analysis = TermAnalysis.model_validate(data)
+        return model.model_validate_json(content)
+    except PydanticValidationError:
+        pass
+    data = _load_json(content, stage)
+    try:
+        return model.model_validate(data)
     except PydanticValidationError as exc:
-        raise _schema_error(NUANCE, exc) from exc
+        raise _schema_error(stage, exc) from exc
+
+
+def parse_nuance(content: str, item: VocabularyItem) -> TermAnalysis:
+    analysis = _validated(TermAnalysis, content, NUANCE)
     if analysis.term != item.term:
         analysis = analysis.model_copy(update={"term": item.term})
     return analysis
 
 
 def parse_cards(content: str, analysis: TermAnalysis) -> FlashcardSet:
-    data = _load_json(content, CARDS)
+    cards = _validated(FlashcardSet, content, CARDS)
     try:
-        cards = FlashcardSet.model_validate(data)
         return validate_cards_against_analysis(cards, analysis)
     except PydanticValidationError as exc:
         raise _schema_error(CARDS, exc) from exc

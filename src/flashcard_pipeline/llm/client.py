@@ -24,6 +24,7 @@ from typing import Any, Self
 import aiohttp
 import httpx
 
+from flashcard_pipeline import jsontext
 from flashcard_pipeline.errors import (
     APIError,
     AuthenticationError,
@@ -357,16 +358,23 @@ class LLMClient:
         return result
 
     def _encode(self, body: dict[str, Any]) -> bytes:
-        """``body`` as httpx's ``json=`` encodes it, byte for byte; the response format (the stage's schema, most
-        of a request's structure and shared by every request of a stage) is serialised once, not per call."""
-        fmt = body.get("response_format")
-        if fmt is None or next(reversed(body)) != "response_format":
-            return _dumps(body).encode("utf-8")
-        known = self._format_json.get(id(fmt))
-        if known is None or known[0] is not fmt:
-            known = self._format_json[id(fmt)] = (fmt, _dumps(fmt))
-        head = _dumps({k: v for k, v in body.items() if k != "response_format"})
-        return f'{head[:-1]},"response_format":{known[1]}}}'.encode()
+        """``body`` as httpx's ``json=`` encodes it, byte for byte (a dict's compact dump is each key's dump and
+        its value's, in order). The response format (the stage's schema, most of a request's structure and shared
+        by every request of a stage) is serialised once, not per call; the messages (most of its text, strings
+        only) by orjson; the rest, which may hold a user's float parameters, by the standard library."""
+        parts = []
+        for key, value in body.items():
+            if key == "messages":
+                text = jsontext.compact(value)
+            elif key == "response_format" and value is not None:
+                known = self._format_json.get(id(value))
+                if known is None or known[0] is not value:
+                    known = self._format_json[id(value)] = (value, _dumps(value))
+                text = known[1]
+            else:
+                text = _dumps(value)
+            parts.append(f"{_dumps(key)}:{text}")
+        return ("{" + ",".join(parts) + "}").encode()
 
     async def _post(self, body: dict[str, Any], request: ChatRequest) -> httpx.Response:
         url = self._provider.chat_completions_url
@@ -397,7 +405,7 @@ class LLMClient:
         # A body that is not an API answer (a proxy's HTML page, a cut stream) is the service failing, not the
         # model: it waits and counts like a 5xx, instead of drawing on the re-ask budget meant for bad output.
         try:
-            payload = json.loads(response.content)
+            payload = jsontext.loads(response.content)
         except ValueError as exc:
             raise ProviderError(
                 self._text(f"{self._provider.name.value} answered HTTP {response.status_code} with a non-JSON body"),
