@@ -537,3 +537,62 @@ def test_cache_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CACHE_TTL_JITTER", "1.5")
     with pytest.raises(ValueError, match="ttl_jitter"):
         CacheSettings()
+
+
+async def test_the_loop_readers_driver_level_read_answers_as_sqlalchemy_does(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing listening to the engine's statements, the loop's reader runs the compiled statement on the
+    driver; every case reads as through SQLAlchemy: a hit, its expiry, an expired entry, a miss; and once a
+    listener (a tracer) attaches, it sees the read."""
+    from flashcard_pipeline.storage import ledger as ledger_module
+
+    ledger = Ledger(open_database(sqlite_url))
+    cache = CompressedCache(DatabaseCacheBackend(ledger), CacheSettings(memory_entries=0, ttl_cards=60))
+    await cache.put(record("forever"))
+    await cache.put(record("expiring", CARDS, "cards"))
+    await cache.put(record("expired", CARDS, "cards"))
+    with Session(ledger.engine) as session, session.begin():
+        session.execute(update(CacheEntry).where(CacheEntry.key == "expired")
+                        .values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    reader = local_reader(ledger.engine)
+    assert reader is not None
+    driver_reads: list[str] = []
+    original = ledger_module._driver_cache_get
+
+    def counted(connection: Any, key: str, *args: Any) -> Any:
+        driver_reads.append(key)
+        return original(connection, key, *args)
+
+    monkeypatch.setattr(ledger_module, "_driver_cache_get", counted)
+    for key in ("forever", "expiring", "expired", "missing"):
+        for restore in (True, False):
+            assert ledger.cache_get(key, with_results=restore, connection=reader) == ledger.cache_get(
+                key, with_results=restore), (key, restore)
+    assert len(driver_reads) == 8
+    found = ledger.cache_get("expiring", connection=reader)
+    assert found is not None and found.expires_at is not None and found.expires_at.tzinfo is not None
+    statements = _statement_threads(ledger.engine)
+    assert ledger.cache_get("forever", connection=reader) is not None
+    assert len(driver_reads) == 9 and len(statements) == 1, "a listener sees every read"
+    close_local_reader(reader)
+    ledger.engine.dispose()
+
+
+def test_a_locked_file_at_the_driver_is_sqlalchemys_operational_error(sqlite_url: str) -> None:
+    """What the backend catches to read again from a thread."""
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import OperationalError
+
+    from flashcard_pipeline.storage.ledger import _driver_cache_get
+
+    engine = open_database(sqlite_url)
+
+    class Locked:
+        def execute(self, *_: Any) -> Any:
+            raise sqlite3.OperationalError("database is locked")
+
+    connection = SimpleNamespace(dialect=engine.dialect, connection=SimpleNamespace(dbapi_connection=Locked()))
+    with pytest.raises(OperationalError, match="database is locked"):
+        _driver_cache_get(connection, "k", True, None)  # type: ignore[arg-type]
+    engine.dispose()
