@@ -34,7 +34,7 @@ from flashcard_pipeline.export.audio import (
 )
 from flashcard_pipeline.export.common import SIMULATED_TAG, anki_tags, html_text
 from flashcard_pipeline.export.csv_export import neutralise
-from flashcard_pipeline.export.jsonl import read_jsonl
+from flashcard_pipeline.export.jsonl import card_records, read_jsonl, write_jsonl
 from flashcard_pipeline.export.notes import AnkiNote, Subdecks, build_notes, resolve_deck_name
 from flashcard_pipeline.models import CardType, Flashcard, TermResult, VocabularyItem
 from flashcard_pipeline.simulator import run_simulator
@@ -266,6 +266,18 @@ def test_jsonl_loads_back_into_the_models(tmp_path: Path) -> None:
         assert record.analysis == result.analysis and record.item == result.item
         assert record.card.front == original.front and record.card.card_type is original.card_type
         assert record.card.tags == [*original.tags, SIMULATED_TAG]
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+def test_each_jsonl_line_is_its_card_records_own_json(tmp_path: Path, simulated: bool) -> None:
+    """The lines share each term's serialised analysis and item, and are still byte for byte what the record's
+    ``model_dump_json`` writes (a quote, a backslash and a line break in the term included)."""
+    results = [make_result("학교"), make_result('먹"다\\\n', 2)]
+    path = tmp_path / "cards.jsonl"
+    write_jsonl(results, path, simulated=simulated)
+    expected = [record.model_dump_json() for record in card_records(results, simulated=simulated)]
+    assert path.read_text(encoding="utf-8").splitlines() == expected
+    assert len(expected) == sum(len(result.cards) for result in results) > 2
 
 
 def test_a_failed_export_leaves_the_previous_file_and_no_temporary_file(tmp_path: Path) -> None:

@@ -3,12 +3,12 @@ into the models without the database."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from flashcard_pipeline import jsontext
 from flashcard_pipeline.export.common import SIMULATED_TAG, atomic_output, card_tags
 from flashcard_pipeline.models import Flashcard, TermAnalysis, TermResult, VocabularyItem
 
@@ -38,13 +38,26 @@ def card_records(results: Iterable[TermResult], *, simulated: bool = False) -> I
                              analysis=result.analysis, item=result.item, simulated=simulated)
 
 
+def _lines(result: TermResult, *, simulated: bool) -> Iterator[str]:
+    """Each card's :class:`CardRecord` as ``model_dump_json`` writes it, the term's analysis and item serialised
+    once for all its cards (they were most of an export's work, once per card)."""
+    shared = (f',"analysis":{result.analysis.model_dump_json()},"item":{result.item.model_dump_json()},'
+              f'"simulated":{"true" if simulated else "false"}}}\n')
+    head = f'{{"position":{result.item.position},"term":{jsontext.compact(result.item.term)},"card_index":'
+    for index, card in enumerate(result.cards, start=1):
+        if simulated:
+            card = card.model_copy(update={"tags": card_tags(card, simulated=True)})
+        yield f'{head}{index},"card":{card.model_dump_json()}{shared}'
+
+
 def write_jsonl(results: Iterable[TermResult], path: Path, *, simulated: bool = False) -> int:
     """Write the cards atomically (a temporary file renamed into place); returns the card count."""
     count = 0
     with atomic_output(path) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as handle:
-        for record in card_records(results, simulated=simulated):
-            handle.write(json.dumps(record.model_dump(mode="json"), ensure_ascii=False) + "\n")
-            count += 1
+        for result in results:
+            for line in _lines(result, simulated=simulated):
+                handle.write(line)
+                count += 1
     return count
 
 
