@@ -244,3 +244,27 @@ def test_a_chaos_run_logs_parseable_json_with_its_run_id_and_never_the_key(tmp_p
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=10) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only")
+def test_call_ids_are_distinct_whatever_seeds_random_and_in_a_forked_child() -> None:
+    import random
+
+    from flashcard_pipeline.logging_config import new_call_id
+
+    random.seed(7)
+    first = [new_call_id() for _ in range(1000)]
+    random.seed(7)
+    again = [new_call_id() for _ in range(1000)]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", call_id) for call_id in first)
+    assert len(set(first + again)) == 2000, "an application's random.seed does not repeat the ids"
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe and leaves at once
+        os.write(write, new_call_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    childs = os.read(read, 64).decode()
+    os.close(read)
+    assert re.fullmatch(r"[0-9a-f]{16}", childs) and childs != new_call_id()

@@ -12,9 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import random
 import sys
 import traceback
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -44,9 +44,18 @@ _CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("flashcard_log_context", de
 # --- context ------------------------------------------------------------------------------------------------------
 
 
+#: Seeded from the system's entropy, again in a forked child (or two workers would repeat each other's ids), and
+#: apart from ``random``'s shared generator, which an application or a test may seed.
+_CALL_IDS = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_CALL_IDS.seed)
+
+
 def new_call_id() -> str:
-    """A short id for one provider attempt: in its log lines, its ``api_calls`` row and its error."""
-    return uuid.uuid4().hex[:16]
+    """A short id for one provider attempt: in its log lines, its ``api_calls`` row and its error. 64 random bits
+    from a generator of its own, not ``uuid4``, which asks the system for entropy on every call: an id to find a
+    call by, not a secret."""
+    return f"{_CALL_IDS.getrandbits(64):016x}"
 
 
 def log_context() -> dict[str, Any]:
