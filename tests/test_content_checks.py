@@ -131,6 +131,40 @@ def test_the_sentence_is_tokenised_only_when_the_terms_own_readings_do_not_settl
     assert any("disagrees" in problem for problem in problems)
 
 
+def test_the_six_best_readings_are_analysed_only_when_the_best_one_does_not_settle_the_class(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    kiwi = analyzer._kiwi()
+    readings: list[int] = []
+
+    class Counting:
+        def analyze(self, text: str, top_n: int) -> Any:
+            readings.append(top_n)
+            return kiwi.analyze(text, top_n=top_n)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(kiwi, name)
+
+    standing_alone = school().model_copy(update={"example": ExampleSentence(sentence="학교 앞, 학교.",
+                                                                            translation="x")})
+    monkeypatch.setattr(analyzer, "_kiwi", Counting)
+    analyzer.best_head.cache_clear()
+    analyzer.head_candidates.cache_clear()
+    assert check_analysis(standing_alone, term="학교", language=KO) == []
+    assert readings == [1], "the best reading allows a noun, the spelling is the term's own"
+    problems = check_analysis(standing_alone.model_copy(update={"pos": PartOfSpeech.VERB}), term="학교",
+                              language=KO)
+    assert readings == [1, 6] and any("disagrees" in problem for problem in problems)
+    analyzer.best_head.cache_clear()
+    analyzer.head_candidates.cache_clear()
+
+
+def test_the_best_reading_is_one_of_the_six_on_a_real_list() -> None:
+    """What the cheap first look relies on (head_candidates adds it should it ever be missing)."""
+    terms = [item.term for item in read_vocabulary(shared_file("korean_1000_terms.csv"))[0]][:300]
+    assert all(analyzer.best_head(term) in analyzer.head_candidates(term) for term in terms
+               if analyzer.best_head(term) is not None)
+
+
 def test_pronunciation_and_readings_come_from_the_text() -> None:
     spoken = pronounce("학교")
     assert spoken is not None and (spoken.hangul, spoken.romanization) == ("학꾜", "hakgyo")

@@ -8,7 +8,14 @@ item flagged for review. Other languages have no analyser here and are not check
 
 from __future__ import annotations
 
-from flashcard_pipeline.korean.analyzer import has_hangul, head_candidates, is_korean, locate, pos_classes
+from flashcard_pipeline.korean.analyzer import (
+    best_head,
+    has_hangul,
+    head_candidates,
+    is_korean,
+    locate,
+    pos_classes,
+)
 from flashcard_pipeline.korean.hanja_readings import check_hanja, readings
 from flashcard_pipeline.models import CardType, FlashcardSet, PartOfSpeech, TermAnalysis
 
@@ -39,8 +46,12 @@ def _hanja_targets(term: str) -> list[str]:
 
 
 def _hanja_problem(hanja: str, term: str) -> str | None:
-    problems = [check_hanja(hanja, target) for target in _hanja_targets(term)]
-    return None if None in problems else problems[0]
+    """The spelling's problem with the term, unless it spells one of the term's content words instead (looked for
+    only when it does not spell the term: the analyser's six readings cost more than the check)."""
+    problem = check_hanja(hanja, term)
+    if problem is None or any(check_hanja(hanja, target) is None for target in _hanja_targets(term)[1:]):
+        return None
+    return problem
 
 
 def check_analysis(analysis: TermAnalysis, *, term: str, language: str) -> list[str]:
@@ -54,11 +65,15 @@ def check_analysis(analysis: TermAnalysis, *, term: str, language: str) -> list[
     elif locate(term, sentence) is None:
         problems.append(f"the example sentence {sentence!r} does not contain {term} (checked by lemma)")
     if analysis.pos is not PartOfSpeech.PHRASE and " " not in term.strip():
-        # The term's own readings first: when they allow the class, the sentence cannot take it away, and
-        # tokenising the sentence (most of what a check costs) is skipped where locating did not need it.
-        allowed = pos_classes(term)
-        if not allowed or analysis.pos not in allowed:
-            allowed = pos_classes(term, sentence)
+        # Cheapest first, each a subset of the next: the best reading, the six best, then the sentence (tokenising
+        # it is most of what a check costs, skipped where locating did not need it). A class any of them allows
+        # the whole allows.
+        best = best_head(term)
+        allowed = best.classes if best is not None else frozenset()
+        if analysis.pos not in allowed:
+            allowed = pos_classes(term)
+            if not allowed or analysis.pos not in allowed:
+                allowed = pos_classes(term, sentence)
         if allowed and analysis.pos not in allowed:
             names = ", ".join(sorted(p.value for p in allowed))
             problems.append(f"the part of speech {analysis.pos.value!r} disagrees with the morphological analyser "
