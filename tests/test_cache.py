@@ -596,3 +596,65 @@ def test_a_locked_file_at_the_driver_is_sqlalchemys_operational_error(sqlite_url
     with pytest.raises(OperationalError, match="database is locked"):
         _driver_cache_get(connection, "k", True, None)  # type: ignore[arg-type]
     engine.dispose()
+
+
+class _ThreadNoting:
+    """A codec that notes the thread each value is compressed in."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.threads: list[int] = []
+        self.fail = fail
+
+    def encode(self, raw: bytes) -> tuple[str, bytes]:
+        self.threads.append(threading.get_ident())
+        if self.fail:
+            raise OSError("the dictionary file is gone")
+        return Codec().encode(raw)
+
+    def decode(self, name: str, stored: bytes) -> bytes:
+        return Codec.decode(name, stored)
+
+
+@pytest.mark.parametrize("writer", [True, False])
+async def test_the_database_backend_compresses_in_the_writers_thread_not_the_event_loops(
+        sqlite_url: str, writer: bool) -> None:
+    """zlib holds up whichever thread calls it: the loop only hands the raw answer over; the stored bytes, their
+    size in the cache's metrics and the read back are as if it had compressed them itself."""
+    from flashcard_pipeline.storage.ledger import LedgerWriter
+
+    ledger = Ledger(open_database(sqlite_url))
+    backend = DatabaseCacheBackend(ledger)
+    cache = CompressedCache(backend, CacheSettings(memory_entries=0))
+    codec = _ThreadNoting()
+    cache.codec = codec  # type: ignore[assignment]
+    if writer:
+        async with LedgerWriter(ledger, flush_interval=0.01) as ledger_writer:
+            backend.attach(ledger_writer.submit)
+            await cache.put(record("a"))
+            assert codec.threads == [], "nothing compressed on the loop"
+        backend.attach(None)
+    else:
+        await cache.put(record("a"))
+    assert len(codec.threads) == 1 and codec.threads[0] != threading.get_ident()
+    stored = await backend.get("a", count=False)
+    assert stored is not None and stored.codec == ZLIB_DICT and Codec.decode(stored.codec, stored.data) == ANSWER
+    metrics = cache.stats()["nuance"]
+    assert metrics["raw_bytes"] == len(ANSWER) and metrics["stored_bytes"] == len(stored.data) < len(ANSWER)
+    await backend.aclose()
+    ledger.engine.dispose()
+
+
+async def test_an_answer_the_writer_cannot_compress_is_stored_as_it_is(
+        sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Never the batch that holds the paid answer lost over its cache copy's compression."""
+    ledger = Ledger(open_database(sqlite_url))
+    backend = DatabaseCacheBackend(ledger)
+    cache = CompressedCache(backend, CacheSettings(memory_entries=0))
+    cache.codec = _ThreadNoting(fail=True)  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="flashcard_pipeline.cache"):
+        assert await cache.put(record("a")) is not None
+    stored = await backend.get("a", count=False)
+    assert stored is not None and stored.codec == IDENTITY and stored.data == ANSWER
+    assert "stored uncompressed" in caplog.text and "dictionary file is gone" in caplog.text
+    await backend.aclose()
+    ledger.engine.dispose()

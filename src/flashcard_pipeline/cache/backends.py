@@ -18,8 +18,10 @@ from sqlalchemy import Connection, Engine, delete, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from flashcard_pipeline.cache.codec import IDENTITY
 from flashcard_pipeline.cache.compressed_cache import CompressedCache, StoredEntry, StoredValue
 from flashcard_pipeline.config import CacheSettings
+from flashcard_pipeline.errors import brief
 from flashcard_pipeline.storage.db import close_local_reader, local_reader
 from flashcard_pipeline.storage.ledger import CacheCounts, CachedValue, CacheHit, CachePut, Ledger, LedgerOp
 from flashcard_pipeline.storage.schema import CacheCounter, CacheEntry, utcnow
@@ -56,11 +58,20 @@ class CacheSelection:
 
 
 def _put_op(entry: StoredEntry) -> CachePut:
+    """The ledger writer's operation for ``entry``, compressed in the writer's thread (see :class:`StoredEntry`)."""
     r = entry.record
+
+    def encoded() -> tuple[str, bytes]:
+        try:
+            return entry.codec, entry.data
+        except Exception as exc:  # never fail the batch that holds the paid answer over its cache copy's encoding
+            log.warning("cache entry %s stored uncompressed: %s", r.key[:12], brief(exc))
+            return IDENTITY, r.value
+
     return CachePut(key=r.key, stage=r.cache_type, provider=r.provider, model=r.model,
-                    prompt_version=r.prompt_version, value=entry.data, codec=entry.codec,
-                    raw_bytes=entry.raw_bytes, stored_bytes=entry.stored_bytes, expires_at=entry.expires_at,
-                    tokens_in=r.tokens_in, tokens_out=r.tokens_out, cost_usd=r.cost_usd)
+                    prompt_version=r.prompt_version, value=r.value, raw_bytes=entry.raw_bytes,
+                    expires_at=entry.expires_at, tokens_in=r.tokens_in, tokens_out=r.tokens_out, cost_usd=r.cost_usd,
+                    encoded=encoded)
 
 
 class DatabaseCacheBackend:

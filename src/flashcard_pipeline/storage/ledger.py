@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import functools
 import json
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -195,6 +195,17 @@ class CachePut:
     tokens_in: int = 0
     tokens_out: int = 0
     cost_usd: float | None = None
+    #: The stored (codec, bytes), computed by the writer: ``value`` is then the raw answer, and compressing it
+    #: happens in the writer's thread, not the event loop's.
+    encoded: Callable[[], tuple[str, bytes]] | None = field(default=None, compare=False, repr=False)
+
+
+def _put_row(op: CachePut, now: datetime) -> dict[str, Any]:
+    row = {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
+    if (encoded := row.pop("encoded")) is not None:
+        row["codec"], row["value"] = encoded()
+        row["stored_bytes"] = len(row["value"])
+    return row
 
 
 @dataclass(frozen=True)
@@ -623,8 +634,8 @@ class Ledger:
                 conn.execute(_stage_update(started[0].stage, StageState.IN_FLIGHT),
                              [{"b_id": op.item_id, "b_now": now} for op in started])
             if puts := groups.get(CachePut):
-                rows = list({op.key: {**op.__dict__, "created_at": now, "hit_count": 0, "last_hit_at": None}
-                             for op in puts}.values())  # the last put of a key wins, as in order
+                last = {op.key: op for op in puts}  # the last put of a key wins, as in order
+                rows = [_put_row(op, now) for op in last.values()]
                 _upsert_many(conn, dialect, CacheEntry.__table__, rows, ("key",))
             if completed := groups.get(StageCompleted):
                 self._complete_stages(conn, dialect, completed, now)
