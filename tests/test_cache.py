@@ -658,3 +658,23 @@ async def test_an_answer_the_writer_cannot_compress_is_stored_as_it_is(
     assert "stored uncompressed" in caplog.text and "dictionary file is gone" in caplog.text
     await backend.aclose()
     ledger.engine.dispose()
+
+
+def test_an_entry_two_threads_encode_at_once_is_kept_and_counted_once() -> None:
+    barrier = threading.Barrier(2)
+
+    def encode(raw: bytes) -> tuple[str, bytes]:
+        barrier.wait(timeout=5)  # both threads are encoding
+        return Codec().encode(raw)
+
+    counted: list[StoredEntry] = []
+    entry = StoredEntry(record("k"), encode=encode, on_encoded=counted.append)
+    seen: list[bytes] = []
+    threads = [threading.Thread(target=lambda: seen.append(entry.data)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert counted == [entry] and seen[0] is seen[1] and Codec.decode(entry.codec, entry.data) == ANSWER
+    with pytest.raises(ValueError, match="codec and data, or a way to encode"):
+        StoredEntry(record("k"))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class CacheRecord:
     cost_usd: float | None = None
 
 
+_ENCODED = threading.Lock()
+
+
 class StoredEntry:
     """A record as a backend keeps it: encoded, with sizes and an optional expiry.
 
@@ -58,9 +62,12 @@ class StoredEntry:
     def _encoding(self) -> tuple[str, bytes]:
         if self._encoded is None:
             assert self._encode is not None
-            self._encoded = self._encode(self.record.value)
-            if self._on_encoded is not None:
-                self._on_encoded(self)
+            encoded = self._encode(self.record.value)
+            with _ENCODED:  # two threads may both encode; one result is kept and counted
+                if self._encoded is None:
+                    self._encoded = encoded
+                    if self._on_encoded is not None:
+                        self._on_encoded(self)
         return self._encoded
 
     @property
