@@ -109,10 +109,15 @@ def _driver_cache_get(connection: Connection, key: str, with_results: bool,
         raise OperationalError(sql, values, error) from error
     if row is None:
         return None
-    codec, value, expires_text = row[0], row[1], row[2]
-    if with_results and codec is None:
-        return None if row[3] is None else CachedValue("identity", row[3].encode("utf-8"), restored=True)
-    expires = from_text(expires_text) if expires_text is not None else None
+    return _found(row[0], row[1], from_text(row[2]) if row[2] is not None else None,
+                  row[3] if with_results else None)
+
+
+def _found(codec: str | None, value: bytes, expires: datetime | None, payload: str | None = None) -> CachedValue | None:
+    """What a cache read found: the entry unless it has expired; without an entry (``codec`` None), the answer a
+    run stored for the same request (``payload``), if any."""
+    if codec is None:
+        return None if payload is None else CachedValue("identity", payload.encode("utf-8"), restored=True)
     if expires is not None:
         if expires.tzinfo is None:
             expires = expires.replace(tzinfo=UTC)
@@ -567,20 +572,9 @@ class Ledger:
                    results_newer_than: datetime | None) -> CachedValue | None:
         if with_results:
             row = conn.execute(_CACHE_ENTRY_OR_STORED, {"key": key, "after": results_newer_than or _EPOCH}).one()
-            if row.codec is None:
-                payload = row.payload
-                return None if payload is None else CachedValue("identity", payload.encode("utf-8"), restored=True)
-        else:
-            row = conn.execute(_CACHE_ENTRY, {"key": key}).first()
-            if row is None:
-                return None
-        expires = row.expires_at
-        if expires is not None:
-            if expires.tzinfo is None:
-                expires = expires.replace(tzinfo=UTC)
-            if expires <= utcnow():
-                return None
-        return CachedValue(row.codec, row.value, expires)
+            return _found(row.codec, row.value, row.expires_at, row.payload)
+        row = conn.execute(_CACHE_ENTRY, {"key": key}).first()
+        return None if row is None else _found(row.codec, row.value, row.expires_at)
 
     def cache_get_many(self, keys: Sequence[str], *, with_results: bool = False,
                        results_newer_than: datetime | None = None) -> dict[str, CachedValue]:
