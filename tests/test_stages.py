@@ -234,6 +234,20 @@ def test_custom_template_is_used(settings: StageSettings) -> None:
     assert staged.request.max_tokens == 10 and staged.prompt_version == "nuance.test"
 
 
+def test_a_system_prompt_is_rendered_once_for_the_values_it_uses() -> None:
+    template = PromptTemplate(version="t", system="Teach $language. " + "x" * 3000, user="$input_json",
+                              temperature=0.1, max_tokens=10)
+    first = template.render(language="Korean", learner_language="English", input_json="1")
+    second = template.render(language="Korean", learner_language="English", input_json="2")
+    assert first[0] is second[0] and (first[1], second[1]) == ("1", "2")
+    assert template.render(language="Thai", learner_language="English", input_json="1")[0].startswith("Teach Thai.")
+    quoting = dataclasses.replace(template, system="Input: $input_json")
+    assert [quoting.render(language="Korean", learner_language="English", input_json=v)[0] for v in "ab"] == [
+        "Input: a", "Input: b"]
+    with pytest.raises(ConfigurationError, match=r"needs a value for \$language"):
+        template.render(learner_language="English", input_json="1")
+
+
 def test_the_schema_work_done_once_per_stage_gives_the_same_keys_and_estimates() -> None:
     from flashcard_pipeline.llm.client import estimate_request_tokens
     from flashcard_pipeline.stages import cache_key_for

@@ -6,6 +6,7 @@ it would serve stale answers; :func:`load_prompt` therefore refuses a file witho
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -26,12 +27,24 @@ class PromptTemplate:
     max_tokens: int
 
     def render(self, **values: str) -> tuple[str, str]:
-        """(system, user) with ``$name`` placeholders filled; a missing value is an error, not a blank."""
+        """(system, user) with ``$name`` placeholders filled; a missing value is an error, not a blank. The system
+        part, the same for every request of a run (three thousand characters to scan), is remembered by the
+        values it uses."""
         try:
-            return (Template(self.system).substitute(values).strip(),
-                    Template(self.user).substitute(values).strip())
+            system = _rendered(self.system, tuple((name, values[name]) for name in _identifiers(self.system)))
+            return system, Template(self.user).substitute(values).strip()
         except KeyError as exc:
             raise ConfigurationError(f"prompt {self.version} needs a value for ${exc.args[0]}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _identifiers(text: str) -> tuple[str, ...]:
+    return tuple(Template(text).get_identifiers())
+
+
+@functools.lru_cache(maxsize=64)
+def _rendered(text: str, values: tuple[tuple[str, str], ...]) -> str:
+    return Template(text).substitute(dict(values)).strip()
 
 
 def load_prompt(name: str) -> PromptTemplate:
