@@ -332,7 +332,10 @@ class Pipeline:
             await queue.put(None)
 
     async def _worker(self, queue: asyncio.Queue[PendingItem | None]) -> None:
+        assert self._writer is not None
+        writer = self._writer
         while (pending := await queue.get()) is not None:
+            await writer.room()  # no new item while the ledger is far behind
             self.stats.in_flight += 1
             try:
                 await self._process(pending)
