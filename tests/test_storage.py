@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,52 @@ async def test_writes_are_batched_into_few_transactions(db_url: str) -> None:
     with ledger.engine.connect() as connection:
         attempts = connection.execute(text("SELECT nuance_attempts FROM items ORDER BY id")).scalars().all()
     assert attempts == [400, 400, 400], "every operation was applied"
+    ledger.engine.dispose()
+
+
+async def test_a_writer_behind_holds_new_work_back_and_writes_bounded_batches(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``room()`` waits while ``high_water`` operations wait to be written, and no batch holds more than
+    ``max_batch``: a slow writer bounds what memory holds and what a crash loses, instead of growing its batch."""
+    ledger = Ledger(open_database(sqlite_url))
+    items = [VocabularyItem(position=1, term="낱말")]
+    run = ledger.create_run(run_key="k", input_path="x.csv", input_sha256="0" * 64, provider="p", model="m",
+                            settings={}, target_language="Korean", learner_language="English", simulated=False,
+                            items=items)
+    item_id = ledger.pending_items(run.id)[0].id
+    gate = threading.Event()
+    sizes: list[int] = []
+    write = ledger.write_batch
+
+    def slow(ops: Any) -> None:
+        gate.wait(timeout=5)
+        sizes.append(len(ops))
+        write(ops)
+
+    monkeypatch.setattr(ledger, "write_batch", slow)
+    async with LedgerWriter(ledger, flush_interval=0.01, max_batch=10, high_water=25) as writer:
+        writer.submit(*(StageStarted(item_id=item_id, stage="nuance") for _ in range(30)))
+        waiting = asyncio.create_task(writer.room())
+        for _ in range(20):  # the writer's thread is held at the gate: no amount of waiting lets room() return
+            await asyncio.sleep(0)
+        assert not waiting.done(), "30 waiting, 25 allowed: the worker waits"
+        gate.set()
+        await asyncio.wait_for(waiting, timeout=5)
+        assert len(writer._pending) < 25
+        await writer.room()  # below the mark: at once
+    assert sum(sizes) == 30 and max(sizes) == 10
+    with ledger.engine.connect() as connection:
+        assert connection.execute(text("SELECT nuance_attempts FROM items")).scalar() == 30
+    ledger.engine.dispose()
+
+
+async def test_a_waiting_worker_sees_the_writers_failure(sqlite_url: str) -> None:
+    ledger = Ledger(open_database(sqlite_url))
+    writer = LedgerWriter(ledger, flush_interval=0.01, max_batch=2, high_water=2)
+    with pytest.raises(RuntimeError, match="ledger write failed"):
+        async with writer:
+            writer.submit(*(StageStarted(item_id=1, stage="no-such-stage") for _ in range(3)))
+            await writer.room()
     ledger.engine.dispose()
 
 
