@@ -72,7 +72,7 @@ def check_analysis(analysis: TermAnalysis, *, term: str, language: str) -> list[
         allowed = best.classes if best is not None else frozenset()
         if analysis.pos not in allowed:
             allowed = pos_classes(term)
-            if not allowed or analysis.pos not in allowed:
+            if analysis.pos not in allowed:
                 allowed = pos_classes(term, sentence)
         if allowed and analysis.pos not in allowed:
             names = ", ".join(sorted(p.value for p in allowed))

@@ -16,10 +16,23 @@ from typing import Any
 
 import orjson
 
-__all__ = ["canonical", "compact", "indented", "loads"]
+__all__ = ["canonical", "compact", "indented", "loads", "standard_canonical", "standard_compact"]
 
+#: The standard library's writers: for values that may hold floats (generation parameters), and for what orjson
+#: refuses. One encoder each: ``json.dumps`` with options builds a new one per call. Like httpx's ``json=``, the
+#: compact one refuses NaN and infinity.
 _CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def standard_canonical(value: Any) -> str:
+    """``json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))``, floats and all."""
+    return _CANONICAL.encode(value)
+
+
+def standard_compact(value: Any) -> str:
+    """``value`` as httpx's ``json=`` writes it (compact, non-ASCII kept, NaN refused), floats and all."""
+    return _COMPACT.encode(value)
 
 
 def compact(value: Any) -> str:

@@ -44,7 +44,8 @@ class StoredEntry:
 
     Given ``encode`` instead of ``codec`` and ``data``, it encodes on first use of either, in whichever thread
     uses it first: the database backend hands the entry to the ledger writer, whose thread compresses it (zlib
-    releases the GIL there, and no longer holds up the event loop, where it took about 5% of a run)."""
+    releases the GIL there, and no longer holds up the event loop, where it took about 5% of the loop's thread in a
+    py-spy profile of a run)."""
 
     __slots__ = ("_encode", "_encoded", "_on_encoded", "expires_at", "record")
 

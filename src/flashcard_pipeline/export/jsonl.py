@@ -29,25 +29,26 @@ class CardRecord(BaseModel):
     simulated: bool = False
 
 
+def _exported(card: Flashcard, *, simulated: bool) -> Flashcard:
+    return card.model_copy(update={"tags": card_tags(card, simulated=True)}) if simulated else card
+
+
 def card_records(results: Iterable[TermResult], *, simulated: bool = False) -> Iterator[CardRecord]:
     for result in results:
         for index, card in enumerate(result.cards, start=1):
-            if simulated:
-                card = card.model_copy(update={"tags": card_tags(card, simulated=True)})
+            card = _exported(card, simulated=simulated)
             yield CardRecord(position=result.item.position, term=result.item.term, card_index=index, card=card,
                              analysis=result.analysis, item=result.item, simulated=simulated)
 
 
 def _lines(result: TermResult, *, simulated: bool) -> Iterator[str]:
     """Each card's :class:`CardRecord` as ``model_dump_json`` writes it, the term's analysis and item serialised
-    once for all its cards (they were most of an export's work, once per card)."""
+    once for all its cards, not once per card."""
     shared = (f',"analysis":{result.analysis.model_dump_json()},"item":{result.item.model_dump_json()},'
               f'"simulated":{"true" if simulated else "false"}}}\n')
     head = f'{{"position":{result.item.position},"term":{jsontext.compact(result.item.term)},"card_index":'
     for index, card in enumerate(result.cards, start=1):
-        if simulated:
-            card = card.model_copy(update={"tags": card_tags(card, simulated=True)})
-        yield f'{head}{index},"card":{card.model_dump_json()}{shared}'
+        yield f'{head}{index},"card":{_exported(card, simulated=simulated).model_dump_json()}{shared}'
 
 
 def write_jsonl(results: Iterable[TermResult], path: Path, *, simulated: bool = False) -> int:

@@ -235,12 +235,8 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-_HTTPX_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-def _dumps(value: Any) -> str:
-    """JSON as httpx's ``json=`` writes it."""
-    return _HTTPX_JSON.encode(value)
+#: JSON as httpx's ``json=`` writes it.
+_dumps = jsontext.standard_compact
 
 
 def _direct_post(http: httpx.AsyncClient, transport: AiohttpTransport, url: str, headers: Mapping[str, str],

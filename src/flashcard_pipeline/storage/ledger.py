@@ -91,8 +91,9 @@ def _datetime_processors(dialect: Any) -> tuple[Any, Any]:
 def _driver_cache_get(connection: Connection, key: str, with_results: bool,
                       results_newer_than: datetime | None) -> CachedValue | None:
     """:meth:`Ledger._cache_get` run on the driver's connection, SQLAlchemy's statement and conversions with none
-    of its per-statement work: on a SQLite reader that work took four times SQLite's (176 against 40 us a read in
-    a run, docs/benchmarks.md). Only where nothing listens to the engine's statements: a tracer gets them all."""
+    of its per-statement work (142-269 against 62-92 us a read in a run, docs/benchmarks.md). Only where nothing
+    listens to the engine's statements: a tracer gets them all. No transaction is opened (the driver's reads
+    outside one each see the latest commit)."""
     dialect = connection.dialect
     sql, names, fixed = _driver_statement(_CACHE_ENTRY_OR_STORED if with_results else _CACHE_ENTRY, dialect)
     to_text, from_text = _datetime_processors(dialect)
@@ -554,8 +555,9 @@ class Ledger:
         ``with_results``: when there is no entry, the answer a run stored for the same request (newer than
         ``results_newer_than``, so a TTL still retires it), read on the same connection: a paid answer whose
         cache copy was lost or cleared is found by the one read a miss costs.
-        ``connection``: read on it (a :func:`~flashcard_pipeline.storage.db.local_reader`), ending its transaction
-        after, so its next read sees what was committed meanwhile; else on a connection from the pool.
+        ``connection``: read on it (a :func:`~flashcard_pipeline.storage.db.local_reader`), so that its next read
+        sees what was committed meanwhile (on the driver, or through SQLAlchemy ending its transaction after);
+        else on a connection from the pool.
         """
         if connection is not None:
             if not connection.dispatch.before_cursor_execute:
